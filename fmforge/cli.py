@@ -1,0 +1,273 @@
+"""The `fmforge` command: one subcommand per pipeline stage.
+
+    fmforge quickstart                 corpus -> tokenizer -> shards -> pretrain -> bits-per-byte -> samples
+    fmforge tokenizer train SOURCES    byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)
+    fmforge prepare SOURCES            token shards + manifest.json (+ a copy of the tokenizer)
+    fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
+    fmforge generate --checkpoint DIR  sample text with the KV cache, streamed
+
+Errors a user can cause print one line (`error: ...`) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from .errors import ConfigError, FmforgeError
+
+SOURCES_HELP = ("text files, directories, globs, .jsonl, .parquet, or 'stdlib' "
+                "(the .py files of this Python's standard library)")
+
+
+def builtin_recipe(name_or_path: str) -> Path:
+    """A recipe path, or the name of a recipe shipped with fmforge (e.g. 'quickstart')."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = resources.files("fmforge") / "recipes" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name[:-5] for p in (resources.files("fmforge") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"recipe {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
+
+
+# ---- tokenizer / prepare ---------------------------------------------------------------------------------
+
+def train_tokenizer_from_sources(sources: list[str], vocab_size: int, out: Path, jsonl_field: str,
+                                 parquet_column: str) -> "Tokenizer":
+    from .data.sources import iter_documents
+    from .tokenizer import train_tokenizer
+
+    started = time.perf_counter()
+    texts = (doc.text for doc in iter_documents(sources, jsonl_field=jsonl_field, parquet_column=parquet_column))
+    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer.save(out)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens, trained in {time.perf_counter() - started:.1f}s -> {out}",
+          file=sys.stderr)
+    return tokenizer
+
+
+def cmd_tokenizer_train(args) -> None:
+    train_tokenizer_from_sources(args.sources, args.vocab_size, Path(args.out), args.jsonl_field, args.parquet_column)
+
+
+def cmd_prepare(args) -> None:
+    from .data.shards import prepare
+    from .tokenizer import Tokenizer
+
+    out = Path(args.out)
+    if args.tokenizer:
+        tokenizer = Tokenizer.load(args.tokenizer)
+    elif args.vocab_size:
+        tokenizer = train_tokenizer_from_sources(args.sources, args.vocab_size, out, args.jsonl_field,
+                                                 args.parquet_column)
+    else:
+        raise ConfigError("give --tokenizer DIR (from `fmforge tokenizer train`) or --vocab-size N to train one")
+    prepare_with_tokenizer(args.sources, tokenizer, out, val_fraction=args.val_fraction, workers=args.workers,
+                           jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
+
+
+def prepare_with_tokenizer(sources, tokenizer, out: Path, **options):
+    """Tokenize into `out` and keep a copy of the tokenizer there, so the directory is self-contained."""
+    from .data.shards import prepare
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    return prepare(sources, tokenizer, out, **options)
+
+
+# ---- pretrain ----------------------------------------------------------------------------------------------
+
+def cmd_pretrain(args, overrides: list[str]) -> None:
+    from .config import load_recipe
+    from .train.pretrain import pretrain
+
+    run = load_recipe(builtin_recipe(args.config) if args.config else None, overrides)
+    result = pretrain(run, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s"
+        if "val_bpb" in result.final_eval:
+            summary += f" | val loss {result.final_eval['val_loss']:.4f} | val {result.final_eval['val_bpb']:.4f} bits/byte"
+        print(summary + f"\ncheckpoint: {result.checkpoint}\nplot: {result.run_dir / 'loss.png'}", flush=True)
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+def sampling_params(args):
+    from .infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
+                          seed=args.seed)
+
+
+def cmd_generate(args) -> None:
+    from .infer.sampling import generate_text
+    from .train.checkpoint import load_model_and_tokenizer
+
+    params = sampling_params(args)
+    params.validate()
+    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint)
+    prompt = args.prompt
+    if prompt is None:
+        prompt = sys.stdin.read()
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    for piece in generate_text(model, tokenizer, prompt, params):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+
+
+# ---- quickstart --------------------------------------------------------------------------------------------
+
+QUICKSTART_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
+
+
+def cmd_quickstart(args, overrides: list[str]) -> None:
+    from .config import load_recipe
+    from .infer.sampling import SamplingParams, generate_text
+    from .tokenizer import Tokenizer
+    from .train.checkpoint import load_model_and_tokenizer
+    from .train.pretrain import pretrain
+
+    out = Path(args.out)
+    data_dir, model_dir = out / "data", out / "model"
+    banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
+
+    banner("1/4 corpus + tokenizer: the Python standard library")
+    tokenizer_dir = out / "tokenizer"
+    if (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.load(tokenizer_dir)
+        print(f"reusing tokenizer in {tokenizer_dir} ({tokenizer.vocab_size} tokens)")
+    else:
+        tokenizer = train_tokenizer_from_sources(["stdlib"], args.vocab_size, tokenizer_dir, "text", "text")
+
+    banner("2/4 token shards")
+    manifest = prepare_with_tokenizer(["stdlib"], tokenizer, data_dir, val_fraction=0.01)
+    print(f"train {manifest.train.tokens:,} tokens / {manifest.train.documents:,} files | "
+          f"val {manifest.val.tokens:,} tokens / {manifest.val.documents:,} files")
+
+    banner("3/4 pretraining")
+    user = list(overrides)
+    if args.max_steps is not None:
+        user += ["--max_steps", str(args.max_steps)]
+    else:
+        user += ["--max_minutes", str(args.minutes)]
+    run = load_recipe(builtin_recipe("quickstart"),
+                      ["--data_dir", str(data_dir), "--out_dir", str(model_dir)] + user)
+    result = pretrain(run, resume=True)
+    bpb = result.final_eval.get("val_bpb")
+
+    banner("4/4 samples")
+    model, tokenizer, checkpoint = load_model_and_tokenizer(model_dir)
+    params = SamplingParams(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
+    for prompt in QUICKSTART_PROMPTS:
+        print("-" * 72)
+        print(prompt, end="", flush=True)
+        for piece in generate_text(model, tokenizer, prompt, params):
+            print(piece, end="", flush=True)
+        print()
+    print("-" * 72)
+    if bpb is not None:
+        print(f"held-out: {result.final_eval['val_loss']:.4f} nats/token = {bpb:.4f} bits/byte "
+              f"(the val split of the stdlib corpus)")
+    print(f"checkpoint: {checkpoint}\nloss plot:  {model_dir / 'loss.png'}\n"
+          f"try:        fmforge generate --checkpoint {model_dir} --prompt 'def '")
+
+
+# ---- argument parsing --------------------------------------------------------------------------------------
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", help=SOURCES_HELP)
+    p.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl files")
+    p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmforge", description="Build foundation models end to end.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
+
+    p = sub.add_parser("quickstart", help="stdlib corpus -> tokenizer -> pretrain -> bits-per-byte -> samples",
+                       description="Extra --key value options override the quickstart recipe.")
+    p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
+    p.add_argument("--max-steps", type=int, default=None, help="train this many steps instead of a time budget")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--sample-tokens", type=int, default=150)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    add_source_options(t)
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+
+    p = sub.add_parser("prepare", help="tokenize sources into train/val shards")
+    add_source_options(p)
+    p.add_argument("--out", required=True, help="output directory (shards, manifest.json, tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer directory (from `fmforge tokenizer train`)")
+    p.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the sources instead")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+
+    p = sub.add_parser("pretrain", help="pretrain a model (any config field can be overridden: --key value)",
+                       description="Extra options --NAME VALUE, --model.NAME VALUE or --train.NAME VALUE "
+                                   "override fields of the recipe.")
+    p.add_argument("--config", help="recipe YAML path, or a built-in recipe name (quickstart, shakespeare)")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (streamed)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--prompt", help="prompt text (default: read standard input)")
+    add_sampling_options(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = args.command in ("pretrain", "quickstart")
+    if extra and not takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "quickstart":
+            cmd_quickstart(args, extra)
+        elif args.command == "tokenizer":
+            cmd_tokenizer_train(args)
+        elif args.command == "prepare":
+            cmd_prepare(args)
+        elif args.command == "pretrain":
+            cmd_pretrain(args, extra)
+        elif args.command == "generate":
+            cmd_generate(args)
+    except FmforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Configuration: the model shape (ModelConfig), the training run (TrainConfig), named presets,
+and loading a YAML recipe with `--key value` overrides from the command line.
+
+A recipe is YAML with two sections:
+
+    model:               # a preset name plus any field of ModelConfig
+      preset: small
+      n_layer: 4
+    train:               # any field of TrainConfig
+      data_dir: runs/quickstart/data
+      max_steps: 2000
+
+Overrides are `--model.n_layer 4`, `--train.lr 1e-3`, or the bare `--lr 1e-3` when the name belongs to
+exactly one section. Unknown keys and presets raise ConfigError with a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer (Llama-style; optional Mixture-of-Experts FFN)."""
+
+    vocab_size: int | None = None  # None = the tokenizer's size (set when training starts)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head (plain multi-head)
+    intermediate_size: int | None = None  # SwiGLU hidden size; None = ~8/3 n_embd rounded up to 64
+    context_length: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2 style)
+    init_std: float = 0.02
+    # Mixture-of-Experts (0 experts = dense FFN in every layer)
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    n_shared_experts: int = 0
+    moe_intermediate_size: int | None = None  # per-expert hidden size; None = intermediate_size
+    moe_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer, Fedus et al. 2021)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> None:
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            raise ConfigError(f"model.vocab_size must be a positive integer, got {self.vocab_size!r}")
+        positive = ["n_layer", "n_embd", "n_head", "n_kv_head", "context_length"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts):
+            raise ConfigError(
+                f"model.n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
+                f"model.n_experts ({self.n_experts})"
+            )
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count computed from the shape (matches the built model)."""
+        C, hd = self.n_embd, self.head_dim
+        attn = C * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * C
+        if self.attention_bias:
+            attn += hd * (self.n_head + 2 * self.n_kv_head)
+        if self.n_experts:
+            ffn = C * self.n_experts + self.n_experts * 3 * C * self.moe_intermediate_size
+            ffn += self.n_shared_experts * 3 * C * self.intermediate_size
+        else:
+            ffn = 3 * C * self.intermediate_size
+        per_layer = attn + ffn + 2 * C
+        total = self.n_layer * per_layer + C
+        if include_embeddings:
+            total += self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        return total
+
+    def active_parameters(self) -> int:
+        """Parameters that touch each token (differs from the total for MoE), without embeddings."""
+        if not self.n_experts:
+            return self.num_parameters(include_embeddings=False)
+        inactive = (self.n_experts - self.n_experts_per_token) * 3 * self.n_embd * self.moe_intermediate_size
+        return self.num_parameters(include_embeddings=False) - self.n_layer * inactive
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Named shapes. Tiny ones run on a laptop CPU; the real ones exist so that the code is exercised at the
+# shapes people actually train (their numbers are copied from the public config.json of each model).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, context_length=128),
+    "tiny-moe": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, context_length=128,
+                     n_experts=4, n_experts_per_token=2, n_shared_experts=1, moe_intermediate_size=64),
+    "small": dict(n_layer=6, n_embd=256, n_head=4, n_kv_head=4, context_length=256),
+    "base": dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=6, context_length=256),
+    "medium": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=4, context_length=1024),
+    # meta-llama/Llama-3.2-1B
+    "llama-3.2-1b": dict(vocab_size=128256, n_layer=16, n_embd=2048, n_head=32, n_kv_head=8,
+                         intermediate_size=8192, context_length=8192, rope_theta=500000.0,
+                         tie_embeddings=True, norm_eps=1e-5),
+    # Qwen/Qwen2.5-0.5B
+    "qwen2.5-0.5b": dict(vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,
+                         intermediate_size=4864, context_length=32768, rope_theta=1000000.0,
+                         tie_embeddings=True, attention_bias=True, norm_eps=1e-6),
+    # mistralai/Mixtral-8x7B-v0.1
+    "mixtral-8x7b": dict(vocab_size=32000, n_layer=32, n_embd=4096, n_head=32, n_kv_head=8,
+                         intermediate_size=14336, context_length=32768, rope_theta=1000000.0,
+                         tie_embeddings=False, n_experts=8, n_experts_per_token=2, moe_aux_loss_coef=0.02),
+}
+
+
+def model_config_from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a preset name plus field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+    return _build(ModelConfig, {**PRESETS[name], **overrides}, "model")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paths are strings so that the resolved config is plain YAML."""
+
+    data_dir: str = ""  # output of `fmforge prepare` (shards + manifest + tokenizer)
+    out_dir: str = "runs/pretrain"
+    seed: int = 1337
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_minutes: float | None = None  # if set, max_steps is derived from a short timing run at start
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; auto = bf16 where the hardware has it)
+    compile: bool = False
+    eval_interval: int = 100
+    eval_tokens: int = 65536  # val tokens per periodic eval; the final eval reads the whole split
+    log_interval: int = 10
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        for name in ["batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+                     "checkpoint_interval", "keep_checkpoints"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be positive, got {self.max_minutes!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunConfig:
+    """A resolved recipe: the model preset it started from, the model shape and the training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": {"preset": self.preset, **self.model.to_dict()}, "train": self.train.to_dict()}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from defaults when path is None) and apply `--key value` overrides."""
+    raw: dict[str, Any] = {"model": {}, "train": {}}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping with 'model' and 'train' sections")
+        for section, values in loaded.items():
+            if section not in raw:
+                raise ConfigError(f"unknown recipe section {section!r} in {path}; sections: model, train")
+            if not isinstance(values, dict):
+                raise ConfigError(f"recipe section {section!r} in {path} must be a mapping")
+            raw[section].update(values)
+    for key, value in parse_overrides(overrides or []):
+        section, name = _locate(key)
+        raw[section][name] = value
+    preset = raw["model"].pop("preset", None)
+    model = model_config_from_preset(preset, **raw["model"]) if preset else _build(ModelConfig, raw["model"], "model")
+    train = _build(TrainConfig, raw["train"], "train")
+    train.validate()
+    return RunConfig(model=model, train=train, preset=preset)
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Turn ['--train.lr', '1e-3', '--compile', 'true'] into [('train.lr', 0.001), ('compile', True)].
+
+    Values are parsed as YAML scalars, so numbers, booleans and null come out typed.
+    """
+    pairs = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"expected an option like --key value, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option --{key} needs a value")
+            text = args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key, value))
+    return pairs
+
+
+def _locate(key: str) -> tuple[str, str]:
+    """Map an override key to (section, field)."""
+    model_names = {f.name for f in fields(ModelConfig)} | {"preset"}
+    train_names = {f.name for f in fields(TrainConfig)}
+    if "." in key:
+        section, name = key.split(".", 1)
+        names = {"model": model_names, "train": train_names}.get(section)
+        if names is None:
+            raise ConfigError(f"unknown config section in --{key}; use model.NAME or train.NAME")
+        if name not in names:
+            raise ConfigError(f"unknown config key --{key}{_suggest(name, names)}")
+        return section, name
+    in_model, in_train = key in model_names, key in train_names
+    if in_model and in_train:
+        raise ConfigError(f"--{key} is ambiguous; write --model.{key} or --train.{key}")
+    if in_model:
+        return "model", key
+    if in_train:
+        return "train", key
+    raise ConfigError(f"unknown config key --{key}{_suggest(key, model_names | train_names)}")
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    known = {f.name: f for f in fields(cls)}
+    for name in values:
+        if name not in known:
+            raise ConfigError(f"unknown config key {section}.{name}{_suggest(name, known)}")
+    coerced = {name: _coerce(value, known[name], section) for name, value in values.items()}
+    try:
+        return cls(**coerced)
+    except TypeError as exc:
+        raise ConfigError(f"bad {section} config: {exc}") from None
+
+
+def _coerce(value: Any, f: dataclasses.Field, section: str) -> Any:
+    """Check a value against the field's annotated type, converting int -> float where harmless."""
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{section}.{f.name} cannot be null")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+    elif kind.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind.startswith("str"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"{section}.{f.name} must be {kind.split(' ')[0]}, got {value!r}")
+
+
+def _suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def save_json(obj: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

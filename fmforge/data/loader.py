@@ -1,0 +1,80 @@
+"""Batches for pretraining: fixed-length windows cut from the token shards.
+
+Every window has a global sample index. Sample i of the run lives in epoch i // n_windows and is the
+window at position i % n_windows of that epoch's seeded permutation. The batch for (step, micro-step,
+rank) is a fixed range of sample indices, so:
+  - the data cursor is just the step (resume reproduces the uninterrupted run exactly);
+  - under torchrun each rank reads a disjoint slice, and N processes x batch B read exactly the samples
+    one process reads with batch N*B.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+
+class WindowDataset:
+    """Non-overlapping windows of `length` + 1 tokens over a list of 1-D token arrays (the shards)."""
+
+    def __init__(self, shards: list[np.ndarray], length: int):
+        self.shards = shards
+        self.length = length
+        counts = [max(0, (len(s) - 1) // length) for s in shards]
+        self.n_windows = int(sum(counts))
+        if self.n_windows == 0:
+            total = sum(len(s) for s in shards)
+            raise DataError(
+                f"only {total} tokens in the split, fewer than one window of context_length+1 = {length + 1}; "
+                "add data or lower model.context_length")
+        self._shard_of = np.repeat(np.arange(len(shards)), counts)  # window -> shard
+        self._offset = np.concatenate([np.arange(c) * length for c in counts])  # window -> token offset
+
+    def window(self, index: int) -> np.ndarray:
+        """Tokens of window `index`: (length + 1,) int64."""
+        shard = self.shards[self._shard_of[index]]
+        start = self._offset[index]
+        return np.asarray(shard[start:start + self.length + 1], dtype=np.int64)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (B, length) int64."""
+        rows = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]))
+        return rows[:, :-1], rows[:, 1:]
+
+
+class PretrainBatches:
+    """The training stream: a seeded permutation of windows per epoch, addressed by step."""
+
+    def __init__(self, dataset: WindowDataset, batch_size: int, grad_accum: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._epoch, self._perm = -1, None
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def _sample(self, i: int) -> int:
+        epoch, position = divmod(i, self.dataset.n_windows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset.n_windows)
+            self._epoch = epoch
+        return int(self._perm[position])
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch `micro_step` of optimizer step `step`."""
+        first = ((step * self.grad_accum + micro_step) * self.world_size + self.rank) * self.batch_size
+        return self.dataset.batch([self._sample(i) for i in range(first, first + self.batch_size)])
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.samples_per_step / self.dataset.n_windows
+
+
+def eval_windows(dataset: WindowDataset, max_tokens: int | None = None) -> list[int]:
+    """Evenly spaced window indices covering at most max_tokens (all windows when None)."""
+    n = dataset.n_windows if max_tokens is None else min(dataset.n_windows, max(1, max_tokens // dataset.length))
+    return np.linspace(0, dataset.n_windows - 1, n).round().astype(int).tolist()

@@ -1,0 +1,38 @@
+"""Held-out loss, perplexity and bits-per-byte.
+
+Bits-per-byte makes models with different tokenizers comparable (a character model and a BPE model of the
+same text): bpb = (mean nats per token) x (tokens / bytes) / ln 2, with the split's token and UTF-8 byte
+counts from the shard manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from ..data.loader import WindowDataset
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens: int, num_bytes: int) -> float:
+    return loss_nats_per_token * tokens / num_bytes / math.log(2)
+
+
+@torch.no_grad()
+def evaluate_windows(model: torch.nn.Module, dataset: WindowDataset, indices: list[int], batch_size: int,
+                     autocast=None, device: str | torch.device = "cpu") -> tuple[float, int]:
+    """Sum of next-token cross-entropy (nats) and the number of predicted tokens over the given windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        x, y = dataset.batch(indices[start:start + batch_size])
+        x, y = x.to(device), y.to(device)
+        with autocast or nullcontext():
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total += loss.item()
+        count += y.numel()
+    model.train(was_training)
+    return total, count

@@ -1,0 +1,255 @@
+"""THE transformer: a decoder-only, Llama-style language model.
+
+RMSNorm (Zhang & Sennrich 2019) before each block, rotary position embeddings (RoPE, Su et al. 2021),
+SwiGLU feed-forward (Shazeer 2020), grouped-query attention (GQA, Ainslie et al. 2023) through PyTorch's
+scaled_dot_product_attention, optional Mixture-of-Experts feed-forward with top-k routing and the Switch
+Transformer load-balancing loss (Fedus et al. 2021), a KV cache for decoding, and an input path for
+precomputed embeddings so that other modalities can enter the same token stream.
+
+Parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so that
+import/export and PEFT adapter key names map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16 autocast, as Llama does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, head_dim), in the 'rotate half' layout used by HF Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, n_head, T, head_dim) by position; cos/sin are (T, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, length), preallocated to max_length.
+
+    Shapes per layer: (B, n_kv_head, max_length, head_dim).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_head, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_length = max_length
+        self.length = 0  # positions filled so far (advanced by the model after the last layer)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_head, T, head_dim) at the current position; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C, bias = config.n_embd, config.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, past + T, hd)
+        if self.n_kv_head != self.n_head:
+            # Share each key/value head across n_head / n_kv_head query heads.
+            repeat = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
+        else:
+            # A chunk after a cached prefix: query i sees keys [0, past + i].
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (Mixtral style: softmax over the chosen k logits), plus optional shared experts
+    that see every token (DeepSeekMoE style). Keeps the last load-balancing loss in `aux_loss`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.n_experts_per_token
+        self.router = nn.Linear(config.n_embd, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.moe_intermediate_size) for _ in range(config.n_experts))
+        self.shared_experts = nn.ModuleList(
+            SwiGLU(config.n_embd, config.intermediate_size) for _ in range(config.n_shared_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        B, T, C = x.shape
+        tokens = x.reshape(-1, C)  # (N, C)
+        logits = self.router(tokens).float()  # (N, n_experts)
+        top_logits, top_index = logits.topk(self.top_k, dim=-1)  # (N, k)
+        top_weights = top_logits.softmax(dim=-1)  # (N, k)
+        out = torch.zeros_like(tokens)
+        for expert_index, expert in enumerate(self.experts):
+            token_ids, slot = (top_index == expert_index).nonzero(as_tuple=True)
+            if token_ids.numel() == 0:
+                continue
+            weight = top_weights[token_ids, slot].unsqueeze(-1).to(tokens.dtype)
+            out.index_add_(0, token_ids, (expert(tokens[token_ids]) * weight).to(out.dtype))
+        for shared in self.shared_experts:
+            out = out + shared(tokens)
+        # Switch loss: n_experts * sum_i f_i * P_i, f_i = share of routed slots, P_i = mean router probability.
+        # Equals 1 when routing is perfectly balanced.
+        probs = logits.softmax(dim=-1)
+        counts = torch.zeros(self.n_experts, device=x.device).scatter_add_(
+            0, top_index.reshape(-1), torch.ones(top_index.numel(), device=x.device))
+        fraction = counts / top_index.numel()
+        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
+        return out.view(B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MoE(config) if config.n_experts else SwiGLU(config.n_embd, config.intermediate_size)
+
+    def forward(self, x, cos, sin, kv_cache=None, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T, vocab_size); None when only the loss was asked for
+    loss: torch.Tensor | None = None  # cross-entropy + moe_aux_loss_coef * aux_loss
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, mean over layers
+    hidden: torch.Tensor | None = None  # (B, T, n_embd) final normalised hidden state
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Scale residual output projections by 1/sqrt(2 n_layer) (GPT-2, Radford et al. 2019).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T) token ids
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids; -100 = ignored
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, n_embd) instead of input_ids
+        kv_cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # (B or 1, 1, T, T_total) bool, True = may attend
+        return_logits: bool = True,
+        return_hidden: bool = False,
+    ) -> ModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        for block in self.layers:
+            x = block(x, cos, sin, kv_cache, attn_mask)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.norm(x)
+        logits = self.lm_head(x) if (return_logits or targets is not None) else None
+        out = ModelOutput(logits=logits if return_logits else None, hidden=x if return_hidden else None)
+        if self.config.n_experts:
+            out.aux_loss = torch.stack([b.mlp.aux_loss for b in self.layers]).mean()
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            if out.aux_loss is not None:
+                loss = loss + self.config.moe_aux_loss_coef * out.aux_loss
+            out.loss = loss
+        return out
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length or self.config.context_length, p.device, p.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x active matmul params + attention (Chinchilla appendix / PaLM MFU)."""
+        c = self.config
+        n = c.active_parameters() + c.n_embd * c.vocab_size  # lm_head matmul counts; embedding lookup doesn't
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.context_length

@@ -1,0 +1,72 @@
+"""Pretraining: prepared token shards -> a foundation checkpoint (causal language modelling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..data.loader import PretrainBatches, WindowDataset, eval_windows
+from ..data.shards import load_split, read_manifest
+from ..errors import ConfigError, TokenizerError
+from ..eval.perplexity import bits_per_byte, evaluate_windows
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from . import distributed
+from .trainer import Trainer, TrainResult, resolve_device
+
+
+def check_vocab(model_vocab: int | None, tokenizer: Tokenizer, where: str) -> int:
+    """The model's vocabulary must hold every tokenizer id; None means 'take the tokenizer's size'."""
+    if model_vocab is None:
+        return tokenizer.vocab_size
+    if model_vocab < tokenizer.vocab_size:
+        raise TokenizerError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                             f"{model_vocab}; remove model.vocab_size to use the tokenizer's size")
+    return model_vocab
+
+
+def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
+    cfg = run.train
+    if not cfg.data_dir:
+        raise ConfigError("train.data_dir is not set: point it at a directory made by `fmforge prepare`")
+    data_dir = Path(cfg.data_dir)
+    manifest = read_manifest(data_dir)
+    tokenizer = Tokenizer.load(data_dir)
+    if tokenizer.fingerprint() != manifest.tokenizer_fingerprint:
+        raise TokenizerError(f"{data_dir}: tokenizer.json does not match the tokenizer the shards were made with; "
+                             "re-run `fmforge prepare`")
+    run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(data_dir))
+
+    device = resolve_device(cfg.device)
+    dist = distributed.setup(device.type)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = Transformer(run.model).to(device)
+        T = run.model.context_length
+        train_data = WindowDataset(load_split(data_dir, "train"), T)
+        batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
+        val_shards = load_split(data_dir, "val")
+        val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
+        if dist.is_main and not quiet:
+            print(f"model: {model.num_parameters():,} parameters | train: {manifest.train.tokens:,} tokens "
+                  f"({train_data.n_windows:,} windows of {T}) | val: {manifest.val.tokens:,} tokens | "
+                  f"{cfg.batch_size * cfg.grad_accum * dist.world_size * T:,} tokens/step", flush=True)
+
+        def evaluate(m: torch.nn.Module, max_tokens: int | None, autocast) -> dict:
+            indices = eval_windows(val_data, max_tokens)[dist.rank::dist.world_size]
+            total, count = evaluate_windows(m, val_data, indices, cfg.batch_size, autocast, device)
+            sums = distributed.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64), dist)
+            loss = float(sums[0] / sums[1])
+            bpb = bits_per_byte(loss, manifest.val.tokens, manifest.val.bytes)
+            return {"val_loss": loss, "val_bpb": bpb}
+
+        trainer = Trainer(model, run, batches.get, evaluate if val_data is not None else None, Path(cfg.out_dir),
+                          data_dir, dist, device, resume=resume, quiet=quiet)
+        return trainer.fit()
+    finally:
+        distributed.teardown(dist)
