@@ -1,0 +1,303 @@
+"""Byte-level BPE tokenizer: training, loading/saving, special tokens and the chat template.
+
+The tokenizer is a thin wrapper around a Hugging Face `tokenizers.Tokenizer` (the Rust library), saved in
+the same two files Hugging Face uses, so `transformers.AutoTokenizer.from_pretrained(directory)` loads it:
+
+    tokenizer.json          the tokenizer itself (pre-tokenizer, BPE vocab + merges, added special tokens)
+    tokenizer_config.json   which special token is bos/eos/pad, the chat template, model_max_length
+
+Byte-level BPE (GPT-2 style) maps every byte to a symbol first, so there is no unknown token and
+`decode(encode(text)) == text` for any Unicode string.
+
+Special tokens in plain text: `encode(text)` treats a string such as "<|eos|>" inside `text` as ordinary
+characters (it is split into normal BPE pieces), so a document that happens to contain a marker cannot
+inject control tokens into training data or a prompt. Pass `allow_special=True` to turn marker strings into
+their special ids, e.g. when encoding the output of `apply_chat_template`. Note that Hugging Face's
+`AutoTokenizer` always matches special tokens in text, i.e. it behaves like `allow_special=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from fmforge.errors import TokenizerError
+
+# Ids 0.. in this order. New markers take a reserved slot so existing ids never move.
+SPECIAL_TOKENS: list[str] = [
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|image|>",
+    "<|/image|>",
+    "<|audio|>",
+    "<|/audio|>",
+    *[f"<|reserved_{i}|>" for i in range(5)],
+]
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Hugging Face compatible (transformers passes `messages`, `bos_token`, `add_generation_prompt` and
+# `raise_exception`). Written on one line so trim_blocks/lstrip_blocks settings cannot change the output.
+CHAT_TEMPLATE: str = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer plus the names of its bos/eos/pad tokens and its chat template."""
+
+    def __init__(
+        self,
+        rust_tokenizer: RustTokenizer,
+        *,
+        bos_token: str = "<|bos|>",
+        eos_token: str = "<|eos|>",
+        pad_token: str | None = "<|pad|>",
+        chat_template: str = CHAT_TEMPLATE,
+        model_max_length: int | None = None,
+    ):
+        # Two views of the same tokenizer: `_special` matches special-token strings in text, `_plain` does not.
+        json_str = rust_tokenizer.to_str()
+        self._special = RustTokenizer.from_str(json_str)
+        self._special.encode_special_tokens = False
+        self._plain = RustTokenizer.from_str(json_str)
+        self._plain.encode_special_tokens = True
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.bos_id = self.token_id(bos_token)
+        self.eos_id = self.token_id(eos_token)
+        self.pad_id = self.token_id(self.pad_token)
+
+    # ---- persistence -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Read tokenizer.json and tokenizer_config.json from `directory`."""
+        directory = Path(directory)
+        tokenizer_path, config_path = directory / TOKENIZER_FILE, directory / CONFIG_FILE
+        for path in (tokenizer_path, config_path):
+            if not path.is_file():
+                raise TokenizerError(f"{path} not found — train a tokenizer (`fmforge tokenizer`) or point to a "
+                                     "directory that has one")
+        try:
+            rust_tokenizer = RustTokenizer.from_str(tokenizer_path.read_text(encoding="utf-8"))
+        except Exception as error:  # tokenizers raises a plain Exception on bad JSON
+            raise TokenizerError(f"{tokenizer_path} is corrupt ({_first_line(error)}) — re-create it") from None
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise TokenizerError(f"{config_path} is corrupt ({_first_line(error)}) — re-create it") from None
+        return cls._from_parts(rust_tokenizer, config, source=str(config_path))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(directory / TOKENIZER_FILE, self._special.to_str(pretty=True))
+        _atomic_write_text(directory / CONFIG_FILE, json.dumps(self._hf_config(), indent=2, ensure_ascii=False))
+
+    def __getstate__(self) -> dict:
+        # Pickle (e.g. to send to worker processes) as the JSON text, not as the Rust object.
+        return {"tokenizer_json": self._special.to_str(), "config": self._hf_config()}
+
+    def __setstate__(self, state: dict) -> None:
+        other = self._from_parts(RustTokenizer.from_str(state["tokenizer_json"]), state["config"], source="pickle")
+        self.__dict__.update(other.__dict__)
+
+    @classmethod
+    def _from_parts(cls, rust_tokenizer: RustTokenizer, config: dict, source: str) -> Tokenizer:
+        def token_name(key: str, default: str | None) -> str | None:
+            value = config.get(key, default)
+            if isinstance(value, dict):  # older transformers files store {"content": "<s>", ...}
+                value = value.get("content")
+            if value is not None and not isinstance(value, str):
+                raise TokenizerError(f"{source}: '{key}' must be a string — fix or re-create the file")
+            return value
+
+        max_length = config.get("model_max_length")
+        try:
+            return cls(
+                rust_tokenizer,
+                bos_token=token_name("bos_token", "<|bos|>"),
+                eos_token=token_name("eos_token", "<|eos|>"),
+                pad_token=token_name("pad_token", None),
+                chat_template=config.get("chat_template") or CHAT_TEMPLATE,
+                model_max_length=max_length if isinstance(max_length, int) and max_length < 2**62 else None,
+            )
+        except TokenizerError as error:
+            raise TokenizerError(f"{source}: {error}") from None
+
+    def _hf_config(self) -> dict:
+        """The tokenizer_config.json content, in the form transformers.AutoTokenizer reads."""
+        named = {self.bos_token, self.eos_token, self.pad_token}
+        extra = [token for token in self.special_tokens() if token not in named]
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "additional_special_tokens": extra,
+            # Documents are encoded without bos (see data/shards.py); the chat template adds bos itself.
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "padding_side": "right",
+            "chat_template": self.chat_template,
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        return config
+
+    # ---- vocabulary --------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (ids are 0 .. vocab_size-1)."""
+        return self._special.get_vocab_size(with_added_tokens=True)
+
+    def special_tokens(self) -> list[str]:
+        """The special (added) tokens of this tokenizer, in id order."""
+        decoder = self._special.get_added_tokens_decoder()
+        return [decoder[i].content for i in sorted(decoder) if decoder[i].special]
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token such as "<|end|>"."""
+        token_id = self._special.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"token {token!r} is not in this tokenizer's vocabulary — re-train the tokenizer "
+                                 "or use one of its special tokens")
+        return token_id
+
+    # ---- encoding ----------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = False, *, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`; with `allow_special`, strings like "<|end|>" become their special ids."""
+        rust = self._special if allow_special else self._plain
+        ids = rust.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        """`encode` for many texts at once (parallel inside the Rust library)."""
+        rust = self._special if allow_special else self._plain
+        return [encoding.ids for encoding in rust.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Exact inverse of `encode` for whole sequences (a cut inside a UTF-8 character
+        decodes to U+FFFD)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy arrays, torch tensors
+        return self._special.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render a conversation ([{"role": ..., "content": ...}, ...]) as text; encode it with
+        `encode(text, allow_special=True)`."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise TokenizerError(f"chat message {index} must be a dict with 'role' and a string 'content'")
+
+        def raise_exception(message: str):
+            raise TokenizerError(message)
+
+        # The same environment settings transformers uses, so both render identically.
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = raise_exception
+        try:
+            template = environment.from_string(self.chat_template)
+        except jinja2.TemplateError as error:
+            raise TokenizerError(f"chat template is invalid ({error}) — fix 'chat_template' in {CONFIG_FILE}") from None
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the canonical tokenizer.json content; equal tokenizers have equal fingerprints."""
+        canonical = json.dumps(json.loads(self._special.to_str()), sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, progress: bool = False
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`; ids 0..len(SPECIAL_TOKENS)-1 are SPECIAL_TOKENS.
+
+    The result may have fewer than `vocab_size` ids when the corpus has too few distinct merges.
+    """
+    minimum = len(SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small — use at least {minimum} "
+                             f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    seen = 0
+
+    def counted(items: Iterable[str]):
+        nonlocal seen
+        for text in items:
+            if text:
+                seen += 1
+                yield text
+
+    rust.train_from_iterator(counted(texts), trainer=trainer)
+    if seen == 0:
+        raise TokenizerError("no text to train the tokenizer on — check the corpus sources")
+    return Tokenizer(rust)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`: readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
