@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny corpus from the Python standard library, prepared once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+# Keep runs reproducible and light on the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# A fixed handful of stdlib modules: real code, comments and docstrings, on every machine.
+CORPUS_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py",
+                  "shlex.py", "fnmatch.py", "glob.py", "colorsys.py", "keyword.py", "queue.py", "sched.py",
+                  "calendar.py", "difflib.py", "dataclasses.py", "functools.py", "contextlib.py"]
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m fmforge.cli ARGS` in a subprocess, as a user would from a shell."""
+    return subprocess.run([sys.executable, "-m", "fmforge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A directory of ~18 stdlib modules copied as text files."""
+    out = tmp_path_factory.mktemp("corpus")
+    for name in CORPUS_MODULES:
+        source = STDLIB / name
+        (out / name.replace("/", "_")).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, corpus_dir) -> Path:
+    """Token shards + tokenizer (vocab 512) for the tiny corpus, made with the CLI."""
+    from fmforge.cli import main
+
+    out = tmp_path_factory.mktemp("prepared")
+    assert main(["prepare", str(corpus_dir), "--vocab-size", "512", "--out", str(out), "--val-fraction", "0.15",
+                 "--workers", "1"]) == 0
+    return out
+
+
+def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
+    """CLI overrides for a tiny, fast pretraining run."""
+    values = dict(preset="tiny", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, context_length=64,
+                  data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, max_steps=20, warmup_steps=5,
+                  lr=3e-3, eval_interval=10, eval_tokens=2048, checkpoint_interval=10, log_interval=5,
+                  precision="fp32")
+    values.update(extra)
+    args = []
+    for key, value in values.items():
+        section = "model" if key in {"preset", "n_layer", "n_embd", "n_head", "n_kv_head", "context_length",
+                                     "n_experts", "vocab_size"} else "train"
+        args += [f"--{section}.{key}", str(value)]
+    return args

@@ -1,0 +1,137 @@
+"""Pretraining behaviour a user relies on: the loss falls, schedules have their shape, a killed run resumes
+exactly, torchrun with 2 processes matches 1 process, and checkpoints survive a crash mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, tiny_overrides
+from fmforge.cli import main
+from fmforge.config import TrainConfig
+from fmforge.train.optim import lr_at
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_tiny_pretrain_lowers_the_loss_and_writes_a_complete_run(prepared, tmp_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=40, lr=1e-2)]) == 0
+    trajectory = losses(out)
+    assert len(trajectory) == 40
+    first, last = sum(trajectory[s] for s in (1, 2, 3)) / 3, sum(trajectory[s] for s in (38, 39, 40)) / 3
+    assert last < first - 0.6, (first, last)  # from ln(512) = 6.24 at initialisation
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    checkpoint = out / "checkpoints" / (out / "latest").read_text().strip()
+    assert checkpoint.name == "step-00000040"
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "train_state/optimizer.pt", "train_state/state.json", "train_state/run.yaml"]:
+        assert (checkpoint / name).is_file(), name
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000030", "step-00000040"]
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor():
+    cosine = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=100, schedule="cosine")
+    assert lr_at(0, cosine) == pytest.approx(0.1)
+    assert lr_at(9, cosine) == pytest.approx(1.0)
+    assert lr_at(55, cosine) == pytest.approx(0.55)
+    assert lr_at(100, cosine) == pytest.approx(0.1)
+    values = [lr_at(s, cosine) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    wsd = TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, wsd) == 1.0 and lr_at(79, wsd) == 1.0
+    assert lr_at(90, wsd) == pytest.approx(0.5)
+    assert lr_at(100, wsd) == pytest.approx(0.0)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(prepared, tmp_path):
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "a", batch_size=4, grad_accum=1, max_steps=6)]) == 0
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "b", batch_size=2, grad_accum=2, max_steps=6)]) == 0
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5)
+
+
+def test_killed_run_resumes_with_exactly_the_same_losses(prepared, tmp_path):
+    """SIGKILL a real `fmforge pretrain` process mid-run, resume it, and compare every step's loss."""
+    options = dict(max_steps=24, checkpoint_interval=4, eval_interval=8, precision="bf16")
+    reference = tmp_path / "reference"
+    done = run_cli("pretrain", *tiny_overrides(prepared, reference, **options))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "fmforge.cli", "pretrain", *tiny_overrides(prepared, killed, **options)]
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint past step 4 exists, wherever the process is
+        latest = killed / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step-00000008":
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = (killed / "latest").read_text().strip()
+    assert interrupted_at < "step-00000024", "the run finished before it could be killed"
+
+    resumed = run_cli("pretrain", "--resume", *tiny_overrides(prepared, killed, **options))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert losses(killed) == losses(reference)  # bit-identical, every step
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch):
+    import fmforge.train.checkpoint as checkpoint_module
+
+    out = tmp_path / "run"
+    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=10, checkpoint_interval=5)]) == 0
+    original = checkpoint_module.save_file
+
+    def crash_midway(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")  # the disk fills up while the weights are being written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash_midway)
+    with pytest.raises(OSError):
+        main(["pretrain", "--resume", *tiny_overrides(prepared, out, max_steps=20, checkpoint_interval=5)])
+    monkeypatch.setattr(checkpoint_module, "save_file", original)
+    assert (out / "latest").read_text().strip() == "step-00000010"
+    model, _ = checkpoint_module.load_model(out)  # still loads
+    # And the run continues from there, cleaning up the half-written directory.
+    assert main(["pretrain", "--resume", *tiny_overrides(prepared, out, max_steps=15, checkpoint_interval=5)]) == 0
+    assert (out / "latest").read_text().strip() == "step-00000015"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(prepared, tmp_path):
+    options = dict(max_steps=6, eval_interval=3, checkpoint_interval=3)
+    single = run_cli("pretrain", *tiny_overrides(prepared, tmp_path / "one", batch_size=4, **options))
+    assert single.returncode == 0, single.stderr
+    env = {"OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "fmforge.cli", "pretrain", *tiny_overrides(prepared, tmp_path / "two", batch_size=2, **options)]
+    double = subprocess.run(launcher, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, **env})
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys() == set(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    # Only rank 0 wrote the run: one metrics file, one set of checkpoints.
+    assert (tmp_path / "two" / "latest").read_text().strip() == "step-00000006"
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000006" / "train_state" / "state.json").read_text())
+    assert state["world_size"] == 2
