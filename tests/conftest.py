@@ -61,3 +61,14 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra) -> list[str]:
                                      "n_experts", "vocab_size"} else "train"
         args += [f"--{section}.{key}", str(value)]
     return args
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, prepared) -> Path:
+    """A run directory holding a tiny model pretrained for 30 steps."""
+    from fmforge.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=30, lr=1e-2, eval_interval=30,
+                                             checkpoint_interval=30)]) == 0
+    return out
