@@ -135,3 +135,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(prepared, tm
     assert (tmp_path / "two" / "latest").read_text().strip() == "step-00000006"
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000006" / "train_state" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_mixture_of_experts_pretrains_and_tensorboard_logs(prepared, tmp_path):
+    out = tmp_path / "moe"
+    assert main(["pretrain", *tiny_overrides(prepared, out, preset="tiny-moe", max_steps=8, eval_interval=4,
+                                             checkpoint_interval=4), "--tensorboard", "true"]) == 0
+    from fmforge.train.checkpoint import load_model
+    model, _ = load_model(out)
+    assert model.config.n_experts == 4 and model.config.n_shared_experts == 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(losses(out)) == 8

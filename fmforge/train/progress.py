@@ -115,10 +115,10 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "training loss"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     steps, losses = zip(*train)
     ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss")
-    smoothed, ema = [], losses[0]
-    for value in losses:
+    smoothed, ema = [], 0.0
+    for i, value in enumerate(losses, start=1):
         ema = 0.9 * ema + 0.1 * value
-        smoothed.append(ema)
+        smoothed.append(ema / (1 - 0.9 ** i))  # bias-corrected, so the curve starts on the data
     ax.plot(steps, smoothed, color="tab:blue", linewidth=1.6, label="train loss (EMA 0.9)")
     if val:
         ax.plot([v[0] for v in val], [v[1] for v in val], "o-", color="tab:orange", label="val loss")
