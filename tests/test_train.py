@@ -146,3 +146,14 @@ def test_mixture_of_experts_pretrains_and_tensorboard_logs(prepared, tmp_path):
     assert model.config.n_experts == 4 and model.config.n_shared_experts == 1
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(losses(out)) == 8
+
+
+def test_torch_compile_trains_like_eager(prepared, tmp_path):
+    options = dict(max_steps=4, eval_interval=4, checkpoint_interval=4)
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "eager", **options)]) == 0
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "compiled", **options), "--compile", "true"]) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-3)
+    from fmforge.train.checkpoint import load_model
+    load_model(tmp_path / "compiled")  # saved without torch.compile's wrapper prefixes
