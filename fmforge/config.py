@@ -43,7 +43,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: int | None = None  # None = n_embd // n_head (Qwen3 sets it independently)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2 style)
+    qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (Qwen3 style)
     init_std: float = 0.02
     # Mixture-of-Experts (0 experts = dense FFN in every layer)
     n_experts: int = 0
@@ -53,6 +55,8 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer, Fedus et al. 2021)
 
     def __post_init__(self) -> None:
+        if self.head_dim is None and isinstance(self.n_head, int) and self.n_head > 0:
+            self.head_dim = self.n_embd // self.n_head
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
@@ -60,10 +64,6 @@ class ModelConfig:
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
         self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def validate(self) -> None:
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
@@ -73,10 +73,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
+        if self.head_dim == self.n_embd // self.n_head and self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        if self.head_dim % 2:
-            raise ConfigError(f"head dimension n_embd/n_head = {self.head_dim} must be even for RoPE")
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be a positive even number for RoPE")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts):
@@ -91,6 +91,8 @@ class ModelConfig:
         attn = C * hd * (self.n_head + 2 * self.n_kv_head) + self.n_head * hd * C
         if self.attention_bias:
             attn += hd * (self.n_head + 2 * self.n_kv_head)
+        if self.qk_norm:
+            attn += 2 * hd
         if self.n_experts:
             ffn = C * self.n_experts + self.n_experts * 3 * C * self.moe_intermediate_size
             ffn += self.n_shared_experts * 3 * C * self.intermediate_size
