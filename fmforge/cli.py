@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--sample-tokens", type=int, default=150)
+    p.set_defaults(handler=cmd_quickstart, takes_overrides=True)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_options(t)
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    t.set_defaults(handler=cmd_tokenizer_train)
 
     p = sub.add_parser("prepare", help="tokenize sources into train/val shards")
     add_source_options(p)
@@ -229,37 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.set_defaults(handler=cmd_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain a model (any config field can be overridden: --key value)",
                        description="Extra options --NAME VALUE, --model.NAME VALUE or --train.NAME VALUE "
                                    "override fields of the recipe.")
     p.add_argument("--config", help="recipe YAML path, or a built-in recipe name (quickstart, shakespeare)")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
+    p.set_defaults(handler=cmd_pretrain, takes_overrides=True)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint (streamed)")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
+    p.set_defaults(handler=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("pretrain", "quickstart")
+    takes_overrides = getattr(args, "takes_overrides", False)
     if extra and not takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command == "quickstart":
-            cmd_quickstart(args, extra)
-        elif args.command == "tokenizer":
-            cmd_tokenizer_train(args)
-        elif args.command == "prepare":
-            cmd_prepare(args)
-        elif args.command == "pretrain":
-            cmd_pretrain(args, extra)
-        elif args.command == "generate":
-            cmd_generate(args)
+        if takes_overrides:
+            args.handler(args, extra)
+        else:
+            args.handler(args)
     except FmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
