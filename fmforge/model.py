@@ -222,6 +222,7 @@ class Transformer(nn.Module):
         attn_mask: torch.Tensor | None = None,  # (B or 1, 1, T, T_total) bool, True = may attend
         return_logits: bool = True,
         return_hidden: bool = False,
+        reduction: str = "mean",  # "sum": loss = summed cross-entropy only (the Trainer normalises, adds aux)
     ) -> ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -241,8 +242,9 @@ class Transformer(nn.Module):
         if self.config.n_experts:
             out.aux_loss = torch.stack([b.mlp.aux_loss for b in self.layers]).mean()
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-            if out.aux_loss is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-100, reduction=reduction)
+            if out.aux_loss is not None and reduction == "mean":
                 loss = loss + self.config.moe_aux_loss_coef * out.aux_loss
             out.loss = loss
         return out

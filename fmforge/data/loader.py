@@ -38,16 +38,22 @@ class WindowDataset:
         start = self._offset[index]
         return np.asarray(shard[start:start + self.length + 1], dtype=np.int64)
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (B, length) int64."""
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """{"input_ids", "targets"}: inputs and next-token targets, each (B, length) int64."""
         rows = torch.from_numpy(np.stack([self.window(int(i)) for i in indices]))
-        return rows[:, :-1], rows[:, 1:]
+        return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
 
 
 class PretrainBatches:
-    """The training stream: a seeded permutation of windows per epoch, addressed by step."""
+    """The training stream: a seeded permutation of a dataset's rows per epoch, addressed by step.
 
-    def __init__(self, dataset: WindowDataset, batch_size: int, grad_accum: int, seed: int,
+    `dataset` is anything with len() and batch(indices) -> dict (windows, packed SFT rows, ...).
+    """
+
+    def __init__(self, dataset, batch_size: int, grad_accum: int, seed: int,
                  rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.batch_size, self.grad_accum = batch_size, grad_accum
@@ -59,22 +65,22 @@ class PretrainBatches:
         return self.batch_size * self.grad_accum * self.world_size
 
     def _sample(self, i: int) -> int:
-        epoch, position = divmod(i, self.dataset.n_windows)
+        epoch, position = divmod(i, len(self.dataset))
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.dataset.n_windows)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
             self._epoch = epoch
         return int(self._perm[position])
 
-    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, micro_step: int) -> dict[str, torch.Tensor]:
         """This rank's micro-batch `micro_step` of optimizer step `step`."""
         first = ((step * self.grad_accum + micro_step) * self.world_size + self.rank) * self.batch_size
         return self.dataset.batch([self._sample(i) for i in range(first, first + self.batch_size)])
 
     def epoch_of(self, step: int) -> float:
-        return step * self.samples_per_step / self.dataset.n_windows
+        return step * self.samples_per_step / len(self.dataset)
 
 
 def eval_windows(dataset: WindowDataset, max_tokens: int | None = None) -> list[int]:
     """Evenly spaced window indices covering at most max_tokens (all windows when None)."""
-    n = dataset.n_windows if max_tokens is None else min(dataset.n_windows, max(1, max_tokens // dataset.length))
-    return np.linspace(0, dataset.n_windows - 1, n).round().astype(int).tolist()
+    n = len(dataset) if max_tokens is None else min(len(dataset), max(1, max_tokens // dataset.length))
+    return np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()

@@ -27,8 +27,8 @@ def evaluate_windows(model: torch.nn.Module, dataset: WindowDataset, indices: li
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(indices), batch_size):
-        x, y = dataset.batch(indices[start:start + batch_size])
-        x, y = x.to(device), y.to(device)
+        batch = dataset.batch(indices[start:start + batch_size])
+        x, y = batch["input_ids"].to(device), batch["targets"].to(device)
         with autocast or nullcontext():
             logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")

@@ -23,8 +23,17 @@ from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, read_mod
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
 
-# (step, micro_step) -> (inputs, targets), each (B, T) on the CPU
-BatchFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+# (step, micro_step) -> a batch: keyword arguments of the model's forward, at least "input_ids" and
+# "targets" (-100 = no loss), e.g. also "attn_mask" for packed sequences. Tensors on the CPU.
+BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["targets"] != -100).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 # (model, max_tokens or None for everything, autocast context) -> {"val_loss": ..., "val_bpb": ...}
 EvalFn = Callable[[torch.nn.Module, "int | None", contextlib.AbstractContextManager], dict]
 
@@ -80,6 +89,8 @@ class Trainer:
         self.run_dir, self.tokenizer_dir = Path(run_dir), tokenizer_dir
         self.dist, self.device, self.quiet = dist, device, quiet
         self.precision = resolve_precision(self.cfg.precision, device)
+        self.context_length = model.config.context_length
+        self.model_has_aux = bool(getattr(model.config, "n_experts", 0))
         self.start_step = 0
         self.optimizer = build_optimizer(model, self.cfg)
         if resume:
@@ -127,10 +138,10 @@ class Trainer:
         autocast = autocast_context(self.precision, self.device)
         times = []
         for i in range(4):
-            x, y = self.get_batch(0, 0)
+            batch = to_device(self.get_batch(0, 0), self.device)
             start = time.perf_counter()
             with autocast:
-                loss = self.model(x.to(self.device), targets=y.to(self.device), return_logits=False).loss
+                loss = self.model(**batch, return_logits=False).loss
             loss.backward()
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -140,7 +151,7 @@ class Trainer:
         step_seconds = micro * self.cfg.grad_accum * 1.08  # + optimizer and data (~8% measured)
         # Periodic eval costs about a third of a training step per token read (forward only).
         eval_tokens_per_step = self.cfg.eval_tokens / self.cfg.eval_interval
-        train_tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.model.config.context_length
+        train_tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.context_length
         step_seconds *= 1 + eval_tokens_per_step / train_tokens_per_step / 3
         budget = self.cfg.max_minutes * 60 * 0.95  # keep 5% for checkpoints and the final eval
         steps = max(1, int(budget / step_seconds))
@@ -168,9 +179,12 @@ class Trainer:
             train_model = torch.compile(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
-            train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model = DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=getattr(model, "has_unused_parameters", False))
         autocast = autocast_context(self.precision, device)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * model.config.context_length
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.context_length
+        aux_coef = getattr(getattr(model, "config", None), "moe_aux_loss_coef", 0.0)
 
         stop_requested = []
         previous_handler = None
@@ -191,17 +205,28 @@ class Trainer:
                 lr = lr_at(step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks),
+                # so that accumulation x k equals batch x k even when loss masks make row counts differ.
+                batches = [self.get_batch(step, micro) for micro in range(cfg.grad_accum)]
+                n_targets = distributed.all_reduce_sum(
+                    torch.tensor(float(sum(count_targets(b) for b in batches))), self.dist).item()
+                scale = self.dist.world_size / max(n_targets, 1.0)  # DDP averages gradients over ranks
                 loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    x, y = self.get_batch(step, micro)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                aux_sum = torch.zeros((), device=device)
+                for micro, batch in enumerate(batches):
+                    batch = to_device(batch, device)
                     last = micro == cfg.grad_accum - 1
                     sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
                     with sync:
                         with autocast:
-                            loss = train_model(x, targets=y, return_logits=False).loss / cfg.grad_accum
+                            out = train_model(**batch, reduction="sum", return_logits=False)
+                            loss = out.loss * scale
+                            if out.aux_loss is not None:
+                                aux = out.aux_loss / cfg.grad_accum
+                                aux_sum += aux.detach()
+                                loss = loss + aux_coef * aux
                         loss.backward()
-                    loss_sum += loss.detach()
+                    loss_sum += (out.loss * scale).detach()
                 grad_norm = None
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -217,6 +242,8 @@ class Trainer:
                           "elapsed_s": round(time.perf_counter() - started, 3)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if self.model_has_aux:
+                    record["aux_loss"] = distributed.all_reduce_mean(aux_sum, self.dist).item()
                 done = step == cfg.max_steps or bool(stop_requested)
                 if self.evaluate is not None and (step % cfg.eval_interval == 0 or done):
                     result = self.evaluate(model, None if step == cfg.max_steps else cfg.eval_tokens, autocast)
@@ -250,7 +277,7 @@ class Trainer:
         if self.dist.is_main:
             state = {"step": step, "precision": self.precision, "world_size": self.dist.world_size,
                      "tokens": step * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
-                     * self.model.config.context_length}
+                     * self.context_length}
             commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, model=self.model,
                                   tokenizer_dir=self.tokenizer_dir, train_state=state, optimizer=self.optimizer,
                                   run_yaml=self.run_yaml)
