@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
     p.set_defaults(handler=cmd_generate)
+
+    from .interop.commands import add_commands as add_interop_commands
+    add_interop_commands(sub)
     return parser
 
 

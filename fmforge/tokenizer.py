@@ -71,7 +71,7 @@ class Tokenizer:
         self,
         rust_tokenizer: RustTokenizer,
         *,
-        bos_token: str = "<|bos|>",
+        bos_token: str | None = "<|bos|>",
         eos_token: str = "<|eos|>",
         pad_token: str | None = "<|pad|>",
         chat_template: str = CHAT_TEMPLATE,
@@ -87,7 +87,8 @@ class Tokenizer:
         self.pad_token = pad_token if pad_token is not None else eos_token
         self.chat_template = chat_template
         self.model_max_length = model_max_length
-        self.bos_id = self.token_id(bos_token)
+        # Some families have no bos token (Qwen2/Qwen3 write "bos_token": null); then nothing is prepended.
+        self.bos_id = self.token_id(bos_token) if bos_token is not None else None
         self.eos_id = self.token_id(eos_token)
         self.pad_id = self.token_id(self.pad_token)
 
@@ -196,10 +197,11 @@ class Tokenizer:
     # ---- encoding ----------------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool = False, *, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; with `allow_special`, strings like "<|end|>" become their special ids."""
+        """Token ids of `text`; with `allow_special`, strings like "<|end|>" become their special ids.
+        `add_bos` prepends the bos id when the tokenizer has a bos token."""
         rust = self._special if allow_special else self._plain
         ids = rust.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel inside the Rust library)."""
