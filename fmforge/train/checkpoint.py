@@ -64,23 +64,39 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_checkpoint(path: Path, model: Transformer, tokenizer_dir: Path | None,
+def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path | None) -> None:
+    """config.json + model.safetensors (+ the tokenizer files) of a plain model."""
+    config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(model_state_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    copy_tokenizer(tokenizer_dir, directory)
+
+
+def copy_tokenizer(tokenizer_dir: Path | None, directory: Path) -> None:
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+
+
+def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir: Path | None = None,
                      train_state: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                     run_yaml: str | None = None) -> Path:
-    """Write a complete checkpoint directory at `path` atomically (temp dir + rename)."""
+                     run_yaml: str | None = None, write_files=None) -> Path:
+    """Write a complete checkpoint directory at `path` atomically (temp dir + rename).
+
+    The model files come from `write_files(directory)` when given (adapters, heads), else from
+    write_model_files(model, tokenizer_dir).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(model_state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).exists():
-                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if write_files is not None:
+        write_files(tmp)
+    else:
+        write_model_files(tmp, model, tokenizer_dir)
     if train_state is not None:
         state_dir = tmp / "train_state"
         state_dir.mkdir()
@@ -116,6 +132,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{latest} names {name}, which is missing or incomplete")
         return target
     raise CheckpointError(f"{path} is neither a checkpoint (no config.json) nor a run directory (no 'latest' file)")
+
+
+def latest_in_run(run_dir: Path) -> Path:
+    """The checkpoint directory named by RUN/latest (model, adapter or head files + train_state)."""
+    name = (run_dir / "latest").read_text().strip()
+    target = run_dir / "checkpoints" / name
+    if not target.is_dir():
+        raise CheckpointError(f"{run_dir / 'latest'} names {name}, which is missing")
+    return target
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:

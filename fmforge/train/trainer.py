@@ -18,8 +18,8 @@ import yaml
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
 from . import distributed
-from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, read_model_config, read_train_state, \
-    resolve_checkpoint
+from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
+    read_model_config, read_train_state, write_model_files
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
 
@@ -83,7 +83,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, run: RunConfig, get_batch: BatchFn, evaluate: EvalFn | None,
                  run_dir: Path, tokenizer_dir: Path | None, dist: distributed.DistInfo, device: torch.device,
-                 resume: bool = False, quiet: bool = False):
+                 resume: bool = False, quiet: bool = False, save_files=None, load_files=None):
+        """save_files(directory) writes the model's files into a checkpoint directory and
+        load_files(checkpoint) restores them on resume; both default to a plain Transformer checkpoint."""
         self.run, self.cfg = run, run.train
         self.model, self.get_batch, self.evaluate = model, get_batch, evaluate
         self.run_dir, self.tokenizer_dir = Path(run_dir), tokenizer_dir
@@ -92,6 +94,8 @@ class Trainer:
         self.context_length = model.config.context_length
         self.model_has_aux = bool(getattr(model.config, "n_experts", 0))
         self.start_step = 0
+        self.save_files = save_files or (lambda directory: write_model_files(directory, model, tokenizer_dir))
+        self.load_files = load_files or self._load_transformer
         self.optimizer = build_optimizer(model, self.cfg)
         if resume:
             self._resume()
@@ -107,12 +111,8 @@ class Trainer:
         if not self._has_checkpoint():
             self._say(f"--resume: no checkpoint in {self.run_dir} yet, starting from step 0")
             return
-        checkpoint = resolve_checkpoint(self.run_dir)
-        saved = read_model_config(checkpoint)
-        if saved != self.model.config:
-            raise CheckpointError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
-        from .checkpoint import load_weights
-        load_weights(self.model, checkpoint)
+        checkpoint = latest_in_run(self.run_dir)
+        self.load_files(checkpoint)
         state, optimizer_state, run_yaml = read_train_state(checkpoint)
         if optimizer_state is None:
             raise CheckpointError(f"cannot resume {checkpoint}: train_state/optimizer.pt is missing")
@@ -124,6 +124,12 @@ class Trainer:
             # schedule (and so the losses) would change.
             self.cfg.max_steps = yaml.safe_load(run_yaml)["train"]["max_steps"]
         self._say(f"resumed from {checkpoint} at step {self.start_step}")
+
+    def _load_transformer(self, checkpoint: Path) -> None:
+        saved = read_model_config(checkpoint)
+        if saved != self.model.config:
+            raise CheckpointError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
+        load_weights(self.model, checkpoint)
 
     def _say(self, text: str) -> None:
         if self.dist.is_main and not self.quiet:
@@ -267,7 +273,7 @@ class Trainer:
         seconds = time.perf_counter() - started
         if main:
             self._plot()
-        checkpoint = resolve_checkpoint(self.run_dir) if main and self._has_checkpoint() else None
+        checkpoint = latest_in_run(self.run_dir) if main and self._has_checkpoint() else None
         if stop_requested:
             progress.message(f"stopped at step {step}; continue with the same command plus --resume")
         return TrainResult(self.run_dir, checkpoint, step, (step - self.start_step) * tokens_per_step, seconds,
@@ -278,9 +284,8 @@ class Trainer:
             state = {"step": step, "precision": self.precision, "world_size": self.dist.world_size,
                      "tokens": step * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
                      * self.context_length}
-            commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, model=self.model,
-                                  tokenizer_dir=self.tokenizer_dir, train_state=state, optimizer=self.optimizer,
-                                  run_yaml=self.run_yaml)
+            commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, write_files=self.save_files,
+                                  train_state=state, optimizer=self.optimizer, run_yaml=self.run_yaml)
         distributed.barrier(self.dist)
 
     def _plot(self) -> None:

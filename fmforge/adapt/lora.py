@@ -1,0 +1,250 @@
+"""LoRA: low-rank adapters on linear layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen linear W gains a trainable update B·A scaled by alpha/rank: y = W x + (alpha/r) B A dropout(x).
+B starts at zero, so an injected model computes exactly what the base computes until training moves B.
+
+On disk an adapter uses the PEFT layout:
+
+    adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "lora_dropout", "target_modules", ...,
+                                "fmforge": {"base_fingerprint", "base_config", "task", ...}}
+    adapter_model.safetensors  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight, ...
+
+Key names are those PEFT writes for the Hugging Face export of the same model (`model.` + our module path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError, ConfigError
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model.model."
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (last path component) to adapt; "all-linear" = attention + MLP (+ MoE experts).
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES + MLP_MODULES))
+
+    def __post_init__(self) -> None:
+        if self.target_modules in ("all-linear", ["all-linear"]):
+            self.target_modules = list(ATTENTION_MODULES + MLP_MODULES)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        unknown = sorted(set(self.target_modules) - set(ATTENTION_MODULES + MLP_MODULES))
+        if unknown:
+            raise ConfigError(f"unknown LoRA target modules {unknown}; choose from "
+                              f"{', '.join(ATTENTION_MODULES + MLP_MODULES)} or all-linear")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, config.rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.rank, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT does
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense matrix (out_features, in_features)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.enabled:
+            y = y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        return y
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Freeze every parameter of `model`, wrap the targeted linears in LoRALinear; return their names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules]
+    if not targets:
+        raise ConfigError(f"no linear layer matches the LoRA target modules {config.target_modules}")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, config))
+    return [name for name, _ in targets]
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain nn.Linear back (in place)."""
+    for name, module in lora_modules(model).items():
+        with torch.no_grad():
+            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base)
+    return model
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    for module in lora_modules(model).values():
+        module.enabled = enabled
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT key names."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
+    return state
+
+
+def fingerprint_checkpoint(checkpoint: Path) -> str:
+    """sha256 of a checkpoint's config.json and weights: identifies the exact base an adapter was trained on."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(checkpoint / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_adapter(directory: Path, model: nn.Module, config: LoRAConfig, base_checkpoint: Path,
+                  base_fingerprint: str, extra: dict | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors (weights first, config last)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base_config = json.loads((base_checkpoint / "config.json").read_text())["model"]
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(config.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": str(base_checkpoint),
+        "fmforge": {"base_fingerprint": base_fingerprint, "base_config": base_config, **(extra or {})},
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+
+
+def read_adapter_config(directory: Path) -> dict:
+    file = directory / "adapter_config.json"
+    if not file.exists():
+        raise CheckpointError(f"{directory} is not an adapter: no adapter_config.json")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"corrupt {file}: {exc}") from None
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
+    return config
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter directory, or the newest adapter checkpoint of a fine-tuning run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"adapter not found: {path}")
+    if (path / "adapter_config.json").exists():
+        return path
+    if (path / "latest").exists():
+        candidate = path / "checkpoints" / (path / "latest").read_text().strip()
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise CheckpointError(f"{path} holds no adapter (no adapter_config.json)")
+
+
+def check_adapter_base(adapter_config: dict, base_checkpoint: Path, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on another base (compared by the base's weights fingerprint)."""
+    expected = adapter_config.get("fmforge", {}).get("base_fingerprint")
+    if expected is None:
+        return  # a foreign PEFT adapter: shapes are still checked on load
+    actual = fingerprint_checkpoint(base_checkpoint)
+    if actual != expected:
+        raise CheckpointError(f"adapter {adapter_dir} was trained on a different base model than {base_checkpoint} "
+                              f"(base fingerprint {expected[:12]}…, this base {actual[:12]}…)")
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | None = None) -> LoRAConfig:
+    """Inject LoRA into `model` as the adapter describes and load its weights; returns its LoRAConfig."""
+    adapter_config = read_adapter_config(adapter_dir)
+    if base_checkpoint is not None:
+        check_adapter_base(adapter_config, base_checkpoint, adapter_dir)
+    config = LoRAConfig(rank=adapter_config["r"], alpha=adapter_config["lora_alpha"],
+                        dropout=0.0, target_modules=list(adapter_config["target_modules"]))
+    inject_lora(model, config)
+    try:
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt or missing adapter weights in {adapter_dir}: {exc}") from None
+    expected = adapter_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"adapter {adapter_dir} does not fit this model: missing {missing[:2]}, "
+                              f"unexpected {unexpected[:2]}")
+    modules = lora_modules(model)
+    for key, tensor in state.items():
+        name, _, part = key[len(PEFT_PREFIX):].rpartition(".lora_")
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[key].shape)}")
+        target = modules[name].lora_A if part.startswith("A") else modules[name].lora_B
+        with torch.no_grad():
+            target.weight.copy_(tensor)
+    return config
+
+
+def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:
+    """Copy files so that each appears complete or not at all (temp file + os.replace)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).exists():
+            tmp = target / f".{name}.tmp-{os.getpid()}"
+            tmp.write_bytes((source / name).read_bytes())
+            os.replace(tmp, target / name)
