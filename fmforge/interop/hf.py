@@ -253,7 +253,7 @@ def family_for(config: ModelConfig, preferred: str | None = None) -> str:
 
     if preferred in FAMILIES and fits(preferred):
         return preferred
-    for model_type in ("llama", "qwen2", "qwen3", "mixtral"):
+    for model_type in ("qwen2", "llama", "qwen3", "mixtral"):  # qwen2 first: biases without a zero o_proj bias
         if fits(model_type):
             return model_type
     features = [name for name, on in [("mixture-of-experts", config.n_experts),
