@@ -1,0 +1,108 @@
+"""llama.cpp runs fmforge's GGUF exports: logits, greedy text and tokenization compared with fmforge's own.
+
+Needs llama-cpp-python, which compiles llama.cpp from source (about 9 minutes on 2 cores), so it is a
+benchmark-time check rather than a test:
+
+    python -m venv /tmp/llcpp && /tmp/llcpp/bin/pip install numpy llama-cpp-python==0.3.36
+    PYTHONPATH=/tmp/llcpp/lib/python3.11/site-packages .venv/bin/python benchmarks/llama_cpp_check.py
+
+For each model variant (dense with GQA and tied embeddings; untied with q/k/v biases; Mixtral-style MoE),
+a random fmforge model and a byte-level BPE tokenizer are made here, exported with `fmforge export gguf`
+in f32, f16 and q8_0, and run by llama.cpp on the same prompt ids. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fmforge.cli import main as fmforge_main  # noqa: E402
+from fmforge.config import ModelConfig  # noqa: E402
+from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
+from fmforge.model import Transformer  # noqa: E402
+from fmforge.tokenizer import train_tokenizer  # noqa: E402
+from fmforge.train.checkpoint import write_checkpoint  # noqa: E402
+
+VARIANTS = {
+    "dense, GQA, tied": dict(),
+    "untied, q/k/v bias": dict(tie_embeddings=False, attention_bias=True, rope_theta=50000.0),
+    "MoE 4 experts top-2": dict(tie_embeddings=False, n_experts=4, n_experts_per_token=2, moe_intermediate_size=128),
+}
+PROMPT = "def wrap(text, width=70, **kwargs):\n    \"\"\"Wrap a single paragraph of text"
+TOKENIZER_TEXT = "Hello wörld, ¿qué tal? 你好 — def f(x):\n\treturn x ** 2  # done"
+
+
+def make_checkpoint(directory: Path, tokenizer, **shape) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
+                         context_length=128, init_std=0.05, **shape)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    tokenizer.save(directory / "tok")
+    write_checkpoint(directory / "ckpt", model, directory / "tok")
+    return model
+
+
+def llama_cpp_run(path: Path, prompt: list[int], n_new: int):
+    """(logits of the prompt (T, V), greedy continuation ids, llama.cpp's tokenization of TOKENIZER_TEXT)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm.eval(prompt)
+    logits = np.array(llm.scores[:len(prompt)], dtype=np.float32)
+    generated = []
+    for _ in range(n_new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(token)
+        llm.eval([token])
+    tokens = llm.tokenize(TOKENIZER_TEXT.encode("utf-8"), add_bos=False, special=False)
+    return logits, generated, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=20)
+    args = parser.parse_args()
+    text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()
+    tokenizer = train_tokenizer([text], vocab_size=512)
+    prompt = tokenizer.encode(PROMPT)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, shape in VARIANTS.items():
+            directory = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("/", "")
+            model = make_checkpoint(directory, tokenizer, **shape)
+            with torch.no_grad():
+                expected = model(torch.tensor([prompt])).logits[0].numpy()
+            greedy = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0)))
+            for outtype in ("f32", "f16", "q8_0"):
+                gguf_path = directory / f"model-{outtype}.gguf"
+                assert fmforge_main(["export", "gguf", str(directory / "ckpt"), "--out", str(gguf_path),
+                                     "--outtype", outtype]) == 0
+                logits, generated, tokens = llama_cpp_run(gguf_path, prompt, args.new_tokens)
+                same_prefix = next((i for i, (a, b) in enumerate(zip(generated, greedy)) if a != b), len(greedy))
+                rows.append((name, outtype, float(np.abs(logits - expected).max()), float(np.abs(expected).max()),
+                             f"{same_prefix}/{len(greedy)}", tokens == tokenizer.encode(TOKENIZER_TEXT)))
+                print(f"{rows[-1]}", file=sys.stderr, flush=True)
+    print(f"\nPrompt: {len(prompt)} tokens; greedy continuation of {args.new_tokens} tokens.\n")
+    print("| model | GGUF type | max abs logit diff | max abs logit | greedy tokens identical | tokenizer identical |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
+    for name, outtype, diff, scale, same, tok in rows:
+        print(f"| {name} | {outtype} | {diff:.2e} | {scale:.2f} | {same} | {'yes' if tok else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
