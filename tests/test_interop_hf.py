@@ -255,3 +255,21 @@ def test_export_bfloat16_and_refuse_shared_experts(fmforge_tokenizer, tmp_path, 
     _fmforge_checkpoint(moe, fmforge_tokenizer, n_experts=4, n_shared_experts=1, moe_intermediate_size=64)
     assert main(["export", "hf", str(moe / "ckpt"), "--out", str(tmp_path / "out2")]) == 1
     assert "shared experts" in capsys.readouterr().err
+
+
+def test_output_directories_are_never_clobbered(hf_tokenizer, tmp_path, capsys):
+    source = tmp_path / "hf"
+    make_hf_model("llama", source, hf_tokenizer)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["import", "hf", str(source), "--out", str(source)]) == 1
+    assert "overlaps the input" in capsys.readouterr().err
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "notes")]) == 1
+    assert "other than an fmforge checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt")]) == 0  # re-import replaces it
+    assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "notes")]) == 1
+    assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt")]) == 1
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()

@@ -363,6 +363,7 @@ def import_hf(source: str | Path, out: str | Path, *, dtype: str = "auto",
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise CheckpointError(f"Hugging Face model directory not found: {source}")
+    _check_output_dir(out, protect=source, kind="an fmforge checkpoint")
     hf = read_hf_config(source)
     config, notes = model_config_from_hf(hf, context_length)
     files = weight_files(source)
@@ -465,10 +466,32 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+def _is_fmforge_checkpoint(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("architecture") == "fmforge.Transformer"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_output_dir(out: Path, protect: Path, kind: str) -> None:
+    """Refuse an --out that would replace the input, or a directory holding something other than a `kind`
+    (writing replaces the whole directory)."""
+    resolved, protected = out.resolve(), protect.resolve()
+    if resolved == protected or protected in resolved.parents or resolved in protected.parents:
+        raise CheckpointError(f"--out {out} overlaps the input {protect}; choose another directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory; choose another --out")
+    wanted = _is_fmforge_checkpoint(out) if kind == "an fmforge checkpoint" else (
+        (out / "config.json").exists() and not _is_fmforge_checkpoint(out))
+    if any(out.iterdir()) and not wanted:
+        raise CheckpointError(f"{out} exists and holds something other than {kind}, which writing would replace; "
+                              "choose another --out")
+
+
 def _prepare_output_dir(out: Path) -> Path:
-    """A fresh temporary directory beside `out`; refuses to replace a directory that is not a model."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").exists())):
-        raise CheckpointError(f"{out} exists and is not a model directory; choose another --out")
+    """A fresh temporary directory beside `out`, to be renamed into place when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     if tmp.exists():
@@ -504,6 +527,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     hf_config = hf_config_from_model_config(config, model_type, target_dtype, token_ids, original)
 
+    _check_output_dir(out, protect=checkpoint, kind="a Hugging Face model directory")
     tmp = _prepare_output_dir(out)
     try:
         _write_hf_weights(weights, config, model_type, target_dtype, tmp, parse_size(max_shard_size))
