@@ -5,6 +5,7 @@
     fmforge prepare SOURCES            token shards + manifest.json (+ a copy of the tokenizer)
     fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
     fmforge generate --checkpoint DIR  sample text with the KV cache, streamed
+    fmforge finetune / merge / chat / eval / tasks   grow and measure specialists (LoRA or full)
 
 Errors a user can cause print one line (`error: ...`) and exit with status 1.
 """
@@ -126,6 +127,109 @@ def cmd_generate(args) -> None:
     out.write("\n")
 
 
+# ---- specialise: finetune, merge, chat, eval, tasks ---------------------------------------------------------
+
+def cmd_finetune(args, overrides: list[str]) -> None:
+    from .adapt.lora import LoRAConfig
+    from .train.finetune import FinetuneSpec, finetune
+
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
+                      dropout=args.lora_dropout, target_modules=args.lora_targets)
+    spec = FinetuneSpec(checkpoint=args.checkpoint, data=args.data, task=args.task, method=args.method, out=args.out,
+                        val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
+                        train_on_all=args.train_on_all, pack=not args.no_packing, lora=lora)
+    result = finetune(spec, overrides, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
+        print(f"done: {result.steps} steps in {result.seconds:.0f}s" + (f" | {scores}" if scores else ""))
+        print(f"{'adapter' if args.method == 'lora' else 'checkpoint'}: {args.out}")
+
+
+def cmd_merge(args) -> None:
+    from .adapt.heads import HEAD_FILE, LABELS_FILE
+    from .adapt.lora import atomic_copy_files, load_adapter, merge_lora, resolve_adapter
+    from .train.checkpoint import load_model_and_tokenizer, write_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out")
+    model, _, base_checkpoint = load_model_and_tokenizer(args.checkpoint)
+    adapter_dir = resolve_adapter(args.adapter)
+    load_adapter(model, adapter_dir, base_checkpoint)
+    merge_lora(model)
+    write_checkpoint(out, model, tokenizer_dir=base_checkpoint)
+    atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, "finetune.json"])
+    print(f"merged {adapter_dir} into {base_checkpoint} -> {out}")
+
+
+def cmd_chat(args) -> None:
+    from .adapt.heads import SequenceClassifier
+    from .infer.sampling import generate_text_from_ids
+    from .train.finetune import load_specialist
+
+    params = sampling_params(args)
+    params.validate()
+    model, tokenizer, _, _ = load_specialist(args.checkpoint, args.adapter)
+    if isinstance(model, SequenceClassifier):
+        raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not chat")
+    stop_ids = {tokenizer.token_id("<|end|>"), tokenizer.eos_id}
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("fmforge chat — empty line or /exit quits, /reset starts over", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit") or (interactive and not line.strip()):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), allow_special=True)
+        limit = model.config.context_length - 1
+        while len(ids) > limit - 8 and len(messages) > 1:  # forget the oldest turns when the context is full
+            messages.pop(1 if args.system else 0)
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                   allow_special=True)
+        print("assistant> ", end="", flush=True)
+        reply = []
+        for piece in generate_text_from_ids(model, tokenizer, ids, params, stop_ids):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_eval(args) -> None:
+    from .eval.tasks import markdown_report, run_tasks, write_report
+    from .train.finetune import load_specialist
+
+    model, tokenizer, base_checkpoint, info = load_specialist(args.checkpoint, args.adapter)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_tasks(model, tokenizer, tasks, data_dir=args.data, limit=args.limit)
+    title = f"fmforge eval: {base_checkpoint}" + (f" + {args.adapter}" if args.adapter else "")
+    print(markdown_report(results, title))
+    if args.out:
+        write_report(results, Path(args.out), title, {"checkpoint": str(base_checkpoint), "adapter": args.adapter,
+                                                      "specialist": info})
+        print(f"report: {Path(args.out) / 'report.json'}, {Path(args.out) / 'report.md'}")
+
+
+def cmd_tasks(args) -> None:
+    from .data.tasks import BUILTIN_TASKS, write_task
+
+    if args.name is None:
+        for name, kind in BUILTIN_TASKS.items():
+            print(f"{name:18s} {kind}")
+        return
+    if args.name not in BUILTIN_TASKS:
+        raise ConfigError(f"unknown built-in task {args.name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    counts = write_task(args.name, Path(args.out))
+    print(f"{args.name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + f" records -> {args.out}")
+
+
 # ---- quickstart --------------------------------------------------------------------------------------------
 
 QUICKSTART_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
@@ -245,6 +349,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
     p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("finetune", help="specialise a checkpoint: full fine-tuning or LoRA",
+                       description="Extra --key value options override training fields (lr, max_steps, batch_size, ...).")
+    p.add_argument("--checkpoint", required=True, help="base checkpoint or run directory")
+    p.add_argument("--data", required=True, help="JSONL file, prepared shard directory (task lm), or a built-in "
+                                                  "task (stdlib-docstring, stdlib-body, stdlib-module)")
+    p.add_argument("--task", choices=["sft", "completion", "classify", "lm"], help="inferred for built-in tasks")
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--out", required=True, help="output run directory (the adapter lands at its top)")
+    p.add_argument("--val-data", help="validation JSONL (default: a seeded --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--limit", type=int, help="use only the first N training examples")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
+    p.add_argument("--train-on-all", action="store_true", help="sft: loss on every token, not only the assistant's")
+    p.add_argument("--no-packing", action="store_true", help="one example per row instead of packing")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(handler=cmd_finetune, takes_overrides=True)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--system", help="system message")
+    add_sampling_options(p)
+    p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (+ adapter) on tasks; JSON + Markdown report")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--tasks", required=True, help="comma-separated: perplexity, stdlib-docstring, stdlib-body, "
+                                                   "stdlib-module, completion:FILE, classify:FILE, mc:FILE")
+    p.add_argument("--data", help="prepared shard directory for the perplexity task")
+    p.add_argument("--limit", type=int, help="evaluate at most N examples per task")
+    p.add_argument("--out", help="directory for report.json and report.md")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks, or write one as JSONL files")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--out", default=".", help="directory for train/val/test.jsonl")
+    p.set_defaults(handler=cmd_tasks)
 
     from .interop.commands import add_commands as add_interop_commands
     add_interop_commands(sub)

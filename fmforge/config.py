@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -249,7 +253,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         arg = args[i]
         if not arg.startswith("--") or len(arg) <= 2:
             raise ConfigError(f"expected an option like --key value, got {arg!r}")
-        key = arg[2:].replace("-", "_")
+        key = arg[2:]
         if "=" in key:
             key, text = key.split("=", 1)
             i += 1
@@ -262,7 +266,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        pairs.append((key, value))
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-3 as a string; everyone means the number
+        pairs.append((key.replace("-", "_"), value))
     return pairs
 
 
@@ -315,6 +321,8 @@ def _coerce(value: Any, f: dataclasses.Field, section: str) -> Any:
             return value
     elif kind.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
     elif kind.startswith("str"):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -21,10 +21,11 @@ CORPUS_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.p
                   "calendar.py", "difflib.py", "dataclasses.py", "functools.py", "contextlib.py"]
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
+            input_text: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m fmforge.cli ARGS` in a subprocess, as a user would from a shell."""
     return subprocess.run([sys.executable, "-m", "fmforge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO, input=input_text)
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,10 @@ def test_stop_strings_end_generation_before_the_stop_text(checkpoint):
     stopped = "".join(generate_text(model, tokenizer, "def ", SamplingParams(max_new_tokens=40, temperature=0,
                                                                              stop=(stop,))))
     assert stopped == free[:free.index(stop)]
+
+
+def test_override_values_keep_their_hyphens_while_keys_accept_them():
+    from fmforge.config import parse_overrides
+
+    assert parse_overrides(["--out-dir", "runs/my-run", "--train.data_dir=a-b/c-d", "--lr", "1e-3"]) == [
+        ("out_dir", "runs/my-run"), ("train.data_dir", "a-b/c-d"), ("lr", 0.001)]

@@ -219,6 +219,12 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | No
     config = LoRAConfig(rank=adapter_config["r"], alpha=adapter_config["lora_alpha"],
                         dropout=0.0, target_modules=list(adapter_config["target_modules"]))
     inject_lora(model, config)
+    load_adapter_weights(model, adapter_dir)
+    return config
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
+    """Copy adapter_model.safetensors into a model that already carries matching LoRA modules."""
     try:
         state = load_file(str(adapter_dir / "adapter_model.safetensors"))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -230,14 +236,13 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | No
                               f"unexpected {unexpected[:2]}")
     modules = lora_modules(model)
     for key, tensor in state.items():
-        name, _, part = key[len(PEFT_PREFIX):].rpartition(".lora_")
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
+        name, _, part = key[len(PEFT_PREFIX):].rpartition(".lora_")
         target = modules[name].lora_A if part.startswith("A") else modules[name].lora_B
         with torch.no_grad():
             target.weight.copy_(tensor)
-    return config
 
 
 def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:

@@ -68,9 +68,12 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 @torch.no_grad()
 def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                    eos_id: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time, decoding with a KV cache (prefill once, then one token per step)."""
+                    eos_id: int | set[int] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time, decoding with a KV cache (prefill once, then one token per step).
+
+    Generation ends after yielding a token in `eos_id` (an id or a set of ids)."""
     params.validate()
+    stop_ids = eos_id if isinstance(eos_id, set) else {eos_id}
     limit = model.config.context_length
     if not prompt_ids:
         raise GenerationError("the prompt is empty; give at least one token")
@@ -89,7 +92,7 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingP
         next_id = sample_next(process_logits(logits, params, context), params, generator)
         token = int(next_id)
         yield token
-        if token == eos_id or cache.length >= cache.max_length:
+        if token in stop_ids or cache.length >= cache.max_length:
             return
         context = torch.cat([context, next_id.view(1, 1)], dim=1)
         logits = model(next_id.view(1, 1), kv_cache=cache).logits[:, -1]
@@ -138,10 +141,16 @@ class TextStream:
 
 def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams, add_bos: bool = True) -> Iterator[str]:
     """Stream generated text for a prompt: pieces as they become final; stops at eos or a stop string."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=add_bos)
+    yield from generate_text_from_ids(model, tokenizer, tokenizer.encode(prompt, add_bos=add_bos), params,
+                                      {tokenizer.eos_id})
+
+
+def generate_text_from_ids(model: Transformer, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                           stop_ids: set[int]) -> Iterator[str]:
+    """Stream text after already-encoded prompt ids; ends at any id in stop_ids or a stop string."""
     stream = TextStream(tokenizer, params.stop)
-    for token in generate_tokens(model, prompt_ids, params, eos_id=tokenizer.eos_id):
-        if token == tokenizer.eos_id:
+    for token in generate_tokens(model, prompt_ids, params, eos_id=stop_ids):
+        if token in stop_ids:
             break
         piece = stream.push(token)
         if piece:

@@ -1,0 +1,174 @@
+"""Task evaluation: completion (bits-per-byte of the reference + exact match of greedy output), classification
+(accuracy with a trained head, or zero-shot by log-likelihood of each label), multiple choice (log-likelihood,
+raw and length-normalised), and held-out perplexity on prepared shards.
+
+Task specs for `fmforge eval --tasks`: a built-in task name (stdlib-docstring, stdlib-body, stdlib-module; its
+test split), `perplexity` (needs --data PREPARED_DIR), or KIND:FILE.jsonl with KIND in completion, classify, mc
+(mc records: {"prompt": ..., "choices": [...], "answer": index}).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..adapt.heads import SequenceClassifier
+from ..data import finetune as ft
+from ..data.tasks import BUILTIN_TASKS, task_records
+from ..errors import ConfigError, DataError
+from ..infer.sampling import SamplingParams, generate_tokens
+
+ZERO_SHOT_SUFFIX = "\n# module:"  # how a plain LM is asked which label fits a text (zero-shot classification)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, context: list[int], continuations: list[list[int]]) -> list[float]:
+    """Sum of log-probabilities of each continuation after the shared context (one batched forward)."""
+    limit = model.config.context_length
+    rows, spans = [], []
+    for cont in continuations:
+        ids = (context + cont)[-limit:]
+        rows.append(ids)
+        spans.append((len(ids) - len(cont), len(ids)))
+    width = max(len(r) for r in rows)
+    batch = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, :len(r)] = torch.tensor(r)
+    device = next(model.parameters()).device
+    logprobs = F.log_softmax(model(batch.to(device)).logits.float(), dim=-1)
+    scores = []
+    for i, (start, end) in enumerate(spans):
+        targets = batch[i, start:end].to(device)
+        scores.append(float(logprobs[i, start - 1:end - 1].gather(1, targets[:, None]).sum()))
+    return scores
+
+
+def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48) -> dict:
+    """Completion bits-per-byte of the reference, and exact match of the greedy first line."""
+    nats = 0.0
+    n_bytes = 0
+    exact = 0
+    for _, record in records:
+        prompt = tokenizer.encode(record["prompt"], add_bos=True)
+        completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
+        prompt = prompt[-(model.config.context_length - len(completion)):] if len(prompt) + len(completion) > model.config.context_length else prompt
+        nats -= continuation_logprobs(model, prompt, [completion])[0]
+        n_bytes += len(record["completion"].encode("utf-8")) + 1
+        reference = record["completion"].strip().splitlines()[0] if record["completion"].strip() else ""
+        if len(prompt) < model.config.context_length - 1:
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+            ids = []
+            for token in generate_tokens(model, prompt, params, eos_id=tokenizer.eos_id):
+                if token == tokenizer.eos_id:
+                    break
+                ids.append(token)
+                if "\n" in tokenizer.decode(ids).lstrip("\n"):
+                    break
+            generated = tokenizer.decode(ids).strip().splitlines()
+            exact += int(bool(generated) and generated[0].strip() == reference)
+    return {"bits_per_byte": nats / max(n_bytes, 1) / math.log(2), "exact_match": exact / len(records),
+            "examples": len(records)}
+
+
+def evaluate_classify(model, tokenizer, records, labels: list[str] | None = None) -> dict:
+    """Accuracy: with the classifier head when the model has one, else zero-shot by label log-likelihood."""
+    T = (model.base if isinstance(model, SequenceClassifier) else model).config.context_length
+    if isinstance(model, SequenceClassifier):
+        data = ft.classification_data(records, model.labels, tokenizer, T)
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(data), 16):
+                batch = data.batch(range(start, min(start + 16, len(data))))
+                logits = model(batch["input_ids"], batch["lengths"]).logits
+                correct += int((logits.argmax(-1) == batch["targets"]).sum())
+        return {"accuracy": correct / len(data), "examples": len(data), "mode": "head"}
+    labels = labels or sorted({str(r["label"]) for _, r in records})
+    choices = [tokenizer.encode(" " + label) + [tokenizer.token_id("<|eos|>")] for label in labels]
+    correct = 0
+    for _, record in records:
+        context = tokenizer.encode(record["text"].rstrip() + ZERO_SHOT_SUFFIX, add_bos=True)
+        context = context[-(T - max(len(c) for c in choices)):]
+        scores = continuation_logprobs(model, context, choices)
+        correct += int(labels[max(range(len(labels)), key=scores.__getitem__)] == str(record["label"]))
+    return {"accuracy": correct / len(records), "examples": len(records), "mode": "zero-shot log-likelihood"}
+
+
+def evaluate_multiple_choice(model, tokenizer, records) -> dict:
+    """acc (highest total log-likelihood) and acc_norm (per byte of the choice), as lm-eval-harness reports."""
+    correct = correct_norm = 0
+    for where, record in records:
+        choices, answer = record.get("choices"), record.get("answer")
+        if not isinstance(choices, list) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise DataError(f"{where}: mc records need 'choices' (a list) and 'answer' (an index into it)")
+        context = tokenizer.encode(record["prompt"], add_bos=True)
+        scores = continuation_logprobs(model, context, [tokenizer.encode(c) for c in choices])
+        normalised = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, choices)]
+        correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
+        correct_norm += int(max(range(len(choices)), key=normalised.__getitem__) == answer)
+    return {"acc": correct / len(records), "acc_norm": correct_norm / len(records), "examples": len(records)}
+
+
+def evaluate_perplexity(model, data_dir: str | Path, batch_size: int = 8) -> dict:
+    from ..data.loader import WindowDataset, eval_windows
+    from ..data.shards import load_split, read_manifest
+    from .perplexity import bits_per_byte, evaluate_windows
+
+    manifest = read_manifest(data_dir)
+    dataset = WindowDataset(load_split(data_dir, "val"), model.config.context_length)
+    total, count = evaluate_windows(model, dataset, eval_windows(dataset), batch_size,
+                                    device=next(model.parameters()).device)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": bits_per_byte(loss, manifest.val.tokens, manifest.val.bytes), "tokens": count}
+
+
+def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, limit: int | None = None) -> dict:
+    """Evaluate each task spec; returns {task: metrics}."""
+    base = model.base if isinstance(model, SequenceClassifier) else model
+    results = {}
+    for spec in tasks:
+        if spec == "perplexity":
+            if data_dir is None:
+                raise ConfigError("task perplexity needs --data PREPARED_DIR (from `fmforge prepare`)")
+            results[spec] = evaluate_perplexity(base, data_dir)
+            continue
+        if spec in BUILTIN_TASKS:
+            kind, records = BUILTIN_TASKS[spec], task_records(spec, "test", limit)
+            labels = sorted({str(r["label"]) for _, r in task_records(spec, "train")}) if kind == "classify" else None
+        elif ":" in spec:
+            kind, path = spec.split(":", 1)
+            fields = {"completion": ("prompt", "completion"), "classify": ("text", "label"),
+                      "mc": ("prompt", "choices", "answer")}
+            if kind not in fields:
+                raise ConfigError(f"unknown task kind {kind!r} in {spec!r}; use completion:, classify: or mc:")
+            records = [(f"{path}:{n}", r) for n, r in ft.read_jsonl(path, fields[kind])][:limit]
+            labels = None
+        else:
+            raise ConfigError(f"unknown task {spec!r}; use perplexity, {', '.join(BUILTIN_TASKS)}, "
+                              "or completion:/classify:/mc:FILE.jsonl")
+        if kind == "completion":
+            results[spec] = evaluate_completion(base, tokenizer, records)
+        elif kind == "classify":
+            results[spec] = evaluate_classify(model, tokenizer, records, labels)
+        else:
+            results[spec] = evaluate_multiple_choice(base, tokenizer, records)
+    return results
+
+
+def markdown_report(results: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| task | metric | value |", "|---|---|---|"]
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {task} | {name} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: Path, title: str, meta: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown_report(results, title))

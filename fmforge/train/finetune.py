@@ -1,0 +1,235 @@
+"""Specialise a foundation checkpoint: full fine-tuning or LoRA, on SFT / completion / classify / lm tasks.
+
+The output directory is a training run (checkpoints/, latest, metrics.jsonl, loss.png). With LoRA, every
+checkpoint holds only the adapter (PEFT layout) and, for classification, the head; when training ends the
+final adapter is also copied to the top of the output directory, so `--adapter OUT` and
+`peft.PeftModel.from_pretrained` both find it. The base checkpoint is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier
+from ..adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, read_adapter_config, write_adapter
+from ..config import RunConfig, TrainConfig, load_recipe
+from ..data import finetune as ft
+from ..data.loader import PretrainBatches, WindowDataset, eval_windows
+from ..data.tasks import BUILTIN_TASKS, task_records
+from ..errors import CheckpointError, ConfigError, DataError
+from ..eval.perplexity import evaluate_windows
+from . import distributed
+from .checkpoint import copy_tokenizer, load_model_and_tokenizer, write_model_files
+from .trainer import Trainer, TrainResult, count_targets, resolve_device
+
+ADAPTER_FILES = ["adapter_model.safetensors", HEAD_FILE, LABELS_FILE, "finetune.json", "adapter_config.json"]
+# Fine-tuning defaults differ from pretraining: fewer steps, lower peak lr for full fine-tuning.
+FINETUNE_DEFAULTS = dict(max_steps=200, warmup_steps=10, eval_interval=50, checkpoint_interval=100,
+                         batch_size=8, log_interval=10, weight_decay=0.0)
+
+
+@dataclass
+class FinetuneSpec:
+    checkpoint: str
+    data: str  # a JSONL file, a prepared shard directory (task lm), or a built-in task name
+    task: str | None = None  # inferred for built-in tasks
+    method: str = "lora"
+    out: str = "runs/finetune"
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    limit: int | None = None  # use only the first N training records
+    train_on_all: bool = False  # sft: loss on every token, not only assistant turns
+    pack: bool = True
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+def default_lr(method: str) -> float:
+    return 1e-3 if method == "lora" else 3e-4
+
+
+def load_task_records(spec: FinetuneSpec) -> tuple[str, list, list]:
+    """(task, train records, val records), every record validated before anything is written."""
+    task = spec.task
+    if spec.data in BUILTIN_TASKS:
+        builtin = BUILTIN_TASKS[spec.data]
+        if task not in (None, builtin):
+            raise ConfigError(f"built-in task {spec.data} is a {builtin} task, not {task}")
+        task = builtin
+        train = task_records(spec.data, "train", spec.limit)
+        val = task_records(spec.data, "val")
+        return task, train, val
+    if task is None:
+        raise ConfigError(f"give --task ({', '.join(ft.TASKS)}) for {spec.data}")
+    if task not in ft.TASKS:
+        raise ConfigError(f"unknown task {task!r}; tasks: {', '.join(ft.TASKS)}")
+    records = ft.load_records(task, spec.data)
+    if spec.val_data:
+        train, val = records, ft.load_records(task, spec.val_data)
+    else:
+        train = [(w, r) for w, r in records if ft.split_of(r, spec.val_fraction) == "train"]
+        val = [(w, r) for w, r in records if ft.split_of(r, spec.val_fraction) == "val"]
+        if not train:
+            train, val = records, []
+    if spec.limit is not None:
+        train = train[:spec.limit]
+    return task, train, val
+
+
+def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: bool = False,
+             quiet: bool = False) -> TrainResult:
+    if spec.method not in ("full", "lora"):
+        raise ConfigError(f"--method must be full or lora, got {spec.method!r}")
+    base_model, tokenizer, base_checkpoint = load_model_and_tokenizer(spec.checkpoint)
+    run = load_recipe(None, [f"--train.{k}={v}" for k, v in {**FINETUNE_DEFAULTS, "lr": default_lr(spec.method),
+                                                               "out_dir": spec.out}.items()] + (overrides or []))
+    run.model, run.preset = base_model.config, None
+    cfg: TrainConfig = run.train
+    T = base_model.config.context_length
+
+    # ---- data (all validation happens here, before any output exists) ----
+    labels = None
+    if spec.task == "lm" or (spec.task is None and Path(spec.data, "manifest.json").exists()):
+        task = "lm"
+        from ..data.shards import load_split, read_manifest
+        manifest = read_manifest(spec.data)
+        if manifest.tokenizer_fingerprint != tokenizer.fingerprint():
+            raise DataError(f"{spec.data} was tokenized with a different tokenizer than {base_checkpoint}")
+        train_data = WindowDataset(load_split(spec.data, "train"), T)
+        val_shards = load_split(spec.data, "val")
+        val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
+    else:
+        task, train_records, val_records = load_task_records(spec)
+        if task == "classify":
+            labels = ft.label_set(train_records)
+            train_data = ft.classification_data(train_records, labels, tokenizer, T)
+            val_data = ft.classification_data(val_records, labels, tokenizer, T) if val_records else None
+        else:
+            train_data = ft.PackedDataset(ft.examples_for(task, train_records, tokenizer, spec.train_on_all), T,
+                                          tokenizer.pad_id, seed=cfg.seed, pack=spec.pack)
+            val_data = (ft.PackedDataset(ft.examples_for(task, val_records, tokenizer, spec.train_on_all), T,
+                                         tokenizer.pad_id, seed=cfg.seed, pack=spec.pack) if val_records else None)
+            if train_data.truncated and not quiet:
+                print(f"warning: {train_data.truncated} training examples are longer than the context "
+                      f"({T} tokens) and were truncated", file=sys.stderr)
+
+    # ---- model ----
+    device = resolve_device(cfg.device)
+    dist = distributed.setup(device.type)
+    torch.manual_seed(cfg.seed)
+    model = SequenceClassifier(base_model, labels) if task == "classify" else base_model
+    if spec.method == "lora":
+        inject_lora(base_model, spec.lora)
+        if task == "classify":
+            model.score.weight.requires_grad_(True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train().to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    base_fingerprint = fingerprint_checkpoint(base_checkpoint)
+    info = {"task": task, "method": spec.method, "base_checkpoint": str(base_checkpoint),
+            "base_fingerprint": base_fingerprint, "data": spec.data, "train_examples": len(train_data),
+            "trainable_parameters": trainable, "total_parameters": total}
+    if dist.is_main and not quiet:
+        print(f"{spec.method} fine-tuning for {task}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
+
+    def save_files(directory: Path) -> None:
+        (directory / "finetune.json").write_text(json.dumps({**info, "labels": labels}, indent=2) + "\n")
+        if spec.method == "lora":
+            write_adapter(directory, base_model, spec.lora, base_checkpoint, base_fingerprint,
+                          extra={"task": task, "labels": labels})
+        else:
+            write_model_files(directory, base_model, base_checkpoint)
+        if task == "classify":
+            model.save_head(directory)
+
+    def load_files(checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / "finetune.json").read_text())
+        if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
+            raise CheckpointError(f"cannot resume {checkpoint}: it was trained with another base, task or method")
+        if spec.method == "lora":
+            from ..adapt.lora import load_adapter_weights
+            load_adapter_weights(base_model, checkpoint)
+        else:
+            from .checkpoint import load_weights
+            load_weights(base_model, checkpoint)
+        if task == "classify":
+            model.load_head(checkpoint)
+
+    batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
+    evaluate = None
+    if val_data is not None:
+        evaluate = make_evaluator(task, val_data, cfg.batch_size, device, dist)
+    try:
+        trainer = Trainer(model, run, batches.get, evaluate, Path(cfg.out_dir), base_checkpoint, dist, device,
+                          resume=resume, quiet=quiet, save_files=save_files, load_files=load_files)
+        result = trainer.fit()
+        if dist.is_main and spec.method == "lora" and result.checkpoint is not None:
+            from ..adapt.lora import atomic_copy_files
+            atomic_copy_files(result.checkpoint, Path(cfg.out_dir), ADAPTER_FILES)
+        return result
+    finally:
+        distributed.teardown(dist)
+
+
+def make_evaluator(task: str, val_data, batch_size: int, device, dist):
+    """Validation: loss per target token (and accuracy for classification)."""
+
+    @torch.no_grad()
+    def evaluate(model, max_tokens, autocast) -> dict:
+        was_training = model.training
+        model.eval()
+        indices = list(range(len(val_data)))[dist.rank::dist.world_size]
+        loss_sum = correct = count = 0.0
+        for start in range(0, len(indices), batch_size):
+            batch = {k: v.to(device) for k, v in val_data.batch(indices[start:start + batch_size]).items()}
+            with autocast:
+                out = model(**batch, reduction="sum", return_logits=task == "classify")
+            loss_sum += float(out.loss)
+            count += count_targets(batch)
+            if task == "classify":
+                correct += float((out.logits.argmax(-1) == batch["targets"]).sum())
+        totals = distributed.all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64), dist)
+        model.train(was_training)
+        result = {"val_loss": float(totals[0] / max(totals[2], 1))}
+        if task == "classify":
+            result["val_accuracy"] = float(totals[1] / max(totals[2], 1))
+        return result
+
+    return evaluate
+
+
+def load_specialist(checkpoint: str | Path, adapter: str | Path | None = None, device="cpu"):
+    """(model, tokenizer, base checkpoint, info) for a base, a base + adapter, or a full fine-tune.
+
+    `model` is a SequenceClassifier when the specialist is a classifier, else a Transformer.
+    """
+    from ..adapt.heads import read_labels
+    from ..adapt.lora import load_adapter, resolve_adapter
+
+    model, tokenizer, base_checkpoint = load_model_and_tokenizer(checkpoint, device)
+    info: dict = {}
+    head_dir = base_checkpoint if (base_checkpoint / HEAD_FILE).exists() else None
+    if (base_checkpoint / "finetune.json").exists():
+        info = json.loads((base_checkpoint / "finetune.json").read_text())
+    if adapter is not None:
+        adapter_dir = resolve_adapter(adapter)
+        load_adapter(model, adapter_dir, base_checkpoint)
+        if (adapter_dir / "finetune.json").exists():
+            info = json.loads((adapter_dir / "finetune.json").read_text())
+        if (adapter_dir / HEAD_FILE).exists():
+            head_dir = adapter_dir
+    if head_dir is not None:
+        classifier = SequenceClassifier(model, read_labels(head_dir))
+        classifier.load_head(head_dir)
+        model = classifier
+    model.eval()
+    return model, tokenizer, base_checkpoint, info
