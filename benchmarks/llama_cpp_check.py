@@ -6,8 +6,9 @@ benchmark-time check rather than a test:
     python -m venv /tmp/llcpp && /tmp/llcpp/bin/pip install numpy llama-cpp-python==0.3.36
     PYTHONPATH=/tmp/llcpp/lib/python3.11/site-packages .venv/bin/python benchmarks/llama_cpp_check.py
 
-For each model variant (dense with GQA and tied embeddings; untied with q/k/v biases; Mixtral-style MoE),
-a random fmforge model and a byte-level BPE tokenizer are made here, exported with `fmforge export gguf`
+For each model variant (dense with GQA and tied embeddings; untied with q/k/v biases; Mixtral-style MoE;
+and the dense model with Llama-3- and Qwen2-style pre-tokenizers), a random fmforge model and a byte-level
+BPE tokenizer are made here, exported with `fmforge export gguf`
 in f32, f16 and q8_0, and run by llama.cpp on the same prompt ids. Prints a Markdown table.
 """
 
@@ -38,7 +39,25 @@ VARIANTS = {
     "MoE 4 experts top-2": dict(tie_embeddings=False, n_experts=4, n_experts_per_token=2, moe_intermediate_size=128),
 }
 PROMPT = "def wrap(text, width=70, **kwargs):\n    \"\"\"Wrap a single paragraph of text"
-TOKENIZER_TEXT = "Hello wörld, ¿qué tal? 你好 — def f(x):\n\treturn x ** 2  # done"
+TOKENIZER_TEXT = "Hello wörld, ¿qué tal? 你好 — def f(x):\n\treturn x ** 2  # done 1234567 times\n\n  it's"
+
+
+def pre_tokenized_tokenizer(text: str, regex: str):
+    """A byte-level BPE tokenizer whose pre-tokenizer is Split(regex) + ByteLevel, as Llama 3 and Qwen2 have."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from fmforge.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    rust.decoder = decoders.ByteLevel()
+    rust.train_from_iterator([text], trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(rust)
 
 
 def make_checkpoint(directory: Path, tokenizer, **shape) -> Transformer:
@@ -61,7 +80,9 @@ def llama_cpp_run(path: Path, prompt: list[int], n_new: int):
     """(logits of the prompt (T, V), greedy continuation ids, llama.cpp's tokenization of TOKENIZER_TEXT)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+    # f32 KV cache (llama.cpp defaults to f16, which alone moves logits by ~1e-3).
+    llm = Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0,
+                type_k=0, type_v=0)  # GGML_TYPE_F32
     llm.eval(prompt)
     logits = np.array(llm.scores[:len(prompt)], dtype=np.float32)
     generated = []
@@ -78,12 +99,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     args = parser.parse_args()
     text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()
-    tokenizer = train_tokenizer([text], vocab_size=512)
-    prompt = tokenizer.encode(PROMPT)
+    from fmforge.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX
+
+    tokenizers = {"gpt-2": train_tokenizer([text], vocab_size=512),
+                  "llama-bpe": pre_tokenized_tokenizer(text, LLAMA3_REGEX),
+                  "qwen2": pre_tokenized_tokenizer(text, QWEN2_REGEX)}
+    variants = [(name, shape, "gpt-2") for name, shape in VARIANTS.items()]
+    variants += [("dense, GQA, tied", {}, pre) for pre in ("llama-bpe", "qwen2")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, shape in VARIANTS.items():
-            directory = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("/", "")
+        for index, (name, shape, pre) in enumerate(variants):
+            tokenizer = tokenizers[pre]
+            prompt = tokenizer.encode(PROMPT)
+            directory = Path(tmp) / f"variant-{index}"
             model = make_checkpoint(directory, tokenizer, **shape)
             with torch.no_grad():
                 expected = model(torch.tensor([prompt])).logits[0].numpy()
@@ -94,14 +122,15 @@ def main() -> None:
                                      "--outtype", outtype]) == 0
                 logits, generated, tokens = llama_cpp_run(gguf_path, prompt, args.new_tokens)
                 same_prefix = next((i for i, (a, b) in enumerate(zip(generated, greedy)) if a != b), len(greedy))
-                rows.append((name, outtype, float(np.abs(logits - expected).max()), float(np.abs(expected).max()),
+                rows.append((name, pre, outtype, float(np.abs(logits - expected).max()), float(np.abs(expected).max()),
                              f"{same_prefix}/{len(greedy)}", tokens == tokenizer.encode(TOKENIZER_TEXT)))
                 print(f"{rows[-1]}", file=sys.stderr, flush=True)
     print(f"\nPrompt: {len(prompt)} tokens; greedy continuation of {args.new_tokens} tokens.\n")
-    print("| model | GGUF type | max abs logit diff | max abs logit | greedy tokens identical | tokenizer identical |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
-    for name, outtype, diff, scale, same, tok in rows:
-        print(f"| {name} | {outtype} | {diff:.2e} | {scale:.2f} | {same} | {'yes' if tok else 'NO'} |")
+    print("| model | tokenizer.ggml.pre | GGUF type | max abs logit diff | max abs logit | greedy tokens identical "
+          "| tokenization identical |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    for name, pre, outtype, diff, scale, same, tok in rows:
+        print(f"| {name} | {pre} | {outtype} | {diff:.2e} | {scale:.2f} | {same} | {'yes' if tok else 'NO'} |")
 
 
 if __name__ == "__main__":
