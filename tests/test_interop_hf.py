@@ -273,3 +273,20 @@ def test_output_directories_are_never_clobbered(hf_tokenizer, tmp_path, capsys):
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "notes")]) == 1
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt")]) == 1
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_import_completes_older_tokenizer_files(hf_tokenizer, tmp_path):
+    """Special tokens named only in special_tokens_map.json or by id in config.json; chat template in a file."""
+    source = tmp_path / "hf"
+    make_hf_model("llama", source, hf_tokenizer)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("bos_token", None)
+    config.pop("eos_token", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    (source / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    _edit_config(source, bos_token_id=0)
+    (source / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt")]) == 0
+    tokenizer = Tokenizer.load(tmp_path / "ckpt")
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.bos_id, tokenizer.eos_id) == ("<s>", "</s>", 0, 1)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi</s>"

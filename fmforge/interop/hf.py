@@ -334,16 +334,38 @@ def _stored_dtype(files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
-def _prepare_tokenizer_dir(source: Path, scratch: Path) -> Path:
-    """tokenizer.json + tokenizer_config.json as fmforge reads them; a chat template kept in a separate
-    chat_template.jinja (transformers 5) is folded into tokenizer_config.json."""
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _prepare_tokenizer_dir(source: Path, scratch: Path, hf: dict) -> Path:
+    """tokenizer.json + tokenizer_config.json as fmforge reads them. Older layouts are completed: special
+    tokens named only in special_tokens_map.json, or only by id in config.json (bos_token_id, eos_token_id),
+    and a chat template kept in chat_template.jinja (transformers 5) are folded into tokenizer_config.json."""
     from ..tokenizer import Tokenizer
 
     if not (source / "tokenizer.json").is_file():
         raise CheckpointError(f"{source} has no tokenizer.json (fmforge needs the fast-tokenizer file); create it "
                               "with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
-    config_path = source / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = _read_json(source / "tokenizer_config.json")
+    special_map = _read_json(source / "special_tokens_map.json")
+    tokenizer_json = _read_json(source / "tokenizer.json")
+    id_to_token = {i: t for t, i in ((tokenizer_json.get("model") or {}).get("vocab") or {}).items()}
+    id_to_token.update({t["id"]: t["content"] for t in tokenizer_json.get("added_tokens", [])})
+    for kind in ("bos", "eos", "pad"):
+        key = f"{kind}_token"
+        if config.get(key) is None and special_map.get(key) is not None:
+            config[key] = special_map[key]
+        token_id = hf.get(f"{kind}_token_id")
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+        if config.get(key) is None and isinstance(token_id, int) and token_id in id_to_token:
+            config[key] = id_to_token[token_id]
+        if kind == "bos" and key not in config:
+            config[key] = None  # no bos named anywhere: prepend none (rather than fmforge's own "<|bos|>")
     if not config.get("chat_template") and (source / "chat_template.jinja").is_file():
         config["chat_template"] = (source / "chat_template.jinja").read_text(encoding="utf-8")
     shutil.copyfile(source / "tokenizer.json", scratch / "tokenizer.json")
@@ -372,7 +394,7 @@ def import_hf(source: str | Path, out: str | Path, *, dtype: str = "auto",
     target_dtype = _stored_dtype(files) if dtype == "auto" else DTYPES[dtype]
 
     with tempfile.TemporaryDirectory(prefix="fmforge-import-") as scratch:
-        tokenizer_dir = _prepare_tokenizer_dir(source, Path(scratch))
+        tokenizer_dir = _prepare_tokenizer_dir(source, Path(scratch), hf)
         tokenizer = Tokenizer.load(tokenizer_dir)
         if tokenizer.vocab_size > config.vocab_size:
             raise CheckpointError(f"{source}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
