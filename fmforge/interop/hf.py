@@ -41,7 +41,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..train.checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint,
-                                write_checkpoint)
+                                write_checkpoint, write_model_files)
 
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept inside an imported checkpoint
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -405,11 +405,15 @@ def import_hf(source: str | Path, out: str | Path, *, dtype: str = "auto",
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         _copy_weights(model, files, source)
-        write_checkpoint(out, model, tokenizer_dir)
+
+        def write_files(directory: Path) -> None:  # inside write_checkpoint's temporary directory: atomic
+            write_model_files(directory, model, tokenizer_dir)
+            (directory / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+            if (source / GENERATION_CONFIG_FILE).is_file():
+                shutil.copyfile(source / GENERATION_CONFIG_FILE, directory / GENERATION_CONFIG_FILE)
+
+        write_checkpoint(out, write_files=write_files)
     del model
-    (out / HF_CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-    if (source / GENERATION_CONFIG_FILE).is_file():
-        shutil.copyfile(source / GENERATION_CONFIG_FILE, out / GENERATION_CONFIG_FILE)
     log(f"imported {hf['model_type']} from {source}: {config.num_parameters() / 1e6:.1f}M parameters, "
         f"{config.n_layer} layers, context {config.context_length}, {str(target_dtype).removeprefix('torch.')} "
         f"-> {out}")
