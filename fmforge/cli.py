@@ -246,7 +246,7 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     data_dir, model_dir = out / "data", out / "model"
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
 
-    banner("1/4 corpus + tokenizer: the Python standard library")
+    banner("1/6 corpus + tokenizer: the Python standard library")
     tokenizer_dir = out / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = Tokenizer.load(tokenizer_dir)
@@ -254,12 +254,12 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     else:
         tokenizer = train_tokenizer_from_sources(["stdlib"], args.vocab_size, tokenizer_dir, "text", "text")
 
-    banner("2/4 token shards")
+    banner("2/6 token shards")
     manifest = prepare_with_tokenizer(["stdlib"], tokenizer, data_dir, val_fraction=0.01)
     print(f"train {manifest.train.tokens:,} tokens / {manifest.train.documents:,} files | "
           f"val {manifest.val.tokens:,} tokens / {manifest.val.documents:,} files")
 
-    banner("3/4 pretraining")
+    banner("3/6 pretraining")
     user = list(overrides)
     if args.max_steps is not None:
         user += ["--max_steps", str(args.max_steps)]
@@ -270,7 +270,7 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     result = pretrain(run, resume=True)
     bpb = result.final_eval.get("val_bpb")
 
-    banner("4/4 samples")
+    banner("4/6 samples")
     model, tokenizer, checkpoint = load_model_and_tokenizer(model_dir)
     params = SamplingParams(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
     for prompt in QUICKSTART_PROMPTS:
@@ -283,8 +283,45 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     if bpb is not None:
         print(f"held-out: {result.final_eval['val_loss']:.4f} nats/token = {bpb:.4f} bits/byte "
               f"(the val split of the stdlib corpus)")
-    print(f"checkpoint: {checkpoint}\nloss plot:  {model_dir / 'loss.png'}\n"
+    if args.specialist_steps > 0:
+        quickstart_specialists(args, model_dir, out / "specialists")
+    print(f"\ncheckpoint: {checkpoint}\nloss plot:  {model_dir / 'loss.png'}\n"
           f"try:        fmforge generate --checkpoint {model_dir} --prompt 'def '")
+
+
+QUICKSTART_SPECIALISTS = {"stdlib-docstring": "bits_per_byte", "stdlib-module": "accuracy"}
+
+
+def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
+    """Grow two LoRA specialists from the foundation model and score them next to the base."""
+    from .adapt.lora import LoRAConfig
+    from .eval.tasks import run_tasks
+    from .train.finetune import FinetuneSpec, finetune, load_specialist
+
+    banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
+    banner("5/6 specialists: LoRA adapters on two built-in tasks")
+    for task in QUICKSTART_SPECIALISTS:
+        spec = FinetuneSpec(checkpoint=str(model_dir), data=task, method="lora", out=str(out / task),
+                            lora=LoRAConfig(rank=8, alpha=16.0))
+        finetune(spec, ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
+                        "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"], resume=True)
+
+    banner("6/6 base vs specialists (test split)")
+    base, tokenizer, _, _ = load_specialist(model_dir)
+    rows = []
+    for task, metric in QUICKSTART_SPECIALISTS.items():
+        before = run_tasks(base, tokenizer, [task], limit=args.eval_limit)[task]
+        specialist, _, _, _ = load_specialist(model_dir, out / task)
+        after = run_tasks(specialist, tokenizer, [task], limit=args.eval_limit)[task]
+        rows.append((task, metric, before, after))
+    print(f"{'task':18s} {'metric':28s} {'base':>8s} {'specialist':>11s}")
+    for task, metric, before, after in rows:
+        label = metric + (" (lower is better)" if metric == "bits_per_byte" else "")
+        print(f"{task:18s} {label:28s} {before[metric]:8.4f} {after[metric]:11.4f}")
+        if "exact_match" in before:
+            print(f"{'':18s} {'exact_match':28s} {before['exact_match']:8.4f} {after['exact_match']:11.4f}")
+    print("(stdlib-module base = zero-shot, picking the module name with the highest likelihood; "
+          "specialist = LoRA + classification head)")
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -317,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--sample-tokens", type=int, default=150)
+    p.add_argument("--specialist-steps", type=int, default=150, help="LoRA steps per specialist (0 = skip)")
+    p.add_argument("--eval-limit", type=int, default=60, help="test examples per task when scoring specialists")
     p.set_defaults(handler=cmd_quickstart, takes_overrides=True)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
