@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,49 @@ def test_import_completes_older_tokenizer_files(hf_tokenizer, tmp_path):
     tokenizer = Tokenizer.load(tmp_path / "ckpt")
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.bos_id, tokenizer.eos_id) == ("<s>", "</s>", 0, 1)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi</s>"
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(qk_norm=True, attention_bias=True, head_dim=32)])
+def test_lora_adapter_exports_for_peft(shape, fmforge_tokenizer, tmp_path):
+    """A LoRA adapter written by fmforge loads with peft onto the exported model, unmerged, with the same logits."""
+    peft = pytest.importorskip("peft")
+    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, lora_modules, write_adapter
+
+    model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    inject_lora(model, lora)
+    with torch.no_grad():  # as if trained: B moves away from zero
+        for module in lora_modules(model).values():
+            module.lora_B.weight.normal_(0.0, 0.1)
+    write_adapter(tmp_path / "code-adapter", model, lora, tmp_path / "ckpt", fingerprint_checkpoint(tmp_path / "ckpt"))
+
+    assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+                 "--adapter", str(tmp_path / "code-adapter")]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = batch(shape=(2, 20)) % fmforge_tokenizer.vocab_size
+    with torch.no_grad():
+        plain = base(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapters" / "code-adapter").eval()
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]  # a clean PEFT config
+    assert isinstance(adapted.base_model.model.model.layers[0].self_attn.q_proj, peft.tuners.lora.Linear)  # unmerged
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (adapted(ids).logits - expected).abs().max().item() <= 1e-4
+        assert (plain - expected).abs().max().item() > 1e-2  # the adapter matters
+        merged = adapted.merge_and_unload()
+        assert (merged(ids).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_adapter_of_another_base_is_refused(fmforge_tokenizer, tmp_path, capsys):
+    from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
+
+    model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer)
+    inject_lora(model, LoRAConfig(rank=2))
+    write_adapter(tmp_path / "adapter", model, LoRAConfig(rank=2), tmp_path / "ckpt", "0" * 64)
+    capsys.readouterr()
+    assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+                 "--adapter", str(tmp_path / "adapter")]) == 1
+    assert "different base model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
     fmforge import hf DIR --out CKPT              a local Hugging Face model directory -> fmforge checkpoint
     fmforge export hf CKPT --out DIR              fmforge checkpoint -> Hugging Face model directory
+                      [--adapter ADAPTER]...      + LoRA adapters in PEFT layout (OUT/adapters/NAME)
     fmforge export gguf CKPT --out model.gguf     fmforge checkpoint -> GGUF for llama.cpp (f32, f16, q8_0)
 """
 
@@ -19,7 +20,8 @@ def cmd_import_hf(args) -> None:
 def cmd_export_hf(args) -> None:
     from .hf import export_hf
 
-    export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    export_hf(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+              adapters=args.adapter or [])
 
 
 def cmd_export_gguf(args) -> None:
@@ -51,6 +53,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="precision of the written weights (default: as stored)")
     e.add_argument("--max-shard-size", default="5GB", help="largest weights file, e.g. 2GB (default 5GB)")
+    e.add_argument("--adapter", action="append",
+                   help="a LoRA adapter (or fine-tuning run) trained on CHECKPOINT, written to OUT/adapters/NAME "
+                        "for peft.PeftModel.from_pretrained (repeatable)")
     e.set_defaults(handler=cmd_export_hf)
 
     g = esub.add_parser("gguf", help="a GGUF file for llama.cpp (Llama architecture)", allow_abbrev=False)
