@@ -293,14 +293,18 @@ def test_import_completes_older_tokenizer_files(hf_tokenizer, tmp_path):
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi</s>"
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(qk_norm=True, attention_bias=True, head_dim=32)])
-def test_lora_adapter_exports_for_peft(shape, fmforge_tokenizer, tmp_path):
+@pytest.mark.parametrize("shape, targets", [
+    (dict(), "all-linear"),
+    (dict(qk_norm=True, attention_bias=True, head_dim=32), "all-linear"),
+    (dict(n_experts=4, n_experts_per_token=2, moe_intermediate_size=64, tie_embeddings=False), "q_proj,v_proj"),
+])
+def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_path):
     """A LoRA adapter written by fmforge loads with peft onto the exported model, unmerged, with the same logits."""
     peft = pytest.importorskip("peft")
     from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, lora_modules, write_adapter
 
     model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)
-    lora = LoRAConfig(rank=4, alpha=8.0)
+    lora = LoRAConfig(rank=4, alpha=8.0, target_modules=targets)
     inject_lora(model, lora)
     with torch.no_grad():  # as if trained: B moves away from zero
         for module in lora_modules(model).values():

@@ -542,6 +542,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     out/adapters/NAME, which `peft.PeftModel.from_pretrained(model, out/adapters/NAME)` loads unmerged.
     """
     from ..tokenizer import Tokenizer
+    from .adapters import resolve_adapters, write_peft_adapter
 
     checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
     config = read_model_config(checkpoint)
@@ -554,7 +555,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     tokenizer = Tokenizer.load(checkpoint)
     token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     hf_config = hf_config_from_model_config(config, model_type, target_dtype, token_ids, original)
-    adapter_dirs = _resolve_adapters(adapters, checkpoint, model_type)
+    adapter_dirs = resolve_adapters(adapters, checkpoint)
 
     _check_output_dir(out, protect=checkpoint, kind="a Hugging Face model directory")
     tmp = _prepare_output_dir(out)
@@ -570,54 +571,13 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(checkpoint / name, tmp / name)
         for name, adapter_dir in adapter_dirs.items():
-            _write_peft_adapter(adapter_dir, tmp / "adapters" / name, model_type, out)
+            write_peft_adapter(adapter_dir, tmp / "adapters" / name, model_type, out)
         _finish_output_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {checkpoint} as {model_type} ({str(target_dtype).removeprefix('torch.')}) -> {out}")
     return out
-
-
-def _resolve_adapters(adapters, checkpoint: Path, model_type: str) -> dict[str, Path]:
-    """{name: adapter directory} for --adapter arguments, each checked to belong to `checkpoint`."""
-    from ..adapt.lora import check_adapter_base, read_adapter_config, resolve_adapter
-
-    found: dict[str, Path] = {}
-    for given in adapters:
-        directory = resolve_adapter(given)
-        check_adapter_base(read_adapter_config(directory), checkpoint, directory)
-        if (directory / "head.safetensors").exists():
-            raise CheckpointError(f"{directory} carries a classification head, which a PEFT causal-LM adapter "
-                                  "cannot hold; export the merged model instead")
-        name = Path(given).name
-        if name in found:
-            raise CheckpointError(f"two adapters are both named {name!r}; give them distinct directory names")
-        found[name] = directory
-    return found
-
-
-def _write_peft_adapter(source: Path, target: Path, model_type: str, exported: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors in PEFT's layout for the exported model. fmforge's keys
-    are already PEFT's (base_model.model. + the Hugging Face module name); MoE experts cannot carry LoRA in
-    transformers' Mixtral, where they are one fused parameter."""
-    from ..adapt.lora import PEFT_PREFIX, read_adapter_config
-
-    config = read_adapter_config(source)
-    target.mkdir(parents=True)
-    tensors = {}
-    with safe_open(str(source / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            module, _, rest = key.removeprefix(PEFT_PREFIX).partition(".lora_")
-            if ".experts." in module:
-                raise CheckpointError(f"{source}: LoRA on MoE experts ({module}) has no place in transformers' "
-                                      "Mixtral, whose experts are one fused parameter; merge the adapter instead")
-            tensors["base_model.model." + hf_name(module + ".weight", model_type).removesuffix(".weight")
-                    + ".lora_" + rest] = f.get_tensor(key)
-    save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config = {k: v for k, v in config.items() if k != "fmforge"}  # PEFT warns about keys it does not know
-    peft_config["base_model_name_or_path"] = str(exported.resolve())
-    (target / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
 
 
 def _write_hf_weights(weights: Path, config: ModelConfig, model_type: str, dtype: torch.dtype, out: Path,
