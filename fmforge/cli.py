@@ -41,7 +41,7 @@ def builtin_recipe(name_or_path: str) -> Path:
 # ---- tokenizer / prepare ---------------------------------------------------------------------------------
 
 def train_tokenizer_from_sources(sources: list[str], vocab_size: int, out: Path, jsonl_field: str,
-                                 parquet_column: str) -> "Tokenizer":
+                                 parquet_column: str):
     from .data.sources import iter_documents
     from .tokenizer import train_tokenizer
 
@@ -59,7 +59,6 @@ def cmd_tokenizer_train(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from .data.shards import prepare
     from .tokenizer import Tokenizer
 
     out = Path(args.out)

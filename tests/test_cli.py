@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from conftest import run_cli, tiny_overrides
 from fmforge.cli import main

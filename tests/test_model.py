@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fmforge.config import PRESETS, ModelConfig, model_config_from_preset
-from fmforge.model import KVCache, Transformer, apply_rope, rope_tables
+from fmforge.model import Transformer, apply_rope, rope_tables
 
 
 def tiny(**overrides) -> Transformer:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, run_cli, tiny_overrides
 from fmforge.cli import main

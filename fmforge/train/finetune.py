@@ -9,7 +9,6 @@ final adapter is also copied to the top of the output directory, so `--adapter O
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +16,14 @@ from pathlib import Path
 import torch
 
 from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier
-from ..adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, read_adapter_config, write_adapter
-from ..config import RunConfig, TrainConfig, load_recipe
+from ..adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
+from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
-from ..data.loader import PretrainBatches, WindowDataset, eval_windows
+from ..data.loader import PretrainBatches, WindowDataset
 from ..data.tasks import BUILTIN_TASKS, task_records
 from ..errors import CheckpointError, ConfigError, DataError
-from ..eval.perplexity import evaluate_windows
 from . import distributed
-from .checkpoint import copy_tokenizer, load_model_and_tokenizer, write_model_files
+from .checkpoint import load_model_and_tokenizer, write_model_files
 from .trainer import Trainer, TrainResult, count_targets, resolve_device
 
 ADAPTER_FILES = ["adapter_model.safetensors", HEAD_FILE, LABELS_FILE, "finetune.json", "adapter_config.json"]
