@@ -23,3 +23,7 @@ class TokenizerError(FmforgeError):
 
 class GenerationError(FmforgeError):
     """Bad generation request, e.g. a prompt longer than the context window."""
+
+
+class TrainingError(FmforgeError):
+    """Training diverged (non-finite loss) or cannot continue."""

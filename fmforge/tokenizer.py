@@ -163,8 +163,8 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "additional_special_tokens": extra,
-            # Documents are encoded without bos (see data/shards.py); the chat template adds bos itself.
-            "add_bos_token": False,
+            # Documents start with bos (see data/shards.py); the chat template adds bos itself.
+            "add_bos_token": self.bos_token is not None,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "padding_side": "right",

@@ -170,3 +170,8 @@ def test_override_values_keep_their_hyphens_while_keys_accept_them():
 
     assert parse_overrides(["--out-dir", "runs/my-run", "--train.data_dir=a-b/c-d", "--lr", "1e-3"]) == [
         ("out_dir", "runs/my-run"), ("train.data_dir", "a-b/c-d"), ("lr", 0.001)]
+
+
+def test_a_diverging_run_stops_with_one_line(capsys, prepared, tmp_path):
+    line = cli_error(capsys, "pretrain", *tiny_overrides(prepared, tmp_path / "r", lr=1e6, max_steps=30, grad_clip=0))
+    assert "loss became" in line and "lower train.lr" in line

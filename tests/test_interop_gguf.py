@@ -122,7 +122,7 @@ def test_gguf_keys_and_tensors(shape, outtype, tokenizer, tmp_path):
                                   for m in tokenizer_json["model"]["merges"]],
         "tokenizer.ggml.bos_token_id": tokenizer.bos_id, "tokenizer.ggml.eos_token_id": tokenizer.eos_id,
         "tokenizer.ggml.padding_token_id": tokenizer.pad_id,
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
         "tokenizer.chat_template": tokenizer.chat_template,
     }
     if c.n_experts:

@@ -52,14 +52,15 @@ def all_tokens(out_dir, split):
 
 
 def decoded_documents(tokenizer, out_dir):
-    """Texts back from the shards: split each stream at eos and decode."""
+    """Texts back from the shards: split each stream at eos, check the leading bos, and decode."""
     texts = []
     for split in ("train", "val"):
         tokens = all_tokens(out_dir, split).tolist()
         start = 0
         for i, token in enumerate(tokens):
             if token == tokenizer.eos_id:
-                texts.append(tokenizer.decode(tokens[start:i]))
+                assert tokens[start] == tokenizer.bos_id  # every document starts with bos
+                texts.append(tokenizer.decode(tokens[start + 1:i]))
                 start = i + 1
         assert start == len(tokens)  # every stream ends with eos
     return texts
@@ -184,7 +185,8 @@ def test_prepare_writes_shards_that_match_the_manifest(tokenizer, tmp_path, caps
     assert manifest.train.documents + manifest.val.documents == 6
     assert manifest.val.documents >= 1 and manifest.train.documents >= 1
     assert manifest.train.bytes + manifest.val.bytes == sum(len(t.encode("utf-8")) for t in texts)
-    assert manifest.train.tokens + manifest.val.tokens == sum(len(tokenizer.encode(t)) + 1 for t in texts)
+    # bos + text + eos per document
+    assert manifest.train.tokens + manifest.val.tokens == sum(len(tokenizer.encode(t)) + 2 for t in texts)
     assert manifest.dtype == "uint16" and manifest.eos_id == tokenizer.eos_id
     assert manifest.tokenizer_fingerprint == tokenizer.fingerprint()
     assert manifest.sources == {"specs": [str(corpus)], "files": 7}
@@ -195,7 +197,7 @@ def test_prepare_writes_shards_that_match_the_manifest(tokenizer, tmp_path, caps
             assert (tmp_path / "out" / shard.file).stat().st_size == 2 * shard.tokens
     assert sorted(decoded_documents(tokenizer, tmp_path / "out")) == sorted(texts)
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert on_disk["format_version"] == 1 and on_disk["splits"]["val"]["tokens"] == manifest.val.tokens
+    assert on_disk["format_version"] == 2 and on_disk["splits"]["val"]["tokens"] == manifest.val.tokens
     assert read_manifest(tmp_path / "out") == manifest
 
 

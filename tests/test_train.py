@@ -156,3 +156,16 @@ def test_torch_compile_trains_like_eager(prepared, tmp_path):
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3)
     from fmforge.train.checkpoint import load_model
     load_model(tmp_path / "compiled")  # saved without torch.compile's wrapper prefixes
+
+
+def test_time_budget_becomes_a_recorded_step_count(prepared, tmp_path):
+    import yaml
+
+    out = tmp_path / "budget"
+    options = tiny_overrides(prepared, out, max_steps=1, eval_interval=1000, checkpoint_interval=1000)
+    assert main(["pretrain", *options, "--max_minutes", "0.05"]) == 0
+    resolved = yaml.safe_load((out / "run.yaml").read_text())
+    steps = resolved["train"]["max_steps"]
+    assert steps > 1 and len(losses(out)) == steps  # derived from the timing run, not the recipe's 1
+    saved = yaml.safe_load((out / "checkpoints" / f"step-{steps:08d}" / "train_state" / "run.yaml").read_text())
+    assert saved["train"]["max_steps"] == steps

@@ -6,7 +6,7 @@ Layout of a prepared directory:
     train-00000.bin, ...          raw little-endian token ids, uint16 (vocab <= 65536) or uint32
     val-00000.bin, ...
 
-Each document becomes `tokenizer.encode(text) + [eos_id]` (no bos), appended to its split's stream; a new
+Each document becomes `[bos_id] + tokenizer.encode(text) + [eos_id]`, appended to its split's stream; a new
 shard starts every `shard_tokens` tokens (a document may continue into the next shard).
 
 Train/val split: each document goes to val when a hash of (seed, document text) falls below `val_fraction`,
@@ -45,7 +45,7 @@ from fmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger("fmforge.data")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents start with bos
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 SHARD_PATTERN = re.compile(r"^(train|val)-\d{5}\.bin$")
@@ -273,12 +273,14 @@ def _encode_in_worker(texts: list[str], seed: int, dtype_name: str):
 
 
 def _encode_chunk(tokenizer: Tokenizer, texts: list[str], seed: int, dtype: np.dtype):
-    """Tokens of all texts (each followed by eos) as one array, plus per-text token counts, UTF-8 byte counts
+    """Tokens of all texts (each bos + text + eos) as one array, plus per-text token counts, UTF-8 byte counts
     and split hashes in [0, 1)."""
     encoded = tokenizer.encode_batch(texts)
-    lengths = np.array([len(ids) + 1 for ids in encoded], dtype=np.int64)
+    # bos + text + eos: a document starts the way a prompt does (generation prepends bos).
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     eos = [tokenizer.eos_id]
-    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in encoded),
+    lengths = np.array([len(bos) + len(ids) + 1 for ids in encoded], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(bos, ids, eos) for ids in encoded),
                          dtype=dtype, count=int(lengths.sum()))
     seed_bytes = seed.to_bytes(8, "little", signed=True)
     byte_counts = np.empty(len(texts), dtype=np.int64)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TrainingError
 from . import distributed
 from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
     read_model_config, read_train_state, write_model_files
@@ -241,7 +241,8 @@ class Trainer:
                 step += 1
                 loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
                 if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}; lower train.lr or check the data")
+                    raise TrainingError(f"loss became {loss_value} at step {step}; lower train.lr (now {cfg.lr:g}) "
+                                        "or check the data; the last good checkpoint is kept")
                 progress.step(step, loss_value, lr, tokens_per_step)
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
                           "tokens_per_s": round(progress.tokens_per_second, 1),
