@@ -167,7 +167,7 @@ def test_classifier_head_learns_labels_and_refuses_unseen_ones(checkpoint, tmp_p
     data = write_jsonl(tmp_path / "cls.jsonl", records)
     out = tmp_path / "cls"
     assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify",
-                 "--out", str(out), *TRAIN, "--max_steps", "20", "--lr", "3e-3", "--eval_interval", "20"]) == 0
+                 "--out", str(out), *TRAIN, "--max_steps", "40", "--lr", "5e-3", "--eval_interval", "40"]) == 0
     assert json.loads((out / "labels.json").read_text()) == ["math", "text"]
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["val_accuracy"] >= 0.9
