@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
@@ -159,24 +159,29 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
 
 
 def load_weights(model: Transformer, checkpoint: Path) -> None:
-    """Load model.safetensors into `model`, checking that every tensor is present with the right shape."""
+    """Load model.safetensors into `model` tensor by tensor (no second copy of the weights in memory),
+    checking that every tensor is present with the right shape."""
     file = checkpoint / "model.safetensors"
     if not file.exists():
         raise CheckpointError(f"missing weights file {file}")
+    expected = model_state_for_saving(model)
     try:
-        state = load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{file} does not match its config.json: missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]}")
+            for name in sorted(names):
+                target = expected[name]
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(target.shape):
+                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, config.json implies "
+                                          f"{tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(f.get_tensor(name))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt weights file {file}: {exc}") from None
-    expected = model_state_for_saving(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{file} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)  # strict=False only for the tied lm_head, checked above
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Path]:
