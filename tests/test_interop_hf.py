@@ -341,3 +341,19 @@ def test_adapter_of_another_base_is_refused(fmforge_tokenizer, tmp_path, capsys)
                  "--adapter", str(tmp_path / "adapter")]) == 1
     assert "different base model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_imported_model_can_be_specialised_and_evaluated(hf_tokenizer, tmp_path, capsys):
+    source = tmp_path / "hf"
+    make_hf_model("llama", source, hf_tokenizer)
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt"), "--context-length", "64"]) == 0
+    records = [{"prompt": f"def f{i}(x):", "completion": f" return x + {i}"} for i in range(24)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["finetune", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--task", "completion",
+                 "--out", str(tmp_path / "lora"), "--max_steps", "3", "--batch_size", "4",
+                 "--eval_interval", "3", "--checkpoint_interval", "3", "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "lora"),
+                 "--tasks", f"completion:{data}", "--limit", "4"]) == 0
+    assert "bits_per_byte" in capsys.readouterr().out
