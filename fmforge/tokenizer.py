@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fmforge.errors import TokenizerError
+from fmforge.fileio import atomic_write_text
 
 # Ids 0.. in this order. New markers take a reserved slot so existing ids never move.
 SPECIAL_TOKENS: list[str] = [
@@ -119,8 +120,8 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json into `directory` (created if needed), atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / TOKENIZER_FILE, self._special.to_str(pretty=True))
-        _atomic_write_text(directory / CONFIG_FILE, json.dumps(self._hf_config(), indent=2, ensure_ascii=False))
+        atomic_write_text(directory / TOKENIZER_FILE, self._special.to_str(pretty=True))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(self._hf_config(), indent=2, ensure_ascii=False))
 
     def __getstate__(self) -> dict:
         # Pickle (e.g. to send to worker processes) as the JSON text, not as the Rust object.
@@ -285,20 +286,6 @@ def train_tokenizer(
     if seen == 0:
         raise TokenizerError("no text to train the tokenizer on — check the corpus sources")
     return Tokenizer(rust)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _first_line(error: BaseException) -> str:

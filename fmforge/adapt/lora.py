@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_bytes
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -250,6 +250,4 @@ def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in names:
         if (source / name).exists():
-            tmp = target / f".{name}.tmp-{os.getpid()}"
-            tmp.write_bytes((source / name).read_bytes())
-            os.replace(tmp, target / name)
+            atomic_write_bytes(target / name, (source / name).read_bytes())

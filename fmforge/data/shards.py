@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from fmforge.data.sources import Document, SourceFile, SourceReport, iter_documents, resolve_sources
 from fmforge.errors import ConfigError, DataError
+from fmforge.fileio import atomic_write_text
 from fmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger("fmforge.data")
@@ -439,14 +440,4 @@ def _remove_outputs(out_dir: Path) -> None:
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, ensure_ascii=False)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -31,21 +31,12 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_text
 from ..model import Transformer, rope_tables
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "fmforge.Transformer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
