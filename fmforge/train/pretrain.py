@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +53,10 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
         val_shards = load_split(data_dir, "val")
         val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
+        if val_data is None and dist.is_main:
+            print(f"warning: {data_dir} has no validation split (fewer than {T + 1} val tokens: a corpus of a "
+                  "single document?), so there is no held-out eval; prepare it from more than one document",
+                  file=sys.stderr)
         if dist.is_main and not quiet:
             print(f"model: {model.num_parameters():,} parameters | train: {manifest.train.tokens:,} tokens "
                   f"({train_data.n_windows:,} windows of {T}) | val: {manifest.val.tokens:,} tokens | "
