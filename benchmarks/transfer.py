@@ -359,6 +359,10 @@ def format_report(meta: dict, rows: list[dict], sweep: list[dict], runs: list[di
               "- One torch thread per process (`--threads 1`, the default here): on this shared 2-core machine "
               "(load average ~4 from other jobs) a 20-step LoRA fine-tune ran at ~500 tokens/s with torch's default "
               "2 threads and ~2,700 with 1 (same losses to 3 decimals), and greedy decoding took 47 vs 6 ms/token.",
+              "- ms/step follows the machine's load while each run trained (other jobs, and here two benchmark "
+              "processes at a time: `--tasks` splits the work; a final `--sweep` run reuses every finished run), "
+              "so it does not compare methods; packed completion rows are 256 tokens, classify rows as wide as "
+              "the longest function of the batch (rounded up to 32).",
               "- stdlib-body: a completion longer than the context cannot be scored by `fmforge eval` (it fails with "
               "'the prompt is empty', or scores only the completion's tail); the benchmark skips such test records "
               "(listed above) for every method alike.",
