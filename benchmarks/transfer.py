@@ -30,7 +30,8 @@ Targets (fixed before the measurement):
 method, the one with the lower validation loss (the task's val split; the test split is never used to
 choose); scratch uses full's lr, since it runs full's command.
 
-    .venv/bin/python benchmarks/transfer.py --sweep              # ~25 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/transfer.py --sweep   # ~70 min of runs, one after another, on the loaded 2-core machine
+    # (two processes at once: --tasks stdlib-docstring,stdlib-module / --tasks stdlib-body, then --sweep reuses them)
     .venv/bin/python benchmarks/transfer.py --steps 3 --eval-limit 5 --base /tmp/tiny --out-dir /tmp/t
 """
 
