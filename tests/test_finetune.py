@@ -260,3 +260,12 @@ def test_builtin_tasks_have_fixed_disjoint_splits():
     assert task_records("stdlib-docstring", "train", limit=100) == task_records("stdlib-docstring", "train")[:100]
     record = task_records("stdlib-docstring", "test", limit=1)[0][1]
     assert record["prompt"].endswith("# Summary:") and record["completion"].startswith(" ")
+
+
+def test_completion_longer_than_the_context_is_scored_on_what_fits(checkpoint, tmp_path):
+    from fmforge.eval.tasks import evaluate_completion
+
+    model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
+    long = " ".join(f"x{i}" for i in range(200))  # far more than the 64-token context
+    result = evaluate_completion(model, tokenizer, [("t", {"prompt": "def f():", "completion": long})])
+    assert 0 < result["bits_per_byte"] < 20

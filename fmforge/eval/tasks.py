@@ -53,11 +53,16 @@ def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48) -> 
     n_bytes = 0
     exact = 0
     for _, record in records:
+        limit = model.config.context_length
         prompt = tokenizer.encode(record["prompt"], add_bos=True)
         completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
-        prompt = prompt[-(model.config.context_length - len(completion)):] if len(prompt) + len(completion) > model.config.context_length else prompt
+        if len(completion) > limit - 1:  # score only what fits after at least one prompt token
+            completion = completion[:limit - 1]
+        prompt = prompt[-(limit - len(completion)):]  # keep the end of the prompt, nearest the completion
         nats -= continuation_logprobs(model, prompt, [completion])[0]
-        n_bytes += len(record["completion"].encode("utf-8")) + 1
+        # Bytes of exactly the scored text (the eos counts as one byte when it is scored).
+        scored = completion[:-1] if completion[-1] == tokenizer.eos_id else completion
+        n_bytes += len(tokenizer.decode(scored).encode("utf-8")) + (completion[-1] == tokenizer.eos_id)
         reference = record["completion"].strip().splitlines()[0] if record["completion"].strip() else ""
         if len(prompt) < model.config.context_length - 1:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
