@@ -115,12 +115,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint not found: {path}")
     if (path / "config.json").exists():
         return path
-    latest = path / "latest"
-    if latest.exists():
-        name = latest.read_text().strip()
-        target = path / "checkpoints" / name
+    if (path / "latest").exists():
+        target = latest_in_run(path)
         if not (target / "config.json").exists():
-            raise CheckpointError(f"{latest} names {name}, which is missing or incomplete")
+            raise CheckpointError(f"{path / 'latest'} names {target.name}, which is missing or incomplete")
         return target
     raise CheckpointError(f"{path} is neither a checkpoint (no config.json) nor a run directory (no 'latest' file)")
 
