@@ -45,6 +45,9 @@ class ModelConfig:
     intermediate_size: int | None = None  # SwiGLU hidden size; None = ~8/3 n_embd rounded up to 64
     context_length: int = 256
     rope_theta: float = 10000.0
+    # None = plain RoPE; else Llama 3.1's frequency scaling, e.g. {"rope_type": "llama3", "factor": 32.0,
+    # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None  # None = n_embd // n_head (Qwen3 sets it independently)
@@ -67,6 +70,7 @@ class ModelConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        self.rope_scaling = checked_rope_scaling(self.rope_scaling)
         self.validate()
 
     def validate(self) -> None:
@@ -88,6 +92,7 @@ class ModelConfig:
                 f"model.n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
                 f"model.n_experts ({self.n_experts})"
             )
+        checked_rope_scaling(self.rope_scaling)
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count computed from the shape (matches the built model)."""
@@ -119,6 +124,46 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+LLAMA3_ROPE_KEYS = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                    "original_max_position_embeddings": int}
+
+
+def checked_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """`value` as ModelConfig.rope_scaling stores it (None, or llama3's five keys with floats as floats),
+    or ConfigError naming what is wrong. Only Llama 3.1's "llama3" scaling is implemented."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"model.rope_scaling must be null or a mapping, got {value!r}")
+    kind = value.get("rope_type")
+    if kind != "llama3":
+        raise ConfigError(f"model.rope_scaling.rope_type {kind!r} is not supported; fmforge implements 'llama3' "
+                          "(Llama 3.1) RoPE scaling only")
+    missing = [key for key in LLAMA3_ROPE_KEYS if key not in value]
+    unknown = sorted(set(value) - set(LLAMA3_ROPE_KEYS) - {"rope_type"})
+    if missing or unknown:
+        raise ConfigError("model.rope_scaling for llama3 needs exactly rope_type, " + ", ".join(LLAMA3_ROPE_KEYS)
+                          + (f"; missing {', '.join(missing)}" if missing else "")
+                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+    checked: dict[str, Any] = {"rope_type": "llama3"}
+    for key, number_type in LLAMA3_ROPE_KEYS.items():
+        number = value[key]
+        allowed = (int,) if number_type is int else (int, float)
+        if isinstance(number, bool) or not isinstance(number, allowed):
+            raise ConfigError(f"model.rope_scaling.{key} must be {'an integer' if number_type is int else 'a number'}, "
+                              f"got {number!r}")
+        checked[key] = number_type(number)  # floats stored as floats: the config JSON round-trips exactly
+    if not checked["factor"] >= 1:
+        raise ConfigError(f"model.rope_scaling.factor must be at least 1, got {checked['factor']!r}")
+    if not 0 < checked["low_freq_factor"] < checked["high_freq_factor"]:
+        raise ConfigError("model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                          f"{checked['low_freq_factor']!r} and {checked['high_freq_factor']!r}")
+    if checked["original_max_position_embeddings"] <= 0:
+        raise ConfigError("model.rope_scaling.original_max_position_embeddings must be positive, got "
+                          f"{checked['original_max_position_embeddings']!r}")
+    return checked
+
+
 # Named shapes. Tiny ones run on a laptop CPU; the real ones exist so that the code is exercised at the
 # shapes people actually train (their numbers are copied from the public config.json of each model).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -131,6 +176,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-3.2-1B
     "llama-3.2-1b": dict(vocab_size=128256, n_layer=16, n_embd=2048, n_head=32, n_kv_head=8,
                          intermediate_size=8192, context_length=8192, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
                          tie_embeddings=True, norm_eps=1e-5),
     # Qwen/Qwen2.5-0.5B
     "qwen2.5-0.5b": dict(vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,

@@ -36,9 +36,26 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (length, head_dim), in the 'rotate half' layout used by HF Llama."""
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE angular frequencies (radians per position), (head_dim/2,) float64; `scaling` is
+    ModelConfig.rope_scaling (None = plain RoPE)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq
+    # Llama 3.1's scaling (Meta's llama-models `apply_scaling`, transformers' "llama3" rope_type): waves shorter
+    # than original/high_freq_factor positions are kept, waves longer than original/low_freq_factor are slowed
+    # down by `factor`, and those in between are blended linearly in original/wavelength.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    keep = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 1 = unchanged, 0 = divided by factor
+    return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
+def rope_tables(head_dim: int, length: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, head_dim), in the 'rotate half' layout used by HF Llama."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
     return angles.cos().float(), angles.sin().float()
@@ -198,7 +215,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

@@ -10,6 +10,8 @@ What llama.cpp expects, and what this file writes (the same as llama.cpp's conve
   while fmforge (like Hugging Face) rotates the two halves of each head. Reordering the output rows of
   q_proj/k_proj per head, from [x0..x_{d/2-1}, x_{d/2}..x_{d-1}] to [x0, x_{d/2}, x1, x_{d/2+1}, ...], makes
   the two computations identical;
+- for Llama 3.1's "llama3" RoPE scaling, no metadata but a tensor `rope_freqs.weight` (f32, (head_dim/2,)):
+  the number llama.cpp divides each RoPE frequency by (1 = unchanged, `factor` = slowed down fully);
 - matrices in f32, f16 or q8_0 (rows whose length is not a multiple of 32 fall back to f16); 1-D tensors
   (norms, biases) and the MoE router stay f32.
 
@@ -30,6 +32,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..model import rope_frequencies
 from ..train.checkpoint import read_model_config, resolve_checkpoint
 from .hf import checkpoint_weights, log
 
@@ -57,6 +60,12 @@ def check_exportable(config: ModelConfig) -> None:
                               "(Qwen3-style); export to Hugging Face instead (fmforge export hf)")
     if config.n_shared_experts:
         raise CheckpointError("GGUF export writes llama.cpp's llama architecture, whose MoE has no shared experts")
+
+
+def rope_frequency_divisors(config: ModelConfig) -> torch.Tensor:
+    """(head_dim/2,) float32: plain RoPE frequency / scaled frequency, what llama.cpp's rope_freqs holds."""
+    plain = rope_frequencies(config.head_dim, config.rope_theta)
+    return (plain / rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)).float()
 
 
 @dataclass
@@ -100,6 +109,10 @@ def _tensor_plan(f, config: ModelConfig, outtype: str) -> list[_Tensor]:
         gguf_name = names[kind].format(bid=bid) + suffix
         plan.append(_Tensor(gguf_name, read(source, permute_heads), shape, qtype(shape, keep_f32)))
 
+    if config.rope_scaling is not None:
+        shape = (config.head_dim // 2,)
+        plan.append(_Tensor(names[T.ROPE_FREQS] + ".weight", lambda: rope_frequency_divisors(config), shape,
+                            qtype(shape)))
     add(T.TOKEN_EMBD, None, ".weight", "embed_tokens.weight")
     for i in range(config.n_layer):
         p = f"layers.{i}."

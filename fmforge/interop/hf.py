@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
+from ..config import LLAMA3_ROPE_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from ..train.checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint,
@@ -153,8 +153,11 @@ def read_hf_config(directory: Path) -> dict:
     return config
 
 
-def _rope_theta(hf: dict, family: Family) -> float:
-    """rope_theta from a transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`) config."""
+def _rope(hf: dict, family: Family) -> tuple[float, dict | None]:
+    """(rope_theta, ModelConfig.rope_scaling) from a transformers 4 (`rope_theta`, `rope_scaling`) or
+    5 (`rope_parameters`) config. Plain RoPE and Llama 3.1's "llama3" scaling are understood; older configs
+    spell `rope_type` as `type`."""
+    scaling = None
     for field in ("rope_scaling", "rope_parameters"):
         value = hf.get(field)
         if value is None:
@@ -162,14 +165,23 @@ def _rope_theta(hf: dict, family: Family) -> float:
         if not isinstance(value, dict):
             raise ConfigError(f"config.json field {field} = {value!r} is not understood")
         kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
+        if kind not in ("default", "llama3"):
             raise ConfigError(f"config.json field {field} has rope_type {kind!r}: fmforge implements plain RoPE "
-                              "only (no RoPE scaling)")
-        extra = sorted(set(value) - {"rope_type", "type", "rope_theta"})
+                              "and Llama 3's 'llama3' scaling only")
+        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE_KEYS) if kind == "llama3" else set())
+        extra = sorted(set(value) - known)
         if extra:
             raise ConfigError(f"config.json field {field} sets {', '.join(extra)}, which fmforge does not implement")
+        if kind == "llama3":
+            missing = [key for key in LLAMA3_ROPE_KEYS if key not in value]
+            if missing:
+                raise ConfigError(f"config.json field {field} (rope_type 'llama3') lacks {', '.join(missing)}")
+            found = {"rope_type": "llama3", **{key: value[key] for key in LLAMA3_ROPE_KEYS}}
+            if scaling is not None and found != scaling:
+                raise ConfigError("config.json fields rope_scaling and rope_parameters disagree")
+            scaling = found
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or family.rope_theta
-    return float(theta)
+    return float(theta), scaling
 
 
 def _sliding_window(hf: dict, family: Family, n_layer: int) -> int | None:
@@ -215,11 +227,12 @@ def model_config_from_hf(hf: dict, context_length: int | None = None) -> tuple[M
         if context_length > limit:
             raise ConfigError(f"--context-length {context_length} exceeds what the model supports ({limit})")
         limit = context_length
+    rope_theta, rope_scaling = _rope(hf, family)
     attention_bias = {"none": False, "always": True, "config": bool(hf.get("attention_bias", False))}
     values = dict(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"], n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head, intermediate_size=hf["intermediate_size"],
-        context_length=limit, rope_theta=_rope_theta(hf, family),
+        context_length=limit, rope_theta=rope_theta, rope_scaling=rope_scaling,
         norm_eps=float(hf.get("rms_norm_eps", family.norm_eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or family.default_head_dim or hf["hidden_size"] // n_head,
@@ -274,7 +287,8 @@ def hf_config_from_model_config(config: ModelConfig, model_type: str, dtype: tor
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
         "intermediate_size": config.moe_intermediate_size if config.n_experts else config.intermediate_size,
         "hidden_act": "silu", "max_position_embeddings": config.context_length, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": None, "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": 0.0, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
         **{f"{kind}_token_id": token_ids.get(kind) for kind in ("bos", "eos", "pad")},
     }

@@ -181,7 +181,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         model = Transformer(config)
     model = model.to_empty(device=device)
     # Buffers (RoPE tables) are not saved: rebuild them on the real device.
-    cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+    cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
