@@ -6,6 +6,7 @@
     fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
     fmforge generate --checkpoint DIR  sample text with the KV cache, streamed
     fmforge finetune / merge / chat / eval / tasks   grow and measure specialists (LoRA or full)
+    fmforge serve --checkpoint DIR     OpenAI-compatible API + chat page, base and LoRA specialists
 
 Errors a user can cause print one line (`error: ...`) and exit with status 1.
 """
@@ -323,6 +324,19 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
           "specialist = LoRA + classification head)")
 
 
+# ---- serve -------------------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> None:
+    from .serve.server import ServeOptions, parse_adapter_option, serve
+
+    serve(ServeOptions(
+        checkpoint=args.checkpoint, adapters=[parse_adapter_option(a) for a in args.adapter or []],
+        model_name=args.model_name, host=args.host, port=args.port,
+        api_key=args.api_key or os.environ.get("FMFORGE_API_KEY") or None, device=args.device, dtype=args.dtype,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+        max_body_bytes=args.max_body_bytes, log_level=args.log_level))
+
+
 # ---- argument parsing --------------------------------------------------------------------------------------
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
@@ -436,6 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--out", default=".", help="directory for train/val/test.jsonl")
     p.set_defaults(handler=cmd_tasks)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API + chat page for a base and its LoRA specialists")
+    p.add_argument("--checkpoint", required=True, help="base checkpoint or run directory")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="serve a LoRA specialist under NAME (repeatable); requests pick it with \"model\": NAME")
+    p.add_argument("--model-name", default="base", help="name of the base model in the API (default: base)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $FMFORGE_API_KEY, else none)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot before 429")
+    p.add_argument("--max-context", type=int, help="cap on prompt + reply tokens (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=cmd_serve)
 
     from .interop.commands import add_commands as add_interop_commands
     add_interop_commands(sub)

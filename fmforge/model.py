@@ -81,12 +81,29 @@ class KVCache:
         self.max_length = max_length
         self.length = 0  # positions filled so far (advanced by the model after the last layer)
 
+    def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor, T: int):
+        """Before a forward of T new tokens: their RoPE tables and the attention mask (None = the usual causal
+        mask, or no mask for a single token, which may see the whole cache)."""
+        start = self.length
+        if start + T > len(rope_cos):
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {len(rope_cos)}")
+        if start + T > self.max_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the cache's {self.max_length} positions")
+        mask = None
+        if start and T > 1:  # a chunk after a cached prefix: query i sees keys [0, start + i]
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=rope_cos.device).tril(diagonal=start)
+        return rope_cos[start:start + T], rope_sin[start:start + T], mask
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv_head, T, head_dim) at the current position; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, T: int) -> None:
+        """After the last layer: the T new positions are filled."""
+        self.length += T
 
 
 class Attention(nn.Module):
@@ -112,25 +129,18 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.length
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, past + T, hd)
-        if self.n_kv_head != self.n_head:
-            # Share each key/value head across n_head / n_kv_head query heads.
+        if self.n_kv_head != self.n_head and kv_cache is None:
+            # Share each key/value head across n_head / n_kv_head query heads (training: materialised, which
+            # is faster than enable_gqa in backward; decoding: enable_gqa avoids copying the cache each step).
             repeat = self.n_head // self.n_kv_head
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # one new token sees the whole cache
-        else:
-            # A chunk after a cached prefix: query i sees keys [0, past + i].
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        gqa = self.n_kv_head != self.n_head and kv_cache is not None
+        # No mask: causal for a fresh chunk; a single token after a cached prefix sees the whole cache.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                                           enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -245,14 +255,17 @@ class Transformer(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.config.context_length}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if kv_cache is not None:
+            cos, sin, cache_mask = kv_cache.prepare(self.rope_cos, self.rope_sin, T)
+            attn_mask = cache_mask if attn_mask is None else attn_mask
+        elif T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+        else:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, attn_mask)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         x = self.norm(x)
         logits = self.lm_head(x) if (return_logits or targets is not None) else None
         out = ModelOutput(logits=logits if return_logits else None, hidden=x if return_hidden else None)

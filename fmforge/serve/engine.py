@@ -1,0 +1,349 @@
+"""The serving engine: continuous batching of many requests, each with its own sampling and its own adapter.
+
+One thread owns the model. Each turn of its loop it admits waiting requests into free slots (prefill: the whole
+prompt in one forward, then the first token), runs ONE decode forward for every running sequence together, and
+samples each row with that sequence's own settings. Sequences leave the batch the moment they finish or their
+client goes away; new ones join at the next turn (Yu et al. 2022, "Orca": iteration-level scheduling).
+Requests beyond the slots wait in a bounded queue; beyond that `submit` refuses at once (EngineFull -> HTTP 429).
+
+Results go back through a callback per sequence, called on the engine thread (the HTTP layer hands them to its
+event loop). Embedding jobs run on the same thread between decode steps, so only one thread ever touches the
+model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..infer.sampling import TextStream
+from ..model import Transformer
+from .cache import SlotKVCache
+from .lora import AdapterSelection, LoadedAdapter, attach_adapters
+
+
+class EngineFull(Exception):
+    """The queue is at capacity; the caller should retry later (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no new work (HTTP 503)."""
+
+
+@dataclass
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Event:
+    """What a sequence produced in one step: new text (may be empty while bytes or a possible stop string are
+    held back), the token's log-probabilities if asked for, and finish_reason on its last event."""
+    text: str
+    token_id: int | None = None
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" | "length"
+    completion_tokens: int = 0
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    adapter: int  # 0 = base, i = the i-th served adapter
+    options: SamplingOptions
+    on_event: Callable[[Event], None]
+    stop_ids: frozenset[int]
+    stream: TextStream
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the engine frees the slot at its next step."""
+        self.cancelled = True
+
+
+@dataclass
+class _EmbedJob:
+    token_lists: list[list[int]]
+    adapter: int
+    future: Future
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, adapters: list[LoadedAdapter] | None = None, *,
+                 max_batch: int = 16, max_queue: int = 64, max_context: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.adapters = list(adapters or [])
+        self.selection: AdapterSelection = attach_adapters(model, self.adapters) if self.adapters else AdapterSelection()
+        param = model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.max_context = min(max_context or model.config.context_length, model.config.context_length)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype)
+        self._waiting: list[Sequence] = []
+        self._running: list[Sequence] = []  # sequence i lives in cache slot i
+        self._jobs: list[_EmbedJob] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        # Counters read by /metrics (written on the engine thread only).
+        self.steps = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.on_first_token: Callable[[float], None] | None = None  # seconds from submit to first token
+
+    # ---- called from other threads ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish running and waiting sequences, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, prompt_ids: list[int], options: SamplingOptions, on_event: Callable[[Event], None],
+               adapter: int = 0, stop_ids: frozenset[int] = frozenset()) -> Sequence:
+        """Queue a sequence; raises EngineFull when max_queue sequences already wait."""
+        generator = None
+        if options.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(options.seed)
+        sequence = Sequence(list(prompt_ids), adapter, options, on_event, stop_ids,
+                            TextStream(self.tokenizer, options.stop), generator)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineFull(f"the server is at capacity ({self.max_batch} running, {len(self._waiting)} "
+                                 "waiting); retry later")
+            self._waiting.append(sequence)
+            self._cond.notify()
+        return sequence
+
+    def embed(self, token_lists: list[list[int]], adapter: int = 0) -> Future:
+        """Future of a (len(token_lists), n_embd) float32 tensor: mean-pooled final hidden states, unit length."""
+        job = _EmbedJob(token_lists, adapter, Future())
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the engine thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._waiting or self._running or self._jobs or self._stopping):
+                        self._cond.wait()
+                    if self._stopping and not (self._waiting or self._running or self._jobs):
+                        return
+                    jobs, self._jobs = self._jobs, []
+                    free = self.max_batch - len(self._running)
+                    admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+                for job in jobs:
+                    self._run_embed(job)
+                for sequence in admitted:
+                    if not sequence.cancelled:
+                        self._prefill(sequence)
+                self._retire()
+                if self._running:
+                    self._decode()
+                    self._retire()
+        except BaseException as exc:  # noqa: BLE001 — report to every waiter rather than hang them
+            self.error = exc
+            with self._cond:
+                pending, self._waiting = self._running + self._waiting, []
+                self._running = []
+                jobs, self._jobs = self._jobs, []
+                self._stopping = True
+            for sequence in pending:
+                sequence.on_event(Event("", finish_reason="error"))
+            for job in jobs:
+                job.future.set_exception(exc)
+            raise
+
+    def _select(self, adapters: list[int]) -> None:
+        self.selection.ids = (torch.tensor(adapters, device=self.device) if any(adapters) else None)
+
+    def _prefill(self, sequence: Sequence) -> None:
+        slot = len(self._running)
+        self._running.append(sequence)
+        self.cache.clear(slot)
+        self.cache.bind(slot, 1)
+        self._select([sequence.adapter])
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)
+        hidden = self.model(ids, kv_cache=self.cache, return_logits=False, return_hidden=True).hidden
+        logits = self.model.lm_head(hidden[:, -1])
+        self.prompt_tokens += len(sequence.prompt_ids)
+        self._accept(logits, [sequence])
+
+    def _decode(self) -> None:
+        running = self._running
+        self.cache.bind(0, len(running))
+        self._select([s.adapter for s in running])
+        last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
+        logits = self.model(last, kv_cache=self.cache).logits[:, -1]
+        self.steps += 1
+        self._accept(logits, running)
+
+    def _accept(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
+        """Sample one token per row and hand each sequence its event."""
+        tokens, logprobs = sample_rows(logits, [s.options for s in sequences], [s.output_ids for s in sequences],
+                                       [s.generator for s in sequences], self.tokenizer)
+        now = time.perf_counter()
+        for sequence, token, logprob in zip(sequences, tokens, logprobs):
+            if sequence.cancelled:
+                continue
+            if sequence.first_token_at is None:
+                sequence.first_token_at = now
+                if self.on_first_token is not None:
+                    self.on_first_token(now - sequence.submitted_at)
+            sequence.output_ids.append(token)
+            self.generated_tokens += 1
+            text, finish = "", None
+            if token in sequence.stop_ids:
+                finish = "stop"
+            else:
+                text = sequence.stream.push(token)
+                if sequence.stream.stopped:
+                    finish = "stop"
+            if finish is None:
+                length = len(sequence.prompt_ids) + len(sequence.output_ids)
+                if len(sequence.output_ids) >= sequence.options.max_tokens or length >= self.max_context:
+                    finish = "length"
+                    text += sequence.stream.flush()
+            sequence.finished = finish is not None
+            sequence.on_event(Event(text, token, logprob, finish, len(sequence.output_ids)))
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled sequences; the last running one moves into each freed slot."""
+        slot = 0
+        while slot < len(self._running):
+            sequence = self._running[slot]
+            if sequence.finished or sequence.cancelled:
+                last = len(self._running) - 1
+                if slot != last:
+                    self.cache.move(last, slot)
+                    self._running[slot] = self._running[last]
+                self._running.pop()
+                self.cache.clear(last)
+            else:
+                slot += 1
+
+    def _run_embed(self, job: _EmbedJob) -> None:
+        try:
+            vectors = []
+            self._select([job.adapter])
+            for ids in job.token_lists:
+                hidden = self.model(torch.tensor([ids], device=self.device), return_logits=False,
+                                    return_hidden=True).hidden[0]
+                vectors.append(F.normalize(hidden.float().mean(dim=0), dim=0))
+            job.future.set_result(torch.stack(vectors).cpu())
+        except Exception as exc:  # noqa: BLE001 — the waiter gets the error
+            job.future.set_exception(exc)
+
+
+def sample_rows(logits: torch.Tensor, options: list[SamplingOptions], outputs: list[list[int]],
+                generators: list[torch.Generator | None], tokenizer=None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of logits (B, V), each row with its own settings.
+
+    Order: logit_bias, presence/frequency penalties on the tokens generated so far (as OpenAI defines them),
+    then temperature, top-k, top-p. Log-probabilities are those of the model's own distribution (before any of
+    these), as OpenAI reports them."""
+    logits = logits.float()
+    B, V = logits.shape
+    logprob_rows = [i for i, o in enumerate(options) if o.logprobs is not None]
+    raw = F.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+    for i, (o, out) in enumerate(zip(options, outputs)):
+        if o.logit_bias:
+            ids = torch.tensor(list(o.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(o.logit_bias.values()), device=logits.device)
+        if (o.presence_penalty or o.frequency_penalty) and out:
+            counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=V).float()
+            logits[i] -= o.frequency_penalty * counts + o.presence_penalty * (counts > 0).float()
+    greedy = [o.temperature == 0 for o in options]
+    tokens = [0] * B
+    if any(greedy):
+        best = logits.argmax(dim=-1).tolist()
+        for i in range(B):
+            if greedy[i]:
+                tokens[i] = best[i]
+    sampled = [i for i in range(B) if not greedy[i]]
+    if sampled:
+        rows = logits[sampled] / torch.tensor([options[i].temperature for i in sampled],
+                                              device=logits.device).view(-1, 1)
+        top_k = [options[i].top_k for i in sampled]
+        top_p = [options[i].top_p for i in sampled]
+        if any(0 < k < V for k in top_k) or any(p < 1 for p in top_p):
+            ordered, order = rows.sort(dim=-1, descending=True)
+            ranks = torch.arange(V, device=logits.device)
+            k = torch.tensor([k if k > 0 else V for k in top_k], device=logits.device).view(-1, 1)
+            remove = ranks >= k
+            probs = ordered.softmax(dim=-1)
+            p = torch.tensor(top_p, device=logits.device).view(-1, 1)
+            remove |= (probs.cumsum(dim=-1) - probs) > p  # keep the smallest prefix whose mass reaches p
+            ordered = ordered.masked_fill(remove, -math.inf)
+            rows = torch.empty_like(rows).scatter_(1, order, ordered)
+        probs = rows.softmax(dim=-1)
+        unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+        if unseeded:
+            picks = torch.multinomial(probs[unseeded], 1).view(-1).tolist()
+            for j, token in zip(unseeded, picks):
+                tokens[sampled[j]] = token
+        for j, i in enumerate(sampled):
+            if generators[i] is not None:
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+    logprobs: list[TokenLogprob | None] = [None] * B
+    for r, i in enumerate(logprob_rows):
+        row = raw[r]
+        top = []
+        if options[i].logprobs:
+            values, ids = row.topk(options[i].logprobs)
+            top = [(tokenizer.decode([t]), v) for t, v in zip(ids.tolist(), values.tolist())]
+        logprobs[i] = TokenLogprob(tokenizer.decode([tokens[i]]), float(row[tokens[i]]), top)
+    return tokens, logprobs

@@ -1,0 +1,114 @@
+"""Many LoRA adapters on one copy of the base weights, chosen per row of a batch (unmerged).
+
+Every adapted linear layer becomes a `MultiLoRALinear` that holds the A and B matrices of all adapters stacked
+(adapter 0 is "no adapter": zeros). Before a forward, the engine writes each row's adapter index into the shared
+`AdapterSelection`; the layer then adds, per row, B_i A_i x (scaled) with two batched matmuls — the gather-bmm
+form of Punica's BGMV kernel (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving"). Ranks differ between
+adapters; smaller ones are zero-padded to the largest, which adds nothing to the result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..adapt.heads import HEAD_FILE
+from ..adapt.lora import PEFT_PREFIX, check_adapter_base, read_adapter_config, resolve_adapter
+from ..errors import CheckpointError
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    path: Path
+    scaling: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
+    info: dict
+
+
+def read_adapter(name: str, path: str | Path, base_checkpoint: Path) -> LoadedAdapter:
+    """Read a PEFT-layout LoRA adapter for serving; refuses classifiers and adapters of another base."""
+    directory = resolve_adapter(path)
+    config = read_adapter_config(directory)
+    check_adapter_base(config, base_checkpoint, directory)
+    if (directory / HEAD_FILE).exists():
+        raise CheckpointError(f"adapter {name!r} ({directory}) is a classifier (it has {HEAD_FILE}); the server "
+                              "generates text, so serve only generative adapters (sft, completion, lm)")
+    try:
+        state = load_file(str(directory / "adapter_model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt or missing adapter weights in {directory}: {exc}") from None
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise CheckpointError(f"adapter {directory}: unexpected tensor {key!r} (not a LoRA weight)")
+        module, _, part = key[len(PEFT_PREFIX):-len(".weight")].rpartition(".lora_")
+        weights.setdefault(module, {})[part] = tensor
+    pairs = {}
+    for module, parts in weights.items():
+        if set(parts) != {"A", "B"}:
+            raise CheckpointError(f"adapter {directory}: {module} lacks lora_{'B' if 'A' in parts else 'A'}")
+        pairs[module] = (parts["A"], parts["B"])
+    info = {}
+    if (directory / "finetune.json").exists():
+        info = json.loads((directory / "finetune.json").read_text())
+    return LoadedAdapter(name, directory, config["lora_alpha"] / config["r"], pairs, info)
+
+
+class AdapterSelection:
+    """Which adapter each row of the next forward uses: a (B,) index tensor, or None for the base alone."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, selection: AdapterSelection, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.base, self.selection = base, selection
+        self.register_buffer("lora_A", A)  # (n_adapters + 1, r, in)
+        self.register_buffer("lora_B", B)  # (n_adapters + 1, out, r), scaling folded in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ids = self.selection.ids
+        if ids is None:
+            return y
+        low = torch.bmm(x, self.lora_A[ids].transpose(1, 2))  # (B, T, r)
+        return y + torch.bmm(low, self.lora_B[ids].transpose(1, 2))
+
+
+def attach_adapters(model: nn.Module, adapters: list[LoadedAdapter]) -> AdapterSelection:
+    """Replace each linear layer that any adapter targets by a MultiLoRALinear; adapter i is index i + 1."""
+    selection = AdapterSelection()
+    modules = dict(model.named_modules())
+    targeted = sorted({module for adapter in adapters for module in adapter.weights})
+    for path in targeted:
+        base = modules.get(path)
+        if not isinstance(base, nn.Linear):
+            owner = next(a for a in adapters if path in a.weights)
+            raise CheckpointError(f"adapter {owner.name!r} targets {path}, which is not a linear layer of this "
+                                  "base model")
+        rank = max(a.weights[path][0].shape[0] for a in adapters if path in a.weights)
+        dtype, device = base.weight.dtype, base.weight.device
+        A = torch.zeros(len(adapters) + 1, rank, base.in_features, dtype=dtype, device=device)
+        B = torch.zeros(len(adapters) + 1, base.out_features, rank, dtype=dtype, device=device)
+        for index, adapter in enumerate(adapters, start=1):
+            if path not in adapter.weights:
+                continue
+            a, b = adapter.weights[path]
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+                raise CheckpointError(f"adapter {adapter.name!r}: {path} has shapes A {tuple(a.shape)}, B "
+                                      f"{tuple(b.shape)}; the base layer is {base.out_features}x{base.in_features}")
+            A[index, :a.shape[0]] = a.to(device, dtype)
+            B[index, :, :b.shape[1]] = (b.float() * adapter.scaling).to(device, dtype)
+        parent_path, _, child = path.rpartition(".")
+        parent = modules[parent_path] if parent_path else model
+        setattr(parent, child, MultiLoRALinear(base, selection, A, B))
+    return selection

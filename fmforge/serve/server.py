@@ -1,0 +1,111 @@
+"""Start the server: load the base and adapters, start the engine, run uvicorn until SIGTERM/SIGINT.
+
+uvicorn handles both signals gracefully: it stops accepting connections, lets in-flight requests (streams
+included) finish, then runs the app's shutdown, which stops the engine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+
+
+@dataclass
+class ServeOptions:
+    checkpoint: str
+    adapters: list[tuple[str, str]] = field(default_factory=list)  # (name, directory)
+    model_name: str = "base"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 16
+    max_queue: int = 64
+    max_context: int | None = None
+    max_body_bytes: int = 4 << 20
+    log_level: str = "info"
+
+
+def parse_adapter_option(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--adapter takes NAME=DIR, got {value!r}")
+    return name, path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it; fp32 on the CPU (batch-1 decoding there is bound by overheads and
+    memory, where bf16 gains nothing and costs accuracy)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
+def build_engine(options: ServeOptions):
+    """(engine, base info) — every check a user can trip happens here, before the port is opened."""
+    from ..adapt.heads import HEAD_FILE
+    from ..train.checkpoint import load_model_and_tokenizer
+    from .engine import Engine
+    from .lora import read_adapter
+
+    names = [options.model_name] + [name for name, _ in options.adapters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
+    if options.max_batch < 1 or options.max_queue < 0:
+        raise ConfigError("--max-batch must be at least 1 and --max-queue at least 0")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    model, tokenizer, checkpoint = load_model_and_tokenizer(options.checkpoint, device)
+    if (checkpoint / HEAD_FILE).exists():
+        raise CheckpointError(f"{checkpoint} is a classifier (it has {HEAD_FILE}); serve a generative model")
+    model.to(dtype)
+    adapters = [read_adapter(name, path, checkpoint) for name, path in options.adapters]
+    engine = Engine(model, tokenizer, adapters, max_batch=options.max_batch, max_queue=options.max_queue,
+                    max_context=options.max_context)
+    info = {"checkpoint": str(checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    return engine, info
+
+
+def serve(options: ServeOptions) -> None:
+    import uvicorn
+
+    from .api import create_app
+
+    started = time.perf_counter()
+    engine, info = build_engine(options)
+    app = create_app(engine, options.model_name, [name for name, _ in options.adapters], api_key=options.api_key,
+                     max_body_bytes=options.max_body_bytes, base_info=info)
+    models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
+    print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "
+          f"{engine.max_batch} slots x {engine.max_context} tokens; loaded in {time.perf_counter() - started:.1f}s",
+          file=sys.stderr, flush=True)
+    print(f"chat page: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                            access_log=options.log_level == "debug", lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()
+    if getattr(server, "started", True) is False:
+        raise ConfigError(f"could not listen on {options.host}:{options.port} (in use?)")

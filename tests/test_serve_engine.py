@@ -1,0 +1,200 @@
+"""The serving engine in-process: continuous batching and per-row adapters give exactly what one-at-a-time
+decoding gives; per-request sampling settings do what they say."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, load_adapter, write_adapter
+from fmforge.errors import CheckpointError
+from fmforge.infer.sampling import SamplingParams, generate_tokens
+from fmforge.serve.engine import Engine, EngineFull, SamplingOptions, sample_rows
+from fmforge.serve.lora import read_adapter
+from fmforge.train.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+
+
+def make_adapter(base: Path, out: Path, seed: int, targets: list[str], rank: int) -> Path:
+    """A LoRA adapter with random, clearly non-zero weights (so it changes the output)."""
+    model, _, _ = load_model_and_tokenizer(base)
+    config = LoRAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets)
+    inject_lora(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.3
+    write_adapter(out, model, config, base, fingerprint_checkpoint(base), {"task": "completion"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(checkpoint) -> Path:
+    return resolve_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(base, root / "a", 1, ["q_proj", "v_proj", "down_proj"], 4),
+            make_adapter(base, root / "b", 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"], 8)]
+
+
+class Collector:
+    """Gathers a sequence's events (called on the engine thread)."""
+
+    def __init__(self):
+        self.tokens, self.text, self.finish = [], [], None
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        if event.token_id is not None:
+            self.tokens.append(event.token_id)
+        self.text.append(event.text)
+        if event.finish_reason:
+            self.finish = event.finish_reason
+            self.done.set()
+
+
+def reference(base: Path, prompt: list[int], max_new: int, adapter: Path | None = None) -> list[int]:
+    model, _, _ = load_model_and_tokenizer(base)
+    if adapter is not None:
+        load_adapter(model, adapter, base)
+    model.eval()
+    return list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=max_new, temperature=0), eos_id=set()))
+
+
+def run_engine(engine: Engine, requests: list[tuple[list[int], int, SamplingOptions]]) -> list[Collector]:
+    collectors = []
+    engine.start()
+    try:
+        for prompt, adapter, options in requests:
+            collector = Collector()
+            engine.submit(prompt, options, collector, adapter)
+            collectors.append(collector)
+        for collector in collectors:
+            assert collector.done.wait(60), "a sequence never finished"
+    finally:
+        engine.stop(timeout=30)
+    return collectors
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    texts = ["def f(x):", "import os\nimport sys\n", "class A:\n    def __init__(self", "#", "return self._"]
+    return [tokenizer.encode(t, add_bos=True) for t in texts]
+
+
+def test_continuous_batching_matches_one_at_a_time_greedy_decoding(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompts = prompts_of(tokenizer)
+    lengths = [12, 30, 5, 40, 21]  # sequences finish at different steps, so slots are vacated and refilled
+    # 2 slots for 5 requests: later ones wait in the queue and join a running batch.
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=8)
+    results = run_engine(engine, [(p, 0, SamplingOptions(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)])
+    for prompt, n, result in zip(prompts, lengths, results):
+        assert result.tokens == reference(base, prompt, n)
+        assert result.finish == "length"
+    assert engine.steps > 0
+
+
+def test_adapters_apply_per_row_unmerged(base, adapters):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    before = model.layers[0].self_attn.q_proj.weight.clone()
+    loaded = [read_adapter(name, path, base) for name, path in zip("ab", adapters)]
+    engine = Engine(model, tokenizer, loaded, max_batch=4)
+    prompts = prompts_of(tokenizer)
+    plan = [(prompts[0], 0), (prompts[1], 1), (prompts[2], 2), (prompts[3], 1), (prompts[4], 2), (prompts[0], 2)]
+    results = run_engine(engine, [(p, a, SamplingOptions(max_tokens=16, temperature=0)) for p, a in plan])
+    for (prompt, adapter), result in zip(plan, results):
+        expected = reference(base, prompt, 16, adapters[adapter - 1] if adapter else None)
+        assert result.tokens == expected, f"adapter {adapter}"
+    # The adapters do change the output, and the base weights stay as they were (nothing is merged).
+    assert results[0].tokens != results[5].tokens
+    assert torch.equal(model.layers[0].self_attn.q_proj.base.weight, before)
+
+
+def test_adapter_for_another_base_is_refused(base, adapters, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    (other / "config.json").write_text((other / "config.json").read_text() + "\n")  # another fingerprint
+    with pytest.raises(CheckpointError, match="different base"):
+        read_adapter("a", adapters[0], other)
+
+
+def test_sampling_options():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    plain = SamplingOptions(max_tokens=1)
+    # top_k = 1 is greedy whatever the temperature.
+    tokens, _ = sample_rows(logits.clone(), [SamplingOptions(max_tokens=1, top_k=1, temperature=1.5)] * 4,
+                            [[]] * 4, [None] * 4)
+    assert tokens == logits.argmax(-1).tolist()
+    # A tiny top_p keeps only the most likely token.
+    tokens, _ = sample_rows(logits.clone(), [SamplingOptions(max_tokens=1, top_p=1e-6)] * 4, [[]] * 4, [None] * 4)
+    assert tokens == logits.argmax(-1).tolist()
+    # logit_bias forces a token; a frequency penalty keeps a greedy row off the tokens it already produced.
+    tokens, _ = sample_rows(logits[:1].clone(), [SamplingOptions(max_tokens=1, temperature=0, logit_bias={7: 100.0})],
+                            [[]], [None])
+    assert tokens == [7]
+    best = int(logits[0].argmax())
+    tokens, _ = sample_rows(logits[:1].clone(), [SamplingOptions(max_tokens=1, temperature=0, frequency_penalty=2.0)],
+                            [[best] * 10], [None])
+    assert tokens != [best]
+    # The same seed gives the same draws; rows keep their own generators.
+    draws = []
+    for _ in range(2):
+        generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+        rows = [sample_rows(logits[:2].clone(), [plain, plain], [[], []], generators)[0] for _ in range(10)]
+        draws.append(rows)
+    assert draws[0] == draws[1]
+    assert len({tuple(r) for r in draws[0]}) > 1  # and they are draws, not a constant
+
+
+def test_logprobs_are_the_models_own(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    logits = torch.randn(1, model.config.vocab_size)
+    options = SamplingOptions(max_tokens=1, temperature=0, logprobs=3, logit_bias={5: 50.0})
+    tokens, logprobs = sample_rows(logits.clone(), [options], [[]], [None], tokenizer)
+    expected = torch.log_softmax(logits[0], -1)
+    assert tokens == [5]
+    assert logprobs[0].logprob == pytest.approx(float(expected[5]), abs=1e-5)
+    assert [lp for _, lp in logprobs[0].top] == pytest.approx(expected.topk(3).values.tolist(), abs=1e-5)
+
+
+def test_stop_strings_and_queue_limit(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompt = prompts_of(tokenizer)[1]
+    full = tokenizer.decode(reference(base, prompt, 30))
+    stop = full[8:11]
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
+    (result,) = run_engine(engine, [(prompt, 0, SamplingOptions(max_tokens=30, temperature=0, stop=(stop,)))])
+    assert result.finish == "stop"
+    assert "".join(result.text) == full[:full.find(stop)]
+    # Not started: the queue holds one sequence, the next is refused at once.
+    engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
+    engine.submit(prompt, SamplingOptions(max_tokens=2), lambda e: None)
+    with pytest.raises(EngineFull):
+        engine.submit(prompt, SamplingOptions(max_tokens=2), lambda e: None)
+
+
+def test_embeddings_are_unit_vectors_that_depend_on_text_and_adapter(base, adapters):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    engine = Engine(model, tokenizer, [read_adapter("a", adapters[0], base)])
+    engine.start()
+    try:
+        texts = [tokenizer.encode(t, add_bos=True) for t in ["def f(x): return x", "import os", "def f(x): return x"]]
+        vectors = engine.embed(texts).result(30)
+        adapted = engine.embed(texts[:1], adapter=1).result(30)
+    finally:
+        engine.stop(timeout=30)
+    assert vectors.shape == (3, model.config.n_embd)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.equal(vectors[0], vectors[2]) and not torch.allclose(vectors[0], vectors[1])
+    assert not torch.allclose(vectors[0], adapted[0])
+    plain, _, _ = load_model_and_tokenizer(base)
+    hidden = plain(torch.tensor([texts[1]]), return_hidden=True).hidden[0].mean(0)
+    assert torch.allclose(vectors[1], torch.nn.functional.normalize(hidden, dim=0), atol=1e-5)
