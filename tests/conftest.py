@@ -73,3 +73,66 @@ def checkpoint(tmp_path_factory, prepared) -> Path:
     assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=30, lr=1e-2, eval_interval=30,
                                              checkpoint_interval=30)]) == 0
     return out
+
+
+class ServerProcess:
+    """`fmforge serve ...` in a subprocess on a free port of 127.0.0.1, as a user starts it."""
+
+    def __init__(self, *args: str, timeout: float = 90):
+        import socket
+        import tempfile
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, "-m", "fmforge.cli", "serve", "--port", str(self.port),
+                                         "--log-level", "warning", *args], cwd=REPO, stdout=self.log,
+                                        stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not come up in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def make_adapter(base: Path, out: Path, seed: int, targets: list[str], rank: int) -> Path:
+    """A LoRA adapter for checkpoint `base` with random, clearly non-zero weights (so it changes the output)."""
+    import torch
+
+    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
+    from fmforge.train.checkpoint import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(base)
+    config = LoRAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets)
+    inject_lora(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=generator) * 0.3
+    write_adapter(out, model, config, base, fingerprint_checkpoint(base), {"task": "completion"})
+    return out

@@ -10,25 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, load_adapter, write_adapter
+from fmforge.adapt.lora import load_adapter
 from fmforge.errors import CheckpointError
 from fmforge.infer.sampling import SamplingParams, generate_tokens
 from fmforge.serve.engine import Engine, EngineFull, SamplingOptions, sample_rows
 from fmforge.serve.lora import read_adapter
 from fmforge.train.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
-
-def make_adapter(base: Path, out: Path, seed: int, targets: list[str], rank: int) -> Path:
-    """A LoRA adapter with random, clearly non-zero weights (so it changes the output)."""
-    model, _, _ = load_model_and_tokenizer(base)
-    config = LoRAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets)
-    inject_lora(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = torch.randn(p.shape, generator=generator) * 0.3
-    write_adapter(out, model, config, base, fingerprint_checkpoint(base), {"task": "completion"})
-    return out
+from conftest import make_adapter
 
 
 @pytest.fixture(scope="module")

@@ -116,15 +116,15 @@ def _error_response(error: APIError) -> JSONResponse:
 class _Stream(StreamingResponse):
     """An SSE response that stops its sequences when it ends for any reason (client gone included)."""
 
-    def __init__(self, body, sequences: list):
+    def __init__(self, body, sequences: list, metrics: Metrics):
         super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.sequences = sequences
+        self.sequences, self.metrics = sequences, metrics
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            _cancel(self.sequences)
+            self.metrics.cancelled.inc(_cancel(self.sequences))
 
 
 def _cancel(sequences) -> int:
@@ -277,7 +277,7 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return _Stream(_stream(kind, header, queue, sequences, total, prompts, include_usage, logprobs),
-                           sequences)
+                           sequences, metrics)
         texts = [[] for _ in range(total)]
         logs = [[] for _ in range(total)]
         finish = [None] * total
@@ -295,7 +295,7 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
                 if event.finish_reason:
                     finish[index], done = event.finish_reason, done + 1
         finally:
-            _cancel(sequences)
+            metrics.cancelled.inc(_cancel(sequences))
         completion_tokens = sum(counts)
         finish_metrics(prompts, completion_tokens)
         usage = _usage(prompts, completion_tokens)

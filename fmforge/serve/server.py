@@ -6,6 +6,7 @@ included) finish, then runs the app's shutdown, which stops the engine.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,9 @@ def serve(options: ServeOptions) -> None:
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             access_log=options.log_level == "debug", lifespan="on")
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a no-op one here, so
+    # a drained server exits 0 instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     if getattr(server, "started", True) is False:
         raise ConfigError(f"could not listen on {options.host}:{options.port} (in use?)")
