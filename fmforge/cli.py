@@ -334,7 +334,7 @@ def cmd_serve(args) -> None:
         model_name=args.model_name, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("FMFORGE_API_KEY") or None, device=args.device, dtype=args.dtype,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-        max_body_bytes=args.max_body_bytes, log_level=args.log_level))
+        max_body_bytes=args.max_body_bytes, speculate=args.speculate, log_level=args.log_level))
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a slot before 429")
     p.add_argument("--max-context", type=int, help="cap on prompt + reply tokens (default: the model's context)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    p.add_argument("--speculate", type=int, default=4,
+                   help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 

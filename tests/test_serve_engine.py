@@ -187,3 +187,32 @@ def test_embeddings_are_unit_vectors_that_depend_on_text_and_adapter(base, adapt
     plain, _, _ = load_model_and_tokenizer(base)
     hidden = plain(torch.tensor([texts[1]]), return_hidden=True).hidden[0].mean(0)
     assert torch.allclose(vectors[1], torch.nn.functional.normalize(hidden, dim=0), atol=1e-5)
+
+
+def test_prompt_lookup_drafts():
+    from fmforge.serve.engine import propose_draft
+
+    context = [1, 2, 3, 4, 5, 9, 2, 3]
+    assert propose_draft(context, 3, 10) == [4, 5, 9]  # the last 2-gram (2, 3) was followed by 4, 5, 9
+    assert propose_draft(context, 3, 2) == [4, 5]  # bounded by what may still be generated
+    assert propose_draft([7, 8, 9], 4, 10) == []  # nothing repeats
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_speculative_decoding_changes_speed_not_output(base, temperature):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompt = tokenizer.encode("def f(x):\n    return x\n\ndef f(x):\n    return", add_bos=True)
+    outputs, engines = [], []
+    for speculate in (0, 4):
+        engine = Engine(model, tokenizer, max_batch=1, speculate=speculate)
+        options = SamplingOptions(max_tokens=40, temperature=temperature, seed=3, top_p=0.95)
+        (result,) = run_engine(engine, [(prompt, 0, options)])
+        outputs.append(result.tokens)
+        engines.append(engine)
+    assert outputs[0] == outputs[1]  # the same tokens, greedy or sampled with the same seed
+    if temperature == 0:
+        assert outputs[0] == reference(base, prompt, 40)
+    plain, speculative = engines
+    assert plain.speculative_steps == 0 and speculative.speculative_steps > 0
+    if temperature == 0:  # this model repeats itself greedily, so drafts are accepted: fewer forwards
+        assert speculative.accepted_draft_tokens > 0 and speculative.steps < plain.steps

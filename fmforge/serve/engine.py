@@ -98,7 +98,7 @@ class _EmbedJob:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, adapters: list[LoadedAdapter] | None = None, *,
-                 max_batch: int = 16, max_queue: int = 64, max_context: int | None = None):
+                 max_batch: int = 16, max_queue: int = 64, max_context: int | None = None, speculate: int = 4):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapters = list(adapters or [])
@@ -107,6 +107,7 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.max_context = min(max_context or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.speculate = speculate  # drafted tokens per step when one sequence runs alone (0 = off)
         self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype)
         self._waiting: list[Sequence] = []
         self._running: list[Sequence] = []  # sequence i lives in cache slot i
@@ -117,6 +118,8 @@ class Engine:
         self.error: BaseException | None = None
         # Counters read by /metrics (written on the engine thread only).
         self.steps = 0
+        self.speculative_steps = 0
+        self.accepted_draft_tokens = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.on_first_token: Callable[[float], None] | None = None  # seconds from submit to first token
@@ -224,12 +227,48 @@ class Engine:
 
     def _decode(self) -> None:
         running = self._running
+        if len(running) == 1 and self.speculate and not self._waiting:
+            draft = propose_draft(running[0].prompt_ids + running[0].output_ids, self.speculate,
+                                  self._room(running[0]) - 1)
+            if draft:
+                return self._decode_speculative(running[0], draft)
         self.cache.bind(0, len(running))
         self._select([s.adapter for s in running])
         last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
         logits = self.model(last, kv_cache=self.cache).logits[:, -1]
         self.steps += 1
         self._accept(logits, running)
+
+    def _room(self, sequence: Sequence) -> int:
+        """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
+        used = len(sequence.prompt_ids) + len(sequence.output_ids)
+        return min(sequence.options.max_tokens - len(sequence.output_ids), self.max_context - used)
+
+    def _decode_speculative(self, sequence: Sequence, draft: list[int]) -> None:
+        """Prompt-lookup speculative decoding for a lone sequence (Saxena 2023; Leviathan et al. 2023).
+
+        One forward feeds the last token plus k drafted tokens, which costs about what one token costs when
+        decoding is bound by reading the weights (batch 1). Position j's logits are sampled exactly as a plain
+        step would sample them (same settings, same random draw); while the sampled token equals draft[j] the
+        next position is valid too, so up to k + 1 tokens come out of one forward, and the output is the one
+        plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
+        """
+        start = self.cache.lengths[0]
+        self.cache.bind(0, 1)
+        self._select([sequence.adapter])
+        ids = torch.tensor([[sequence.output_ids[-1], *draft]], device=self.device)
+        logits = self.model(ids, kv_cache=self.cache).logits[0]  # (1 + k, V)
+        self.steps += 1
+        self.speculative_steps += 1
+        accepted = 0
+        for j in range(len(draft) + 1):
+            self._accept(logits[j:j + 1], [sequence])
+            if sequence.finished or sequence.cancelled or j == len(draft) or sequence.output_ids[-1] != draft[j]:
+                break
+            accepted += 1
+        self.accepted_draft_tokens += accepted
+        # The cache now holds the last token and the accepted drafts; later positions are overwritten next step.
+        self.cache.lengths[0] = start + 1 + accepted
 
     def _accept(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
         """Sample one token per row and hand each sequence its event."""
@@ -347,3 +386,17 @@ def sample_rows(logits: torch.Tensor, options: list[SamplingOptions], outputs: l
             top = [(tokenizer.decode([t]), v) for t, v in zip(ids.tolist(), values.tolist())]
         logprobs[i] = TokenLogprob(tokenizer.decode([tokens[i]]), float(row[tokens[i]]), top)
     return tokens, logprobs
+
+
+def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens
+    (n = max_ngram .. 1): prompt lookup, a draft that costs no model."""
+    k = min(k, limit)
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == tail:
+                return context[start + n:start + n + k]
+    return []

@@ -49,5 +49,9 @@ class _EngineCounters:
 
     def collect(self):
         yield CounterMetricFamily("fmforge_decode_steps", "Batched decode forwards", value=self.engine.steps)
+        yield CounterMetricFamily("fmforge_speculative_steps", "Decode forwards that verified drafted tokens",
+                                  value=self.engine.speculative_steps)
+        yield CounterMetricFamily("fmforge_accepted_draft_tokens", "Drafted tokens accepted by verification",
+                                  value=self.engine.accepted_draft_tokens)
         yield CounterMetricFamily("fmforge_engine_generated_tokens", "Tokens sampled by the engine (finished or not)",
                                   value=self.engine.generated_tokens)

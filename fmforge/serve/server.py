@@ -31,6 +31,7 @@ class ServeOptions:
     max_queue: int = 64
     max_context: int | None = None
     max_body_bytes: int = 4 << 20
+    speculate: int = 4
     log_level: str = "info"
 
 
@@ -74,8 +75,8 @@ def build_engine(options: ServeOptions):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
-    if options.max_batch < 1 or options.max_queue < 0:
-        raise ConfigError("--max-batch must be at least 1 and --max-queue at least 0")
+    if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0:
+        raise ConfigError("--max-batch must be at least 1, --max-queue and --speculate at least 0")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     model, tokenizer, checkpoint = load_model_and_tokenizer(options.checkpoint, device)
@@ -84,7 +85,7 @@ def build_engine(options: ServeOptions):
     model.to(dtype)
     adapters = [read_adapter(name, path, checkpoint) for name, path in options.adapters]
     engine = Engine(model, tokenizer, adapters, max_batch=options.max_batch, max_queue=options.max_queue,
-                    max_context=options.max_context)
+                    max_context=options.max_context, speculate=options.speculate)
     info = {"checkpoint": str(checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     return engine, info
 
