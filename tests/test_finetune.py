@@ -96,6 +96,17 @@ def test_packing_keeps_attention_inside_each_example(checkpoint):
             position += n
 
 
+def test_periodic_validation_reads_about_eval_tokens():
+    from fmforge.data.finetune import ClassificationDataset, Example, PackedDataset
+    from fmforge.train.finetune import eval_rows
+
+    packed = PackedDataset([Example(list(range(40)), [True] * 40) for _ in range(50)], length=64, pad_id=0)
+    assert len(packed) == 50 and eval_rows(packed, None) == list(range(50))
+    assert eval_rows(packed, 640) == [round(i * 49 / 9) for i in range(10)]  # 10 rows of 64, spread out
+    classify = ClassificationDataset([[1] * 16] * 100, [0] * 100, pad_id=0)
+    assert len(eval_rows(classify, 160)) == 10 and len(eval_rows(classify, 10**9)) == 100
+
+
 def test_lora_trains_only_the_adapter_and_saves_peft_layout(lora_run, checkpoint):
     from safetensors.torch import load_file
 
@@ -257,6 +268,10 @@ def test_builtin_tasks_have_fixed_disjoint_splits():
     test = task_records("stdlib-module", "test")
     assert len(train) > 500 and len(test) > 50
     assert not {w for w, _ in train} & {w for w, _ in test}
+    # Deduplicated before splitting: no function text twice, and none in both train and test.
+    texts = [r["text"] for _, r in train]
+    assert len(set(texts)) == len(texts) and not set(texts) & {r["text"] for _, r in test}
+    assert len(set(r["label"] for _, r in train)) == 16
     assert task_records("stdlib-docstring", "train", limit=100) == task_records("stdlib-docstring", "train")[:100]
     record = task_records("stdlib-docstring", "test", limit=1)[0][1]
     assert record["prompt"].endswith("# Summary:") and record["completion"].startswith(" ")

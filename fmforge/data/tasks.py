@@ -5,9 +5,13 @@
     stdlib-module     classify    a function's source -> the standard-library module it comes from
                                   (the 16 top-level modules/packages with the most eligible functions)
 
-Functions of 40-900 characters are eligible (the docstring tasks also need a docstring whose first line
-is 10-120 characters and a body after it). Each is assigned to train / val / test by a seeded hash of "module:qualified name" (80 / 10 / 10), so the splits
-are fixed for a given Python version. The first N training records (in hash order) form the N-example set.
+Functions and methods of 40-900 characters are eligible (the docstring tasks also need a docstring whose
+first line is 10-120 characters and a body after it). Duplicates are dropped before anything is split: two
+functions whose syntax trees are equal once every string constant is blanked (the same code with another
+docstring, codec name or message, like the `getregentry` of every codec in `encodings`) count as one, the
+first in file order. Each remaining function is assigned to train / val / test by a seeded hash of
+"file path:qualified name" (80 / 10 / 10), so the splits are fixed for a given Python version and no function
+is in two splits. The first N training records (in hash order) form the N-example set.
 Note: the stdlib is also the pretraining corpus, so the base model has read these functions; the tasks
 measure how cheaply a specialisation is learnt, not generalisation to unseen code.
 """
@@ -15,8 +19,10 @@ measure how cheaply a specialisation is learnt, not generalisation to unseen cod
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import json
+import sysconfig
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -25,39 +31,54 @@ from ..errors import DataError
 from .sources import stdlib_files
 
 BUILTIN_TASKS = {"stdlib-docstring": "completion", "stdlib-body": "completion", "stdlib-module": "classify"}
-SPLIT_SEED = "fmforge-tasks-v1"
+SPLIT_SEED = "fmforge-tasks-v2"
 MAX_SOURCE_CHARS = 900
 N_MODULES = 16
 
 
+class _BlankStrings(ast.NodeTransformer):
+    def visit_Constant(self, node: ast.Constant) -> ast.Constant:
+        return ast.Constant("") if isinstance(node.value, str) else node
+
+
+def _shape(fn: ast.AST) -> str:
+    """A function's syntax tree with every string constant blanked: equal for copies that differ only in
+    docstrings, string literals, comments or layout."""
+    return ast.dump(_BlankStrings().visit(copy.deepcopy(fn)))
+
+
 def _functions(path: Path, root: Path):
-    """(module, qualified name, source, docstring first line, source without docstring, head) per function."""
+    """(module, file, qualified name, source, docstring first line, source without docstring, head, shape)
+    per function or method (nested classes included)."""
     try:
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return
     relative = path.relative_to(root)
-    module = relative.parts[0].removesuffix(".py")
+    module, file = relative.parts[0].removesuffix(".py"), relative.as_posix()
     lines = text.splitlines(keepends=True)
 
     def visit(node, prefix):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.ClassDef):
-                visit(child, f"{prefix}{child.name}.")
+                yield from visit(child, f"{prefix}{child.name}.")
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 yield from describe(child, f"{prefix}{child.name}")
 
     def describe(fn, qualname):
         start, end = fn.lineno - 1, fn.end_lineno
         indent = len(lines[start]) - len(lines[start].lstrip())
-        source = "".join(line[indent:] if line[:indent].isspace() else line for line in lines[start:end])
+        # Dedent a method; a blank line stays a line break (its indentation may be shorter than the method's).
+        source = "".join("\n" if not line.strip() else line[indent:] if line[:indent].isspace() else line
+                         for line in lines[start:end])
         if len(source) > MAX_SOURCE_CHARS or "\t" in source or len(source) < 40:
             return
+        shape = _shape(fn)
         doc = ast.get_docstring(fn, clean=True)
         first = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
         if not 10 <= len(first) <= 120 or len(fn.body) < 2:
-            yield module, qualname, source, None, None, None  # usable for stdlib-module only
+            yield module, file, qualname, source, None, None, None, shape  # usable for stdlib-module only
             return
         doc_node = fn.body[0]
         body_start = fn.body[1].lineno - fn.lineno  # line offset of the first statement after the docstring
@@ -65,27 +86,30 @@ def _functions(path: Path, root: Path):
         src_lines = source.splitlines(keepends=True)
         without_doc = "".join(src_lines[:doc_start] + src_lines[doc_end:])
         head = "".join(src_lines[:body_start])  # signature + docstring
-        yield module, qualname, source, first, without_doc, head
+        yield module, file, qualname, source, first, without_doc, head, shape
 
     yield from visit(tree, "")
 
 
 @lru_cache(maxsize=1)
 def _all_functions() -> tuple:
-    root = None
-    found = []
+    """Every eligible function of the stdlib, without duplicates (see the module docstring)."""
     files = stdlib_files()
     if not files:
         raise DataError("the Python standard library was not found, so the built-in tasks cannot be made")
-    import sysconfig
     root = Path(sysconfig.get_paths()["stdlib"])
+    found, seen = [], set()
     for path in files:
-        found.extend(_functions(path, root))
+        for function in _functions(path, root):
+            shape = function[-1]
+            if shape not in seen:
+                seen.add(shape)
+                found.append(function[:-1])
     return tuple(found)
 
 
-def _split(module: str, qualname: str) -> tuple[str, str]:
-    digest = hashlib.sha1(f"{SPLIT_SEED}:{module}:{qualname}".encode()).hexdigest()
+def _split(file: str, qualname: str) -> tuple[str, str]:
+    digest = hashlib.sha1(f"{SPLIT_SEED}:{file}:{qualname}".encode()).hexdigest()
     value = int(digest[:8], 16) / 16**8
     return ("train" if value < 0.8 else "val" if value < 0.9 else "test"), digest
 
@@ -102,8 +126,8 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
         modules = {m for m, _ in counts.most_common(N_MODULES)}
         functions = [f for f in functions if f[0] in modules]
     chosen = []
-    for module, qualname, source, first, without_doc, head in functions:
-        which, digest = _split(module, qualname)
+    for module, file, qualname, source, first, without_doc, head in functions:
+        which, digest = _split(file, qualname)
         if which != split or (first is None and name != "stdlib-module"):
             continue
         if name == "stdlib-docstring":
@@ -114,7 +138,7 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
                 continue
         else:
             record = {"text": source, "label": module}
-        chosen.append((digest, f"{name}:{split}:{module}.{qualname}", record))
+        chosen.append((digest, f"{name}:{split}:{file}:{qualname}", record))
     chosen.sort(key=lambda item: item[0])
     records = [(where, record) for _, where, record in chosen]
     return records[:limit] if limit is not None else records

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier
@@ -178,6 +179,19 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         distributed.teardown(dist)
 
 
+def eval_rows(val_data, max_tokens: int | None) -> list[int]:
+    """Evenly spaced validation rows holding about `max_tokens` input tokens (every row when None): the
+    periodic evals read `train.eval_tokens`, the final one the whole split."""
+    if max_tokens is None:
+        return list(range(len(val_data)))
+    if isinstance(val_data, ft.ClassificationDataset):
+        row_tokens = sum(len(text) for text in val_data.texts) / len(val_data)
+    else:
+        row_tokens = val_data.length  # packed rows and pretraining windows are full width
+    n = min(len(val_data), max(1, round(max_tokens / row_tokens)))
+    return np.linspace(0, len(val_data) - 1, n).round().astype(int).tolist()
+
+
 def make_evaluator(task: str, val_data, batch_size: int, device, dist):
     """Validation: loss per target token (and accuracy for classification)."""
 
@@ -185,7 +199,7 @@ def make_evaluator(task: str, val_data, batch_size: int, device, dist):
     def evaluate(model, max_tokens, autocast) -> dict:
         was_training = model.training
         model.eval()
-        indices = list(range(len(val_data)))[dist.rank::dist.world_size]
+        indices = eval_rows(val_data, max_tokens)[dist.rank::dist.world_size]
         loss_sum = correct = count = 0.0
         for start in range(0, len(indices), batch_size):
             batch = {k: v.to(device) for k, v in val_data.batch(indices[start:start + batch_size]).items()}
