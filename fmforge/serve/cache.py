@@ -28,6 +28,7 @@ class SlotKVCache:
         self.lengths = [0] * slots  # positions filled, per slot
         self._rows = slice(0, 0)
         self._positions: torch.Tensor | None = None
+        self._row_index: torch.Tensor | None = None
         self._span = 0
 
     def bind(self, first: int, count: int) -> None:
@@ -43,15 +44,15 @@ class SlotKVCache:
         start = torch.tensor(lengths, device=device).view(-1, 1)
         positions = start + torch.arange(T, device=device)  # (B, T)
         self._positions, self._span = positions, longest
+        self._row_index = torch.arange(self._rows.start, self._rows.stop, device=device).view(-1, 1)
         keys = torch.arange(longest, device=device).view(1, 1, -1)
         mask = keys <= positions.unsqueeze(-1)  # (B, T, span): query t of row b sees keys [0, start_b + t]
         return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(self._rows.start, self._rows.stop, device=k.device).view(-1, 1)
         # Advanced indices on dims 0 and 2 put (B, T) first: write k as (B, T, n_kv, hd).
-        self.keys[layer][rows, :, self._positions] = k.transpose(1, 2)
-        self.values[layer][rows, :, self._positions] = v.transpose(1, 2)
+        self.keys[layer][self._row_index, :, self._positions] = k.transpose(1, 2)
+        self.values[layer][self._row_index, :, self._positions] = v.transpose(1, 2)
         return self.keys[layer][self._rows, :, :self._span], self.values[layer][self._rows, :, :self._span]
 
     def advance(self, T: int) -> None:

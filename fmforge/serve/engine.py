@@ -333,59 +333,64 @@ def sample_rows(logits: torch.Tensor, options: list[SamplingOptions], outputs: l
 
     Order: logit_bias, presence/frequency penalties on the tokens generated so far (as OpenAI defines them),
     then temperature, top-k, top-p. Log-probabilities are those of the model's own distribution (before any of
-    these), as OpenAI reports them."""
+    these), as OpenAI reports them. Everything is batched across rows except the draws of rows with their own
+    seeded generator; the results cross to the host once."""
     logits = logits.float()
     B, V = logits.shape
+    device = logits.device
     logprob_rows = [i for i, o in enumerate(options) if o.logprobs is not None]
     raw = F.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
-    for i, (o, out) in enumerate(zip(options, outputs)):
-        if o.logit_bias:
-            ids = torch.tensor(list(o.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(o.logit_bias.values()), device=logits.device)
-        if (o.presence_penalty or o.frequency_penalty) and out:
-            counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=V).float()
-            logits[i] -= o.frequency_penalty * counts + o.presence_penalty * (counts > 0).float()
-    greedy = [o.temperature == 0 for o in options]
-    tokens = [0] * B
-    if any(greedy):
-        best = logits.argmax(dim=-1).tolist()
-        for i in range(B):
-            if greedy[i]:
-                tokens[i] = best[i]
-    sampled = [i for i in range(B) if not greedy[i]]
+    bias = [(i, t, v) for i, o in enumerate(options) for t, v in o.logit_bias.items()]
+    if bias:
+        rows, cols, values = zip(*bias)
+        logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                                  torch.tensor(values, device=device), accumulate=True)
+    penalised = [i for i, o in enumerate(options) if (o.presence_penalty or o.frequency_penalty) and outputs[i]]
+    if penalised:
+        rows = torch.tensor([i for i in penalised for _ in outputs[i]], device=device)
+        cols = torch.tensor([t for i in penalised for t in outputs[i]], device=device)
+        counts = torch.zeros(B, V, device=device).index_put_((rows, cols), torch.ones(len(rows), device=device),
+                                                              accumulate=True)
+        frequency = torch.tensor([o.frequency_penalty for o in options], device=device).view(-1, 1)
+        presence = torch.tensor([o.presence_penalty for o in options], device=device).view(-1, 1)
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+    tokens = logits.argmax(dim=-1)  # greedy rows keep these
+    sampled = [i for i, o in enumerate(options) if o.temperature > 0]
     if sampled:
-        rows = logits[sampled] / torch.tensor([options[i].temperature for i in sampled],
-                                              device=logits.device).view(-1, 1)
+        rows = logits[sampled] / torch.tensor([options[i].temperature for i in sampled], device=device).view(-1, 1)
         top_k = [options[i].top_k for i in sampled]
         top_p = [options[i].top_p for i in sampled]
         if any(0 < k < V for k in top_k) or any(p < 1 for p in top_p):
             ordered, order = rows.sort(dim=-1, descending=True)
-            ranks = torch.arange(V, device=logits.device)
-            k = torch.tensor([k if k > 0 else V for k in top_k], device=logits.device).view(-1, 1)
-            remove = ranks >= k
+            ranks = torch.arange(V, device=device)
+            remove = ranks >= torch.tensor([k if k > 0 else V for k in top_k], device=device).view(-1, 1)
             probs = ordered.softmax(dim=-1)
-            p = torch.tensor(top_p, device=logits.device).view(-1, 1)
+            p = torch.tensor(top_p, device=device).view(-1, 1)
             remove |= (probs.cumsum(dim=-1) - probs) > p  # keep the smallest prefix whose mass reaches p
             ordered = ordered.masked_fill(remove, -math.inf)
             rows = torch.empty_like(rows).scatter_(1, order, ordered)
         probs = rows.softmax(dim=-1)
+        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
         unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
         if unseeded:
-            picks = torch.multinomial(probs[unseeded], 1).view(-1).tolist()
-            for j, token in zip(unseeded, picks):
-                tokens[sampled[j]] = token
+            index = torch.tensor(unseeded, device=device)
+            picks[index] = torch.multinomial(probs[index], 1).view(-1)
         for j, i in enumerate(sampled):
             if generators[i] is not None:
-                tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+                picks[j] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+        tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), picks)
+    chosen = tokens.tolist()
     logprobs: list[TokenLogprob | None] = [None] * B
-    for r, i in enumerate(logprob_rows):
-        row = raw[r]
-        top = []
-        if options[i].logprobs:
-            values, ids = row.topk(options[i].logprobs)
-            top = [(tokenizer.decode([t]), v) for t, v in zip(ids.tolist(), values.tolist())]
-        logprobs[i] = TokenLogprob(tokenizer.decode([tokens[i]]), float(row[tokens[i]]), top)
-    return tokens, logprobs
+    if logprob_rows:
+        width = max(options[i].logprobs for i in logprob_rows)
+        picked = raw.gather(1, tokens[logprob_rows].view(-1, 1)).view(-1).tolist()
+        top_values, top_ids = (raw.topk(width, dim=-1) if width else (raw[:, :0], raw[:, :0].long()))
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for r, i in enumerate(logprob_rows):
+            k = options[i].logprobs
+            top = [(tokenizer.decode([t]), v) for t, v in zip(top_ids[r][:k], top_values[r][:k])]
+            logprobs[i] = TokenLogprob(tokenizer.decode([chosen[i]]), picked[r], top)
+    return chosen, logprobs
 
 
 def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) -> list[int]:
