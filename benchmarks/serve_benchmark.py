@@ -8,11 +8,12 @@
    httpx, /v1/completions with stream=true): aggregate generated tokens/s over the wall time of each wave, and
    time to first token (request sent -> first text chunk) p50 / p99 over all requests at that concurrency.
 
-The model: random weights of fmforge's `base` preset (6 x 384, GQA off) with a 1024-token context and the
-tokenizer of the quickstart run if present (else one trained here on a few stdlib modules); weights do not
-change speed. The server process and the HF/engine measurements never run at the same time.
+The model: the quickstart's trained model (runs/quickstart/model) when present — real weights matter here,
+since speculation gains only where the model repeats itself — else random weights of the `base` preset with a
+1024-token context. transformers' own prompt-lookup decoding runs as a fourth contender, so the comparison of
+speculation against speculation is there too. The server and the in-process measurements never overlap.
 
-    .venv/bin/python benchmarks/serve_benchmark.py            # ~4 minutes; writes the "serve" section of RESULTS.md
+    .venv/bin/python benchmarks/serve_benchmark.py            # ~3 minutes; writes the "serve" section of RESULTS.md
     .venv/bin/python benchmarks/serve_benchmark.py --quick    # ~1 minute, prints only
 """
 
@@ -37,7 +38,7 @@ RESULTS = HERE / "RESULTS.md"
 SECTION = "serve"
 
 
-def make_checkpoint(work: Path, context: int) -> Path:
+def random_checkpoint(work: Path, context: int) -> Path:
     from fmforge.config import model_config_from_preset
     from fmforge.model import Transformer
     from fmforge.tokenizer import Tokenizer, train_tokenizer
@@ -74,18 +75,21 @@ def hf_twin(model):
     return hf
 
 
-def single_stream(checkpoint: Path, rounds: int, prompt_len: int, new_tokens: int) -> dict:
+def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int) -> dict:
     from fmforge.serve.engine import Engine, SamplingOptions
     from fmforge.train.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     model.eval()
     hf = hf_twin(model)
-    engine = Engine(model, tokenizer, max_batch=1)
-    engine.start()
-    prompt = list(range(16, 16 + prompt_len))
+    prompt = tokenizer.encode(prompt_text, add_bos=True)
+    new_tokens = min(new_tokens, model.config.context_length - len(prompt))
+    engines = {"fmforge": Engine(model, tokenizer, max_batch=1, speculate=4),
+               "fmforge-nospec": Engine(model, tokenizer, max_batch=1, speculate=0)}
+    for engine in engines.values():
+        engine.start()
 
-    def ours() -> tuple[float, list[int]]:
+    def ours(engine) -> tuple[float, list[int]]:
         tokens, done = [], threading.Event()
 
         def on_event(event):
@@ -98,30 +102,35 @@ def single_stream(checkpoint: Path, rounds: int, prompt_len: int, new_tokens: in
         done.wait()
         return time.perf_counter() - started, tokens
 
-    def theirs() -> tuple[float, list[int]]:
+    def theirs(lookup: int | None) -> tuple[float, list[int]]:
         ids = torch.tensor([prompt])
+        extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
         started = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, **extra)
         return time.perf_counter() - started, out[0, len(prompt):].tolist()
 
-    ours(), theirs()  # warm-up
+    contenders = {"fmforge": lambda: ours(engines["fmforge"]), "fmforge-nospec": lambda: ours(engines["fmforge-nospec"]),
+                  "hf": lambda: theirs(None), "hf-lookup": lambda: theirs(4)}
+    for run in contenders.values():
+        run()  # warm-up
     rows = []
+    names = list(contenders)
     for r in range(rounds):
-        order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        result = {f.__name__: f() for f in order}
-        rows.append(result)
-        print(f"  round {r + 1}: fmforge {new_tokens / result['ours'][0]:.0f} tok/s, "
-              f"transformers {new_tokens / result['theirs'][0]:.0f} tok/s", flush=True)
-    engine.stop()
-    same = sum(a == b for a, b in zip(rows[0]["ours"][1], rows[0]["theirs"][1]))
-    return {
-        "fmforge_tok_s": statistics.median(new_tokens / r["ours"][0] for r in rows),
-        "hf_tok_s": statistics.median(new_tokens / r["theirs"][0] for r in rows),
-        "ratio": statistics.median(r["theirs"][0] / r["ours"][0] for r in rows),
-        "same_tokens": f"{same}/{new_tokens}",
-    }
+        order = names[r % len(names):] + names[:r % len(names)]
+        rows.append({name: contenders[name]() for name in order})
+        print(f"  round {r + 1}: " + ", ".join(f"{n} {new_tokens / rows[-1][n][0]:.0f}" for n in names) + " tok/s",
+              flush=True)
+    for engine in engines.values():
+        engine.stop()
+    reference = rows[0]["hf"][1]
+    result = {"new_tokens": new_tokens, "prompt_tokens": len(prompt)}
+    for n in names:
+        result[n] = {"tok_s": statistics.median(new_tokens / row[n][0] for row in rows),
+                     "vs_hf": statistics.median(row["hf"][0] / row[n][0] for row in rows),
+                     "same_tokens": sum(a == b for a, b in zip(rows[0][n][1], reference))}
+    return result
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -196,50 +205,70 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
         server.wait(60)
 
 
+PROMPT = 'def parse_args(argv):\n    """Parse the command line."""\n'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default=str(REPO / "runs" / "quickstart" / "model"),
+                        help="model to serve (default: the quickstart's; random weights if it is missing)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens; print only")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (both contenders)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (every contender)")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    rounds, new_tokens, waves = (3, 64, 1) if args.quick else (7, 200, 2)
+    rounds, new_tokens, waves = (2, 64, 1) if args.quick else (6, 200, 2)
     with tempfile.TemporaryDirectory() as work:
-        checkpoint = make_checkpoint(Path(work), 1024)
-        print(f"single stream: prompt 32 tokens, {new_tokens} new tokens, greedy, {rounds} rounds", flush=True)
-        single = single_stream(checkpoint, rounds, 32, new_tokens)
-        print(f"  median: fmforge {single['fmforge_tok_s']:.0f} tok/s, transformers {single['hf_tok_s']:.0f} tok/s, "
-              f"ratio {single['ratio']:.2f}x; same greedy tokens {single['same_tokens']}", flush=True)
-        print(f"server: {new_tokens} tokens per request, concurrency 1/4/16, {waves} wave(s) each", flush=True)
-        load = concurrent_load(checkpoint, [1, 4, 16], waves, new_tokens, max_batch=16)
+        checkpoint = Path(args.checkpoint)
+        trained = checkpoint.exists()
+        if not trained:
+            checkpoint = random_checkpoint(Path(work), 1024)
+        from fmforge.train.checkpoint import read_model_config, resolve_checkpoint
+        checkpoint = resolve_checkpoint(checkpoint)
+        config = read_model_config(checkpoint)
+        shape = (f"{config.n_layer}x{config.n_embd}, vocab {config.vocab_size}, context {config.context_length}, "
+                 f"{'trained: ' + str(args.checkpoint) if trained else 'random weights'}")
+        print(f"model: {shape}", flush=True)
+        print(f"single stream: greedy, {rounds} rounds", flush=True)
+        single = single_stream(checkpoint, rounds, PROMPT, new_tokens)
+        for name in ("fmforge", "fmforge-nospec", "hf", "hf-lookup"):
+            row = single[name]
+            print(f"  {name:15s} {row['tok_s']:6.0f} tok/s  {row['vs_hf']:.2f}x hf  same tokens "
+                  f"{row['same_tokens']}/{single['new_tokens']}", flush=True)
+        n = min(new_tokens, config.context_length - 16)
+        print(f"server: {n} tokens per request, concurrency 1/4/16, {waves} wave(s) each", flush=True)
+        load = concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
     if args.quick or args.no_write:
         return
     sys.path.insert(0, str(HERE))
     from pretrain_throughput import git_state, write_section
     import transformers
 
+    labels = {"fmforge": "fmforge Engine (default: prompt-lookup speculation, 4 drafted tokens)",
+              "fmforge-nospec": "fmforge Engine, `--speculate 0`",
+              "hf": "transformers `generate` (greedy, KV cache)",
+              "hf-lookup": "transformers `generate(prompt_lookup_num_tokens=4)`"}
     lines = [
         "## Serving: fmforge engine vs transformers generate; the server under concurrent streams",
         "",
-        f"Command: `.venv/bin/python benchmarks/serve_benchmark.py` ({args.threads} torch threads, "
-        f"{time.strftime('%Y-%m-%d')}, {git_state()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}). Model: `base` preset (6 x 384, 1024 context), random weights, fp32, CPU.",
+        f"Command: `.venv/bin/python benchmarks/serve_benchmark.py --threads {args.threads}` "
+        f"({time.strftime('%Y-%m-%d')}, {git_state()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, CPU). Model: {shape}; fp32.",
         "",
-        f"**Single stream** (in process, prompt 32 tokens, {new_tokens} new tokens, greedy, {rounds} interleaved rounds, "
-        "medians):",
+        f"**Single stream** (in process; prompt {single['prompt_tokens']} tokens, {single['new_tokens']} new tokens, "
+        f"greedy; {rounds} rounds, contenders in rotating order; medians; ratio = median of per-round ratios):",
         "",
-        "| engine | tokens/s |",
-        "|---|---:|",
-        f"| fmforge Engine | {single['fmforge_tok_s']:.0f} |",
-        f"| transformers `generate` | {single['hf_tok_s']:.0f} |",
-        f"| **ratio** (median of per-round ratios) | **{single['ratio']:.2f}x** |",
+        "| engine | tokens/s | vs transformers generate | same greedy tokens as generate |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, label in labels.items():
+        row = single[name]
+        lines.append(f"| {label} | {row['tok_s']:.0f} | {row['vs_hf']:.2f}x | {row['same_tokens']}/{single['new_tokens']} |")
+    lines += [
         "",
-        f"Same greedy tokens from both: {single['same_tokens']} (fp32; a mismatch late in a sequence is a near-tie "
-        "flipped by summation order).",
-        "",
-        f"**Server** (`fmforge serve`, 16 slots; each request streams {new_tokens} tokens from /v1/completions, "
-        f"temperature 0.8; {waves} wave(s) per level; TTFT = request sent -> first text chunk):",
+        f"**Server** (`fmforge serve`, 16 slots, a separate process; each request streams {n} tokens from "
+        f"/v1/completions at temperature 0.8; {waves} wave(s) per level; TTFT = request sent -> first text chunk):",
         "",
         "| concurrent streams | aggregate tokens/s | TTFT p50 | TTFT p99 |",
         "|---:|---:|---:|---:|",
