@@ -357,3 +357,36 @@ def test_imported_model_can_be_specialised_and_evaluated(hf_tokenizer, tmp_path,
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "lora"),
                  "--tasks", f"completion:{data}", "--limit", "4"]) == 0
     assert "bits_per_byte" in capsys.readouterr().out
+
+
+def test_imported_model_is_served_with_a_specialist(hf_tokenizer, tmp_path):
+    """`fmforge serve` on an imported Qwen2 (attention biases) and a LoRA adapter for it: the served greedy
+    completion is what transformers generates from the original Hugging Face model."""
+    import httpx
+
+    from conftest import ServerProcess, make_adapter
+
+    source = tmp_path / "hf"
+    hf_model = make_hf_model("qwen2", source, hf_tokenizer)
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt"), "--context-length", "64"]) == 0
+    adapter = make_adapter(tmp_path / "ckpt", tmp_path / "lora", 3, ["q_proj", "v_proj", "up_proj"], 4)
+    prompt = batch(seed=5, shape=(1, 10))[0].tolist()
+    expected = hf_greedy(hf_model, prompt, 12)
+    tokenizer = Tokenizer.load(tmp_path / "ckpt")
+    if tokenizer.eos_id in expected:
+        expected = expected[:expected.index(tokenizer.eos_id)]
+    server = ServerProcess("--checkpoint", str(tmp_path / "ckpt"), "--adapter", f"spec={adapter}")
+    try:
+        texts = {}
+        for model in ("base", "spec"):
+            r = httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+            assert r.status_code == 200, r.text
+            texts[model] = r.json()["choices"][0]["text"]
+        assert texts["base"].startswith(tokenizer.decode(expected)) and len(expected) > 0
+        assert texts["spec"] != texts["base"]
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": "spec", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        assert server.stop() == 0, server.output()
