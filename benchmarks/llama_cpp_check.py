@@ -7,7 +7,7 @@ benchmark-time check rather than a test:
     PYTHONPATH=/tmp/llcpp/lib/python3.11/site-packages .venv/bin/python benchmarks/llama_cpp_check.py
 
 For each model variant (dense with GQA and tied embeddings; untied with q/k/v biases; Mixtral-style MoE;
-and the dense model with Llama-3- and Qwen2-style pre-tokenizers), a random fmforge model and a byte-level
+Llama 3.1 RoPE scaling; and the dense model with Llama-3- and Qwen2-style pre-tokenizers), a random fmforge model and a byte-level
 BPE tokenizer are made here, exported with `fmforge export gguf`
 in f32, f16 and q8_0, and run by llama.cpp on the same prompt ids. Prints a Markdown table.
 """
@@ -37,6 +37,10 @@ VARIANTS = {
     "dense, GQA, tied": dict(),
     "untied, q/k/v bias": dict(tie_embeddings=False, attention_bias=True, rope_theta=50000.0),
     "MoE 4 experts top-2": dict(tie_embeddings=False, n_experts=4, n_experts_per_token=2, moe_intermediate_size=128),
+    # Llama 3.1's RoPE scaling with a short original context, so most frequencies are rescaled (rope_freqs).
+    "Llama 3 RoPE scaling": dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
 }
 PROMPT = "def wrap(text, width=70, **kwargs):\n    \"\"\"Wrap a single paragraph of text"
 TOKENIZER_TEXT = "Hello wörld, ¿qué tal? 你好 — def f(x):\n\treturn x ** 2  # done 1234567 times\n\n  it's"
