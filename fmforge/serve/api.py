@@ -459,7 +459,10 @@ def _prompt_ids(prompt, tokenizer, vocab_size: int, param: str = "prompt") -> li
     result = []
     for p in prompt:
         if isinstance(p, str):
-            result.append(tokenizer.encode(p, add_bos=True))
+            ids = tokenizer.encode(p, add_bos=True)
+            if not ids:  # an empty text, and a tokenizer without a bos token
+                raise APIError(400, f"'{param}' holds an empty text", param=param)
+            result.append(ids)
         else:
             if not p:
                 raise APIError(400, f"'{param}' holds an empty token list", param=param)
