@@ -255,6 +255,36 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
         results[f"engine_speculate{speculate}_1stream_tok_s"] = round(max(run(1) for _ in range(3)))
         results[f"engine_speculate{speculate}_16streams_tok_s"] = round(run(16))
         engine.stop()
+    # Three models in one batch: the base and two random LoRA adapters, applied per row, unmerged.
+    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
+    from fmforge.serve.lora import read_adapter
+    from fmforge.train.checkpoint import resolve_checkpoint
+
+    base_dir = resolve_checkpoint(work / "run-eager")
+    adapters = []
+    for index in range(2):
+        donor, _, _ = load_model_and_tokenizer(base_dir)
+        config = LoRAConfig(rank=16, alpha=32.0)
+        inject_lora(donor, config)
+        for name, p in donor.named_parameters():
+            if "lora_" in name:
+                p.data.normal_(0, 0.02)
+        write_adapter(work / f"adapter-{index}", donor, config, base_dir, fingerprint_checkpoint(base_dir))
+        adapters.append(read_adapter(f"a{index}", work / f"adapter-{index}", base_dir))
+    served, _, _ = load_model_and_tokenizer(base_dir, device)
+    served.to(dtype)
+    engine = Engine(served, tokenizer, adapters, max_batch=16)
+    engine.start()
+    done = threading.Semaphore(0)
+    started = time.perf_counter()
+    for i in range(16):
+        engine.submit(prompt, SamplingOptions(max_tokens=n, temperature=0.8, seed=i,
+                                              logit_bias={tokenizer.eos_id: -100.0}),
+                      lambda event: event.finish_reason and done.release(), adapter=i % 3)
+    for _ in range(16):
+        done.acquire()
+    results["engine_16streams_3models_tok_s"] = round(16 * n / (time.perf_counter() - started))
+    engine.stop()
     ids = torch.tensor([prompt], device=device)
 
     def hf_run() -> float:
@@ -277,21 +307,36 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: check the script itself")
+    parser.add_argument("--parts", default="all", help="comma-separated subset, e.g. decode (prepare and a short "
+                        "eager pretrain always run first, for the model the later parts use)")
     args = parser.parse_args()
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.smoke else "cuda"
     work = Path("/tmp/fmforge-gpu-check")
     shutil.rmtree(work, ignore_errors=True)
+    wanted = set(args.parts.split(",")) if args.parts != "all" else None
     env()
     prepare(work, 20 if args.smoke else 150)
-    pretrain(work, device, 20 if args.smoke else 300)
-    decode(work, device, 30 if args.smoke else 200)
-    resume(work, device)
-    finetune(work, device)
+    if wanted is None or "pretrain" in wanted:
+        pretrain(work, device, 20 if args.smoke else 300)
+    else:
+        RESULTS["pretrain"] = {"eager_bf16": pretrain_run(work, "run-eager", 20 if args.smoke else 300, device)}
+    if wanted is None or "decode" in wanted:
+        decode(work, device, 30 if args.smoke else 200)
+    if wanted is None or "resume" in wanted:
+        resume(work, device)
+    if wanted is None or "finetune" in wanted:
+        finetune(work, device)
+    if wanted is not None and "scale" not in wanted:
+        return finish()
     scale(device, [("medium", {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "context_length": 64})]
           if args.smoke else [("medium", {}), ("24x1536", {"n_layer": 24, "n_embd": 1536, "n_head": 12,
                                                             "n_kv_head": 4})], 2 if args.smoke else 10)
+    finish()
+
+
+def finish() -> None:
     save()
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in RESULTS.items()},
                      indent=1, default=str))
