@@ -12,6 +12,8 @@ import torch
 
 from ..config import ModelConfig
 
+SPAN_STEP = 64
+
 
 class SlotKVCache:
     """Keys and values of `slots` sequences of up to `max_length` positions each.
@@ -43,9 +45,12 @@ class SlotKVCache:
         device = rope_cos.device
         start = torch.tensor(lengths, device=device).view(-1, 1)
         positions = start + torch.arange(T, device=device)  # (B, T)
-        self._positions, self._span = positions, longest
+        # Attend over a span rounded up to SPAN_STEP keys (the mask hides the extra ones): a handful of distinct
+        # shapes instead of a new one every step, which attention backends that plan per shape (cuDNN) need.
+        span = min(-(-longest // SPAN_STEP) * SPAN_STEP, self.max_length)
+        self._positions, self._span = positions, span
         self._row_index = torch.arange(self._rows.start, self._rows.stop, device=device).view(-1, 1)
-        keys = torch.arange(longest, device=device).view(1, 1, -1)
+        keys = torch.arange(span, device=device).view(1, 1, -1)
         mask = keys <= positions.unsqueeze(-1)  # (B, T, span): query t of row b sees keys [0, start_b + t]
         return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
 

@@ -178,6 +178,16 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.device.type == "cuda":
+            # cuDNN attention builds a plan per shape, which costs more than a decode step; the other backends
+            # take the masks the slot cache makes without that.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            with sdpa_kernel(backends):
+                return self._serve()
+        return self._serve()
+
+    def _serve(self) -> None:
         try:
             while True:
                 with self._cond:
