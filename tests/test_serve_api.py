@@ -289,8 +289,8 @@ def test_disconnect_stops_generation_and_full_queue_answers_429(long_base):
         while metric(server.url, "fmforge_running_sequences") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert metric(server.url, "fmforge_running_sequences") == 0
-        assert metric(server.url, "fmforge_cancelled_sequences_total") >= 1
-        assert metric(server.url, "fmforge_engine_generated_tokens_total") < 1000
+        assert metric(server.url, "fmforge_cancelled_sequences_total") == 1  # stopped unfinished, not run out
+        assert metric(server.url, "fmforge_engine_generated_tokens_total") < 2000
 
         # One running + one waiting fill it; the third request is refused at once, not queued.
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
