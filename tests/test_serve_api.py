@@ -372,5 +372,13 @@ def test_chat_page_streams_a_reply(server):
             page.wait_for_function("document.querySelectorAll('.message.assistant .meta').length == 2",
                                    timeout=60_000)
             assert page.locator(".message.user").all_inner_texts() == ["hello there", "and again"]
+            # Past the 64-token context the page leaves the oldest turns out of the request, and says so.
+            for turn in range(3, 6):
+                page.fill("#input", f"turn number {turn}, a somewhat longer message than before")
+                page.press("#input", "Enter")
+                page.wait_for_function(f"document.querySelectorAll('.message.assistant .meta').length == {turn}",
+                                       timeout=60_000)
+            assert "left out" in page.locator(".message.assistant .meta").last.inner_text()
+            assert page.locator(".message.error").count() == 0
         finally:
             browser.close()
