@@ -216,3 +216,16 @@ def test_speculative_decoding_changes_speed_not_output(base, temperature):
     assert plain.speculative_steps == 0 and speculative.speculative_steps > 0
     if temperature == 0:  # this model repeats itself greedily, so drafts are accepted: fewer forwards
         assert speculative.accepted_draft_tokens > 0 and speculative.steps < plain.steps
+
+
+def test_prefill_groups_respect_the_token_budget():
+    from fmforge.serve.engine import prefill_groups
+
+    class S:
+        def __init__(self, n):
+            self.prompt_ids = [0] * n
+
+    sizes = [10, 30, 5, 40, 100, 3]
+    groups = prefill_groups([S(n) for n in sizes], budget=100)
+    assert [[len(s.prompt_ids) for s in g] for g in groups] == [[10, 30, 5], [40], [100], [3]]
+    assert all(len(g) * max(len(s.prompt_ids) for s in g) <= 100 for g in groups)

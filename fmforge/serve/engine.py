@@ -29,6 +29,9 @@ from .cache import SlotKVCache
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
 
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
+
+
 class EngineFull(Exception):
     """The queue is at capacity; the caller should retry later (HTTP 429)."""
 
@@ -200,9 +203,8 @@ class Engine:
                     admitted, self._waiting = self._waiting[:free], self._waiting[free:]
                 for job in jobs:
                     self._run_embed(job)
-                for sequence in admitted:
-                    if not sequence.cancelled:
-                        self._prefill(sequence)
+                for group in prefill_groups([s for s in admitted if not s.cancelled], PREFILL_TOKENS):
+                    self._prefill(group)
                 self._retire()
                 if self._running:
                     self._decode()
@@ -223,17 +225,26 @@ class Engine:
     def _select(self, adapters: list[int]) -> None:
         self.selection.ids = (torch.tensor(adapters, device=self.device) if any(adapters) else None)
 
-    def _prefill(self, sequence: Sequence) -> None:
-        slot = len(self._running)
-        self._running.append(sequence)
-        self.cache.clear(slot)
-        self.cache.bind(slot, 1)
-        self._select([sequence.adapter])
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)
-        hidden = self.model(ids, kv_cache=self.cache, return_logits=False, return_hidden=True).hidden
-        logits = self.model.lm_head(hidden[:, -1])
-        self.prompt_tokens += len(sequence.prompt_ids)
-        self._accept(logits, [sequence])
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        """Prompts of newly admitted sequences in one forward, right-padded to the longest. Padding writes keys
+        past a row's prompt; its length is set back to the prompt, so decoding overwrites them, and until then
+        the mask (keys up to the query's position) hides them."""
+        first = len(self._running)
+        lengths = [len(s.prompt_ids) for s in sequences]
+        ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
+            self._running.append(sequence)
+            self.cache.clear(first + row)
+        self.cache.bind(first, len(sequences))
+        self._select([s.adapter for s in sequences])
+        hidden = self.model(ids.to(self.device), kv_cache=self.cache, return_logits=False, return_hidden=True).hidden
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model.lm_head(hidden[torch.arange(len(sequences), device=self.device), last])
+        for row, length in enumerate(lengths):
+            self.cache.lengths[first + row] = length
+        self.prompt_tokens += sum(lengths)
+        self._accept(logits, sequences)
 
     def _decode(self) -> None:
         running = self._running
@@ -415,3 +426,20 @@ def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) ->
             if context[start:start + n] == tail:
                 return context[start + n:start + n + k]
     return []
+
+
+def prefill_groups(sequences: list[Sequence], budget: int) -> list[list[Sequence]]:
+    """Consecutive groups whose padded size (rows x longest prompt) stays within `budget` tokens."""
+    groups: list[list[Sequence]] = []
+    current: list[Sequence] = []
+    longest = 0
+    for sequence in sequences:
+        width = max(longest, len(sequence.prompt_ids))
+        if current and width * (len(current) + 1) > budget:
+            groups.append(current)
+            current, width = [], len(sequence.prompt_ids)
+        current.append(sequence)
+        longest = width
+    if current:
+        groups.append(current)
+    return groups
