@@ -172,7 +172,7 @@ def cmd_chat(args) -> None:
     model, tokenizer, _, _ = load_specialist(args.checkpoint, args.adapter)
     if isinstance(model, SequenceClassifier):
         raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not chat")
-    stop_ids = {tokenizer.token_id("<|end|>"), tokenizer.eos_id}
+    stop_ids = tokenizer.chat_stop_ids()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:

@@ -65,6 +65,10 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
+# Tokens that close a chat turn in the templates of the model families fmforge imports.
+CHAT_END_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|end_of_turn|>")
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer plus the names of its bos/eos/pad tokens and its chat template."""
 
@@ -186,6 +190,12 @@ class Tokenizer:
         """The special (added) tokens of this tokenizer, in id order."""
         decoder = self._special.get_added_tokens_decoder()
         return [decoder[i].content for i in sorted(decoder) if decoder[i].special]
+
+    def chat_stop_ids(self) -> frozenset[int]:
+        """Ids that end an assistant turn: eos and whichever end-of-turn token this tokenizer has (fmforge's
+        <|end|>, Llama 3's <|eot_id|>, Qwen's <|im_end|>, Gemma's <|end_of_turn|>)."""
+        ends = {self._special.token_to_id(token) for token in CHAT_END_TOKENS}
+        return frozenset({self.eos_id} | ends - {None})
 
     def token_id(self, token: str) -> int:
         """Id of a special token such as "<|end|>"."""

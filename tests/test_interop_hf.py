@@ -390,3 +390,20 @@ def test_imported_model_is_served_with_a_specialist(hf_tokenizer, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_imported_model_chats_in_the_terminal(hf_tokenizer, tmp_path):
+    """`fmforge chat` on an imported Qwen2 whose template ends turns with <|im_end|> (no <|end|> token)."""
+    from conftest import run_cli
+
+    source = tmp_path / "hf"
+    make_hf_model("qwen2", source, hf_tokenizer)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt"), "--context-length", "64"]) == 0
+    result = run_cli("chat", "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "6", "--temperature", "0",
+                     input_text="hello\nagain\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2

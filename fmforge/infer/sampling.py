@@ -73,7 +73,7 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingP
 
     Generation ends after yielding a token in `eos_id` (an id or a set of ids)."""
     params.validate()
-    stop_ids = eos_id if isinstance(eos_id, set) else {eos_id}
+    stop_ids = eos_id if isinstance(eos_id, (set, frozenset)) else {eos_id}
     limit = model.config.context_length
     if not prompt_ids:
         raise GenerationError("the prompt is empty; give at least one token")

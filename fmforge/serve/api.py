@@ -30,8 +30,6 @@ from .metrics import Metrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, check_unsupported,
                        validation_error)
 
-CHAT_END_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|end_of_turn|>")
-
 
 @dataclass
 class ServedModel:
@@ -145,7 +143,7 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
     for index, name in enumerate(adapter_names or [], start=1):
         models[name] = ServedModel(name, index, engine.adapters[index - 1].info)
     created = int(time.time())
-    chat_stops = frozenset({tokenizer.eos_id} | {_token_id(tokenizer, t) for t in CHAT_END_TOKENS} - {None})
+    chat_stops = tokenizer.chat_stop_ids()
     metrics = Metrics(engine)
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -439,13 +437,6 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
         return HTMLResponse(resources.files("fmforge.serve").joinpath("static/chat.html").read_text("utf-8"))
 
     return Guard(app, api_key, max_body_bytes, metrics)
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    try:
-        return tokenizer.token_id(token)
-    except TokenizerError:
-        return None
 
 
 def _prompt_ids(prompt, tokenizer, vocab_size: int, param: str = "prompt") -> list[list[int]]:
