@@ -322,6 +322,8 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
             print(f"{'':18s} {'exact_match':28s} {before['exact_match']:8.4f} {after['exact_match']:11.4f}")
     print("(stdlib-module base = zero-shot, picking the module name with the highest likelihood; "
           "specialist = LoRA + classification head)")
+    print(f"\nserve the base and its text specialist (OpenAI API + chat page at http://127.0.0.1:8000/):\n"
+          f"  fmforge serve --checkpoint {model_dir} --adapter docstring={out / 'stdlib-docstring'}")
 
 
 # ---- serve -------------------------------------------------------------------------------------------------
