@@ -250,7 +250,8 @@ def main() -> None:
               "hf": "transformers `generate` (greedy, KV cache)",
               "hf-lookup": "transformers `generate(prompt_lookup_num_tokens=4)`"}
     lines = [
-        "## Serving: fmforge engine vs transformers generate; the server under concurrent streams",
+        f"## Serving: fmforge engine vs transformers generate; the server under concurrent streams "
+        f"({args.threads} thread{'s' if args.threads > 1 else ''})",
         "",
         f"Command: `.venv/bin/python benchmarks/serve_benchmark.py --threads {args.threads}` "
         f"({time.strftime('%Y-%m-%d')}, {git_state()}, torch {torch.__version__}, transformers "
@@ -279,8 +280,9 @@ def main() -> None:
     base = load[0]["tok_s"]
     lines += ["", "Batching gain over one stream: " + ", ".join(
         f"{row['streams']} streams {row['tok_s'] / base:.1f}x" for row in load[1:]) + "."]
-    write_section(RESULTS, SECTION, "\n".join(lines))
-    print(f"written: {RESULTS.name} (section {SECTION})")
+    section = SECTION if args.threads == os.cpu_count() else f"{SECTION}-threads{args.threads}"
+    write_section(RESULTS, section, "\n".join(lines))
+    print(f"written: {RESULTS.name} (section {section})")
 
 
 if __name__ == "__main__":
