@@ -225,14 +225,21 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.build_rope()
         self.apply(self._init_weights)
         # Scale residual output projections by 1/sqrt(2 n_layer) (GPT-2, Radford et al. 2019).
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def build_rope(self, device=None) -> None:
+        """(Re)compute the RoPE tables from the config. They are buffers that checkpoints do not store, so a model
+        materialised from the meta device (load_model) calls this on its real device."""
+        c = self.config
+        cos, sin = rope_tables(c.head_dim, c.context_length, c.rope_theta, c.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

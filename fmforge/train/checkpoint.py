@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write_text
-from ..model import Transformer, rope_tables
+from ..model import Transformer
 
 FORMAT_VERSION = 1
 ARCHITECTURE = "fmforge.Transformer"
@@ -180,9 +180,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
-    # Buffers (RoPE tables) are not saved: rebuild them on the real device.
-    cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.build_rope(device)  # buffers are not saved: rebuild them on the real device
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(model, checkpoint)
