@@ -223,12 +223,25 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | No
     return config
 
 
-def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
-    """Copy adapter_model.safetensors into a model that already carries matching LoRA modules."""
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors of an adapter directory, by PEFT key."""
     try:
-        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        return load_file(str(adapter_dir / "adapter_model.safetensors"))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt or missing adapter weights in {adapter_dir}: {exc}") from None
+
+
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """A PEFT key -> (module path in fmforge's model, "A" or "B"); ("", "") when it is no LoRA weight."""
+    if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        return "", ""
+    module, _, part = key[len(PEFT_PREFIX):-len(".weight")].rpartition(".lora_")
+    return module, part
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
+    """Copy adapter_model.safetensors into a model that already carries matching LoRA modules."""
+    state = read_adapter_tensors(adapter_dir)
     expected = adapter_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -239,8 +252,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
-        name, _, part = key[len(PEFT_PREFIX):].rpartition(".lora_")
-        target = modules[name].lora_A if part.startswith("A") else modules[name].lora_B
+        name, part = split_adapter_key(key)
+        target = modules[name].lora_A if part == "A" else modules[name].lora_B
         with torch.no_grad():
             target.weight.copy_(tensor)
 

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from ..adapt.heads import HEAD_FILE
-from ..adapt.lora import PEFT_PREFIX, check_adapter_base, read_adapter_config, resolve_adapter
+from ..adapt.lora import (check_adapter_base, read_adapter_config, read_adapter_tensors, resolve_adapter,
+                          split_adapter_key)
 from ..errors import CheckpointError
 
 
@@ -40,15 +38,11 @@ def read_adapter(name: str, path: str | Path, base_checkpoint: Path) -> LoadedAd
     if (directory / HEAD_FILE).exists():
         raise CheckpointError(f"adapter {name!r} ({directory}) is a classifier (it has {HEAD_FILE}); the server "
                               "generates text, so serve only generative adapters (sft, completion, lm)")
-    try:
-        state = load_file(str(directory / "adapter_model.safetensors"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt or missing adapter weights in {directory}: {exc}") from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+    for key, tensor in read_adapter_tensors(directory).items():
+        module, part = split_adapter_key(key)
+        if not module:
             raise CheckpointError(f"adapter {directory}: unexpected tensor {key!r} (not a LoRA weight)")
-        module, _, part = key[len(PEFT_PREFIX):-len(".weight")].rpartition(".lora_")
         weights.setdefault(module, {})[part] = tensor
     pairs = {}
     for module, parts in weights.items():
