@@ -85,7 +85,6 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slot at its next step."""
@@ -299,10 +298,8 @@ class Engine:
         for sequence, token, logprob in zip(sequences, tokens, logprobs):
             if sequence.cancelled:
                 continue
-            if sequence.first_token_at is None:
-                sequence.first_token_at = now
-                if self.on_first_token is not None:
-                    self.on_first_token(now - sequence.submitted_at)
+            if not sequence.output_ids and self.on_first_token is not None:
+                self.on_first_token(now - sequence.submitted_at)
             sequence.output_ids.append(token)
             self.generated_tokens += 1
             text, finish = "", None
@@ -312,11 +309,9 @@ class Engine:
                 text = sequence.stream.push(token)
                 if sequence.stream.stopped:
                     finish = "stop"
-            if finish is None:
-                length = len(sequence.prompt_ids) + len(sequence.output_ids)
-                if len(sequence.output_ids) >= sequence.options.max_tokens or length >= self.max_context:
-                    finish = "length"
-                    text += sequence.stream.flush()
+            if finish is None and self._room(sequence) <= 0:
+                finish = "length"
+                text += sequence.stream.flush()
             sequence.finished = finish is not None
             sequence.on_event(Event(text, token, logprob, finish, len(sequence.output_ids)))
 
