@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import json
 import time
@@ -197,13 +198,16 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
                            param="model", code="model_not_found")
         return models[name]
 
-    def check_length(ids: list[int], param: str) -> None:
-        if len(ids) >= engine.max_context:
+    def check_length(ids: list[int], param: str, reply: bool = True) -> None:
+        """A prompt must leave room for at least one generated token (`reply`); an embedding input must fit."""
+        if len(ids) > engine.max_context - reply:
+            room = " (at least one must be left for the reply)" if reply else ""
             raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens, but the "
-                           f"{param} has {len(ids)} tokens (at least one must be left for the reply). Shorten it.",
+                           f"{param} has {len(ids)} tokens{room}. Shorten it.",
                            param=param, code="context_length_exceeded")
 
-    def options_for(body, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+    def options_for(body, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+        """The request's sampling settings; max_tokens is bounded per prompt in submit_all."""
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
@@ -212,9 +216,8 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < engine.model.config.vocab_size:
                 raise APIError(400, f"logit_bias key {key!r} is not a token id of this model", param="logit_bias")
             bias[int(key)] = max(-100.0, min(100.0, value))
-        room = engine.max_context - prompt_len
         return SamplingOptions(
-            max_tokens=min(max_tokens or room, room),
+            max_tokens=max_tokens or engine.max_context,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(0, body.top_k or 0),
@@ -225,14 +228,16 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
         """Submit n sequences per prompt; (queue, sequences). All or none: a full queue cancels the rest."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        requested = options_for(body, max_tokens, logprobs)
         sequences = []
         try:
             for p, ids in enumerate(prompts):
                 for j in range(n):
                     index = p * n + j
-                    options = options_for(body, len(ids), max_tokens, logprobs)
-                    if options.seed is not None:
-                        options.seed += j  # n choices with one seed differ from each other, reproducibly
+                    # n choices with one seed differ from each other, reproducibly.
+                    options = dataclasses.replace(
+                        requested, max_tokens=min(requested.max_tokens, engine.max_context - len(ids)),
+                        seed=None if requested.seed is None else requested.seed + j)
 
                     def deliver(event: Event, index=index):
                         loop.call_soon_threadsafe(queue.put_nowait, (index, event))
@@ -414,10 +419,7 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
                            "that", param="dimensions")
         inputs = _prompt_ids(body.input, tokenizer, engine.model.config.vocab_size, param="input")
         for ids in inputs:
-            if len(ids) > engine.max_context:
-                raise APIError(400, f"This model's maximum context length is {engine.max_context} tokens, but "
-                               f"an input has {len(ids)} tokens. Shorten it.", param="input",
-                               code="context_length_exceeded")
+            check_length(ids, "input", reply=False)
         try:
             vectors = await asyncio.wrap_future(engine.embed(inputs, served.adapter))
         except EngineStopped as exc:
@@ -432,9 +434,11 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    page = resources.files("fmforge.serve").joinpath("static/chat.html").read_text("utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page():
-        return HTMLResponse(resources.files("fmforge.serve").joinpath("static/chat.html").read_text("utf-8"))
+        return HTMLResponse(page)
 
     return Guard(app, api_key, max_body_bytes, metrics)
 
