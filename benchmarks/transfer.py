@@ -84,6 +84,9 @@ METRIC = {"completion": "bits_per_byte", "classify": "accuracy"}
 # Learning-rate grids, one per method: LoRA usually wants ~10x the lr of full fine-tuning, and a model trained
 # from scratch tolerates a higher lr than one being fine-tuned.
 LR_GRID = {"lora": [3e-3, 1e-2], "full": [3e-4, 1e-3], "scratch": [1e-3, 3e-3]}
+# Classification (stdlib-module) trains a fresh head and is more lr-sensitive: LoRA diverged or collapsed to ~17%
+# at 1e-2 in every trial, so its grid sits one step lower.
+CLASSIFY_LR_GRID = {"lora": [1e-3, 3e-3], "full": [3e-4, 1e-3], "scratch": [1e-3, 3e-3]}
 # When the best lr is at an end of its grid, the next lr of this ladder past that end is tried too (once), so
 # no method is held to a grid that stops short of its best (with N = 100, LoRA and full wanted lower lrs).
 LR_LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -91,6 +94,11 @@ EVAL_EVERY = 25  # steps between validation evals (each one a candidate checkpoi
 VAL_RECORDS = 250  # validation records used to choose (the first of the split, in its fixed hash order)
 BATCH_SIZE = 8  # fmforge's finetune default; written into every command so the compute is explicit
 LORA_RANK, LORA_ALPHA = 8, 16.0
+# LoRA targets per task kind. Classification also adapts the token embedding (PEFT's embedding LoRA, rank 8:
+# 34,816 parameters): in a trial, full fine-tuning with the embedding frozen fell from 65% to 58% validation
+# accuracy, LoRA on the linear layers alone reached 55-56%, and with the embedding 64%.
+LORA_TARGETS = {"completion": "all-linear", "classify": "all-linear,embed_tokens"}
+POOLING = "mean"  # the classifier reads the mean of the final hidden states (`fmforge finetune --pooling`)
 SCRATCH_SEED = 0
 # "Clearly better than scratch": accuracy by >= 10 points, bits-per-byte by >= 10%.
 CLEAR_ACCURACY_POINTS, CLEAR_BPB_FACTOR = 0.10, 1.10
@@ -121,8 +129,20 @@ def finetune_argv(checkpoint: Path, task: str, method: str, n: int, steps: int, 
             "--eval_interval", str(EVAL_EVERY), "--eval_tokens", str(10**9), "--checkpoint_interval",
             str(EVAL_EVERY), "--keep_checkpoints", str(-(-steps // EVAL_EVERY))]
     if method == "lora":
-        argv += ["--lora-rank", str(LORA_RANK), "--lora-alpha", f"{LORA_ALPHA:g}", "--lora-targets", "all-linear"]
+        argv += ["--lora-rank", str(LORA_RANK), "--lora-alpha", f"{LORA_ALPHA:g}", "--lora-targets",
+                 LORA_TARGETS[BUILTIN_TASKS[task]]]
+    if BUILTIN_TASKS[task] == "classify":
+        argv += ["--pooling", POOLING]
     return argv
+
+
+def run_dir_of(out_dir: Path, task: str, n: int, method: str, lr: float, steps: int) -> Path:
+    """Where one run lives; classification runs carry their head's pooling (and LoRA's targets) in the name, so
+    runs of an earlier set-up (last-token head, linear layers only) are never reused for this one."""
+    name = f"{method}-lr{lr:g}-s{steps}"
+    if BUILTIN_TASKS[task] == "classify":
+        name += f"-{POOLING}" + ("-emb" if method == "lora" and "embed_tokens" in LORA_TARGETS["classify"] else "")
+    return out_dir / task / f"n{n}" / name
 
 
 def run_cli(argv: list[str], log: Path) -> tuple[int, float]:
@@ -183,7 +203,7 @@ def train(base: Path, scratch_base: Path, task: str, method: str, n: int, steps:
           out_dir: Path) -> dict:
     """Train one (task, method, N, lr) and read its validation metrics; a finished run of the same settings
     and data is reused. A run whose loss diverges is recorded as such (it cannot be chosen)."""
-    run_dir = out_dir / task / f"n{n}" / f"{method}-lr{lr:g}-s{steps}"
+    run_dir = run_dir_of(out_dir, task, n, method, lr, steps)
     done = run_dir / "transfer_run.json"
     digest = data_digest(task, n)
     if done.exists():
@@ -246,7 +266,7 @@ def next_lr(tried: list[dict]) -> float | None:
 
 def score(base: Path, run: dict, out_dir: Path, limit: int | None) -> dict:
     """The chosen run's test scores (cached in its transfer_run.json while the evaluation set is unchanged)."""
-    run_dir = out_dir / run["task"] / f"n{run['n']}" / f"{run['method']}-lr{run['lr']:g}-s{run['steps']}"
+    run_dir = run_dir_of(out_dir, run["task"], run["n"], run["method"], run["lr"], run["steps"])
     if run.get("eval_limit", "unset") == limit and "eval_seconds" in run:
         return run
     best = checkpoint_dir(run_dir, run["best_step"])
@@ -383,13 +403,16 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
              f"Machine: {meta['machine']}  ",
              f"Base: `{meta['base']}` ({meta['base_parameters']:,} parameters, {meta['base_config']}); scratch = "
              f"a fresh `Transformer(config)` of the same config (seed {SCRATCH_SEED}), base tokenizer  ",
-             f"Every run: {meta['steps']} steps x batch {BATCH_SIZE} (packed rows of {meta['context_length']} tokens "
-             "for completion, one function per row for classify), cosine schedule, warmup 10, bf16 autocast where "
-             f"the CPU has it; LoRA rank {LORA_RANK}, alpha {LORA_ALPHA:g}, all linear layers of attention and MLP  ",
+             f"Every run: batch {BATCH_SIZE}, completion {meta['steps']['completion']} steps (packed rows of "
+             f"{meta['context_length']} tokens), classify {meta['steps']['classify']} steps (one function per row, "
+             f"a fresh 16-way head on the {meta['pooling']} of the final hidden states); cosine schedule, warmup 10, "
+             f"bf16 autocast where the CPU has it; LoRA rank {LORA_RANK}, alpha {LORA_ALPHA:g}, all linear layers of "
+             "attention and MLP, for classify also the token embedding (`--lora-targets all-linear,embed_tokens`)  ",
              f"Model selection on the validation split only (its first {meta['val_records']} records): every run "
              f"is evaluated every {meta['eval_every']} steps and keeps its best checkpoint (early stopping), and per "
              "(task, N) each method takes the best of its lr grid, "
-             + ", ".join(f"{m} {{{', '.join(f'{v:g}' for v in meta['lr_grid'][m])}}}" for m in METHODS)
+             + "; ".join(f"{kind}: " + ", ".join(f"{m} {{{', '.join(f'{v:g}' for v in grid[m])}}}" for m in METHODS)
+                         for kind, grid in meta["lr_grid"].items())
              + ", extended once by the next lr of (..., 1e-4, 3e-4, 1e-3, 3e-3, ...) past the end where the best "
              "sat at an end; best = lowest val loss (completion) or highest val accuracy (classify). The test "
              "split is never used to choose  ",
@@ -464,11 +487,13 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
                      + (f"{statistics.median(evals):.0f}" if evals else "—") + " |")
     lines += ["", "Notes:", "",
               f"- Compute: {meta['runs']} training runs. The one-step extension of the lr grids (tried wherever the "
-              f"best lr sat at an end of the grid: {meta['runs'] - sum(map(len, meta['lr_grid'].values())) * len(rows)}"
+              f"best lr sat at an end of the grid: "
+              f"{meta['runs'] - sum(len(meta['lr_grid'][BUILTIN_TASKS[r['task']]][m]) for r in rows for m in METHODS)}"
               " runs) is what puts the sweep over the ~60 minutes aimed for; it changed the chosen lr in "
-              f"{sum(r['lr'] not in meta['lr_grid'][r['method']] for r in chosen)} of the {len(chosen)} choices.",
-              "- The classifier reads the final hidden state of the last token (`SequenceClassifier`), trained "
-              "from a random head by every method alike.",
+              f"{sum(r['lr'] not in meta['lr_grid'][BUILTIN_TASKS[r['task']]][r['method']] for r in chosen)} of the "
+              f"{len(chosen)} choices.",
+              f"- The classifier reads the {meta['pooling']} of the final hidden states (`SequenceClassifier`, "
+              "`--pooling`), trained from a random head by every method alike.",
               "- One torch thread (`--threads 1`, the default here): on this shared 2-core machine a 20-step LoRA "
               "fine-tune ran ~5x slower with torch's default 2 threads.",
               "- ms/step follows the machine's load while each run trained (other jobs share it), so it does not "
@@ -515,7 +540,9 @@ def parse_lrs(text: str | None, default: list[float]) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="runs/quickstart/model", help="pretrained checkpoint or run directory")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (every method)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per completion run (every method)")
+    parser.add_argument("--classify-steps", type=int, default=300,
+                        help="optimizer steps per classification run (every method): the head starts from random")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--sizes", default="100,1000", help="training examples (capped at the task's train split)")
     parser.add_argument("--eval-limit", type=int, default=60,
@@ -524,8 +551,9 @@ def main() -> None:
                         help="test records for stdlib-module (0 = all: one batched forward each, cheap)")
     parser.add_argument("--out-dir", default="runs/transfer", help="where the runs go (finished runs are reused)")
     for method in METHODS:
-        parser.add_argument(f"--{method}-lrs", help=f"comma-separated lr grid (default "
-                                                    f"{','.join(f'{v:g}' for v in LR_GRID[method])})")
+        parser.add_argument(f"--{method}-lrs", help=f"comma-separated lr grid for every task (default "
+                                                    f"{','.join(f'{v:g}' for v in LR_GRID[method])}; classify "
+                                                    f"{','.join(f'{v:g}' for v in CLASSIFY_LR_GRID[method])})")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on the shared 2-core machine 2 threads ran 5x slower)")
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md / json / png")
@@ -536,7 +564,9 @@ def main() -> None:
     unknown = [t for t in tasks if t not in BUILTIN_TASKS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
-    lr_grid = {m: parse_lrs(getattr(args, f"{m}_lrs"), LR_GRID[m]) for m in METHODS}
+    lr_grid = {kind: {m: parse_lrs(getattr(args, f"{m}_lrs"), grid[m]) for m in METHODS}
+               for kind, grid in (("completion", LR_GRID), ("classify", CLASSIFY_LR_GRID))}
+    steps = {"completion": args.steps, "classify": args.classify_steps}
     requested = [int(s) for s in args.sizes.split(",")]
     sizes = {t: sorted({min(n, len(task_records(t, "train"))) for n in requested}) for t in tasks}
     limits = {t: (args.classify_eval_limit or None) if BUILTIN_TASKS[t] == "classify" else args.eval_limit
@@ -547,7 +577,7 @@ def main() -> None:
     config = base_model.config
     scratch_base = make_scratch_base(base, out_dir / "scratch-base")
     print(f"base {base_checkpoint}: {base_model.num_parameters():,} parameters | scratch {scratch_base} | "
-          f"{args.steps} steps x batch {BATCH_SIZE} | lr grids {lr_grid}", flush=True)
+          f"steps {steps} x batch {BATCH_SIZE} | lr grids {lr_grid}", flush=True)
     del base_model
 
     print("untuned base", flush=True)
@@ -555,11 +585,13 @@ def main() -> None:
     grid, chosen = [], []
     for task in tasks:
         for n in sizes[task]:
+            kind = BUILTIN_TASKS[task]
             for method in METHODS:
-                tried = [train(base, scratch_base, task, method, n, args.steps, lr, out_dir) for lr in lr_grid[method]]
+                tried = [train(base, scratch_base, task, method, n, steps[kind], lr, out_dir)
+                         for lr in lr_grid[kind][method]]
                 extra = next_lr(tried)
                 if extra is not None:
-                    tried.append(train(base, scratch_base, task, method, n, args.steps, extra, out_dir))
+                    tried.append(train(base, scratch_base, task, method, n, steps[kind], extra, out_dir))
                 grid += tried
                 best = min(tried, key=selection_key)
                 if best.get("diverged"):
@@ -579,8 +611,9 @@ def main() -> None:
             "base": str(base_checkpoint), "base_parameters": sum(p.numel() for p in Transformer(config).parameters()),
             "base_config": f"{config.n_layer} layers, width {config.n_embd}, context {config.context_length}, "
                            f"vocab {config.vocab_size}",
-            "context_length": config.context_length, "steps": args.steps, "batch_size": BATCH_SIZE,
-            "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": "all-linear"}, "lr_grid": lr_grid,
+            "context_length": config.context_length, "steps": steps, "batch_size": BATCH_SIZE,
+            "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": LORA_TARGETS}, "pooling": POOLING,
+            "lr_grid": lr_grid,
             "eval_every": EVAL_EVERY, "val_records": VAL_RECORDS,
             "sizes": sizes, "train_sizes": {t: len(task_records(t, "train")) for t in tasks},
             "test_sets": {t: {"used": min(limits[t] or test_sizes[t], test_sizes[t]), "size": test_sizes[t]}

@@ -137,7 +137,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                       dropout=args.lora_dropout, target_modules=args.lora_targets)
     spec = FinetuneSpec(checkpoint=args.checkpoint, data=args.data, task=args.task, method=args.method, out=args.out,
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
-                        train_on_all=args.train_on_all, pack=not args.no_packing, lora=lora)
+                        train_on_all=args.train_on_all, pack=not args.no_packing, pooling=args.pooling, lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
     p.add_argument("--train-on-all", action="store_true", help="sft: loss on every token, not only the assistant's")
     p.add_argument("--no-packing", action="store_true", help="one example per row instead of packing")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                   help="classify: the head reads the mean of every token's final hidden state (default) or the last "
+                        "token's (as Hugging Face's *ForSequenceClassification)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 

@@ -2,6 +2,9 @@
 
 A frozen linear W gains a trainable update B·A scaled by alpha/rank: y = W x + (alpha/r) B A dropout(x).
 B starts at zero, so an injected model computes exactly what the base computes until training moves B.
+The token embedding can carry one too (target `embed_tokens`, not part of all-linear), as in PEFT: the table E
+(vocab, dim) gains (alpha/r) (B A)^T with A (r, vocab) starting at zero and B (dim, r) random. It costs
+r (vocab + dim) parameters and lets a specialist re-weigh what tokens mean, which classification needs most.
 
 On disk an adapter uses the PEFT layout:
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +34,7 @@ from ..fileio import atomic_write_bytes
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+EMBEDDING_MODULES = ("embed_tokens",)
 PEFT_PREFIX = "base_model.model.model."
 
 
@@ -42,18 +47,20 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES + MLP_MODULES))
 
     def __post_init__(self) -> None:
-        if self.target_modules in ("all-linear", ["all-linear"]):
-            self.target_modules = list(ATTENTION_MODULES + MLP_MODULES)
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        expanded = []
+        for module in self.target_modules:
+            expanded += ATTENTION_MODULES + MLP_MODULES if module == "all-linear" else (module,)
+        self.target_modules = list(dict.fromkeys(expanded))
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        unknown = sorted(set(self.target_modules) - set(ATTENTION_MODULES + MLP_MODULES))
+        unknown = sorted(set(self.target_modules) - set(ATTENTION_MODULES + MLP_MODULES + EMBEDDING_MODULES))
         if unknown:
             raise ConfigError(f"unknown LoRA target modules {unknown}; choose from "
-                              f"{', '.join(ATTENTION_MODULES + MLP_MODULES)} or all-linear")
+                              f"{', '.join(ATTENTION_MODULES + MLP_MODULES + EMBEDDING_MODULES)} or all-linear")
 
     @property
     def scaling(self) -> float:
@@ -97,28 +104,69 @@ class LoRALinear(nn.Module):
         return y
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding plus a trainable low-rank update of its table (PEFT's layout and initialisation)."""
+
+    def __init__(self, base: nn.Embedding, config: LoRAConfig):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_embedding_A = nn.Parameter(torch.zeros(config.rank, base.num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, config.rank, device=device, dtype=dtype))
+        self.scaling = config.scaling
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense table (num_embeddings, embedding_dim)."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)
+        if self.enabled:
+            y = y + (F.embedding(ids, self.lora_embedding_A.T) @ self.lora_embedding_B.T) * self.scaling
+        return y
+
+
+LORA_LAYERS = (LoRALinear, LoRAEmbedding)
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Freeze every parameter of `model`, wrap the targeted linears in LoRALinear; return their names."""
+    """Freeze every parameter of `model`, wrap the targeted linears in LoRALinear (and embeddings in
+    LoRAEmbedding); return their names."""
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules]
+               if isinstance(module, (nn.Linear, nn.Embedding)) and name.rsplit(".", 1)[-1] in config.target_modules]
     if not targets:
-        raise ConfigError(f"no linear layer matches the LoRA target modules {config.target_modules}")
+        raise ConfigError(f"no layer matches the LoRA target modules {config.target_modules}")
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, config))
+        setattr(parent, child, (LoRALinear if isinstance(module, nn.Linear) else LoRAEmbedding)(module, config))
     return [name for name, _ in targets]
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain nn.Linear back (in place)."""
+    """Fold every adapter into its base weight and put the plain layer back (in place).
+
+    An embedding adapter on a model whose output head shares the embedding table (tie_embeddings) changes only
+    the input side, so merging unties them: the head keeps the original table and the config says untied.
+    """
     for name, module in lora_modules(model).items():
+        lm_head = getattr(model, "lm_head", None)
+        if isinstance(module, LoRAEmbedding) and lm_head is not None and lm_head.weight is module.base.weight:
+            lm_head.weight = nn.Parameter(module.base.weight.detach().clone(),
+                                          requires_grad=module.base.weight.requires_grad)
+            model.config.tie_embeddings = False
         with torch.no_grad():
             module.base.weight += module.delta_weight().to(module.base.weight.dtype)
         parent_name, _, child = name.rpartition(".")
@@ -136,9 +184,21 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA weights under PEFT key names."""
     state = {}
     for name, module in lora_modules(model).items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
+        for part, weight in lora_pair(module).items():
+            state[adapter_key(name, part, isinstance(module, LoRAEmbedding))] = weight.detach().contiguous()
     return state
+
+
+def lora_pair(module: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
+    """{"A": A, "B": B} of a LoRA layer, in PEFT's shapes."""
+    if isinstance(module, LoRAEmbedding):
+        return {"A": module.lora_embedding_A, "B": module.lora_embedding_B}
+    return {"A": module.lora_A.weight, "B": module.lora_B.weight}
+
+
+def adapter_key(module: str, part: str, embedding: bool) -> str:
+    """PEFT's key of a LoRA weight: ...q_proj.lora_A.weight, or ...embed_tokens.lora_embedding_A."""
+    return f"{PEFT_PREFIX}{module}.lora_embedding_{part}" if embedding else f"{PEFT_PREFIX}{module}.lora_{part}.weight"
 
 
 def fingerprint_checkpoint(checkpoint: Path) -> str:
@@ -233,10 +293,14 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def split_adapter_key(key: str) -> tuple[str, str]:
     """A PEFT key -> (module path in fmforge's model, "A" or "B"); ("", "") when it is no LoRA weight."""
-    if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+    if not key.startswith(PEFT_PREFIX):
         return "", ""
-    module, _, part = key[len(PEFT_PREFIX):-len(".weight")].rpartition(".lora_")
-    return module, part
+    rest = key[len(PEFT_PREFIX):]
+    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                         (".lora_embedding_B", "B")):
+        if rest.endswith(suffix):
+            return rest[:-len(suffix)], part
+    return "", ""
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
@@ -253,9 +317,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
             raise CheckpointError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
         name, part = split_adapter_key(key)
-        target = modules[name].lora_A if part == "A" else modules[name].lora_B
         with torch.no_grad():
-            target.weight.copy_(tensor)
+            lora_pair(modules[name])[part].copy_(tensor)
 
 
 def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:

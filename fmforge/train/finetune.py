@@ -45,6 +45,7 @@ class FinetuneSpec:
     limit: int | None = None  # use only the first N training records
     train_on_all: bool = False  # sft: loss on every token, not only assistant turns
     pack: bool = True
+    pooling: str = "mean"  # classify: how the head reads the hidden states (mean of every token, or the last)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -121,7 +122,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     device = resolve_device(cfg.device)
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
-    model = SequenceClassifier(base_model, labels) if task == "classify" else base_model
+    model = SequenceClassifier(base_model, labels, spec.pooling) if task == "classify" else base_model
     if spec.method == "lora":
         inject_lora(base_model, spec.lora)
         if task == "classify":
@@ -136,6 +137,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     info = {"task": task, "method": spec.method, "base_checkpoint": str(base_checkpoint),
             "base_fingerprint": base_fingerprint, "data": spec.data, "train_examples": len(train_data),
             "trainable_parameters": trainable, "total_parameters": total}
+    if task == "classify":
+        info["pooling"] = spec.pooling
     if dist.is_main and not quiet:
         print(f"{spec.method} fine-tuning for {task}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
@@ -154,6 +157,9 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         saved = json.loads((checkpoint / "finetune.json").read_text())
         if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
             raise CheckpointError(f"cannot resume {checkpoint}: it was trained with another base, task or method")
+        if task == "classify" and saved.get("pooling", "last") != spec.pooling:
+            raise CheckpointError(f"cannot resume {checkpoint}: its head pools {saved.get('pooling', 'last')!r}, "
+                                  f"not {spec.pooling!r} (--pooling)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights
             load_adapter_weights(base_model, checkpoint)
@@ -224,7 +230,7 @@ def load_specialist(checkpoint: str | Path, adapter: str | Path | None = None, d
 
     `model` is a SequenceClassifier when the specialist is a classifier, else a Transformer.
     """
-    from ..adapt.heads import read_labels
+    from ..adapt.heads import load_classifier
     from ..adapt.lora import load_adapter, resolve_adapter
 
     model, tokenizer, base_checkpoint = load_model_and_tokenizer(checkpoint, device)
@@ -240,8 +246,6 @@ def load_specialist(checkpoint: str | Path, adapter: str | Path | None = None, d
         if (adapter_dir / HEAD_FILE).exists():
             head_dir = adapter_dir
     if head_dir is not None:
-        classifier = SequenceClassifier(model, read_labels(head_dir))
-        classifier.load_head(head_dir)
-        model = classifier
+        model = load_classifier(model, head_dir)
     model.eval()
     return model, tokenizer, base_checkpoint, info
