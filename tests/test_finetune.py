@@ -196,6 +196,84 @@ def test_classifier_head_learns_labels_and_refuses_unseen_ones(checkpoint, tmp_p
     assert not (tmp_path / "never").exists()
 
 
+def test_classifier_pooling_reads_only_real_tokens_and_is_saved_with_the_head(checkpoint, tmp_path):
+    from fmforge.adapt.heads import HEAD_FILE, SequenceClassifier, load_classifier
+    from fmforge.errors import ConfigError
+
+    model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
+    model.eval()
+    short, long = tokenizer.encode("x = 1", add_bos=True), tokenizer.encode("def f(a, b):\n    return a", add_bos=True)
+    ids = torch.full((2, len(long) + 5), tokenizer.pad_id)  # right-padded past the longer text
+    ids[0, :len(short)], ids[1, :len(long)] = torch.tensor(short), torch.tensor(long)
+    lengths = torch.tensor([len(short), len(long)])
+    with torch.no_grad():
+        alone = [model(torch.tensor([row]), return_logits=False, return_hidden=True).hidden[0] for row in (short, long)]
+        for pooling, expected in [("mean", [h.mean(0) for h in alone]), ("last", [h[-1] for h in alone])]:
+            classifier = SequenceClassifier(model, ["a", "b", "c"], pooling).eval()
+            logits = classifier(ids, lengths).logits
+            torch.testing.assert_close(logits, classifier.score(torch.stack(expected)), rtol=1e-4, atol=1e-5)
+            classifier.save_head(tmp_path)
+            (tmp_path / "labels.json").write_text(json.dumps(classifier.labels))
+            loaded = load_classifier(model, tmp_path)
+            assert loaded.pooling == pooling and torch.equal(loaded(ids, lengths).logits, logits)
+    # A head saved before the pooling was recorded is a last-token head.
+    from safetensors.torch import save_file
+    save_file({"score.weight": torch.zeros(3, model.config.n_embd)}, str(tmp_path / HEAD_FILE))
+    assert load_classifier(model, tmp_path).pooling == "last"
+    with pytest.raises(ConfigError, match="unknown pooling"):
+        SequenceClassifier(model, ["a"], "max")
+
+
+def test_embedding_lora_trains_merges_untied_and_round_trips(checkpoint, tmp_path):
+    """LoRA on the token embedding of a model whose head shares the table: only the input side changes, the
+    CLI merge unties head and embedding, and merged logits equal the unmerged adapter's."""
+    from fmforge.adapt.lora import LoRAConfig, LoRAEmbedding, inject_lora, lora_modules, merge_lora
+    from fmforge.train.finetune import load_specialist
+
+    model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
+    assert model.config.tie_embeddings
+    x = torch.tensor([tokenizer.encode("def f(x):\n    return x + 1\n", add_bos=True)])
+    with torch.no_grad():
+        plain = model(x).logits
+        config = LoRAConfig(rank=4, target_modules="embed_tokens")
+        assert config.target_modules == ["embed_tokens"]
+        inject_lora(model, config)
+        assert isinstance(model.embed_tokens, LoRAEmbedding)
+        assert torch.equal(model(x).logits, plain)  # A starts at zero: the base's output exactly
+        lora_modules(model)["embed_tokens"].lora_embedding_A.normal_(0.0, 0.1)
+        adapted = model(x).logits
+        assert (adapted - plain).abs().max() > 1e-3
+        head = model.lm_head.weight.clone()
+        merged = merge_lora(model)
+        assert not merged.config.tie_embeddings and merged.lm_head.weight is not merged.embed_tokens.weight
+        assert torch.equal(merged.lm_head.weight, head)  # the output side is the base's
+        torch.testing.assert_close(merged(x).logits, adapted, rtol=1e-4, atol=1e-4)
+
+    rng = random.Random(0)
+    records = [{"text": " ".join(rng.choice(words) for _ in range(8)), "label": label}
+               for _ in range(20) for label, words in [("math", ["sum", "add", "plus"]), ("text", ["word", "page"])]]
+    data = write_jsonl(tmp_path / "cls.jsonl", records)
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify",
+                 "--lora-targets", "all-linear,embed_tokens", "--out", str(tmp_path / "ad"), *TRAIN]) == 0
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert "embed_tokens" in saved["target_modules"] and "q_proj" in saved["target_modules"]
+    info = json.loads((tmp_path / "ad" / "finetune.json").read_text())
+    V, C, r = model.config.vocab_size, model.config.n_embd, saved["r"]
+    assert info["pooling"] == "mean"
+    linears = sum(r * (m.in_features + m.out_features) for n, m in merged.named_modules()
+                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in saved["target_modules"])
+    assert info["trainable_parameters"] == linears + r * (V + C) + 2 * C  # + embedding LoRA + the 2-way head
+    assert main(["merge", "--checkpoint", str(checkpoint), "--adapter", str(tmp_path / "ad"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    unmerged, tokenizer, _, _ = load_specialist(checkpoint, tmp_path / "ad")
+    merged_clf, _, _, _ = load_specialist(tmp_path / "merged")
+    ids = torch.tensor([tokenizer.encode("add plus sum", add_bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(merged_clf(ids, torch.tensor([ids.shape[1]])).logits,
+                                   unmerged(ids, torch.tensor([ids.shape[1]])).logits, rtol=1e-4, atol=1e-4)
+    assert not json.loads((tmp_path / "merged" / "config.json").read_text())["model"]["tie_embeddings"]
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [}', "chat.jsonl:3: not valid JSON"),
     ('{"msgs": []}', "chat.jsonl:3: missing field 'messages' (fields present: msgs)"),

@@ -297,18 +297,24 @@ def test_import_completes_older_tokenizer_files(hf_tokenizer, tmp_path):
     (dict(), "all-linear"),
     (dict(qk_norm=True, attention_bias=True, head_dim=32), "all-linear"),
     (dict(n_experts=4, n_experts_per_token=2, moe_intermediate_size=64, tie_embeddings=False), "q_proj,v_proj"),
+    (dict(tie_embeddings=False), "all-linear,embed_tokens"),
+    (dict(), "embed_tokens,q_proj"),  # tied: the embedding adapter changes the input side only
 ])
 def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_path):
     """A LoRA adapter written by fmforge loads with peft onto the exported model, unmerged, with the same logits."""
     peft = pytest.importorskip("peft")
-    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, lora_modules, write_adapter
+    from fmforge.adapt.lora import (LoRAConfig, LoRAEmbedding, fingerprint_checkpoint, inject_lora, lora_modules,
+                                    write_adapter)
 
     model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)
     lora = LoRAConfig(rank=4, alpha=8.0, target_modules=targets)
     inject_lora(model, lora)
-    with torch.no_grad():  # as if trained: B moves away from zero
+    with torch.no_grad():  # as if trained: the zero-initialised factor moves away from zero
         for module in lora_modules(model).values():
-            module.lora_B.weight.normal_(0.0, 0.1)
+            if isinstance(module, LoRAEmbedding):
+                module.lora_embedding_A.normal_(0.0, 0.1)
+            else:
+                module.lora_B.weight.normal_(0.0, 0.1)
     write_adapter(tmp_path / "code-adapter", model, lora, tmp_path / "ckpt", fingerprint_checkpoint(tmp_path / "ckpt"))
 
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
@@ -326,6 +332,12 @@ def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_pa
         expected = model(ids).logits
         assert (adapted(ids).logits - expected).abs().max().item() <= 1e-4
         assert (plain - expected).abs().max().item() > 1e-2  # the adapter matters
+        if "embed_tokens" in targets:
+            embed = adapted.base_model.model.model.embed_tokens
+            assert isinstance(embed, peft.tuners.lora.Embedding)
+            assert (embed.lora_embedding_A["default"] - model.embed_tokens.lora_embedding_A).abs().max() == 0
+        if "embed_tokens" in targets and shape.get("tie_embeddings", True):
+            return  # PEFT merges into the table the head shares (fmforge's merge unties them: test_finetune)
         merged = adapted.merge_and_unload()
         assert (merged(ids).logits - expected).abs().max().item() <= 1e-4
 

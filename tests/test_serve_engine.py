@@ -28,7 +28,7 @@ def base(checkpoint) -> Path:
 @pytest.fixture(scope="module")
 def adapters(base, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return [make_adapter(base, root / "a", 1, ["q_proj", "v_proj", "down_proj"], 4),
+    return [make_adapter(base, root / "a", 1, ["q_proj", "v_proj", "down_proj", "embed_tokens"], 4),
             make_adapter(base, root / "b", 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"], 8)]
 
@@ -104,6 +104,7 @@ def test_adapters_apply_per_row_unmerged(base, adapters):
     # The adapters do change the output, and the base weights stay as they were (nothing is merged).
     assert results[0].tokens != results[5].tokens
     assert torch.equal(model.layers[0].self_attn.q_proj.base.weight, before)
+    assert type(model.embed_tokens).__name__ == "MultiLoRAEmbedding"  # adapter a adapts the token embedding too
 
 
 def test_adapter_for_another_base_is_refused(base, adapters, tmp_path):

@@ -4,7 +4,8 @@ Every adapted linear layer becomes a `MultiLoRALinear` that holds the A and B ma
 (adapter 0 is "no adapter": zeros). Before a forward, the engine writes each row's adapter index into the shared
 `AdapterSelection`; the layer then adds, per row, B_i A_i x (scaled) with two batched matmuls — the gather-bmm
 form of Punica's BGMV kernel (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving"). Ranks differ between
-adapters; smaller ones are zero-padded to the largest, which adds nothing to the result.
+adapters; smaller ones are zero-padded to the largest, which adds nothing to the result. An adapted token
+embedding becomes a `MultiLoRAEmbedding`: each row looks its tokens up in its own adapter's A^T, then one bmm by B.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class LoadedAdapter:
     name: str
     path: Path
     scaling: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r)); embedding:
+    # in = vocabulary, out = width
     info: dict
 
 
@@ -78,31 +80,56 @@ class MultiLoRALinear(nn.Module):
         return y + torch.bmm(low, self.lora_B[ids].transpose(1, 2))
 
 
+class MultiLoRAEmbedding(nn.Module):
+    def __init__(self, base: nn.Embedding, selection: AdapterSelection, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.base, self.selection = base, selection
+        self.register_buffer("lora_A_T", A.transpose(1, 2).contiguous())  # (n_adapters + 1, vocab, r)
+        self.register_buffer("lora_B", B)  # (n_adapters + 1, dim, r), scaling folded in
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)
+        rows = self.selection.ids
+        if rows is None:
+            return y
+        low = self.lora_A_T[rows[:, None], ids]  # (B, T, r): each row's tokens in its own adapter's table
+        return y + torch.bmm(low, self.lora_B[rows].transpose(1, 2))
+
+
 def attach_adapters(model: nn.Module, adapters: list[LoadedAdapter]) -> AdapterSelection:
-    """Replace each linear layer that any adapter targets by a MultiLoRALinear; adapter i is index i + 1."""
+    """Replace each linear layer (and the token embedding) that any adapter targets by a MultiLoRALinear
+    (MultiLoRAEmbedding); adapter i is index i + 1."""
     selection = AdapterSelection()
     modules = dict(model.named_modules())
     targeted = sorted({module for adapter in adapters for module in adapter.weights})
     for path in targeted:
         base = modules.get(path)
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, nn.Embedding)):
             owner = next(a for a in adapters if path in a.weights)
-            raise CheckpointError(f"adapter {owner.name!r} targets {path}, which is not a linear layer of this "
-                                  "base model")
+            raise CheckpointError(f"adapter {owner.name!r} targets {path}, which is not a linear layer or the "
+                                  "token embedding of this base model")
+        # A maps `fan_in` (features, or token ids) to the rank; B maps the rank to `fan_out`.
+        fan_in, fan_out = ((base.in_features, base.out_features) if isinstance(base, nn.Linear)
+                           else (base.num_embeddings, base.embedding_dim))
         rank = max(a.weights[path][0].shape[0] for a in adapters if path in a.weights)
         dtype, device = base.weight.dtype, base.weight.device
-        A = torch.zeros(len(adapters) + 1, rank, base.in_features, dtype=dtype, device=device)
-        B = torch.zeros(len(adapters) + 1, base.out_features, rank, dtype=dtype, device=device)
+        A = torch.zeros(len(adapters) + 1, rank, fan_in, dtype=dtype, device=device)
+        B = torch.zeros(len(adapters) + 1, fan_out, rank, dtype=dtype, device=device)
         for index, adapter in enumerate(adapters, start=1):
             if path not in adapter.weights:
                 continue
             a, b = adapter.weights[path]
-            if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+            if a.shape[1] != fan_in or b.shape[0] != fan_out or a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"adapter {adapter.name!r}: {path} has shapes A {tuple(a.shape)}, B "
-                                      f"{tuple(b.shape)}; the base layer is {base.out_features}x{base.in_features}")
+                                      f"{tuple(b.shape)}; the base layer is {fan_out}x{fan_in}")
             A[index, :a.shape[0]] = a.to(device, dtype)
             B[index, :, :b.shape[1]] = (b.float() * adapter.scaling).to(device, dtype)
         parent_path, _, child = path.rpartition(".")
         parent = modules[parent_path] if parent_path else model
-        setattr(parent, child, MultiLoRALinear(base, selection, A, B))
+        layer = MultiLoRALinear if isinstance(base, nn.Linear) else MultiLoRAEmbedding
+        setattr(parent, child, layer(base, selection, A, B))
     return selection
