@@ -295,16 +295,30 @@ QUICKSTART_SPECIALISTS = {"stdlib-docstring": "bits_per_byte", "stdlib-module": 
 def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     """Grow two LoRA specialists from the foundation model and score them next to the base."""
     from .adapt.lora import LoRAConfig
+    from .data.tasks import BUILTIN_TASKS
+    from .errors import CheckpointError
     from .eval.tasks import run_tasks
     from .train.finetune import FinetuneSpec, finetune, load_specialist
 
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
     banner("5/6 specialists: LoRA adapters on two built-in tasks")
     for task in QUICKSTART_SPECIALISTS:
+        # The classifier also adapts the token embedding (benchmarks/RESULTS.md, "transfer", says why).
+        targets = "all-linear,embed_tokens" if BUILTIN_TASKS[task] == "classify" else "all-linear"
         spec = FinetuneSpec(checkpoint=str(model_dir), data=task, method="lora", out=str(out / task),
-                            lora=LoRAConfig(rank=8, alpha=16.0))
-        finetune(spec, ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
-                        "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"], resume=True)
+                            lora=LoRAConfig(rank=8, alpha=16.0, target_modules=targets))
+        overrides = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
+                     "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"]
+        try:
+            finetune(spec, overrides, resume=True)
+        except CheckpointError as exc:  # made by an earlier fmforge with other settings: keep it, train anew
+            if not str(exc).startswith("cannot resume") and "does not fit this model" not in str(exc):
+                raise
+            kept = out / f"{task}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            (out / task).rename(kept)
+            print(f"{out / task} was trained with other settings ({exc}); moved to {kept}, training again",
+                  flush=True)
+            finetune(spec, overrides, resume=True)
 
     banner("6/6 base vs specialists (test split)")
     base, tokenizer, _, _ = load_specialist(model_dir)

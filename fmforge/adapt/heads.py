@@ -15,9 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import ModelOutput, Transformer
 
 HEAD_FILE, LABELS_FILE = "head.safetensors", "labels.json"
-
-
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last")  # how a classifier reads the final hidden states: their mean, or the last token's
 
 
 class SequenceClassifier(nn.Module):
