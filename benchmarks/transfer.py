@@ -35,7 +35,7 @@ Targets (fixed before the measurement):
                per bit, is the score). Also shown for bpb, and stricter: the share of full fine-tuning's
                gain over the untuned base that LoRA captures, (base - lora) / (base - full).
 
-    .venv/bin/python benchmarks/transfer.py     # 54 runs, ~100 min one after another (1 thread, shared 2-core
+    .venv/bin/python benchmarks/transfer.py     # 54 runs, ~130 min one after another (1 thread, shared 2-core
                                                 # machine, 2026-11-30): ~95 s per completion run, ~230 s classify
     .venv/bin/python benchmarks/transfer.py --steps 30 --eval-limit 3 --classify-eval-limit 20 --sizes 100 \\
         --lora-lrs 1e-2 --full-lrs 1e-3 --scratch-lrs 3e-3 --out-dir /tmp/t --no-write   # a smoke test, ~5 min
