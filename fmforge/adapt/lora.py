@@ -254,7 +254,8 @@ def resolve_adapter(path: str | Path) -> Path:
     if (path / "adapter_config.json").exists():
         return path
     if (path / "latest").exists():
-        candidate = path / "checkpoints" / (path / "latest").read_text().strip()
+        from ..train.checkpoint import latest_in_run
+        candidate = latest_in_run(path)
         if (candidate / "adapter_config.json").exists():
             return candidate
     raise CheckpointError(f"{path} holds no adapter (no adapter_config.json)")
