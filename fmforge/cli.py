@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lora-targets", default="all-linear",
-                   help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear")
+                   help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, embed_tokens "
+                        "(the token embedding), all-linear (attention + MLP), e.g. all-linear,embed_tokens")
     p.add_argument("--train-on-all", action="store_true", help="sft: loss on every token, not only the assistant's")
     p.add_argument("--no-packing", action="store_true", help="one example per row instead of packing")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean",
