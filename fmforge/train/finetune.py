@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier
+from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier, head_pooling
 from ..adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
@@ -157,8 +157,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         saved = json.loads((checkpoint / "finetune.json").read_text())
         if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
             raise CheckpointError(f"cannot resume {checkpoint}: it was trained with another base, task or method")
-        if task == "classify" and saved.get("pooling", "last") != spec.pooling:
-            raise CheckpointError(f"cannot resume {checkpoint}: its head pools {saved.get('pooling', 'last')!r}, "
+        if task == "classify" and head_pooling(checkpoint) != spec.pooling:
+            raise CheckpointError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
                                   f"not {spec.pooling!r} (--pooling)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights
