@@ -296,7 +296,7 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     """Grow two LoRA specialists from the foundation model and score them next to the base."""
     from .adapt.lora import LoRAConfig
     from .data.tasks import BUILTIN_TASKS
-    from .errors import CheckpointError
+    from .errors import SettingsMismatchError
     from .eval.tasks import run_tasks
     from .train.finetune import FinetuneSpec, finetune, load_specialist
 
@@ -311,9 +311,7 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
                      "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"]
         try:
             finetune(spec, overrides, resume=True)
-        except CheckpointError as exc:  # made by an earlier fmforge with other settings: keep it, train anew
-            if not str(exc).startswith("cannot resume") and "does not fit this model" not in str(exc):
-                raise
+        except SettingsMismatchError as exc:  # made by an earlier fmforge with other settings: keep it, train anew
             kept = out / f"{task}.old-{time.strftime('%Y%m%d-%H%M%S')}"
             (out / task).rename(kept)
             print(f"{out / task} was trained with other settings ({exc}); moved to {kept}, training again",

@@ -17,6 +17,11 @@ class CheckpointError(FmforgeError):
     """Missing, incomplete or corrupt checkpoint; a checkpoint that does not fit the request."""
 
 
+class SettingsMismatchError(CheckpointError):
+    """A checkpoint or adapter made with other settings than the request's: another model config, base, task,
+    method, head pooling or set of LoRA modules. Nothing is wrong with its files; they answer another question."""
+
+
 class TokenizerError(FmforgeError):
     """Missing tokenizer files or a tokenizer that does not match the model."""
 

@@ -224,6 +224,35 @@ def test_classifier_pooling_reads_only_real_tokens_and_is_saved_with_the_head(ch
         SequenceClassifier(model, ["a"], "max")
 
 
+def test_resuming_with_other_settings_is_a_settings_mismatch(checkpoint, tmp_path, capsys):
+    """Resuming a run made with other LoRA modules or another head pooling raises SettingsMismatchError (what the
+    quickstart moves aside and trains again); the CLI prints one line and exits 1, and the run is untouched."""
+    from fmforge.adapt.lora import LoRAConfig
+    from fmforge.errors import SettingsMismatchError
+    from fmforge.train.finetune import FinetuneSpec, finetune
+
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"word {i}", "label": "ab"[i % 2]} for i in range(16)])
+    out = tmp_path / "run"
+    train = lambda steps: ["--max_steps", str(steps), "--batch_size", "4", "--precision", "fp32"]  # noqa: E731
+    tree = lambda: {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}  # noqa: E731
+    spec = lambda targets, pooling: FinetuneSpec(  # noqa: E731
+        checkpoint=str(checkpoint), data=str(data), task="classify", out=str(out), pooling=pooling,
+        lora=LoRAConfig(rank=2, alpha=4.0, target_modules=targets))
+    finetune(spec("all-linear", "mean"), train(2), quiet=True)
+    before = tree()
+    with pytest.raises(SettingsMismatchError, match="does not fit this model"):
+        finetune(spec("all-linear,embed_tokens", "mean"), train(4), resume=True, quiet=True)
+    with pytest.raises(SettingsMismatchError, match="its head pools 'mean', not 'last'"):
+        finetune(spec("all-linear", "last"), train(4), resume=True, quiet=True)
+    capsys.readouterr()
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify", "--out",
+                 str(out), "--lora-rank", "2", "--lora-alpha", "4", "--pooling", "last", "--max_steps", "4",
+                 "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its head pools 'mean'" in err
+    assert tree() == before
+
+
 def test_embedding_lora_trains_merges_untied_and_round_trips(checkpoint, tmp_path):
     """LoRA on the token embedding of a model whose head shares the table: only the input side changes, the
     CLI merge unties head and embedding, and merged logits equal the unmerged adapter's."""

@@ -3,7 +3,10 @@ samples, two LoRA specialists and their scores."""
 
 import json
 
+from safetensors.torch import load_file, save_file
+
 from conftest import run_cli
+from fmforge.train.checkpoint import latest_in_run
 
 
 def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
@@ -20,7 +23,16 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "model" / "loss.png").exists()
     for task in ["stdlib-docstring", "stdlib-module"]:
         assert (out / "specialists" / task / "adapter_config.json").exists()
-    # Running it again reuses everything and trains nothing new.
+    # Make the module specialist look like one of an earlier fmforge (no embedding LoRA): running again reuses
+    # everything else and trains nothing new, but moves that specialist aside and trains it again.
+    module = out / "specialists" / "stdlib-module"
+    adapter = latest_in_run(module) / "adapter_model.safetensors"
+    tensors = load_file(str(adapter))
+    save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k}, str(adapter))
     again = run_cli(*args, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing tokenizer" in again.stdout and "resumed from" in again.stdout
+    assert "trained with other settings" in again.stdout
+    kept = list(module.parent.glob("stdlib-module.old-*"))
+    assert len(kept) == 1 and (kept[0] / "finetune.json").exists()
+    assert any("embed_tokens" in k for k in load_file(str(latest_in_run(module) / "adapter_model.safetensors")))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, SettingsMismatchError
 from ..fileio import atomic_write_bytes
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -268,8 +268,8 @@ def check_adapter_base(adapter_config: dict, base_checkpoint: Path, adapter_dir:
         return  # a foreign PEFT adapter: shapes are still checked on load
     actual = fingerprint_checkpoint(base_checkpoint)
     if actual != expected:
-        raise CheckpointError(f"adapter {adapter_dir} was trained on a different base model than {base_checkpoint} "
-                              f"(base fingerprint {expected[:12]}…, this base {actual[:12]}…)")
+        raise SettingsMismatchError(f"adapter {adapter_dir} was trained on a different base model than "
+                                    f"{base_checkpoint} (base fingerprint {expected[:12]}…, this base {actual[:12]}…)")
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | None = None) -> LoRAConfig:
@@ -310,12 +310,12 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
     expected = adapter_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"adapter {adapter_dir} does not fit this model: missing {missing[:2]}, "
+        raise SettingsMismatchError(f"adapter {adapter_dir} does not fit this model: missing {missing[:2]}, "
                               f"unexpected {unexpected[:2]}")
     modules = lora_modules(model)
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
+            raise SettingsMismatchError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[key].shape)}")
         name, part = split_adapter_key(key)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
 from ..data.tasks import BUILTIN_TASKS, task_records
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, SettingsMismatchError
 from . import distributed
 from .checkpoint import load_model_and_tokenizer, write_model_files
 from .trainer import Trainer, TrainResult, count_targets, resolve_device
@@ -156,9 +156,10 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     def load_files(checkpoint: Path) -> None:
         saved = json.loads((checkpoint / "finetune.json").read_text())
         if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
-            raise CheckpointError(f"cannot resume {checkpoint}: it was trained with another base, task or method")
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: it was trained with another base, task or "
+                                        "method")
         if task == "classify" and head_pooling(checkpoint) != spec.pooling:
-            raise CheckpointError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
                                   f"not {spec.pooling!r} (--pooling)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights

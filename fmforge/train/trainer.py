@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, SettingsMismatchError, TrainingError
 from . import distributed
 from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
     read_model_config, read_train_state, write_model_files
@@ -128,7 +128,7 @@ class Trainer:
     def _load_transformer(self, checkpoint: Path) -> None:
         saved = read_model_config(checkpoint)
         if saved != self.model.config:
-            raise CheckpointError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
         load_weights(self.model, checkpoint)
 
     def _say(self, text: str) -> None:
