@@ -42,10 +42,10 @@ Targets (fixed before the measurement):
 Finished runs in --out-dir are reused (keyed by their settings and a digest of their training and validation
 records), so an interrupted sweep continues where it stopped.
 
-Measured (benchmarks/RESULTS.md, section "transfer"): on both completion tasks LoRA and full fine-tuning beat
-scratch by 1.30-1.58x in bits per byte and LoRA reaches 0.966-1.006 of full. On stdlib-module, with N = 1000
-both clearly beat scratch (+12.9 and +18.8 points: 59.6 / 65.6 / 46.7%), with N = 100 they do not (+2.2 and
-+8.1: 33.6 / 39.5 / 31.4%), and LoRA reaches 0.85-0.91 of full, so those targets are not met.
+Measured (benchmarks/RESULTS.md, section "transfer"; base pretrained 1800 steps, 1.26 bits/byte): LoRA and full
+fine-tuning beat scratch in all 6 cells (completion 1.80-2.46x lower bits per byte; stdlib-module +13.9 / +19.5
+points at N = 100, +27.4 / +27.1 at N = 1000), LoRA reaches 0.987-1.030 of full on completion and 1.004 on
+stdlib-module at N = 1000, but 0.889 at N = 100 (45.3 vs 50.9% test accuracy): that one target is not met.
 """
 
 from __future__ import annotations
