@@ -311,12 +311,12 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise SettingsMismatchError(f"adapter {adapter_dir} does not fit this model: missing {missing[:2]}, "
-                              f"unexpected {unexpected[:2]}")
+                                    f"unexpected {unexpected[:2]}")
     modules = lora_modules(model)
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise SettingsMismatchError(f"adapter {adapter_dir}: {key} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(expected[key].shape)}")
+                                        f"expected {tuple(expected[key].shape)}")
         name, part = split_adapter_key(key)
         with torch.no_grad():
             lora_pair(modules[name])[part].copy_(tensor)

@@ -160,7 +160,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
                                         "method")
         if task == "classify" and head_pooling(checkpoint) != spec.pooling:
             raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
-                                  f"not {spec.pooling!r} (--pooling)")
+                                        f"not {spec.pooling!r} (--pooling)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights
             load_adapter_weights(base_model, checkpoint)
