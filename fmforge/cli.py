@@ -137,7 +137,8 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                       dropout=args.lora_dropout, target_modules=args.lora_targets)
     spec = FinetuneSpec(checkpoint=args.checkpoint, data=args.data, task=args.task, method=args.method, out=args.out,
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
-                        train_on_all=args.train_on_all, pack=not args.no_packing, pooling=args.pooling, lora=lora)
+                        train_on_all=args.train_on_all, pack=not args.no_packing, pooling=args.pooling,
+                        head_lr_scale=args.head_lr_scale, lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
@@ -438,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "last"], default="mean",
                    help="classify: the head reads the mean of every token's final hidden state (default) or the last "
                         "token's (as Hugging Face's *ForSequenceClassification)")
+    p.add_argument("--head-lr-scale", type=float, default=1.0,
+                   help="classify: the new head trains at this multiple of --lr (e.g. 10 with LoRA)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 

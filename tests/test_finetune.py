@@ -253,6 +253,39 @@ def test_resuming_with_other_settings_is_a_settings_mismatch(checkpoint, tmp_pat
     assert tree() == before
 
 
+def test_head_lr_scale_multiplies_only_the_heads_step(checkpoint, tmp_path, capsys):
+    """--head-lr-scale 10: after one Adam step (each element moves by ~lr) from the same start, the head has moved
+    10x as far as with the default while the LoRA weights moved identically; resuming with another scale is refused."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "cls.jsonl", [{"text": f"word {i} " * 3, "label": "ab"[i % 2]} for i in range(16)])
+    one_step = ["--max_steps", "1", "--warmup_steps", "0", "--schedule", "constant", "--lr", "1e-3",
+                "--batch_size", "4", "--precision", "fp32", "--eval_interval", "1", "--lora-rank", "2"]
+    runs = {}
+    for scale in ("1", "10"):
+        out = tmp_path / f"head{scale}"
+        assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify", "--out",
+                     str(out), "--head-lr-scale", scale, *one_step]) == 0
+        runs[scale] = out
+    from fmforge.adapt.heads import SequenceClassifier
+    model, _, _ = load_model_and_tokenizer(checkpoint)
+    torch.manual_seed(1337)  # the head's initialisation in both runs (fmforge's default seed)
+    start = SequenceClassifier(model, ["a", "b"], "mean").score.weight.detach()
+    moved = {scale: (load_file(str(out / "head.safetensors"))["score.weight"] - start).abs()
+             for scale, out in runs.items()}
+    assert 0.5e-3 < moved["1"].median() < 1.5e-3 and 5e-3 < moved["10"].median() < 15e-3
+    torch.testing.assert_close(moved["10"], 10 * moved["1"], rtol=0.05, atol=1e-5)
+    adapters = {scale: load_file(str(out / "adapter_model.safetensors")) for scale, out in runs.items()}
+    assert all(torch.equal(adapters["1"][k], adapters["10"][k]) for k in adapters["1"])
+    capsys.readouterr()
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify", "--out",
+                 str(runs["10"]), *one_step, "--max_steps", "2", "--resume"]) == 1
+    assert "its head trained at 10 x the lr, not 1" in capsys.readouterr().err
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--task", "classify", "--out",
+                 str(tmp_path / "bad"), "--head-lr-scale", "0"]) == 1
+    assert "--head-lr-scale must be > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_embedding_lora_trains_merges_untied_and_round_trips(checkpoint, tmp_path):
     """LoRA on the token embedding of a model whose head shares the table: only the input side changes, the
     CLI merge unties head and embedding, and merged logits equal the unmerged adapter's."""

@@ -46,6 +46,7 @@ class FinetuneSpec:
     train_on_all: bool = False  # sft: loss on every token, not only assistant turns
     pack: bool = True
     pooling: str = "mean"  # classify: how the head reads the hidden states (mean of every token, or the last)
+    head_lr_scale: float = 1.0  # classify: the fresh head trains at this multiple of the lr
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -85,6 +86,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
              quiet: bool = False) -> TrainResult:
     if spec.method not in ("full", "lora"):
         raise ConfigError(f"--method must be full or lora, got {spec.method!r}")
+    if not spec.head_lr_scale > 0:
+        raise ConfigError(f"--head-lr-scale must be > 0, got {spec.head_lr_scale}")
     base_model, tokenizer, base_checkpoint = load_model_and_tokenizer(spec.checkpoint)
     run = load_recipe(None, [f"--train.{k}={v}" for k, v in {**FINETUNE_DEFAULTS, "lr": default_lr(spec.method),
                                                                "out_dir": spec.out}.items()] + (overrides or []))
@@ -138,7 +141,9 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
             "base_fingerprint": base_fingerprint, "data": spec.data, "train_examples": len(train_data),
             "trainable_parameters": trainable, "total_parameters": total}
     if task == "classify":
-        info["pooling"] = spec.pooling
+        info.update(pooling=spec.pooling, head_lr_scale=spec.head_lr_scale)
+    elif spec.head_lr_scale != 1.0:
+        raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task}")
     if dist.is_main and not quiet:
         print(f"{spec.method} fine-tuning for {task}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
@@ -161,6 +166,10 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         if task == "classify" and head_pooling(checkpoint) != spec.pooling:
             raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
                                         f"not {spec.pooling!r} (--pooling)")
+        if task == "classify" and saved.get("head_lr_scale", 1.0) != spec.head_lr_scale:
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: its head trained at "
+                                        f"{saved.get('head_lr_scale', 1.0):g} x the lr, not {spec.head_lr_scale:g} "
+                                        "(--head-lr-scale)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights
             load_adapter_weights(base_model, checkpoint)
@@ -176,7 +185,9 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         evaluate = make_evaluator(task, val_data, cfg.batch_size, device, dist)
     try:
         trainer = Trainer(model, run, batches.get, evaluate, Path(cfg.out_dir), base_checkpoint, dist, device,
-                          resume=resume, quiet=quiet, save_files=save_files, load_files=load_files)
+                          resume=resume, quiet=quiet, save_files=save_files, load_files=load_files,
+                          lr_scale={p: spec.head_lr_scale for p in model.score.parameters()} if task == "classify"
+                          else None)
         result = trainer.fit()
         if dist.is_main and spec.method == "lora" and result.checkpoint is not None:
             from ..adapt.lora import atomic_copy_files

@@ -9,12 +9,20 @@ import torch
 from ..config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay applies to 2-D+ tensors (matmul weights, embeddings), not to norms and biases."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    lr_scale: dict[torch.nn.Parameter, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay applies to 2-D+ tensors (matmul weights, embeddings), not to norms and biases.
+    `lr_scale` gives parameters a learning rate of scale x the schedule's (kept in their group as "lr_scale")."""
+    lr_scale = lr_scale or {}
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for scale in sorted({1.0} | {lr_scale.get(p, 1.0) for p in params}):
+        scaled = [p for p in params if lr_scale.get(p, 1.0) == scale]
+        extra = {} if scale == 1.0 else {"lr_scale": scale}
+        pair = [{"params": [p for p in scaled if p.dim() >= 2], "weight_decay": cfg.weight_decay, **extra},
+                {"params": [p for p in scaled if p.dim() < 2], "weight_decay": 0.0, **extra}]
+        # The unscaled pair stays even when empty, so optimizer states saved before lr_scale existed still load.
+        groups += pair if scale == 1.0 else [g for g in pair if g["params"]]
     device_type = params[0].device.type
     # The fused kernel is the fastest path on both CPU and CUDA in torch >= 2.4.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),

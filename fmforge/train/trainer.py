@@ -83,9 +83,10 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, run: RunConfig, get_batch: BatchFn, evaluate: EvalFn | None,
                  run_dir: Path, tokenizer_dir: Path | None, dist: distributed.DistInfo, device: torch.device,
-                 resume: bool = False, quiet: bool = False, save_files=None, load_files=None):
+                 resume: bool = False, quiet: bool = False, save_files=None, load_files=None, lr_scale=None):
         """save_files(directory) writes the model's files into a checkpoint directory and
-        load_files(checkpoint) restores them on resume; both default to a plain Transformer checkpoint."""
+        load_files(checkpoint) restores them on resume; both default to a plain Transformer checkpoint.
+        lr_scale: {parameter: factor} for parameters that train at factor x the scheduled lr."""
         self.run, self.cfg = run, run.train
         self.model, self.get_batch, self.evaluate = model, get_batch, evaluate
         self.run_dir, self.tokenizer_dir = Path(run_dir), tokenizer_dir
@@ -96,7 +97,7 @@ class Trainer:
         self.start_step = 0
         self.save_files = save_files or (lambda directory: write_model_files(directory, model, tokenizer_dir))
         self.load_files = load_files or self._load_transformer
-        self.optimizer = build_optimizer(model, self.cfg)
+        self.optimizer = build_optimizer(model, self.cfg, lr_scale)
         if resume:
             self._resume()
         elif self._has_checkpoint():
@@ -210,7 +211,7 @@ class Trainer:
             while step < cfg.max_steps:
                 lr = lr_at(step, cfg)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks),
                 # so that accumulation x k equals batch x k even when loss masks make row counts differ.
                 batches = [self.get_batch(step, micro) for micro in range(cfg.grad_accum)]
