@@ -121,6 +121,9 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
                 print(f"warning: {train_data.truncated} training examples are longer than the context "
                       f"({T} tokens) and were truncated", file=sys.stderr)
 
+    if task != "classify" and spec.head_lr_scale != 1.0:
+        raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task}")
+
     # ---- model ----
     device = resolve_device(cfg.device)
     dist = distributed.setup(device.type)
@@ -142,8 +145,6 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
             "trainable_parameters": trainable, "total_parameters": total}
     if task == "classify":
         info.update(pooling=spec.pooling, head_lr_scale=spec.head_lr_scale)
-    elif spec.head_lr_scale != 1.0:
-        raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task}")
     if dist.is_main and not quiet:
         print(f"{spec.method} fine-tuning for {task}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
@@ -163,13 +164,14 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
             raise SettingsMismatchError(f"cannot resume {checkpoint}: it was trained with another base, task or "
                                         "method")
-        if task == "classify" and head_pooling(checkpoint) != spec.pooling:
-            raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {head_pooling(checkpoint)!r}, "
-                                        f"not {spec.pooling!r} (--pooling)")
-        if task == "classify" and saved.get("head_lr_scale", 1.0) != spec.head_lr_scale:
-            raise SettingsMismatchError(f"cannot resume {checkpoint}: its head trained at "
-                                        f"{saved.get('head_lr_scale', 1.0):g} x the lr, not {spec.head_lr_scale:g} "
-                                        "(--head-lr-scale)")
+        if task == "classify":
+            pooling, head_lr_scale = head_pooling(checkpoint), saved.get("head_lr_scale", 1.0)
+            if pooling != spec.pooling:
+                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {pooling!r}, "
+                                            f"not {spec.pooling!r} (--pooling)")
+            if head_lr_scale != spec.head_lr_scale:
+                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head trained at {head_lr_scale:g} x "
+                                            f"the lr, not {spec.head_lr_scale:g} (--head-lr-scale)")
         if spec.method == "lora":
             from ..adapt.lora import load_adapter_weights
             load_adapter_weights(base_model, checkpoint)
