@@ -74,11 +74,12 @@ from pathlib import Path
 
 import torch
 
+from fmforge.adapt.lora import fingerprint_checkpoint
 from fmforge.cli import main as fmforge_main
 from fmforge.data.tasks import BUILTIN_TASKS, task_records
 from fmforge.eval.tasks import run_tasks
 from fmforge.model import Transformer
-from fmforge.train.checkpoint import load_model_and_tokenizer, write_checkpoint
+from fmforge.train.checkpoint import load_model_and_tokenizer, read_model_config, write_checkpoint
 from fmforge.train.finetune import load_specialist
 
 HERE = Path(__file__).resolve().parent
@@ -202,42 +203,30 @@ def ensure_default_base(threads: int) -> None:
         raise SystemExit(f"fmforge {' '.join(argv)} failed (exit {code})")
 
 
-def weights_digest(checkpoint: Path) -> str:
-    """Digest of a checkpoint's weights: runs and scores of another base are not reused."""
-    digest = hashlib.sha1()
-    with open(checkpoint / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def pretraining_summary(checkpoint: Path) -> str:
     """"N steps, T tokens, held-out B bits/byte" of a pretraining checkpoint, from its run's metrics.jsonl."""
     metrics = checkpoint.parent.parent / "metrics.jsonl"
     step = int(checkpoint.name.split("-")[-1]) if checkpoint.name.startswith("step-") else None
     lines = metrics.read_text().splitlines() if metrics.exists() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    at_step = [r for r in records if r.get("step") == step]
+    at_step = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("step") == step]
     if not at_step:
         return "pretraining record not found"
-    last = at_step[-1]
-    held_out = [r["val_bpb"] for r in records if r.get("step") == step and "val_bpb" in r]
-    return (f"pretrained {step} steps, {last['tokens']:,} tokens"
+    held_out = [r["val_bpb"] for r in at_step if "val_bpb" in r]
+    return (f"pretrained {step} steps, {at_step[-1]['tokens']:,} tokens"
             + (f", held-out {held_out[-1]:.3f} bits/byte" if held_out else ""))
 
 
-def make_scratch_base(base: Path, out: Path) -> Path:
+def make_scratch_base(config, base_checkpoint: Path, out: Path) -> Path:
     """A fresh Transformer of the base's exact config, with the base's tokenizer, as a checkpoint (made again
     when the one in `out` has another config or tokenizer)."""
-    model, _, base_checkpoint = load_model_and_tokenizer(base)
     if (out / "model.safetensors").exists():
-        old, _, _ = load_model_and_tokenizer(out)
-        if old.config == model.config and all((out / name).read_bytes() == (base_checkpoint / name).read_bytes()
-                                              for name in ("tokenizer.json",)):
+        tokenizer = "tokenizer.json"
+        if (read_model_config(out) == config
+                and (out / tokenizer).read_bytes() == (base_checkpoint / tokenizer).read_bytes()):
             return out
         shutil.rmtree(out)
     torch.manual_seed(SCRATCH_SEED)
-    fresh = Transformer(model.config)
+    fresh = Transformer(config)
     write_checkpoint(out, fresh, tokenizer_dir=base_checkpoint)
     return out
 
@@ -280,7 +269,7 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 def train(base: Path, scratch_base: Path, task: str, method: str, n: int, steps: int, lr: float,
           out_dir: Path, start_digests: dict[str, str], seed: int, head: float = 1.0) -> dict:
     """Train one (task, method, N, lr) and read its validation metrics; a finished run of the same settings,
-    data and starting weights (`start_digests`: "base" and "scratch" -> weights_digest) is reused. A run whose
+    data and starting weights (`start_digests`: "base" and "scratch" -> fingerprint_checkpoint) is reused. A run whose
     loss diverges is recorded as such (it cannot be chosen)."""
     run_dir = run_dir_of(out_dir, task, n, method, lr, steps, seed, head)
     done = run_dir / "transfer_run.json"
@@ -540,7 +529,7 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
              + ", the same for every method. bpb = bits per byte of the reference completion (+ eos), lower is "
              "better.", ""]
     lines += ["| task | N | metric | untuned base | (a) LoRA | (b) full FT | (c) scratch | (a) vs (c) | (b) vs (c) "
-              "| LoRA / full score | LoRA trainable params | lr @ step of seed 1 (a / b / c) |",
+              "| LoRA / full score | LoRA trainable params | lr @ step of the first seed (a / b / c) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["metric"] == "accuracy":
@@ -725,8 +714,8 @@ def main() -> None:
         ensure_default_base(args.base_threads)
     base_model, _, base_checkpoint = load_model_and_tokenizer(base)
     config = base_model.config
-    scratch_base = make_scratch_base(base, out_dir / "scratch-base")
-    start_digests = {"base": weights_digest(base_checkpoint), "scratch": weights_digest(scratch_base)}
+    scratch_base = make_scratch_base(config, base_checkpoint, out_dir / "scratch-base")
+    start_digests = {"base": fingerprint_checkpoint(base_checkpoint), "scratch": fingerprint_checkpoint(scratch_base)}
     base_pretraining = pretraining_summary(base_checkpoint)
     print(f"base {base_checkpoint}: {base_model.num_parameters():,} parameters | scratch {scratch_base} | "
           f"steps {steps} x batch {BATCH_SIZE} | lr grids {lr_grid}", flush=True)
