@@ -219,7 +219,7 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
     import threading
 
     from fmforge.serve.engine import Engine, SamplingOptions
-    from fmforge.train.checkpoint import load_model_and_tokenizer
+    from fmforge.checkpoint import load_model_and_tokenizer
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from serve_benchmark import hf_twin
@@ -256,9 +256,10 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
         results[f"engine_speculate{speculate}_16streams_tok_s"] = round(run(16))
         engine.stop()
     # Three models in one batch: the base and two random LoRA adapters, applied per row, unmerged.
-    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
+    from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
+    from fmforge.checkpoint import fingerprint_checkpoint
     from fmforge.serve.lora import read_adapter
-    from fmforge.train.checkpoint import resolve_checkpoint
+    from fmforge.checkpoint import resolve_checkpoint
 
     base_dir = resolve_checkpoint(work / "run-eager")
     adapters = []

@@ -54,7 +54,7 @@ STEPS = {
         "assert main(['import', 'hf', sys.argv[1], '--out', sys.argv[2]]) == 0",
         ["{hf}", "{ckpt}"]),
     "fmforge load_model (fp32, for scale)": (
-        "from fmforge.train.checkpoint import load_model",
+        "from fmforge.checkpoint import load_model",
         "model, _ = load_model(sys.argv[1])",
         ["{ckpt}"]),
     "fmforge export hf": (

@@ -31,7 +31,7 @@ from fmforge.config import ModelConfig  # noqa: E402
 from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
 from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import train_tokenizer  # noqa: E402
-from fmforge.train.checkpoint import write_checkpoint  # noqa: E402
+from fmforge.checkpoint import write_checkpoint  # noqa: E402
 
 VARIANTS = {
     "dense, GQA, tied": dict(),

@@ -42,7 +42,7 @@ def random_checkpoint(work: Path, context: int) -> Path:
     from fmforge.config import model_config_from_preset
     from fmforge.model import Transformer
     from fmforge.tokenizer import Tokenizer, train_tokenizer
-    from fmforge.train.checkpoint import write_checkpoint
+    from fmforge.checkpoint import write_checkpoint
 
     tokenizer_dir = REPO / "runs" / "quickstart" / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").exists():
@@ -77,7 +77,7 @@ def hf_twin(model):
 
 def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int) -> dict:
     from fmforge.serve.engine import Engine, SamplingOptions
-    from fmforge.train.checkpoint import load_model_and_tokenizer
+    from fmforge.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     model.eval()
@@ -224,7 +224,7 @@ def main() -> None:
         trained = checkpoint.exists()
         if not trained:
             checkpoint = random_checkpoint(Path(work), 1024)
-        from fmforge.train.checkpoint import read_model_config, resolve_checkpoint
+        from fmforge.checkpoint import read_model_config, resolve_checkpoint
         checkpoint = resolve_checkpoint(checkpoint)
         config = read_model_config(checkpoint)
         shape = (f"{config.n_layer}x{config.n_embd}, vocab {config.vocab_size}, context {config.context_length}, "

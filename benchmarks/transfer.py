@@ -74,13 +74,13 @@ from pathlib import Path
 
 import torch
 
-from fmforge.adapt.lora import fingerprint_checkpoint
 from fmforge.cli import main as fmforge_main
 from fmforge.data.tasks import BUILTIN_TASKS, task_records
 from fmforge.eval.tasks import run_tasks
 from fmforge.model import Transformer
-from fmforge.train.checkpoint import load_model_and_tokenizer, read_model_config, write_checkpoint
-from fmforge.train.finetune import load_specialist
+from fmforge.checkpoint import load_model_and_tokenizer, read_model_config, write_checkpoint
+from fmforge.adapt.specialist import load_specialist
+from fmforge.checkpoint import fingerprint_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

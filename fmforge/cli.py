@@ -110,7 +110,7 @@ def sampling_params(args):
 
 def cmd_generate(args) -> None:
     from .infer.sampling import generate_text
-    from .train.checkpoint import load_model_and_tokenizer
+    from .checkpoint import load_model_and_tokenizer
 
     params = sampling_params(args)
     params.validate()
@@ -147,9 +147,9 @@ def cmd_finetune(args, overrides: list[str]) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .adapt.heads import HEAD_FILE, LABELS_FILE
-    from .adapt.lora import atomic_copy_files, load_adapter, merge_lora, resolve_adapter
-    from .train.checkpoint import load_model_and_tokenizer, write_checkpoint
+    from .adapt.lora import load_adapter, merge_lora
+    from .checkpoint import (FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files, load_model_and_tokenizer,
+                             resolve_adapter, write_checkpoint)
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -159,14 +159,14 @@ def cmd_merge(args) -> None:
     load_adapter(model, adapter_dir, base_checkpoint)
     merge_lora(model)
     write_checkpoint(out, model, tokenizer_dir=base_checkpoint)
-    atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, "finetune.json"])
+    atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, FINETUNE_RECORD])
     print(f"merged {adapter_dir} into {base_checkpoint} -> {out}")
 
 
 def cmd_chat(args) -> None:
     from .adapt.heads import SequenceClassifier
     from .infer.sampling import generate_text_from_ids
-    from .train.finetune import load_specialist
+    from .adapt.specialist import load_specialist
 
     params = sampling_params(args)
     params.validate()
@@ -204,8 +204,8 @@ def cmd_chat(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .adapt.specialist import load_specialist
     from .eval.tasks import markdown_report, run_tasks, write_report
-    from .train.finetune import load_specialist
 
     model, tokenizer, base_checkpoint, info = load_specialist(args.checkpoint, args.adapter)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -240,7 +240,7 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     from .config import load_recipe
     from .infer.sampling import SamplingParams, generate_text
     from .tokenizer import Tokenizer
-    from .train.checkpoint import load_model_and_tokenizer
+    from .checkpoint import load_model_and_tokenizer
     from .train.pretrain import pretrain
 
     out = Path(args.out)
@@ -299,7 +299,8 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     from .data.tasks import BUILTIN_TASKS
     from .errors import SettingsMismatchError
     from .eval.tasks import run_tasks
-    from .train.finetune import FinetuneSpec, finetune, load_specialist
+    from .adapt.specialist import load_specialist
+    from .train.finetune import FinetuneSpec, finetune
 
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
     banner("5/6 specialists: LoRA adapters on two built-in tasks")

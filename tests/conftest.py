@@ -124,8 +124,9 @@ def make_adapter(base: Path, out: Path, seed: int, targets: list[str], rank: int
     """A LoRA adapter for checkpoint `base` with random, clearly non-zero weights (so it changes the output)."""
     import torch
 
-    from fmforge.adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
-    from fmforge.train.checkpoint import load_model_and_tokenizer
+    from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
+    from fmforge.checkpoint import fingerprint_checkpoint
+    from fmforge.checkpoint import load_model_and_tokenizer
 
     model, _, _ = load_model_and_tokenizer(base)
     config = LoRAConfig(rank=rank, alpha=2.0 * rank, target_modules=targets)

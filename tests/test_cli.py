@@ -23,7 +23,7 @@ def cli_error(capsys, *args: str) -> str:
 
 
 def copy_checkpoint(run_dir: Path, to: Path) -> Path:
-    from fmforge.train.checkpoint import resolve_checkpoint
+    from fmforge.checkpoint import resolve_checkpoint
 
     shutil.copytree(resolve_checkpoint(run_dir), to)
     return to
@@ -144,7 +144,7 @@ def test_greedy_generation_is_deterministic_and_streams_text(checkpoint):
 
 def test_seeded_sampling_repeats_and_different_seeds_differ(checkpoint):
     from fmforge.infer.sampling import SamplingParams, generate_text
-    from fmforge.train.checkpoint import load_model_and_tokenizer
+    from fmforge.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     sample = lambda seed: "".join(generate_text(model, tokenizer, "import ", SamplingParams(
@@ -155,7 +155,7 @@ def test_seeded_sampling_repeats_and_different_seeds_differ(checkpoint):
 
 def test_stop_strings_end_generation_before_the_stop_text(checkpoint):
     from fmforge.infer.sampling import SamplingParams, generate_text
-    from fmforge.train.checkpoint import load_model_and_tokenizer
+    from fmforge.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     free = "".join(generate_text(model, tokenizer, "def ", SamplingParams(max_new_tokens=40, temperature=0)))

@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_cli
 from fmforge.cli import main
-from fmforge.train.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+from fmforge.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
 TRAIN = ["--max_steps", "12", "--warmup_steps", "2", "--eval_interval", "6", "--checkpoint_interval", "6",
          "--batch_size", "4", "--precision", "fp32", "--log_interval", "6"]
@@ -128,7 +128,7 @@ def test_lora_trains_only_the_adapter_and_saves_peft_layout(lora_run, checkpoint
 
 def test_adapter_load_round_trip_and_merge_agree(lora_run, checkpoint, tmp_path):
     from fmforge.adapt.lora import merge_lora, set_lora_enabled
-    from fmforge.train.finetune import load_specialist
+    from fmforge.adapt.specialist import load_specialist
 
     model, tokenizer, _, info = load_specialist(checkpoint, lora_run)
     assert info["task"] == "sft"
@@ -290,7 +290,7 @@ def test_embedding_lora_trains_merges_untied_and_round_trips(checkpoint, tmp_pat
     """LoRA on the token embedding of a model whose head shares the table: only the input side changes, the
     CLI merge unties head and embedding, and merged logits equal the unmerged adapter's."""
     from fmforge.adapt.lora import LoRAConfig, LoRAEmbedding, inject_lora, lora_modules, merge_lora
-    from fmforge.train.finetune import load_specialist
+    from fmforge.adapt.specialist import load_specialist
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     assert model.config.tie_embeddings

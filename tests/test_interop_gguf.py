@@ -21,7 +21,7 @@ from fmforge.config import ModelConfig  # noqa: E402
 from fmforge.interop.gguf import LLAMA3_REGEX, permute_for_gguf, pre_tokenizer_name  # noqa: E402
 from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from fmforge.train.checkpoint import write_checkpoint  # noqa: E402
+from fmforge.checkpoint import write_checkpoint  # noqa: E402
 
 SHAPES = {
     "dense": dict(tie_embeddings=True),

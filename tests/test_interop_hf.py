@@ -19,7 +19,7 @@ from fmforge.config import ModelConfig  # noqa: E402
 from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
 from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from fmforge.train.checkpoint import load_model, write_checkpoint  # noqa: E402
+from fmforge.checkpoint import load_model, write_checkpoint  # noqa: E402
 
 VOCAB = 320
 MULTILINGUAL = "Hello wörld — 你好, мир! 🙂 ¿Qué tal? नमस्ते <s> def f(x):\n\treturn x ** 2"
@@ -303,7 +303,8 @@ def test_import_completes_older_tokenizer_files(hf_tokenizer, tmp_path):
 def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_path):
     """A LoRA adapter written by fmforge loads with peft onto the exported model, unmerged, with the same logits."""
     peft = pytest.importorskip("peft")
-    from fmforge.adapt.lora import (LoRAConfig, LoRAEmbedding, fingerprint_checkpoint, inject_lora, lora_modules,
+    from fmforge.checkpoint import fingerprint_checkpoint
+    from fmforge.adapt.lora import (LoRAConfig, LoRAEmbedding, inject_lora, lora_modules,
                                     write_adapter)
 
     model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)

@@ -21,7 +21,7 @@ from fmforge.cli import main  # noqa: E402
 from fmforge.config import ModelConfig  # noqa: E402
 from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import train_tokenizer  # noqa: E402
-from fmforge.train.checkpoint import write_checkpoint  # noqa: E402
+from fmforge.checkpoint import write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["fmforge_tiny_mc", "fmforge_tiny_gen", "fmforge_tiny_ppl"]

@@ -6,7 +6,7 @@ import json
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from fmforge.train.checkpoint import latest_in_run
+from fmforge.checkpoint import latest_in_run
 
 
 def test_quickstart_runs_end_to_end_and_resumes(tmp_path):

@@ -22,7 +22,7 @@ from fmforge.errors import ConfigError  # noqa: E402
 from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
 from fmforge.model import Transformer, rope_frequencies  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from fmforge.train.checkpoint import load_model, read_model_config, write_checkpoint  # noqa: E402
+from fmforge.checkpoint import load_model, read_model_config, write_checkpoint  # noqa: E402
 
 # With head_dim 16 and theta 10000 the wavelengths are 6.3, 19.9, 62.8, ... positions: against an original
 # context of 16 (high-frequency cut 16/4 = 4, low-frequency cut 16/1 = 16) the first is blended and the

@@ -28,7 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def base(checkpoint) -> Path:
-    from fmforge.train.checkpoint import resolve_checkpoint
+    from fmforge.checkpoint import resolve_checkpoint
     return resolve_checkpoint(checkpoint)
 
 
@@ -51,7 +51,7 @@ def long_base(prepared, tmp_path_factory) -> Path:
     from fmforge.config import ModelConfig
     from fmforge.model import Transformer
     from fmforge.tokenizer import Tokenizer
-    from fmforge.train.checkpoint import write_checkpoint
+    from fmforge.checkpoint import write_checkpoint
 
     tokenizer = Tokenizer.load(prepared)
     torch.manual_seed(0)

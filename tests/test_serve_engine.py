@@ -15,7 +15,7 @@ from fmforge.errors import CheckpointError
 from fmforge.infer.sampling import SamplingParams, generate_tokens
 from fmforge.serve.engine import Engine, EngineFull, SamplingOptions, sample_rows
 from fmforge.serve.lora import read_adapter
-from fmforge.train.checkpoint import load_model_and_tokenizer, resolve_checkpoint
+from fmforge.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
 from conftest import make_adapter
 

@@ -94,7 +94,7 @@ def test_killed_run_resumes_with_exactly_the_same_losses(prepared, tmp_path):
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch):
-    import fmforge.train.checkpoint as checkpoint_module
+    import fmforge.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
     assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=10, checkpoint_interval=5)]) == 0
@@ -140,7 +140,7 @@ def test_mixture_of_experts_pretrains_and_tensorboard_logs(prepared, tmp_path):
     out = tmp_path / "moe"
     assert main(["pretrain", *tiny_overrides(prepared, out, preset="tiny-moe", max_steps=8, eval_interval=4,
                                              checkpoint_interval=4), "--tensorboard", "true"]) == 0
-    from fmforge.train.checkpoint import load_model
+    from fmforge.checkpoint import load_model
     model, _ = load_model(out)
     assert model.config.n_experts == 4 and model.config.n_shared_experts == 1
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -154,7 +154,7 @@ def test_torch_compile_trains_like_eager(prepared, tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-3)
-    from fmforge.train.checkpoint import load_model
+    from fmforge.checkpoint import load_model
     load_model(tmp_path / "compiled")  # saved without torch.compile's wrapper prefixes
 
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import HEAD_FILE, LABELS_FILE
 from ..errors import CheckpointError, ConfigError
 from ..model import ModelOutput, Transformer
 
-HEAD_FILE, LABELS_FILE = "head.safetensors", "labels.json"
 POOLINGS = ("mean", "last")  # how a classifier reads the final hidden states: their mean, or the last token's
 
 

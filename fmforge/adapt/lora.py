@@ -17,7 +17,6 @@ Key names are those PEFT writes for the Hugging Face export of the same model (`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -26,16 +25,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError, SettingsMismatchError
-from ..fileio import atomic_write_bytes
+from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_key, check_adapter_base, read_adapter_config,
+                          read_adapter_tensors, split_adapter_key)
+from ..errors import ConfigError, SettingsMismatchError
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 EMBEDDING_MODULES = ("embed_tokens",)
-PEFT_PREFIX = "base_model.model.model."
 
 
 @dataclass
@@ -196,26 +194,11 @@ def lora_pair(module: LoRALinear | LoRAEmbedding) -> dict[str, torch.Tensor]:
     return {"A": module.lora_A.weight, "B": module.lora_B.weight}
 
 
-def adapter_key(module: str, part: str, embedding: bool) -> str:
-    """PEFT's key of a LoRA weight: ...q_proj.lora_A.weight, or ...embed_tokens.lora_embedding_A."""
-    return f"{PEFT_PREFIX}{module}.lora_embedding_{part}" if embedding else f"{PEFT_PREFIX}{module}.lora_{part}.weight"
-
-
-def fingerprint_checkpoint(checkpoint: Path) -> str:
-    """sha256 of a checkpoint's config.json and weights: identifies the exact base an adapter was trained on."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(checkpoint / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def write_adapter(directory: Path, model: nn.Module, config: LoRAConfig, base_checkpoint: Path,
                   base_fingerprint: str, extra: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors (weights first, config last)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(adapter_state(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base_config = json.loads((base_checkpoint / "config.json").read_text())["model"]
     adapter_config = {
         "peft_type": "LORA",
@@ -230,46 +213,7 @@ def write_adapter(directory: Path, model: nn.Module, config: LoRAConfig, base_ch
         "base_model_name_or_path": str(base_checkpoint),
         "fmforge": {"base_fingerprint": base_fingerprint, "base_config": base_config, **(extra or {})},
     }
-    (directory / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-
-
-def read_adapter_config(directory: Path) -> dict:
-    file = directory / "adapter_config.json"
-    if not file.exists():
-        raise CheckpointError(f"{directory} is not an adapter: no adapter_config.json")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt {file}: {exc}") from None
-    if config.get("peft_type") != "LORA":
-        raise CheckpointError(f"{file}: only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
-    return config
-
-
-def resolve_adapter(path: str | Path) -> Path:
-    """An adapter directory, or the newest adapter checkpoint of a fine-tuning run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"adapter not found: {path}")
-    if (path / "adapter_config.json").exists():
-        return path
-    if (path / "latest").exists():
-        from ..train.checkpoint import latest_in_run
-        candidate = latest_in_run(path)
-        if (candidate / "adapter_config.json").exists():
-            return candidate
-    raise CheckpointError(f"{path} holds no adapter (no adapter_config.json)")
-
-
-def check_adapter_base(adapter_config: dict, base_checkpoint: Path, adapter_dir: Path) -> None:
-    """Refuse an adapter trained on another base (compared by the base's weights fingerprint)."""
-    expected = adapter_config.get("fmforge", {}).get("base_fingerprint")
-    if expected is None:
-        return  # a foreign PEFT adapter: shapes are still checked on load
-    actual = fingerprint_checkpoint(base_checkpoint)
-    if actual != expected:
-        raise SettingsMismatchError(f"adapter {adapter_dir} was trained on a different base model than "
-                                    f"{base_checkpoint} (base fingerprint {expected[:12]}…, this base {actual[:12]}…)")
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | None = None) -> LoRAConfig:
@@ -282,26 +226,6 @@ def load_adapter(model: nn.Module, adapter_dir: Path, base_checkpoint: Path | No
     inject_lora(model, config)
     load_adapter_weights(model, adapter_dir)
     return config
-
-
-def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors of an adapter directory, by PEFT key."""
-    try:
-        return load_file(str(adapter_dir / "adapter_model.safetensors"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt or missing adapter weights in {adapter_dir}: {exc}") from None
-
-
-def split_adapter_key(key: str) -> tuple[str, str]:
-    """A PEFT key -> (module path in fmforge's model, "A" or "B"); ("", "") when it is no LoRA weight."""
-    if not key.startswith(PEFT_PREFIX):
-        return "", ""
-    rest = key[len(PEFT_PREFIX):]
-    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
-                         (".lora_embedding_B", "B")):
-        if rest.endswith(suffix):
-            return rest[:-len(suffix)], part
-    return "", ""
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
@@ -320,11 +244,3 @@ def load_adapter_weights(model: nn.Module, adapter_dir: Path) -> None:
         name, part = split_adapter_key(key)
         with torch.no_grad():
             lora_pair(modules[name])[part].copy_(tensor)
-
-
-def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:
-    """Copy files so that each appears complete or not at all (temp file + os.replace)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (source / name).exists():
-            atomic_write_bytes(target / name, (source / name).read_bytes())

@@ -31,7 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..infer.sampling import SamplingParams, TextStream, generate_tokens
-from ..train.checkpoint import load_model_and_tokenizer
+from ..checkpoint import load_model_and_tokenizer
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")  # small local tasks: --include_path this
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..adapt.lora import PEFT_PREFIX, check_adapter_base, read_adapter_config, resolve_adapter
+from ..checkpoint import PEFT_PREFIX, check_adapter_base, read_adapter_config, resolve_adapter
 from ..errors import CheckpointError
 from .hf import hf_name
 

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..model import rope_frequencies
-from ..train.checkpoint import read_model_config, resolve_checkpoint
+from ..checkpoint import read_model_config, resolve_checkpoint
 from .hf import checkpoint_weights, log
 
 OUTTYPES = ("f32", "f16", "q8_0")

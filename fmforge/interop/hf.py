@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from ..config import LLAMA3_ROPE_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..train.checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint,
+from ..checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint,
                                 write_checkpoint, write_model_files)
 
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept inside an imported checkpoint

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from ..adapt.heads import HEAD_FILE
-from ..adapt.lora import (check_adapter_base, read_adapter_config, read_adapter_tensors, resolve_adapter,
+from ..checkpoint import (HEAD_FILE, check_adapter_base, read_adapter_config, read_adapter_tensors, resolve_adapter,
                           split_adapter_key)
 from ..errors import CheckpointError
 

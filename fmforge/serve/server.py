@@ -10,9 +10,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 
 from ..errors import CheckpointError, ConfigError
 
@@ -42,32 +40,9 @@ def parse_adapter_option(value: str) -> tuple[str, str]:
     return name, path
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is available; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it; fp32 on the CPU (batch-1 decoding there is bound by overheads and
-    memory, where bf16 gains nothing and costs accuracy)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return table[name]
-
-
 def build_engine(options: ServeOptions):
     """(engine, base info) — every check a user can trip happens here, before the port is opened."""
-    from ..adapt.heads import HEAD_FILE
-    from ..train.checkpoint import load_model_and_tokenizer
+    from ..checkpoint import HEAD_FILE, load_model_and_tokenizer
     from .engine import Engine
     from .lora import read_adapter
 
@@ -77,6 +52,8 @@ def build_engine(options: ServeOptions):
         raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
     if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0:
         raise ConfigError("--max-batch must be at least 1, --max-queue and --speculate at least 0")
+    from ..device import resolve_device, resolve_dtype
+
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     model, tokenizer, checkpoint = load_model_and_tokenizer(options.checkpoint, device)

@@ -8,7 +8,6 @@ final adapter is also copied to the top of the output directory, so `--adapter O
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapt.heads import HEAD_FILE, LABELS_FILE, SequenceClassifier, head_pooling
-from ..adapt.lora import LoRAConfig, fingerprint_checkpoint, inject_lora, write_adapter
+from ..adapt.heads import SequenceClassifier, head_pooling
+from ..adapt.lora import LoRAConfig, inject_lora, write_adapter
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
 from ..data.tasks import BUILTIN_TASKS, task_records
-from ..errors import CheckpointError, ConfigError, DataError, SettingsMismatchError
+from ..errors import ConfigError, DataError, SettingsMismatchError
+from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files,
+                          fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
+                          write_finetune_record, write_model_files)
+from ..device import resolve_device
 from . import distributed
-from .checkpoint import load_model_and_tokenizer, write_model_files
-from .trainer import Trainer, TrainResult, count_targets, resolve_device
+from .trainer import Trainer, TrainResult, count_targets
 
-ADAPTER_FILES = ["adapter_model.safetensors", HEAD_FILE, LABELS_FILE, "finetune.json", "adapter_config.json"]
+ADAPTER_FILES = [ADAPTER_WEIGHTS, HEAD_FILE, LABELS_FILE, FINETUNE_RECORD, ADAPTER_CONFIG]
 # Fine-tuning defaults differ from pretraining: fewer steps, lower peak lr for full fine-tuning.
 FINETUNE_DEFAULTS = dict(max_steps=200, warmup_steps=10, eval_interval=50, checkpoint_interval=100,
                          batch_size=8, log_interval=10, weight_decay=0.0)
@@ -125,7 +127,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task}")
 
     # ---- model ----
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
     model = SequenceClassifier(base_model, labels, spec.pooling) if task == "classify" else base_model
@@ -150,7 +152,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
               f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
 
     def save_files(directory: Path) -> None:
-        (directory / "finetune.json").write_text(json.dumps({**info, "labels": labels}, indent=2) + "\n")
+        write_finetune_record(directory, {**info, "labels": labels})
         if spec.method == "lora":
             write_adapter(directory, base_model, spec.lora, base_checkpoint, base_fingerprint,
                           extra={"task": task, "labels": labels})
@@ -160,7 +162,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
             model.save_head(directory)
 
     def load_files(checkpoint: Path) -> None:
-        saved = json.loads((checkpoint / "finetune.json").read_text())
+        saved = read_finetune_record(checkpoint)
         if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
             raise SettingsMismatchError(f"cannot resume {checkpoint}: it was trained with another base, task or "
                                         "method")
@@ -176,7 +178,6 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
             from ..adapt.lora import load_adapter_weights
             load_adapter_weights(base_model, checkpoint)
         else:
-            from .checkpoint import load_weights
             load_weights(base_model, checkpoint)
         if task == "classify":
             model.load_head(checkpoint)
@@ -192,7 +193,6 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
                           else None)
         result = trainer.fit()
         if dist.is_main and spec.method == "lora" and result.checkpoint is not None:
-            from ..adapt.lora import atomic_copy_files
             atomic_copy_files(result.checkpoint, Path(cfg.out_dir), ADAPTER_FILES)
         return result
     finally:
@@ -237,29 +237,3 @@ def make_evaluator(task: str, val_data, batch_size: int, device, dist):
         return result
 
     return evaluate
-
-
-def load_specialist(checkpoint: str | Path, adapter: str | Path | None = None, device="cpu"):
-    """(model, tokenizer, base checkpoint, info) for a base, a base + adapter, or a full fine-tune.
-
-    `model` is a SequenceClassifier when the specialist is a classifier, else a Transformer.
-    """
-    from ..adapt.heads import load_classifier
-    from ..adapt.lora import load_adapter, resolve_adapter
-
-    model, tokenizer, base_checkpoint = load_model_and_tokenizer(checkpoint, device)
-    info: dict = {}
-    head_dir = base_checkpoint if (base_checkpoint / HEAD_FILE).exists() else None
-    if (base_checkpoint / "finetune.json").exists():
-        info = json.loads((base_checkpoint / "finetune.json").read_text())
-    if adapter is not None:
-        adapter_dir = resolve_adapter(adapter)
-        load_adapter(model, adapter_dir, base_checkpoint)
-        if (adapter_dir / "finetune.json").exists():
-            info = json.loads((adapter_dir / "finetune.json").read_text())
-        if (adapter_dir / HEAD_FILE).exists():
-            head_dir = adapter_dir
-    if head_dir is not None:
-        model = load_classifier(model, head_dir)
-    model.eval()
-    return model, tokenizer, base_checkpoint, info

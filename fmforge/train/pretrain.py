@@ -15,7 +15,8 @@ from ..eval.perplexity import bits_per_byte, evaluate_windows
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed
-from .trainer import Trainer, TrainResult, resolve_device
+from ..device import resolve_device
+from .trainer import Trainer, TrainResult
 
 
 def check_vocab(model_vocab: int | None, tokenizer: Tokenizer, where: str) -> int:
@@ -41,7 +42,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
                              "re-run `fmforge prepare`")
     run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(data_dir))
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)

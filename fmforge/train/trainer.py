@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, SettingsMismatchError, TrainingError
+from ..errors import CheckpointError, SettingsMismatchError, TrainingError
 from . import distributed
-from .checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
+from ..checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
     read_model_config, read_train_state, write_model_files
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
@@ -36,14 +36,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 # (model, max_tokens or None for everything, autocast context) -> {"val_loss": ..., "val_bpb": ...}
 EvalFn = Callable[[torch.nn.Module, "int | None", contextlib.AbstractContextManager], dict]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
 
 
 def cpu_has_bf16() -> bool:

@@ -1,8 +1,9 @@
-"""The checkpoint directory: the contract between pipeline stages.
+"""The checkpoint contract: the directories every pipeline stage reads and writes.
 
 A checkpoint is a directory holding
 
-    config.json              {"architecture": "fmforge.Transformer", "format_version": 1, "model": {...}}
+    config.json              {"architecture": "fmforge.Transformer", "format_version": 2, "model": {...},
+                              "modalities": {...}}   (the modalities section is optional: absent = text only)
     model.safetensors        weights (a tied lm_head is stored once, as embed_tokens)
     tokenizer.json           + tokenizer_config.json
     train_state/             optimizer.pt (torch.load(weights_only=True)), state.json, run.yaml (resume only)
@@ -13,13 +14,21 @@ A training run directory keeps several of them:
     RUN/latest                       the name of the newest complete checkpoint
     RUN/metrics.jsonl, RUN/loss.png, RUN/run.yaml
 
+A specialist is an adapter directory in PEFT's layout (adapter_config.json + adapter_model.safetensors), or a
+full checkpoint, plus its fine-tuning record `finetune.json` (task, method, base fingerprint, labels) and, for a
+classifier, head.safetensors + labels.json. It is never written inside its base.
+
 Writes are atomic: a checkpoint is written into a temporary directory, flushed to disk, then renamed into
 place; only after that is `latest` replaced (write + os.replace). A process killed at any instant leaves
 `latest` naming a complete checkpoint. Every command accepts either a checkpoint or a run directory.
+
+Format versions: 1 (no modalities section) and 2 load; a newer one is refused with a message.
+This module is the bottom of the house: every stage (train, infer, eval, serve, interop) loads models through it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,16 +36,21 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write_text
-from ..model import Transformer
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, SettingsMismatchError, TokenizerError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .model import Transformer
+from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ARCHITECTURE = "fmforge.Transformer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FINETUNE_RECORD = "finetune.json"  # what a specialist was trained for: task, method, base fingerprint, labels
+HEAD_FILE, LABELS_FILE = "head.safetensors", "labels.json"  # a classifier's head and its label names
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model.model."  # PEFT's key prefix for the Hugging Face export of the same model
 
 
 def _fsync_dir(path: Path) -> None:
@@ -55,9 +69,13 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path | None) -> None:
-    """config.json + model.safetensors (+ the tokenizer files) of a plain model."""
+def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path | None,
+                      modalities: dict | None = None) -> None:
+    """config.json + model.safetensors (+ the tokenizer files) of a plain model; `modalities` (format 2) describes
+    the media the model reads and writes (absent = text only)."""
     config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    if modalities:
+        config["modalities"] = modalities
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(model_state_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
     copy_tokenizer(tokenizer_dir, directory)
@@ -124,27 +142,51 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def latest_in_run(run_dir: Path) -> Path:
-    """The checkpoint directory named by RUN/latest (model, adapter or head files + train_state)."""
-    name = (run_dir / "latest").read_text().strip()
+    """The checkpoint directory named by RUN/latest (model, adapter or head files + train_state). The name must
+    be a directory inside RUN/checkpoints: a `latest` that points elsewhere is refused."""
+    try:
+        name = (run_dir / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {run_dir / 'latest'}: {exc}") from None
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{run_dir / 'latest'} names {name!r}, which is not a checkpoint of this run "
+                              "(it must be a directory name inside checkpoints/)")
     target = run_dir / "checkpoints" / name
-    if not target.is_dir():
+    if target.is_symlink() or not target.is_dir():
         raise CheckpointError(f"{run_dir / 'latest'} names {name}, which is missing")
     return target
 
 
-def read_model_config(checkpoint: Path) -> ModelConfig:
+def read_checkpoint_config(checkpoint: Path) -> dict:
+    """config.json of a checkpoint, checked: an fmforge architecture and a format version this code reads."""
     try:
-        raw = json.loads((checkpoint / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read {checkpoint / 'config.json'}: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("architecture") != ARCHITECTURE or "model" not in raw:
+    if not isinstance(raw, dict) or raw.get("architecture") != ARCHITECTURE or not isinstance(raw.get("model"), dict):
         raise CheckpointError(f"{checkpoint / 'config.json'} is not an fmforge checkpoint config")
-    if raw.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{checkpoint} was written by a newer fmforge (format {raw['format_version']})")
+    version = raw.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{checkpoint / 'config.json'} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint} is in checkpoint format {version}, newer than this fmforge reads "
+                              f"(up to {FORMAT_VERSION}); upgrade fmforge to load it")
+    if not isinstance(raw.get("modalities", {}), dict):
+        raise CheckpointError(f"{checkpoint / 'config.json'}: 'modalities' must be an object")
+    return raw
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    raw = read_checkpoint_config(checkpoint)
     try:
         return ModelConfig(**raw["model"])
     except (TypeError, ConfigError) as exc:
         raise CheckpointError(f"{checkpoint / 'config.json'} has an invalid model config: {exc}") from None
+
+
+def read_modalities(checkpoint: Path) -> dict:
+    """The checkpoint's modalities section ({} for a text-only model, and for every format-1 checkpoint)."""
+    return read_checkpoint_config(checkpoint).get("modalities", {})
 
 
 def load_weights(model: Transformer, checkpoint: Path) -> None:
@@ -225,12 +267,111 @@ def clean_stale_temporaries(run_dir: Path) -> None:
 
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, checkpoint dir) for inference; checks that the tokenizer fits the model."""
-    from ..tokenizer import Tokenizer
-    from ..errors import TokenizerError
-
     model, checkpoint = load_model(path, device)
     tokenizer = Tokenizer.load(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary has only {model.config.vocab_size}; they do not belong together")
     return model, tokenizer, checkpoint
+
+
+# ---- specialists: adapters in PEFT's layout and the fine-tuning record ---------------------------------------
+
+def fingerprint_checkpoint(checkpoint: Path) -> str:
+    """sha256 of a checkpoint's config.json and weights: identifies the exact base an adapter was trained on."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(checkpoint / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_adapter_config(directory: Path) -> dict:
+    file = directory / ADAPTER_CONFIG
+    if not file.exists():
+        raise CheckpointError(f"{directory} is not an adapter: no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt {file}: {exc}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{file}: only LoRA adapters are supported, got peft_type {peft_type!r}")
+    return config
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """An adapter directory, or the newest adapter checkpoint of a fine-tuning run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"adapter not found: {path}")
+    if (path / ADAPTER_CONFIG).exists():
+        return path
+    if (path / "latest").exists():
+        candidate = latest_in_run(path)
+        if (candidate / ADAPTER_CONFIG).exists():
+            return candidate
+    raise CheckpointError(f"{path} holds no adapter (no {ADAPTER_CONFIG})")
+
+
+def check_adapter_base(adapter_config: dict, base_checkpoint: Path, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on another base (compared by the base's weights fingerprint)."""
+    expected = adapter_config.get("fmforge", {}).get("base_fingerprint")
+    if expected is None:
+        return  # a foreign PEFT adapter: shapes are still checked on load
+    actual = fingerprint_checkpoint(base_checkpoint)
+    if actual != expected:
+        raise SettingsMismatchError(f"adapter {adapter_dir} was trained on a different base model than "
+                                    f"{base_checkpoint} (base fingerprint {expected[:12]}…, this base {actual[:12]}…)")
+
+
+def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors of an adapter directory, by PEFT key."""
+    try:
+        return load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt or missing adapter weights in {adapter_dir}: {exc}") from None
+
+
+def adapter_key(module: str, part: str, embedding: bool) -> str:
+    """PEFT's key of a LoRA weight: ...q_proj.lora_A.weight, or ...embed_tokens.lora_embedding_A."""
+    return f"{PEFT_PREFIX}{module}.lora_embedding_{part}" if embedding else f"{PEFT_PREFIX}{module}.lora_{part}.weight"
+
+
+def split_adapter_key(key: str) -> tuple[str, str]:
+    """A PEFT key -> (module path in fmforge's model, "A" or "B"); ("", "") when it is no LoRA weight."""
+    if not key.startswith(PEFT_PREFIX):
+        return "", ""
+    rest = key[len(PEFT_PREFIX):]
+    for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                         (".lora_embedding_B", "B")):
+        if rest.endswith(suffix):
+            return rest[:-len(suffix)], part
+    return "", ""
+
+
+def read_finetune_record(directory: Path) -> dict:
+    """The fine-tuning record of a specialist directory ({} when there is none: a base, or a foreign adapter)."""
+    file = Path(directory) / FINETUNE_RECORD
+    if not file.exists():
+        return {}
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return record
+
+
+def write_finetune_record(directory: Path, record: dict) -> None:
+    (Path(directory) / FINETUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def atomic_copy_files(source: Path, target: Path, names: list[str]) -> None:
+    """Copy files so that each appears complete or not at all (temp file + os.replace)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).exists():
+            atomic_write_bytes(target / name, (source / name).read_bytes())
