@@ -100,28 +100,54 @@ def cmd_pretrain(args, overrides: list[str]) -> None:
 
 # ---- generate ----------------------------------------------------------------------------------------------
 
-def sampling_params(args):
+def sampling_params(args, vocab_size: int | None = None):
+    """The CLI's sampling flags as the one SamplingParams type (the server builds the same from a request)."""
     from .infer.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
-                          seed=args.seed)
+    bias = {}
+    for item in args.logit_bias or []:
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ConfigError(f"--logit-bias takes TOKEN_ID=BIAS, got {item!r}") from None
+    return SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=bias, stop=tuple(args.stop or ()),
+        stop_token_ids=tuple(args.stop_token_id or ()), seed=args.seed).validate(vocab_size)
+
+
+def load_for_generation(args, specialist: bool = False):
+    """(engine, tokenizer) for `generate` and `chat`: the checkpoint (+ adapter) on --device in --dtype, on a
+    one-slot engine with speculation (exact, so it only changes the speed)."""
+    from .adapt.heads import SequenceClassifier
+    from .adapt.specialist import load_specialist
+    from .device import resolve_device, resolve_dtype
+    from .infer.engine import Engine
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, _, _ = load_specialist(args.checkpoint, getattr(args, "adapter", None), device)
+    if isinstance(model, SequenceClassifier):
+        raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not generation")
+    return Engine(model.to(dtype), tokenizer, max_batch=1, speculate=args.speculate), tokenizer
 
 
 def cmd_generate(args) -> None:
-    from .infer.sampling import generate_text
-    from .checkpoint import load_model_and_tokenizer
+    from .infer.engine import GenerationRequest
 
-    params = sampling_params(args)
-    params.validate()
-    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint)
+    sampling_params(args)  # bad flags fail before the model loads
+    engine, tokenizer = load_for_generation(args)
+    params = sampling_params(args, engine.model.config.vocab_size)
     prompt = args.prompt
     if prompt is None:
         prompt = sys.stdin.read()
     out = sys.stdout
     out.write(prompt)
     out.flush()
-    for piece in generate_text(model, tokenizer, prompt, params):
+    for piece in engine.stream_text(GenerationRequest(tokenizer.encode(prompt, add_bos=True), params)):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -164,15 +190,11 @@ def cmd_merge(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from .adapt.heads import SequenceClassifier
-    from .infer.sampling import generate_text_from_ids
-    from .adapt.specialist import load_specialist
+    from .infer.engine import GenerationRequest
 
-    params = sampling_params(args)
-    params.validate()
-    model, tokenizer, _, _ = load_specialist(args.checkpoint, args.adapter)
-    if isinstance(model, SequenceClassifier):
-        raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not chat")
+    sampling_params(args)
+    engine, tokenizer = load_for_generation(args)
+    params = sampling_params(args, engine.model.config.vocab_size)
     stop_ids = tokenizer.chat_stop_ids()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -188,15 +210,14 @@ def cmd_chat(args) -> None:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), allow_special=True)
-        limit = model.config.context_length - 1
+        ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        limit = engine.max_context - 1
         while len(ids) > limit - 8 and len(messages) > 1:  # forget the oldest turns when the context is full
             messages.pop(1 if args.system else 0)
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                                   allow_special=True)
+            ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
         print("assistant> ", end="", flush=True)
         reply = []
-        for piece in generate_text_from_ids(model, tokenizer, ids, params, stop_ids):
+        for piece in engine.stream_text(GenerationRequest(ids, params, stop_ids=stop_ids)):
             reply.append(piece)
             print(piece, end="", flush=True)
         print(flush=True)
@@ -238,7 +259,8 @@ QUICKSTART_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
 
 def cmd_quickstart(args, overrides: list[str]) -> None:
     from .config import load_recipe
-    from .infer.sampling import SamplingParams, generate_text
+    from .infer.engine import Engine, GenerationRequest
+    from .infer.sampling import SamplingParams
     from .tokenizer import Tokenizer
     from .checkpoint import load_model_and_tokenizer
     from .train.pretrain import pretrain
@@ -273,11 +295,12 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
 
     banner("4/6 samples")
     model, tokenizer, checkpoint = load_model_and_tokenizer(model_dir)
-    params = SamplingParams(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
+    engine = Engine(model, tokenizer, max_batch=1)
+    params = SamplingParams(max_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
     for prompt in QUICKSTART_PROMPTS:
         print("-" * 72)
         print(prompt, end="", flush=True)
-        for piece in generate_text(model, tokenizer, prompt, params):
+        for piece in engine.stream_text(GenerationRequest(tokenizer.encode(prompt, add_bos=True), params)):
             print(piece, end="", flush=True)
         print()
     print("-" * 72)
@@ -362,13 +385,23 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    """Sampling flags (the fields of SamplingParams, as the server's request fields) + device, dtype, speculation."""
+    p.add_argument("--max-new-tokens", "--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="keep the most likely tokens whose mass reaches p")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than min-p x the top one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=BIAS", help="add BIAS to a token's logit")
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, help="stop after this token id (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--speculate", type=int, default=4,
+                   help="prompt-lookup draft tokens per step (exact: the same tokens, faster; 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

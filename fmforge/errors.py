@@ -32,3 +32,7 @@ class GenerationError(FmforgeError):
 
 class TrainingError(FmforgeError):
     """Training diverged (non-finite loss) or cannot continue."""
+
+
+class ServingError(FmforgeError):
+    """The server cannot go on serving (its engine stopped)."""

@@ -252,6 +252,26 @@ class Tokenizer:
             eos_token=self.eos_token,
         )
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of a conversation: the template's own markers become special ids, while every message's
+        content is encoded as plain text, so a marker typed in a message (an end-of-turn, then an assistant
+        role) stays text and cannot forge a turn."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        ids: list[int] = []
+        cursor = 0
+        for message in messages:
+            content = message["content"]
+            # Templates insert the content as is, or trimmed (Llama 3); find it after what came before.
+            for candidate in (content, content.strip()):
+                at = text.find(candidate, cursor) if candidate else -1
+                if at != -1:
+                    break
+            else:
+                continue  # empty content, or a template that rewrites it: nothing of it to protect
+            ids += self.encode(text[cursor:at], allow_special=True) + self.encode(candidate)
+            cursor = at + len(candidate)
+        return ids + self.encode(text[cursor:], allow_special=True)
+
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical tokenizer.json content; equal tokenizers have equal fingerprints."""
         canonical = json.dumps(json.loads(self._special.to_str()), sort_keys=True, separators=(",", ":"),

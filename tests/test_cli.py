@@ -142,26 +142,31 @@ def test_greedy_generation_is_deterministic_and_streams_text(checkpoint):
     assert first.stdout == second.stdout and first.stdout.startswith("def ") and len(first.stdout) > len("def \n")
 
 
+def generate_text(model, tokenizer, prompt: str, params) -> str:
+    from fmforge.infer.engine import generate_once
+
+    return generate_once(model, tokenizer, tokenizer.encode(prompt, add_bos=True), params).text
+
+
 def test_seeded_sampling_repeats_and_different_seeds_differ(checkpoint):
-    from fmforge.infer.sampling import SamplingParams, generate_text
+    from fmforge.infer.sampling import SamplingParams
     from fmforge.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
-    sample = lambda seed: "".join(generate_text(model, tokenizer, "import ", SamplingParams(
-        max_new_tokens=30, temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=seed)))
+    sample = lambda seed: generate_text(model, tokenizer, "import ", SamplingParams(
+        max_tokens=30, temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=seed))
     assert sample(1) == sample(1)
     assert len({sample(s) for s in range(4)}) > 1
 
 
 def test_stop_strings_end_generation_before_the_stop_text(checkpoint):
-    from fmforge.infer.sampling import SamplingParams, generate_text
+    from fmforge.infer.sampling import SamplingParams
     from fmforge.checkpoint import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
-    free = "".join(generate_text(model, tokenizer, "def ", SamplingParams(max_new_tokens=40, temperature=0)))
+    free = generate_text(model, tokenizer, "def ", SamplingParams(max_tokens=40, temperature=0))
     stop = free[5:7]  # a string that greedy decoding is known to produce
-    stopped = "".join(generate_text(model, tokenizer, "def ", SamplingParams(max_new_tokens=40, temperature=0,
-                                                                             stop=(stop,))))
+    stopped = generate_text(model, tokenizer, "def ", SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
     assert stopped == free[:free.index(stop)]
 
 

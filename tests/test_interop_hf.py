@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 from fmforge.cli import main  # noqa: E402
 from fmforge.config import ModelConfig  # noqa: E402
-from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
+from fmforge.infer.engine import generate_once  # noqa: E402
+from fmforge.infer.sampling import SamplingParams  # noqa: E402
 from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from fmforge.checkpoint import load_model, write_checkpoint  # noqa: E402
@@ -81,7 +82,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def fmforge_greedy(model, prompt: list[int], n: int) -> list[int]:
-    return list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=n, temperature=0.0)))
+    return generate_once(model, None, prompt, SamplingParams(max_tokens=n, temperature=0.0)).token_ids
 
 
 def batch(seed: int = 1, shape=(2, 24)) -> torch.Tensor:

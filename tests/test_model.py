@@ -106,12 +106,13 @@ def test_kv_cache_chunks_match_full_forward():
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_decoding_with_cache_equals_recomputing_the_sequence():
-    from fmforge.infer.sampling import SamplingParams, generate_tokens
+def test_greedy_decoding_on_the_engine_equals_recomputing_the_sequence():
+    from fmforge.infer.engine import generate_once
+    from fmforge.infer.sampling import SamplingParams
 
     model = tiny(n_experts=4, n_experts_per_token=2)
     prompt = [3, 14, 15, 92, 65]
-    cached = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=25, temperature=0)))
+    cached = generate_once(model, None, prompt, SamplingParams(max_tokens=25, temperature=0)).token_ids
     sequence = list(prompt)
     with torch.no_grad():
         for _ in range(25):

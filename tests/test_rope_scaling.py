@@ -19,7 +19,8 @@ gguf = pytest.importorskip("gguf")
 from fmforge.cli import main  # noqa: E402
 from fmforge.config import ModelConfig, load_recipe, model_config_from_preset  # noqa: E402
 from fmforge.errors import ConfigError  # noqa: E402
-from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
+from fmforge.infer.engine import generate_once  # noqa: E402
+from fmforge.infer.sampling import SamplingParams  # noqa: E402
 from fmforge.model import Transformer, rope_frequencies  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from fmforge.checkpoint import load_model, read_model_config, write_checkpoint  # noqa: E402
@@ -92,7 +93,7 @@ def test_llama3_checkpoint_imports_and_exports_with_transformers_logits(tokenize
     prompt = ids[0, :40].tolist()
     hf_tokens = reference.generate(torch.tensor([prompt]), max_new_tokens=30, min_new_tokens=30, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[0, 40:].tolist()
-    assert list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=30, temperature=0.0))) == hf_tokens
+    assert generate_once(model, None, prompt, SamplingParams(max_tokens=30, temperature=0.0)).token_ids == hf_tokens
 
     assert main(["export", "hf", str(checkpoint), "--out", str(exported)]) == 0
     round_trip = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()

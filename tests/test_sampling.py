@@ -1,24 +1,109 @@
-"""Sampling filters and streamed detokenization, independent of any trained model."""
+"""The one sampler, independent of any trained model: what each setting keeps, and that every value the validator
+accepts samples (property-based, over the whole parameter space), with extreme values acting as their limits."""
 
+import math
+
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fmforge.infer.sampling import SamplingParams, TextStream, process_logits
+from fmforge.errors import GenerationError
+from fmforge.infer.sampling import SamplingParams, TextStream, sample_rows, truncate
 
 
-def test_top_k_and_top_p_keep_the_right_tokens():
+def kept(logits, **settings_) -> list[bool]:
+    return truncate(logits, [SamplingParams(**settings_)]).isfinite()[0].tolist()
+
+
+def test_top_k_top_p_and_min_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.10]]))
-    kept = process_logits(logits, SamplingParams(temperature=1.0, top_k=2)).isfinite()
-    assert kept.tolist() == [[True, True, False, False]]
-    kept = process_logits(logits, SamplingParams(temperature=1.0, top_p=0.7)).isfinite()
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.75 >= 0.7
-    kept = process_logits(logits, SamplingParams(temperature=1.0, top_p=0.4)).isfinite()
-    assert kept.tolist() == [[True, False, False, False]]  # the top token always stays
+    assert kept(logits, top_k=2) == [True, True, False, False]
+    assert kept(logits, top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, 0.75 >= 0.7
+    assert kept(logits, top_p=0.75) == [True, True, False, False]  # the smallest set whose mass reaches p
+    assert kept(logits, top_p=0.4) == [True, False, False, False]  # the top token always stays
+    assert kept(logits, min_p=0.4) == [True, True, False, False]  # 0.15 < 0.4 x 0.5
+    assert kept(logits, top_k=10, top_p=1.0) == [True] * 4  # limits that are off
 
 
-def test_repetition_penalty_lowers_seen_tokens_both_signs():
+def test_top_k_keeps_ties_with_the_kth_token():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+    assert kept(logits, top_k=2) == [True, True, True, False]
+
+
+def test_repetition_penalty_lowers_seen_tokens_both_signs_prompt_included():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
-    out = process_logits(logits, SamplingParams(temperature=0, repetition_penalty=2.0), torch.tensor([[0, 1]]))
-    assert out.tolist() == [[1.0, -4.0, 1.0]]
+    params = SamplingParams(temperature=0, repetition_penalty=4.0)
+    # token 0 in the prompt, token 1 generated: 2/4 = 0.5 and -2*4 = -8 leave token 2 (1.0) on top
+    tokens, _ = sample_rows(logits, [params], [[1]], [None], prompts=[[0]])
+    assert tokens == [2]
+    tokens, _ = sample_rows(logits, [SamplingParams(temperature=0)], [[1]], [None], prompts=[[0]])
+    assert tokens == [0]
+
+
+def test_tiny_temperature_is_greedy_and_does_not_overflow():
+    logits = torch.tensor([[30.0, 29.0, -5.0]])
+    for temperature in (1e-9, 1e-6, 9.9e-6):
+        tokens, _ = sample_rows(logits, [SamplingParams(temperature=temperature)], [[]], [None])
+        assert tokens == [0]
+    tokens, _ = sample_rows(logits, [SamplingParams(temperature=1e-5, seed=1)], [[]],
+                            [SamplingParams(seed=1).generator("cpu")])
+    assert tokens == [0]  # just above the greedy threshold: a huge scaled gap, still finite
+
+
+def test_validation_names_the_field():
+    bad = [dict(temperature=-1), dict(temperature=math.inf), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+           dict(min_p=2), dict(repetition_penalty=0), dict(max_tokens=0), dict(logit_bias={3: math.nan}),
+           dict(logit_bias={3: 101}), dict(seed=2**64), dict(logprobs=21), dict(max_tokens=True)]
+    for fields in bad:
+        name = next(iter(fields))
+        with pytest.raises(GenerationError, match=name.split("_")[0]):
+            SamplingParams(**fields).validate(vocab_size=10)
+    with pytest.raises(GenerationError, match="token id"):
+        SamplingParams(logit_bias={10: 1.0}).validate(vocab_size=10)
+
+
+VOCAB = 37
+finite = dict(allow_nan=False, allow_infinity=False)
+params_strategy = st.builds(
+    SamplingParams,
+    max_tokens=st.integers(1, 10**9),
+    temperature=st.one_of(st.just(0.0), st.floats(0, 1e30, **finite), st.floats(1e-12, 1e-4, **finite)),
+    top_k=st.integers(0, 10**9),
+    top_p=st.floats(1e-12, 1.0, **finite),
+    min_p=st.floats(0.0, 1.0, **finite),
+    repetition_penalty=st.floats(1e-30, 1e30, **finite),
+    presence_penalty=st.floats(-1e30, 1e30, **finite),
+    frequency_penalty=st.floats(-1e30, 1e30, **finite),
+    logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100, 100, **finite), max_size=VOCAB),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
+    logprobs=st.one_of(st.none(), st.integers(0, 20)),
+)
+logits_strategy = st.lists(st.floats(-1e4, 1e4, **finite), min_size=VOCAB, max_size=VOCAB)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(params_strategy, logits_strategy,
+                                st.lists(st.integers(0, VOCAB - 1), max_size=50),
+                                st.lists(st.integers(0, VOCAB - 1), max_size=50)), min_size=1, max_size=4))
+def test_every_valid_setting_samples_a_token(rows):
+    """Whatever validation accepts, sampling returns one valid token per row (no exception, no nan), with
+    finite log-probabilities where asked for, and a greedy row returns its argmax after the processors."""
+    params = [p.validate(VOCAB) for p, _, _, _ in rows]
+    logits = torch.tensor([row for _, row, _, _ in rows])
+    outputs = [out for _, _, out, _ in rows]
+    prompts = [prompt for _, _, _, prompt in rows]
+    generators = [p.generator("cpu", offset=3) for p in params]
+    tokens, logprobs = sample_rows(logits, params, outputs, generators, ByteTokenizer(), prompts)
+    assert len(tokens) == len(rows) and all(0 <= t < VOCAB for t in tokens)
+    for p, logprob in zip(params, logprobs):
+        assert (logprob is None) == (p.logprobs is None)
+        if logprob is not None:
+            assert math.isfinite(logprob.logprob) and len(logprob.top) == p.logprobs
+    for i, p in enumerate(params):
+        plain = not (p.logit_bias or p.presence_penalty or p.frequency_penalty) and p.repetition_penalty == 1
+        if p.greedy and plain:
+            assert tokens[i] == int(logits[i].argmax())
 
 
 class ByteTokenizer:

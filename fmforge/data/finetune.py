@@ -88,7 +88,7 @@ def sft_example(record: dict, tokenizer: Tokenizer, where: str, train_on_all: bo
     tokens: list[int] = []
     mask: list[bool] = []
     for i, message in enumerate(messages):
-        rendered = tokenizer.encode(tokenizer.apply_chat_template(messages[:i + 1]), allow_special=True)
+        rendered = tokenizer.encode_chat(messages[:i + 1])  # contents stay text: no forged markers
         if rendered[:len(tokens)] != tokens:
             raise DataError(f"{where}: chat template rendering is not prefix-stable at message {i}")
         new = rendered[len(tokens):]

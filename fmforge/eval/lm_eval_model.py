@@ -30,7 +30,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..infer.sampling import SamplingParams, TextStream, generate_tokens
+from ..infer.engine import Engine, GenerationRequest
+from ..infer.sampling import SamplingParams
 from ..checkpoint import load_model_and_tokenizer
 
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")  # small local tasks: --include_path this
@@ -122,32 +123,38 @@ class FmforgeLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continue each context until a stop string, eos, or max_gen_toks tokens (greedy unless do_sample)."""
-        outputs = []
+        engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_context=self.max_length)
+        batch, outputs = [], []
         for request in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            batch.append(request)
+            if len(batch) == self.batch_size or request is requests[-1]:
+                outputs += self._generate_batch(engine, batch)
+                batch = []
+        return outputs
+
+    def _generate_batch(self, engine: Engine, requests) -> list[str]:
+        plans = []
+        for request in requests:
             context, options = request.args
             options = dict(options or {})
             until = options.get("until") or [self.tok_decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(options.get("max_gen_toks", 256))
             temperature = float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0
-            params = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=options.get("top_p"),
-                                    top_k=options.get("top_k"), seed=options.get("seed"))
+            params = SamplingParams(max_tokens=max_new, temperature=temperature,
+                                    top_p=options.get("top_p") or 1.0, top_k=options.get("top_k") or 0,
+                                    stop=tuple(s for s in until if s), seed=options.get("seed")).validate()
             prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
-            stream, generated = TextStream(self.tokenizer, tuple(until)), []
-            for token in generate_tokens(self.model, prompt, params, eos_id=self.eot_token_id):
-                if token == self.eot_token_id:
-                    break
-                generated.append(token)
-                stream.push(token)
-                if stream.stopped:  # a stop string appeared: no need to generate further
-                    break
+            plans.append((until, GenerationRequest(prompt, params, stop_ids=frozenset({self.eot_token_id}))))
+        texts = []
+        for (until, _), request, completion in zip(plans, requests, engine.complete([r for _, r in plans])):
             # As lm-eval's "hf" model: special tokens are dropped from the text, which ends before any stop string.
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0] if stop else text
-            self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
-            outputs.append(text)
-        return outputs
+            self.cache_hook.add_partial("generate_until", (request.args[0], request.args[1]), text)
+            texts.append(text)
+        return texts
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,101 +1,213 @@
-"""Decoding with the KV cache: temperature, top-k, top-p, repetition penalty, stop strings, seed, streaming."""
+"""The one sampler: `SamplingParams` (validated once, built from CLI flags or an OpenAI request) and `sample_rows`,
+which picks the next token of every row of a batch with that row's own settings.
+
+Order of the logit processors (vLLM's and OpenAI's): logit_bias, repetition penalty (CTRL, Keskar et al. 2019: on
+the prompt and the output), presence/frequency penalties (OpenAI: on the output so far), then temperature, top-k,
+top-p (nucleus, Holtzman et al. 2019), min-p (Nguyen et al. 2024). Log-probabilities reported back are those of the
+model's own distribution, before any processing, as OpenAI reports them.
+
+Every value `validate` accepts samples; extreme ones act as their limits: a temperature below 1e-5 is greedy (as
+vLLM treats it), top-k at or above the vocabulary and top-p 1 are off, and logits pushed past float32's range by a
+penalty are clamped to it, so softmax never sees inf - inf.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import math
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import GenerationError
-from ..model import Transformer
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy decoding (vLLM's _SAMPLING_EPS)
+MAX_LOGPROBS = 20
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+FINITE = torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one sequence. Defaults are OpenAI's (temperature 1, no truncation)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # < GREEDY_BELOW: greedy
+    top_k: int = 0  # 0 = off; keeps every token tied with the k-th (as transformers' TopKLogitsWarper)
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
+    stop: tuple[str, ...] = ()  # generation ends before any of these strings
+    stop_token_ids: tuple[int, ...] = ()  # ... or after any of these tokens (besides the model's own end tokens)
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Raise GenerationError naming the first bad field; return self, so that `params.validate()` chains."""
+        def number(name: str, value, low: float | None = None, high: float | None = None,
+                   low_open: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GenerationError(f"{name} must be a finite number, got {value!r}")
+            below = low is not None and (value < low or (low_open and value == low))
+            if below or (high is not None and value > high):
+                if high is None:
+                    bound = f"{'>' if low_open else '>='} {low:g}"
+                else:
+                    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+                raise GenerationError(f"{name} must be {bound}, got {value!r}")
+
+        def integer(name: str, value, low: int, high: int | None = None) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GenerationError(f"{name} must be an integer, got {value!r}")
+            if value < low or (high is not None and value > high):
+                bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+                raise GenerationError(f"{name} must be {bound}, got {value}")
+
+        integer("max_tokens", self.max_tokens, 1)
+        number("temperature", self.temperature, 0.0)
+        integer("top_k", self.top_k, 0)
+        number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        number("min_p", self.min_p, 0.0, 1.0)
+        number("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        number("presence_penalty", self.presence_penalty)
+        number("frequency_penalty", self.frequency_penalty)
+        for token, bias in self.logit_bias.items():
+            integer("a logit_bias token id", token, 0, None if vocab_size is None else vocab_size - 1)
+            number(f"logit_bias[{token}]", bias, -100.0, 100.0)
+        for token in self.stop_token_ids:
+            integer("a stop token id", token, 0, None if vocab_size is None else vocab_size - 1)
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise GenerationError(f"stop must be a tuple of strings, got {self.stop!r}")
+        if self.seed is not None:
+            integer("seed", self.seed, *SEED_RANGE)
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        return self
+
+    def generator(self, device, offset: int = 0) -> torch.Generator | None:
+        """A generator seeded with seed + offset (n choices of one request differ, reproducibly); None unseeded."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed((self.seed + offset) % 2**64)
 
 
 @dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (Keskar et al. 2019)
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GenerationError(f"top_k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V) (float32)."""
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
+                generators: list[torch.Generator | None], tokenizer=None,
+                prompts: list[list[int]] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of logits (B, V), each row with its own settings.
+
+    `outputs[i]` are row i's generated tokens so far (presence/frequency penalties), `prompts[i]` its prompt (the
+    repetition penalty sees both). Everything is batched across rows except the draws of rows with their own
+    seeded generator; the results cross to the host once. Raises GenerationError for rows whose logits are not
+    finite (a broken model), naming nothing else: the caller fails those sequences alone.
+    """
     logits = logits.float()
-    if params.repetition_penalty != 1.0 and context is not None and context.numel():
-        # CTRL-style: divide positive logits, multiply negative ones, for tokens already present.
-        seen = logits.gather(1, context)
-        seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
-        logits = logits.scatter(1, context, seen)
-    if params.temperature == 0:
+    B, V = logits.shape
+    device = logits.device
+    bad = (~torch.isfinite(logits).all(dim=-1)).nonzero().view(-1).tolist()
+    if bad:
+        raise GenerationError(f"the model produced non-finite logits for row(s) {bad}")
+    logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw = F.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
+
+    bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
+    if bias:
+        rows, cols, values = zip(*bias)
+        logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                                  torch.tensor(values, device=device), accumulate=True)
+    repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if repeated:
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        for i in repeated:
+            tokens = (prompts[i] if prompts else []) + outputs[i]
+            if tokens:
+                seen[i, torch.tensor(tokens, device=device)] = True
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device).view(-1, 1)
+        # CTRL: divide positive logits, multiply negative ones, for tokens already present.
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    counted = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and outputs[i]]
+    if counted:
+        rows = torch.tensor([i for i in counted for _ in outputs[i]], device=device)
+        cols = torch.tensor([t for i in counted for t in outputs[i]], device=device)
+        counts = torch.zeros(B, V, device=device).index_put_((rows, cols), torch.ones(len(rows), device=device),
+                                                              accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device).view(-1, 1)
+        presence = torch.tensor([p.presence_penalty for p in params], device=device).view(-1, 1)
+        logits = logits - frequency * counts - presence * (counts > 0).float()
+    logits = logits.clamp(-FINITE, FINITE)  # a huge penalty must not turn into inf (and softmax into nan)
+
+    tokens = logits.argmax(dim=-1)  # greedy rows keep these
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        temperature = torch.tensor([params[i].temperature for i in sampled], device=device).view(-1, 1)
+        rows = (logits[sampled] / temperature).clamp(-FINITE, FINITE)
+        rows = truncate(rows, [params[i] for i in sampled])
+        probs = rows.softmax(dim=-1)
+        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
+        unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
+        if unseeded:
+            index = torch.tensor(unseeded, device=device)
+            picks[index] = torch.multinomial(probs[index], 1).view(-1)
+        for j, i in enumerate(sampled):
+            if generators[i] is not None:
+                picks[j] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+        tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), picks)
+    chosen = tokens.tolist()
+
+    logprobs: list[TokenLogprob | None] = [None] * B
+    if logprob_rows:
+        width = max(params[i].logprobs for i in logprob_rows)
+        picked = raw.gather(1, tokens[logprob_rows].view(-1, 1)).view(-1).tolist()
+        top_values, top_ids = (raw.topk(width, dim=-1) if width else (raw[:, :0], raw[:, :0].long()))
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        for r, i in enumerate(logprob_rows):
+            k = params[i].logprobs
+            top = [(tokenizer.decode([t]), v) for t, v in zip(top_ids[r][:k], top_values[r][:k])]
+            logprobs[i] = TokenLogprob(tokenizer.decode([chosen[i]]), picked[r], top)
+    return chosen, logprobs
+
+
+def truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """top-k, top-p and min-p on temperature-scaled logits (B, V): dropped tokens get -inf. The most likely token
+    always survives, so every row keeps something to sample."""
+    V = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if not any(top_k) and all(p >= 1 for p in top_p) and not any(min_p):
         return logits
-    logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked before it already cover top_p; the top token always stays.
-        remove = cumulative - sorted_logits.softmax(-1) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return logits
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick the next token (B,) from processed logits (B, V)."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate_tokens(model: Transformer, prompt_ids: list[int], params: SamplingParams,
-                    eos_id: int | set[int] | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time, decoding with a KV cache (prefill once, then one token per step).
-
-    Generation ends after yielding a token in `eos_id` (an id or a set of ids)."""
-    params.validate()
-    stop_ids = eos_id if isinstance(eos_id, (set, frozenset)) else {eos_id}
-    limit = model.config.context_length
-    if not prompt_ids:
-        raise GenerationError("the prompt is empty; give at least one token")
-    if len(prompt_ids) >= limit:
-        raise GenerationError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {limit}; "
-                              "shorten the prompt")
-    device = model.embed_tokens.weight.device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    max_new = min(params.max_new_tokens, limit - len(prompt_ids))
-    cache = model.new_kv_cache(1, len(prompt_ids) + max_new)
-    context = torch.tensor([prompt_ids], device=device)
-    logits = model(context, kv_cache=cache).logits[:, -1]
-    for _ in range(max_new):
-        next_id = sample_next(process_logits(logits, params, context), params, generator)
-        token = int(next_id)
-        yield token
-        if token in stop_ids or cache.length >= cache.max_length:
-            return
-        context = torch.cat([context, next_id.view(1, 1)], dim=1)
-        logits = model(next_id.view(1, 1), kv_cache=cache).logits[:, -1]
+    device = logits.device
+    ordered, order = logits.sort(dim=-1, descending=True)
+    remove = torch.zeros_like(ordered, dtype=torch.bool)
+    if any(top_k):
+        # The k-th largest value of each row; ties with it stay (an order among equals would be arbitrary).
+        kth = ordered.gather(1, (torch.tensor([k or V for k in top_k], device=device) - 1).view(-1, 1))
+        remove |= ordered < kth
+    probs = ordered.softmax(dim=-1)
+    if any(p < 1 for p in top_p):
+        p = torch.tensor(top_p, device=device).view(-1, 1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        remove |= (before >= p) & (p < 1)  # a token goes once the tokens before it already reach top_p
+    if any(min_p):
+        remove |= probs < torch.tensor(min_p, device=device).view(-1, 1) * probs[:, :1]
+    remove[:, 0] = False
+    ordered = ordered.masked_fill(remove, -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
 class TextStream:
@@ -109,8 +221,10 @@ class TextStream:
         self.stopped = False
 
     def push(self, token_id: int) -> str:
-        """Add a token; return the text that is now safe to show (possibly empty)."""
+        """Add a token; return the text that is now safe to show (possibly empty; always without a tokenizer)."""
         self.ids.append(token_id)
+        if self.tokenizer is None:
+            return ""
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
             return ""
@@ -131,32 +245,9 @@ class TextStream:
 
     def flush(self) -> str:
         """The rest of the text at the end of generation (nothing after a stop string)."""
-        if self.stopped:
+        if self.stopped or self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(self.ids)
         piece = text[self.emitted:]
         self.emitted = len(text)
         return piece
-
-
-def generate_text(model: Transformer, tokenizer, prompt: str, params: SamplingParams, add_bos: bool = True) -> Iterator[str]:
-    """Stream generated text for a prompt: pieces as they become final; stops at eos or a stop string."""
-    yield from generate_text_from_ids(model, tokenizer, tokenizer.encode(prompt, add_bos=add_bos), params,
-                                      {tokenizer.eos_id})
-
-
-def generate_text_from_ids(model: Transformer, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                           stop_ids: set[int]) -> Iterator[str]:
-    """Stream text after already-encoded prompt ids; ends at any id in stop_ids or a stop string."""
-    stream = TextStream(tokenizer, params.stop)
-    for token in generate_tokens(model, prompt_ids, params, eos_id=stop_ids):
-        if token in stop_ids:
-            break
-        piece = stream.push(token)
-        if piece:
-            yield piece
-        if stream.stopped:
-            return
-    rest = stream.flush()
-    if rest:
-        yield rest

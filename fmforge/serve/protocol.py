@@ -1,15 +1,26 @@
-"""Request bodies of the OpenAI API as fmforge accepts them (pydantic), and OpenAI's error shape.
+"""The OpenAI API as fmforge accepts it: request bodies (pydantic, strict where OpenAI is strict), the conversion of
+a request into the engine's one `SamplingParams` (`to_sampling_params`, as vLLM does it), and OpenAI's error shape.
 
-Fields OpenAI defines that fmforge does not implement are refused with a clear 400 when set to anything but
-their default (`suffix`, `echo`, `best_of` > n, `tools`, `response_format` other than text, ...); fields that
-only label a request (`user`, `metadata`) are accepted and ignored.
+Fields OpenAI defines that fmforge does not implement are refused with a clear 400 when set to anything but their
+default (`suffix`, `echo`, `best_of` > n, `tools`, `response_format` other than text, ...); fields that only label
+a request (`user`, `metadata`) are accepted and ignored. vLLM's extensions `top_k`, `min_p`,
+`repetition_penalty` and `stop_token_ids` are accepted too.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import GenerationError
+from ..infer.sampling import SamplingParams
+
+MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (OpenAI's bodies need about 5)
+TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also accepts '²' and '١'
 
 
 class APIError(Exception):
@@ -26,32 +37,66 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not know; see check_unsupported
+    # strict: `max_tokens: true`, `stream: "yes"` or `"n": "2"` are type errors, as in OpenAI's API
+    model_config = ConfigDict(extra="allow", strict=True)  # unknown fields: see check_unsupported
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0 = off
+    min_p: float = Field(0.0, ge=0, le=1)  # vLLM's extension
+    repetition_penalty: float = Field(1.0, gt=0, le=10)  # vLLM's extension
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
+    def to_sampling_params(self, vocab_size: int, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The request's sampling as the engine's SamplingParams; `max_tokens` is what the request may generate
+        (its own limit, or the room left in the context). APIError (400) naming the field for a bad value."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stop) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not TOKEN_ID.fullmatch(key) or not 0 <= int(key) < vocab_size:
+                raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                               param="logit_bias")
+            if not math.isfinite(value):
+                raise APIError(400, f"logit_bias value for {key} must be a finite number", param="logit_bias")
+            bias[int(key)] = max(-100.0, min(100.0, value))
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=max(0, self.top_k or 0), top_p=1.0 if self.top_p is None else self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=bias, stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()), seed=self.seed, logprobs=logprobs)
+        try:
+            return params.validate(vocab_size)
+        except GenerationError as exc:
+            field = str(exc).split(" ", 1)[0].split("[", 1)[0]
+            raise APIError(400, str(exc), param=field if field in type(self).model_fields else None) from None
+
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart]
     name: str | None = None
 
 
@@ -71,7 +116,7 @@ class CompletionRequest(_Request):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     input: str | list[str] | list[int] | list[list[int]]
@@ -107,3 +152,56 @@ def validation_error(errors: list[dict]) -> APIError:
     message = first.get("msg", "invalid value")
     return APIError(422, f"{location}: {message}" if location else message, param=location or None,
                     code="invalid_type" if "type" in first.get("type", "") else "invalid_value")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """A request body as a JSON object: strict JSON (no NaN or Infinity, numbers in range), at most
+    MAX_JSON_DEPTH levels deep, every string valid Unicode (no lone surrogates). APIError 400 otherwise."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_json_values(body)
+    return body
+
+
+def check_json_values(body: dict) -> None:
+    """Walk the parsed body (without recursion): depth limit, and strings (keys too) that are valid Unicode."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           code="invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path or "body")
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"'{path}' is not valid Unicode text (it holds a lone UTF-16 surrogate)",
+                       param=path, code="invalid_value") from None

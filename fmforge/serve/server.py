@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, ServingError
 
 
 @dataclass
@@ -43,8 +43,8 @@ def parse_adapter_option(value: str) -> tuple[str, str]:
 def build_engine(options: ServeOptions):
     """(engine, base info) — every check a user can trip happens here, before the port is opened."""
     from ..checkpoint import HEAD_FILE, load_model_and_tokenizer
-    from .engine import Engine
-    from .lora import read_adapter
+    from ..infer.engine import Engine
+    from ..infer.lora import read_adapter
 
     names = [options.model_name] + [name for name, _ in options.adapters]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -74,8 +74,14 @@ def serve(options: ServeOptions) -> None:
 
     started = time.perf_counter()
     engine, info = build_engine(options)
+    server: uvicorn.Server | None = None
+
+    def on_engine_death() -> None:
+        print(f"fmforge serve: the engine stopped ({engine.error!r}); shutting down", file=sys.stderr, flush=True)
+        server.should_exit = True
+
     app = create_app(engine, options.model_name, [name for name, _ in options.adapters], api_key=options.api_key,
-                     max_body_bytes=options.max_body_bytes, base_info=info)
+                     max_body_bytes=options.max_body_bytes, base_info=info, on_engine_death=on_engine_death)
     models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "
           f"{engine.max_batch} slots x {engine.max_context} tokens; loaded in {time.perf_counter() - started:.1f}s",
@@ -89,5 +95,7 @@ def serve(options: ServeOptions) -> None:
     # a drained server exits 0 instead of dying of the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
+    if engine.error is not None:  # exit non-zero, so that a process manager restarts the server
+        raise ServingError(f"the engine stopped: {engine.error!r}")
     if getattr(server, "started", True) is False:
         raise ConfigError(f"could not listen on {options.host}:{options.port} (in use?)")

@@ -1,4 +1,4 @@
-"""The serving engine in-process: continuous batching and per-row adapters give exactly what one-at-a-time
+"""The generation engine in-process: continuous batching and per-row adapters give exactly what one-at-a-time
 decoding gives; per-request sampling settings do what they say."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import torch
 
 from fmforge.adapt.lora import load_adapter
 from fmforge.errors import CheckpointError
-from fmforge.infer.sampling import SamplingParams, generate_tokens
-from fmforge.serve.engine import Engine, EngineFull, SamplingOptions, sample_rows
-from fmforge.serve.lora import read_adapter
+from fmforge.infer.engine import Engine, EngineFull
+from fmforge.infer.lora import read_adapter
+from fmforge.infer.sampling import SamplingParams, sample_rows
 from fmforge.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
 from conftest import make_adapter
+from reference import greedy_reference
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def reference(base: Path, prompt: list[int], max_new: int, adapter: Path | None 
     if adapter is not None:
         load_adapter(model, adapter, base)
     model.eval()
-    return list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=max_new, temperature=0), eos_id=set()))
+    return greedy_reference(model, prompt, max_new)
 
 
-def run_engine(engine: Engine, requests: list[tuple[list[int], int, SamplingOptions]]) -> list[Collector]:
+def run_engine(engine: Engine, requests: list[tuple[list[int], int, SamplingParams]]) -> list[Collector]:
     collectors = []
     engine.start()
     try:
@@ -83,7 +84,7 @@ def test_continuous_batching_matches_one_at_a_time_greedy_decoding(base):
     lengths = [12, 30, 5, 40, 21]  # sequences finish at different steps, so slots are vacated and refilled
     # 2 slots for 5 requests: later ones wait in the queue and join a running batch.
     engine = Engine(model, tokenizer, max_batch=2, max_queue=8)
-    results = run_engine(engine, [(p, 0, SamplingOptions(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)])
+    results = run_engine(engine, [(p, 0, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)])
     for prompt, n, result in zip(prompts, lengths, results):
         assert result.tokens == reference(base, prompt, n)
         assert result.finish == "length"
@@ -97,7 +98,7 @@ def test_adapters_apply_per_row_unmerged(base, adapters):
     engine = Engine(model, tokenizer, loaded, max_batch=4)
     prompts = prompts_of(tokenizer)
     plan = [(prompts[0], 0), (prompts[1], 1), (prompts[2], 2), (prompts[3], 1), (prompts[4], 2), (prompts[0], 2)]
-    results = run_engine(engine, [(p, a, SamplingOptions(max_tokens=16, temperature=0)) for p, a in plan])
+    results = run_engine(engine, [(p, a, SamplingParams(max_tokens=16, temperature=0)) for p, a in plan])
     for (prompt, adapter), result in zip(plan, results):
         expected = reference(base, prompt, 16, adapters[adapter - 1] if adapter else None)
         assert result.tokens == expected, f"adapter {adapter}"
@@ -118,20 +119,20 @@ def test_adapter_for_another_base_is_refused(base, adapters, tmp_path):
 def test_sampling_options():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    plain = SamplingOptions(max_tokens=1)
+    plain = SamplingParams(max_tokens=1)
     # top_k = 1 is greedy whatever the temperature.
-    tokens, _ = sample_rows(logits.clone(), [SamplingOptions(max_tokens=1, top_k=1, temperature=1.5)] * 4,
+    tokens, _ = sample_rows(logits.clone(), [SamplingParams(max_tokens=1, top_k=1, temperature=1.5)] * 4,
                             [[]] * 4, [None] * 4)
     assert tokens == logits.argmax(-1).tolist()
     # A tiny top_p keeps only the most likely token.
-    tokens, _ = sample_rows(logits.clone(), [SamplingOptions(max_tokens=1, top_p=1e-6)] * 4, [[]] * 4, [None] * 4)
+    tokens, _ = sample_rows(logits.clone(), [SamplingParams(max_tokens=1, top_p=1e-6)] * 4, [[]] * 4, [None] * 4)
     assert tokens == logits.argmax(-1).tolist()
     # logit_bias forces a token; a frequency penalty keeps a greedy row off the tokens it already produced.
-    tokens, _ = sample_rows(logits[:1].clone(), [SamplingOptions(max_tokens=1, temperature=0, logit_bias={7: 100.0})],
+    tokens, _ = sample_rows(logits[:1].clone(), [SamplingParams(max_tokens=1, temperature=0, logit_bias={7: 100.0})],
                             [[]], [None])
     assert tokens == [7]
     best = int(logits[0].argmax())
-    tokens, _ = sample_rows(logits[:1].clone(), [SamplingOptions(max_tokens=1, temperature=0, frequency_penalty=2.0)],
+    tokens, _ = sample_rows(logits[:1].clone(), [SamplingParams(max_tokens=1, temperature=0, frequency_penalty=2.0)],
                             [[best] * 10], [None])
     assert tokens != [best]
     # The same seed gives the same draws; rows keep their own generators.
@@ -147,7 +148,7 @@ def test_sampling_options():
 def test_logprobs_are_the_models_own(base):
     model, tokenizer, _ = load_model_and_tokenizer(base)
     logits = torch.randn(1, model.config.vocab_size)
-    options = SamplingOptions(max_tokens=1, temperature=0, logprobs=3, logit_bias={5: 50.0})
+    options = SamplingParams(max_tokens=1, temperature=0, logprobs=3, logit_bias={5: 50.0})
     tokens, logprobs = sample_rows(logits.clone(), [options], [[]], [None], tokenizer)
     expected = torch.log_softmax(logits[0], -1)
     assert tokens == [5]
@@ -161,14 +162,14 @@ def test_stop_strings_and_queue_limit(base):
     full = tokenizer.decode(reference(base, prompt, 30))
     stop = full[8:11]
     engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
-    (result,) = run_engine(engine, [(prompt, 0, SamplingOptions(max_tokens=30, temperature=0, stop=(stop,)))])
+    (result,) = run_engine(engine, [(prompt, 0, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)))])
     assert result.finish == "stop"
     assert "".join(result.text) == full[:full.find(stop)]
     # Not started: the queue holds one sequence, the next is refused at once.
     engine = Engine(model, tokenizer, max_batch=1, max_queue=1)
-    engine.submit(prompt, SamplingOptions(max_tokens=2), lambda e: None)
+    engine.submit(prompt, SamplingParams(max_tokens=2), lambda e: None)
     with pytest.raises(EngineFull):
-        engine.submit(prompt, SamplingOptions(max_tokens=2), lambda e: None)
+        engine.submit(prompt, SamplingParams(max_tokens=2), lambda e: None)
 
 
 def test_embeddings_are_unit_vectors_that_depend_on_text_and_adapter(base, adapters):
@@ -191,7 +192,7 @@ def test_embeddings_are_unit_vectors_that_depend_on_text_and_adapter(base, adapt
 
 
 def test_prompt_lookup_drafts():
-    from fmforge.serve.engine import propose_draft
+    from fmforge.infer.engine import propose_draft
 
     context = [1, 2, 3, 4, 5, 9, 2, 3]
     assert propose_draft(context, 3, 10) == [4, 5, 9]  # the last 2-gram (2, 3) was followed by 4, 5, 9
@@ -206,7 +207,7 @@ def test_speculative_decoding_changes_speed_not_output(base, temperature):
     outputs, engines = [], []
     for speculate in (0, 4):
         engine = Engine(model, tokenizer, max_batch=1, speculate=speculate)
-        options = SamplingOptions(max_tokens=40, temperature=temperature, seed=3, top_p=0.95)
+        options = SamplingParams(max_tokens=40, temperature=temperature, seed=3, top_p=0.95)
         (result,) = run_engine(engine, [(prompt, 0, options)])
         outputs.append(result.tokens)
         engines.append(engine)
@@ -220,7 +221,7 @@ def test_speculative_decoding_changes_speed_not_output(base, temperature):
 
 
 def test_prefill_groups_respect_the_token_budget():
-    from fmforge.serve.engine import prefill_groups
+    from fmforge.infer.engine import prefill_groups
 
     class S:
         def __init__(self, n):

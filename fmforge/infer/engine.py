@@ -1,33 +1,41 @@
-"""The serving engine: continuous batching of many requests, each with its own sampling and its own adapter.
+"""The generation engine: every token fmforge generates comes from here (the server, `fmforge generate` and
+`chat`, completion scoring in `fmforge eval`, lm-eval's generate_until).
 
-One thread owns the model. Each turn of its loop it admits waiting requests into free slots (prefill: the whole
-prompt in one forward, then the first token), runs ONE decode forward for every running sequence together, and
-samples each row with that sequence's own settings. Sequences leave the batch the moment they finish or their
-client goes away; new ones join at the next turn (Yu et al. 2022, "Orca": iteration-level scheduling).
-Requests beyond the slots wait in a bounded queue; beyond that `submit` refuses at once (EngineFull -> HTTP 429).
+It batches many sequences continuously, each with its own `SamplingParams`, seed and adapter. Each step admits
+waiting sequences into free slots (prefill: the whole prompt in one forward, then the first token), runs ONE
+decode forward for every running sequence together, and samples each row with its own settings. Sequences leave
+the batch the moment they finish or are cancelled; new ones join at the next step (Yu et al. 2022, "Orca":
+iteration-level scheduling). A sequence running alone drafts tokens by prompt lookup and verifies them in one
+forward (speculation), which gives the tokens plain decoding gives.
 
-Results go back through a callback per sequence, called on the engine thread (the HTTP layer hands them to its
-event loop). Embedding jobs run on the same thread between decode steps, so only one thread ever touches the
-model.
+Two ways to drive it:
+- a server starts the engine thread (`start`) and `submit`s sequences with a callback per sequence, called on the
+  engine thread; embedding jobs run on the same thread between steps, so one thread owns the model;
+- a script calls `generate(requests)` without starting the thread: the calling thread runs the steps itself and
+  receives (request index, Event) pairs in order. `complete` is the one-shot form.
+
+A failure while serving a sequence (its logits not finite, a forward that raises) ends that sequence, or the
+sequences of that forward, with finish_reason "error"; the engine keeps serving the others. Only a failure of
+the loop itself stops the engine: `error` is set and every waiter is told.
 """
 
 from __future__ import annotations
 
-import math
+import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..infer.sampling import TextStream
+from ..errors import GenerationError
 from ..model import Transformer
 from .cache import SlotKVCache
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
-
+from .sampling import SamplingParams, TextStream, TokenLogprob, sample_rows
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
 
@@ -37,46 +45,45 @@ class EngineFull(Exception):
 
 
 class EngineStopped(Exception):
-    """The engine is shutting down and takes no new work (HTTP 503)."""
-
-
-@dataclass
-class SamplingOptions:
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
+    """The engine is shutting down, or its loop died, and takes no new work (HTTP 503)."""
 
 
 @dataclass
 class Event:
     """What a sequence produced in one step: new text (may be empty while bytes or a possible stop string are
-    held back), the token's log-probabilities if asked for, and finish_reason on its last event."""
+    held back), the token's log-probabilities if asked for, and finish_reason on its last event ("stop",
+    "length", or "error" with `error` saying what went wrong)."""
     text: str
     token_id: int | None = None
     logprob: TokenLogprob | None = None
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None
     completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate: prompt ids, sampling, adapter (0 = the base) and the ids that end it (None: the
+    tokenizer's eos). `seed_offset` j seeds the generator with seed + j, so n choices differ reproducibly."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: int = 0
+    stop_ids: frozenset[int] | None = None
+    seed_offset: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
 
 
 @dataclass
 class Sequence:
     prompt_ids: list[int]
-    adapter: int  # 0 = base, i = the i-th served adapter
-    options: SamplingOptions
+    adapter: int
+    params: SamplingParams
     on_event: Callable[[Event], None]
     stop_ids: frozenset[int]
     stream: TextStream
@@ -96,6 +103,53 @@ class _EmbedJob:
     token_lists: list[list[int]]
     adapter: int
     future: Future
+
+
+class Generation:
+    """The events of a batch of requests, as (request index, Event) in the order they happen; `cancel(i)` stops
+    request i. Driven by the engine thread when it runs, else by the thread that iterates."""
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+        self.engine = engine
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._remaining = len(requests)
+        self.sequences: list[Sequence] = []
+        try:
+            for index, request in enumerate(requests):
+                self.sequences.append(engine.submit(
+                    request.prompt_ids, request.params, lambda event, i=index: self._events.put((i, event)),
+                    request.adapter, request.stop_ids, request.seed_offset, bounded=engine.running_thread))
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[int, Event]]:
+        try:
+            while self._remaining:
+                if not self.engine.running_thread:
+                    while self._events.empty():
+                        if not self.engine.step():
+                            raise GenerationError("the engine has no work left but requests are unfinished")
+                index, event = self._events.get()
+                if self.sequences[index].cancelled:
+                    continue
+                if event.finish_reason is not None:
+                    self._remaining -= 1
+                yield index, event
+        finally:
+            self.close()
+
+    def cancel(self, index: int) -> None:
+        """Stop request `index`; no further events of it are yielded."""
+        if not self.sequences[index].finished and not self.sequences[index].cancelled:
+            self.sequences[index].cancel()
+            self._remaining -= 1
+
+    def close(self) -> None:
+        for index in range(len(self.sequences)):
+            self.cancel(index)
+        if not self.engine.running_thread:
+            self.engine.step(admit=False)  # free the slots of what was cancelled
 
 
 class Engine:
@@ -124,9 +178,42 @@ class Engine:
         self.accepted_draft_tokens = 0
         self.generated_tokens = 0
         self.prompt_tokens = 0
+        self.failed_sequences = 0
         self.on_first_token: Callable[[float], None] | None = None  # seconds from submit to first token
 
+    # ---- the synchronous API ------------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> Generation:
+        """The events of `requests`, batched together; see Generation."""
+        return Generation(self, requests)
+
+    def complete(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Generate every request to its end; the texts, tokens and finish reasons, in request order."""
+        texts = [[] for _ in requests]
+        ids = [[] for _ in requests]
+        finish = [""] * len(requests)
+        for index, event in self.generate(requests):
+            texts[index].append(event.text)
+            if event.token_id is not None:
+                ids[index].append(event.token_id)
+            if event.finish_reason == "error":
+                raise GenerationError(event.error or "generation failed")
+            finish[index] = event.finish_reason or finish[index]
+        return [Completion("".join(t), i, f) for t, i, f in zip(texts, ids, finish)]
+
+    def stream_text(self, request: GenerationRequest) -> Iterator[str]:
+        """The text of one request, piece by piece as it becomes final."""
+        for _, event in self.generate([request]):
+            if event.finish_reason == "error":
+                raise GenerationError(event.error or "generation failed")
+            if event.text:
+                yield event.text
+
     # ---- called from other threads ------------------------------------------------------------------------
+
+    @property
+    def running_thread(self) -> bool:
+        return self._thread is not None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fmforge-engine", daemon=True)
@@ -140,18 +227,29 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, prompt_ids: list[int], options: SamplingOptions, on_event: Callable[[Event], None],
-               adapter: int = 0, stop_ids: frozenset[int] = frozenset()) -> Sequence:
-        """Queue a sequence; raises EngineFull when max_queue sequences already wait."""
-        generator = None
-        if options.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(options.seed)
-        sequence = Sequence(list(prompt_ids), adapter, options, on_event, stop_ids,
-                            TextStream(self.tokenizer, options.stop), generator)
+    def alive(self) -> bool:
+        """False once the loop has died (or a started thread has ended)."""
+        return self.error is None and (self._thread is None or self._thread.is_alive() or self._stopping)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+               adapter: int = 0, stop_ids: frozenset[int] | None = None, seed_offset: int = 0,
+               bounded: bool = True) -> Sequence:
+        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait."""
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise GenerationError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {self.max_context}; "
+                                  "shorten the prompt")
+        if stop_ids is None:
+            stop_ids = frozenset() if self.tokenizer is None else frozenset({self.tokenizer.eos_id})
+        stops = stop_ids | set(params.stop_token_ids)
+        sequence = Sequence(list(prompt_ids), adapter, params, on_event, stops,
+                            TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset))
         with self._cond:
-            if self._stopping:
-                raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if self._stopping or self.error is not None:
+                raise EngineStopped("the server is shutting down" if self.error is None else
+                                    f"the engine stopped: {self.error!r}")
+            if bounded and len(self._waiting) >= self.max_queue:
                 raise EngineFull(f"the server is at capacity ({self.max_batch} running, {len(self._waiting)} "
                                  "waiting); retry later")
             self._waiting.append(sequence)
@@ -162,10 +260,12 @@ class Engine:
         """Future of a (len(token_lists), n_embd) float32 tensor: mean-pooled final hidden states, unit length."""
         job = _EmbedJob(token_lists, adapter, Future())
         with self._cond:
-            if self._stopping:
+            if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down")
             self._jobs.append(job)
             self._cond.notify()
+        if not self.running_thread:
+            self.step()
         return job.future
 
     @property
@@ -176,7 +276,7 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
-    # ---- the engine thread --------------------------------------------------------------------------------
+    # ---- the loop ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -197,29 +297,63 @@ class Engine:
                         self._cond.wait()
                     if self._stopping and not (self._waiting or self._running or self._jobs):
                         return
-                    jobs, self._jobs = self._jobs, []
-                    free = self.max_batch - len(self._running)
-                    admitted, self._waiting = self._waiting[:free], self._waiting[free:]
-                for job in jobs:
-                    self._run_embed(job)
-                for group in prefill_groups([s for s in admitted if not s.cancelled], PREFILL_TOKENS):
-                    self._prefill(group)
-                self._retire()
-                if self._running:
-                    self._decode()
-                    self._retire()
+                self.step()
         except BaseException as exc:  # noqa: BLE001 — report to every waiter rather than hang them
             self.error = exc
             with self._cond:
                 pending, self._waiting = self._running + self._waiting, []
                 self._running = []
                 jobs, self._jobs = self._jobs, []
-                self._stopping = True
             for sequence in pending:
-                sequence.on_event(Event("", finish_reason="error"))
+                self._emit(sequence, Event("", finish_reason="error", error=f"the engine stopped: {exc!r}"))
             for job in jobs:
                 job.future.set_exception(exc)
             raise
+
+    @torch.no_grad()
+    def step(self, admit: bool = True) -> bool:
+        """One turn: run embedding jobs, prefill admitted sequences, one decode step for the running ones
+        (`admit=False`: only free the slots of finished and cancelled sequences). False when there was no work."""
+        with self._cond:
+            jobs, self._jobs = self._jobs, []
+            self._waiting = [s for s in self._waiting if not s.cancelled]
+            if not (jobs or self._waiting or self._running):
+                return False
+            admitted = []
+            if admit:
+                free = self.max_batch - len(self._running)
+                admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+        for job in jobs:
+            self._run_embed(job)
+        for group in prefill_groups(admitted, PREFILL_TOKENS):
+            self._guarded(self._prefill, group)
+        self._retire()
+        if self._running and admit:
+            self._guarded(self._decode, list(self._running))
+            self._retire()
+        return True
+
+    def _guarded(self, work: Callable[[list[Sequence]], None], sequences: list[Sequence]) -> None:
+        """Run one forward's work; if it raises, those sequences fail and the engine goes on."""
+        try:
+            work(sequences)
+        except Exception as exc:  # noqa: BLE001 — one batch's failure must not stop the others
+            for sequence in sequences:
+                self._fail(sequence, exc)
+
+    def _fail(self, sequence: Sequence, exc: BaseException) -> None:
+        if sequence.finished:
+            return
+        sequence.finished = True
+        self.failed_sequences += 1
+        self._emit(sequence, Event("", finish_reason="error", completion_tokens=len(sequence.output_ids),
+                                   error=f"{type(exc).__name__}: {exc}"))
+
+    def _emit(self, sequence: Sequence, event: Event) -> None:
+        try:
+            sequence.on_event(event)
+        except Exception:  # noqa: BLE001 — a receiver that is gone cancels its sequence, nothing more
+            sequence.cancel()
 
     def _select(self, adapters: list[int]) -> None:
         self.selection.ids = (torch.tensor(adapters, device=self.device) if any(adapters) else None)
@@ -245,8 +379,7 @@ class Engine:
         self.prompt_tokens += sum(lengths)
         self._accept(logits, sequences)
 
-    def _decode(self) -> None:
-        running = self._running
+    def _decode(self, running: list[Sequence]) -> None:
         if len(running) == 1 and self.speculate and not self._waiting:
             draft = propose_draft(running[0].prompt_ids + running[0].output_ids, self.speculate,
                                   self._room(running[0]) - 1)
@@ -262,7 +395,7 @@ class Engine:
     def _room(self, sequence: Sequence) -> int:
         """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
         used = len(sequence.prompt_ids) + len(sequence.output_ids)
-        return min(sequence.options.max_tokens - len(sequence.output_ids), self.max_context - used)
+        return min(sequence.params.max_tokens - len(sequence.output_ids), self.max_context - used)
 
     def _decode_speculative(self, sequence: Sequence, draft: list[int]) -> None:
         """Prompt-lookup speculative decoding for a lone sequence (Saxena 2023; Leviathan et al. 2023).
@@ -290,13 +423,33 @@ class Engine:
         # The cache now holds the last token and the accepted drafts; later positions are overwritten next step.
         self.cache.lengths[0] = start + 1 + accepted
 
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]):
+        """sample_rows over the batch; if it fails, row by row, so that only the rows at fault fail."""
+        def rows(logits, sequences):
+            return sample_rows(logits, [s.params for s in sequences], [s.output_ids for s in sequences],
+                               [s.generator for s in sequences], self.tokenizer, [s.prompt_ids for s in sequences])
+        try:
+            return rows(logits, sequences)
+        except Exception:  # noqa: BLE001 — find the rows at fault
+            if len(sequences) == 1:
+                raise
+        tokens, logprobs = [], []
+        for row, sequence in enumerate(sequences):
+            try:
+                token, logprob = rows(logits[row:row + 1], [sequence])
+            except Exception as exc:  # noqa: BLE001
+                self._fail(sequence, exc)
+                token, logprob = [None], [None]
+            tokens += token
+            logprobs += logprob
+        return tokens, logprobs
+
     def _accept(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
         """Sample one token per row and hand each sequence its event."""
-        tokens, logprobs = sample_rows(logits, [s.options for s in sequences], [s.output_ids for s in sequences],
-                                       [s.generator for s in sequences], self.tokenizer)
+        tokens, logprobs = self._sample(logits, sequences)
         now = time.perf_counter()
         for sequence, token, logprob in zip(sequences, tokens, logprobs):
-            if sequence.cancelled:
+            if sequence.cancelled or sequence.finished or token is None:
                 continue
             if not sequence.output_ids and self.on_first_token is not None:
                 self.on_first_token(now - sequence.submitted_at)
@@ -313,7 +466,7 @@ class Engine:
                 finish = "length"
                 text += sequence.stream.flush()
             sequence.finished = finish is not None
-            sequence.on_event(Event(text, token, logprob, finish, len(sequence.output_ids)))
+            self._emit(sequence, Event(text, token, logprob, finish, len(sequence.output_ids)))
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences; the last running one moves into each freed slot."""
@@ -341,72 +494,6 @@ class Engine:
             job.future.set_result(torch.stack(vectors).cpu())
         except Exception as exc:  # noqa: BLE001 — the waiter gets the error
             job.future.set_exception(exc)
-
-
-def sample_rows(logits: torch.Tensor, options: list[SamplingOptions], outputs: list[list[int]],
-                generators: list[torch.Generator | None], tokenizer=None) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row of logits (B, V), each row with its own settings.
-
-    Order: logit_bias, presence/frequency penalties on the tokens generated so far (as OpenAI defines them),
-    then temperature, top-k, top-p. Log-probabilities are those of the model's own distribution (before any of
-    these), as OpenAI reports them. Everything is batched across rows except the draws of rows with their own
-    seeded generator; the results cross to the host once."""
-    logits = logits.float()
-    B, V = logits.shape
-    device = logits.device
-    logprob_rows = [i for i, o in enumerate(options) if o.logprobs is not None]
-    raw = F.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
-    bias = [(i, t, v) for i, o in enumerate(options) for t, v in o.logit_bias.items()]
-    if bias:
-        rows, cols, values = zip(*bias)
-        logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                                  torch.tensor(values, device=device), accumulate=True)
-    penalised = [i for i, o in enumerate(options) if (o.presence_penalty or o.frequency_penalty) and outputs[i]]
-    if penalised:
-        rows = torch.tensor([i for i in penalised for _ in outputs[i]], device=device)
-        cols = torch.tensor([t for i in penalised for t in outputs[i]], device=device)
-        counts = torch.zeros(B, V, device=device).index_put_((rows, cols), torch.ones(len(rows), device=device),
-                                                              accumulate=True)
-        frequency = torch.tensor([o.frequency_penalty for o in options], device=device).view(-1, 1)
-        presence = torch.tensor([o.presence_penalty for o in options], device=device).view(-1, 1)
-        logits = logits - frequency * counts - presence * (counts > 0).float()
-    tokens = logits.argmax(dim=-1)  # greedy rows keep these
-    sampled = [i for i, o in enumerate(options) if o.temperature > 0]
-    if sampled:
-        rows = logits[sampled] / torch.tensor([options[i].temperature for i in sampled], device=device).view(-1, 1)
-        top_k = [options[i].top_k for i in sampled]
-        top_p = [options[i].top_p for i in sampled]
-        if any(0 < k < V for k in top_k) or any(p < 1 for p in top_p):
-            ordered, order = rows.sort(dim=-1, descending=True)
-            ranks = torch.arange(V, device=device)
-            remove = ranks >= torch.tensor([k if k > 0 else V for k in top_k], device=device).view(-1, 1)
-            probs = ordered.softmax(dim=-1)
-            p = torch.tensor(top_p, device=device).view(-1, 1)
-            remove |= (probs.cumsum(dim=-1) - probs) > p  # keep the smallest prefix whose mass reaches p
-            ordered = ordered.masked_fill(remove, -math.inf)
-            rows = torch.empty_like(rows).scatter_(1, order, ordered)
-        probs = rows.softmax(dim=-1)
-        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
-        unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
-        if unseeded:
-            index = torch.tensor(unseeded, device=device)
-            picks[index] = torch.multinomial(probs[index], 1).view(-1)
-        for j, i in enumerate(sampled):
-            if generators[i] is not None:
-                picks[j] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-        tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), picks)
-    chosen = tokens.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * B
-    if logprob_rows:
-        width = max(options[i].logprobs for i in logprob_rows)
-        picked = raw.gather(1, tokens[logprob_rows].view(-1, 1)).view(-1).tolist()
-        top_values, top_ids = (raw.topk(width, dim=-1) if width else (raw[:, :0], raw[:, :0].long()))
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        for r, i in enumerate(logprob_rows):
-            k = options[i].logprobs
-            top = [(tokenizer.decode([t]), v) for t, v in zip(top_ids[r][:k], top_values[r][:k])]
-            logprobs[i] = TokenLogprob(tokenizer.decode([chosen[i]]), picked[r], top)
-    return chosen, logprobs
 
 
 def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) -> list[int]:
@@ -438,3 +525,11 @@ def prefill_groups(sequences: list[Sequence], budget: int) -> list[list[Sequence
     if current:
         groups.append(current)
     return groups
+
+
+def generate_once(model: Transformer, tokenizer, prompt_ids: list[int], params: SamplingParams, *,
+                  stop_ids: frozenset[int] | None = None, speculate: int = 4) -> Completion:
+    """One prompt, generated to its end on a one-slot engine: the one-shot form for scripts and tests. Without a
+    tokenizer, only token ids come back (no stop strings, no eos unless `stop_ids` names it)."""
+    engine = Engine(model, tokenizer, max_batch=1, speculate=speculate)
+    return engine.complete([GenerationRequest(prompt_ids, params, stop_ids=stop_ids)])[0]
