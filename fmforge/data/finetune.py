@@ -22,6 +22,7 @@ import torch
 
 from ..errors import DataError
 from ..tokenizer import Tokenizer
+from .sources import lone_surrogate
 
 TASKS = ("sft", "completion", "classify", "lm")
 ROLES = ("system", "user", "assistant")
@@ -53,6 +54,10 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dic
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        surrogate = lone_surrogate(record) if "\\u" in line else None
+        if surrogate is not None:
+            raise DataError(f"{path}:{number}: holds a lone UTF-16 surrogate ({surrogate}), which is not text — "
+                            "fix the escape or remove the line")
         for name in fields:
             if name not in record:
                 raise DataError(f"{path}:{number}: missing field '{name}' (fields present: {', '.join(record) or 'none'})")

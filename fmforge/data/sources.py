@@ -11,7 +11,9 @@ A spec is one of
 
 Order is deterministic: specs in the order given, files sorted within a spec, a file listed twice read once.
 Binary and non-UTF-8 text files are skipped with a one-line warning and recorded in a `SourceReport`;
-malformed jsonl/parquet input raises `DataError`. Empty (whitespace-only) documents are skipped silently.
+malformed jsonl/parquet input raises `DataError` naming file:line (or file:row), and so does text that is not
+Unicode: a JSON escape of a lone UTF-16 surrogate ("\\ud800") or a parquet string that is not valid UTF-8.
+Empty (whitespace-only) documents are skipped silently.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ STDLIB_SPEC = "stdlib"
 GLOB_CHARACTERS = re.compile(r"[*?[]")
 MAX_SKIP_WARNINGS = 20  # then one summary line; the full list is in SourceReport / manifest.json
 BINARY_SNIFF_BYTES = 8192  # like git and grep: a NUL byte in the first 8 KiB means "binary"
+# JSON's "\udXXX" escapes can decode to a lone UTF-16 surrogate: a str that no encoder can write as UTF-8.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Directory names under the stdlib whose files are test suites or test data, not library code.
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
@@ -64,6 +68,22 @@ class SourceReport:
     files_skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     documents: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents yielded
+
+
+def lone_surrogate(value) -> str | None:
+    """The first lone UTF-16 surrogate in a string, or in the keys and values of a decoded JSON value, written
+    as its escape ("\\ud800"); None when there is none. (JSON decodes a surrogate pair to one character.)"""
+    if isinstance(value, str):
+        match = LONE_SURROGATE.search(value)
+        return f"\\u{ord(match.group()):04x}" if match else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for item in value:
+            found = lone_surrogate(item)
+            if found is not None:
+                return found
+    return None
 
 
 def stdlib_files() -> list[Path]:
@@ -212,6 +232,10 @@ def _jsonl_documents(source: SourceFile, field_name: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise DataError(f"{where}: field '{field_name}' is {type(text).__name__}, not a string — "
                                 "choose a text field with jsonl_field / --jsonl-field")
+            surrogate = lone_surrogate(text) if "\\u" in line else None
+            if surrogate is not None:
+                raise DataError(f"{where}: field '{field_name}' holds a lone UTF-16 surrogate ({surrogate}), "
+                                "which is not text — fix the escape or remove the line")
             yield Document(text, where)
 
 
@@ -231,10 +255,21 @@ def _parquet_documents(source: SourceFile, column: str) -> Iterator[Document]:
     # Row group by row group: memory stays bounded by one group, not the whole file.
     for group in range(parquet.num_row_groups):
         try:
-            values = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+            values = parquet.read_row_group(group, columns=[column]).column(0)
         except (OSError, pa.ArrowException) as error:
             raise DataError(f"cannot read {source.name} row group {group} ({_first_line(error)}) — "
                             "check the file") from None
+        try:
+            values = values.to_pylist()
+        except UnicodeDecodeError:
+            # Parquet does not check that strings are UTF-8 (a surrogate written as CESU-8, say): name the row.
+            for offset, value in enumerate(values):
+                try:
+                    value.as_py()
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{source.name}:{row + offset + 1}: column '{column}' is not valid UTF-8 "
+                                    f"at byte {error.start} — fix the file") from None
+            raise
         for text in values:
             row += 1
             if text is None:
