@@ -306,19 +306,21 @@ def test_empty_corpus_is_an_error_and_leaves_nothing(tokenizer, tmp_path):
     write(tmp_path / "corpus" / "blob.bin", b"\x00")
     with pytest.raises(DataError, match="corpus is empty: .*1 of 2 files skipped"):
         prepare([str(tmp_path / "corpus")], tokenizer, tmp_path / "out", workers=1, progress=False)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no output, no leftover directory
 
 
 def test_bad_jsonl_midway_leaves_no_partial_dataset(tokenizer, tmp_path):
     corpus = text_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
-    prepare([str(corpus)], tokenizer, out, workers=1, progress=False)
+    first = prepare([str(corpus)], tokenizer, out, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     write(corpus / "zz.jsonl", '{"text": "fine"}\n{oops\n')
     with pytest.raises(DataError, match=r"zz\.jsonl:2: malformed JSON"):
         prepare([str(corpus)], tokenizer, out, workers=1, progress=False)
-    assert list(out.iterdir()) == []
-    with pytest.raises(DataError, match="no manifest.json"):
-        load_split(out, "train")
+    # The previous complete dataset is untouched and nothing half-written is left beside it.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert read_manifest(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
 
 
 def test_load_split_detects_damage(tokenizer, tmp_path):

@@ -2,9 +2,14 @@
 
 Layout of a prepared directory:
 
-    manifest.json                 what was built from what (written last: no manifest, no dataset)
+    manifest.json                 what was built from what (no manifest, no dataset)
     train-00000.bin, ...          raw little-endian token ids, uint16 (vocab <= 65536) or uint32
     val-00000.bin, ...
+    tokenizer.json, tokenizer_config.json
+
+It is written into a directory beside the output (`.NAME.prepare-PID`) and renamed into place once complete:
+a failed or killed run leaves no partial dataset, and a previous dataset stays as it was until the new one
+replaces it.
 
 Each document becomes `[bos_id] + tokenizer.encode(text) + [eos_id]`, appended to its split's stream; a new
 shard starts every `shard_tokens` tokens (a document may continue into the next shard).
@@ -21,6 +26,7 @@ Re-running `prepare` with unchanged inputs (paths, sizes, mtimes), tokenizer and
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import hashlib
 import itertools
 import json
@@ -28,6 +34,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -202,13 +209,61 @@ def prepare(
         if progress:
             print(message, file=sys.stderr)
         return existing
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output {out_dir} is a file — choose a directory")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_outputs(out_dir)
-    dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: _ShardWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
-    report = SourceReport()
+    # Everything is written into a directory beside out_dir and renamed into place once complete, so a failed
+    # or killed run never leaves a partial dataset (and leaves a previous one as it was).
+    target = Path(os.path.abspath(out_dir))  # "--out ." has no name to put a directory beside
+    _remove_abandoned_builds(target)
+    building = target.with_name(f".{target.name}.prepare-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
     started = time.perf_counter()
+    try:
+        splits, report = _write_shards(building, sources, tokenizer, val_fraction=val_fraction, workers=workers,
+                                       seed=seed, shard_tokens=shard_tokens, jsonl_field=jsonl_field,
+                                       parquet_column=parquet_column, progress=progress)
+        if report.documents == 0:
+            skipped = f"{len(report.files_skipped)} of {len(sources)} files skipped" if report.files_skipped \
+                else "every document is empty"
+            raise DataError(f"corpus is empty: no documents in {', '.join(map(str, specs))} ({skipped}) — "
+                            "check the sources")
+        manifest = Manifest(
+            tokenizer_fingerprint=tokenizer.fingerprint(),
+            vocab_size=tokenizer.vocab_size,
+            dtype=token_dtype(tokenizer.vocab_size).name,
+            eos_id=tokenizer.eos_id,
+            input_fingerprint=input_fingerprint,
+            sources={"specs": [str(s) for s in specs], "files": len(sources)},
+            splits=splits,
+            skipped_files=[{"path": path, "reason": reason} for path, reason in report.files_skipped],
+            **options,
+        )
+        tokenizer.save(building)  # the directory is self-contained
+        _write_json_atomically(building / MANIFEST_FILE, manifest.to_dict())
+        _move_into_place(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    if progress:
+        seconds = time.perf_counter() - started
+        tokens = manifest.train.tokens + manifest.val.tokens
+        print(f"prepared {report.documents:,} documents, {report.bytes:,} bytes -> {tokens:,} tokens "
+              f"(train {manifest.train.tokens:,}, val {manifest.val.tokens:,}) in {out_dir}; "
+              f"skipped {len(report.files_skipped)} files; {tokens / max(seconds, 1e-9):,.0f} tokens/s",
+              file=sys.stderr)
+    return manifest
+
+
+def _write_shards(directory: Path, sources: list[SourceFile], tokenizer: Tokenizer, *, val_fraction: float,
+                  workers: int, seed: int, shard_tokens: int, jsonl_field: str, parquet_column: str,
+                  progress: bool) -> tuple[dict[str, SplitInfo], SourceReport]:
+    """Tokenize every document of `sources` into train/val shard files in `directory`, flushed to disk.
+    Returns each split's shards and counts, and what was read."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {split: _ShardWriter(directory, split, dtype, shard_tokens) for split in SPLITS}
+    report = SourceReport()
     try:
         documents = iter_documents(sources, jsonl_field=jsonl_field, parquet_column=parquet_column, report=report)
         total_bytes = sum(s.path.stat().st_size for s in sources) if all(s.kind == "text" for s in sources) else None
@@ -221,39 +276,10 @@ def prepare(
                     splitter.add(document_tokens, int(n_bytes), float(hash_value))
                 bar.update(int(byte_counts.sum()))
         splitter.finish()
+    finally:
         for writer in writers.values():
             writer.close()
-        if report.documents == 0:
-            skipped = f"{len(report.files_skipped)} of {len(sources)} files skipped" if report.files_skipped \
-                else "every document is empty"
-            raise DataError(f"corpus is empty: no documents in {', '.join(map(str, specs))} ({skipped}) — "
-                            "check the sources")
-    except BaseException:
-        for writer in writers.values():
-            writer.close()
-        _remove_outputs(out_dir)
-        raise
-
-    manifest = Manifest(
-        tokenizer_fingerprint=tokenizer.fingerprint(),
-        vocab_size=tokenizer.vocab_size,
-        dtype=dtype.name,
-        eos_id=tokenizer.eos_id,
-        input_fingerprint=input_fingerprint,
-        sources={"specs": [str(s) for s in specs], "files": len(sources)},
-        splits={split: writers[split].info for split in SPLITS},
-        skipped_files=[{"path": path, "reason": reason} for path, reason in report.files_skipped],
-        **options,
-    )
-    _write_json_atomically(out_dir / MANIFEST_FILE, manifest.to_dict())
-    if progress:
-        seconds = time.perf_counter() - started
-        tokens = manifest.train.tokens + manifest.val.tokens
-        print(f"prepared {report.documents:,} documents, {report.bytes:,} bytes -> {tokens:,} tokens "
-              f"(train {manifest.train.tokens:,}, val {manifest.val.tokens:,}) in {out_dir}; "
-              f"skipped {len(report.files_skipped)} files; {tokens / max(seconds, 1e-9):,.0f} tokens/s",
-              file=sys.stderr)
-    return manifest
+    return {split: writers[split].info for split in SPLITS}, report
 
 
 # ---- tokenization (parallel, order-preserving) ---------------------------------------------------------
@@ -358,14 +384,15 @@ class _ShardWriter:
             tokens = tokens[take:]
 
     def _open_next(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        self.close()
         name = f"{self.split}-{len(self.info.shards):05d}.bin"
         self._file = open(self.out_dir / name, "wb")
         self.info.shards.append(ShardInfo(name, 0))
 
     def close(self) -> None:
         if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 
@@ -437,6 +464,47 @@ def _remove_outputs(out_dir: Path) -> None:
         for path in out_dir.iterdir():
             if SHARD_PATTERN.match(path.name):
                 path.unlink()
+
+
+def _move_into_place(building: Path, out_dir: Path) -> None:
+    """Make the finished `building` directory `out_dir`: one rename when `out_dir` is absent or empty. When it
+    holds files (a previous dataset, a tokenizer saved there, the user's own files), retire its dataset (manifest
+    first), move the new files in and the manifest last: it is a dataset again only once all of them are there."""
+    if not out_dir.is_symlink() and (not out_dir.exists() or not any(out_dir.iterdir())):
+        os.replace(building, out_dir)
+    else:
+        _remove_outputs(out_dir)
+        for path in sorted(building.iterdir(), key=lambda p: p.name == MANIFEST_FILE):
+            os.replace(path, out_dir / path.name)
+        building.rmdir()
+    _fsync_directory(out_dir)
+    _fsync_directory(out_dir.parent)
+
+
+def _remove_abandoned_builds(out_dir: Path) -> None:
+    """Delete the building directories of earlier runs for `out_dir` that were killed (their process is gone)."""
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.prepare-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
