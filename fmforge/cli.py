@@ -240,15 +240,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_tasks(args) -> None:
-    from .data.tasks import BUILTIN_TASKS, write_task
+    from .data.tasks import BUILTIN, TASKS, write_builtin
 
     if args.name is None:
-        for name, kind in BUILTIN_TASKS.items():
-            print(f"{name:18s} {kind}")
+        print("tasks (fmforge finetune --task NAME; fmforge eval --tasks NAME:FILE.jsonl where measured):")
+        for task in TASKS.values():
+            fields = ", ".join(task.fields) or "prepared shards"
+            use = ("train" if task.trainable else "") + (" + eval" if task.evaluator else "")
+            print(f"  {task.name:11s} {use.strip(' +'):12s} {task.head:10s} {fields:26s} {task.description}")
+        print("built-in datasets (fmforge finetune --data NAME; fmforge eval --tasks NAME; fmforge tasks NAME --out DIR):")
+        for dataset in BUILTIN.values():
+            print(f"  {dataset.name:18s} {dataset.task:11s} {dataset.description}")
         return
-    if args.name not in BUILTIN_TASKS:
-        raise ConfigError(f"unknown built-in task {args.name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
-    counts = write_task(args.name, Path(args.out))
+    if args.name not in BUILTIN:
+        raise ConfigError(f"unknown built-in dataset {args.name!r}; built-in datasets: {', '.join(BUILTIN)}")
+    counts = write_builtin(args.name, Path(args.out))
     print(f"{args.name}: " + ", ".join(f"{split} {n}" for split, n in counts.items()) + f" records -> {args.out}")
 
 
@@ -319,7 +325,7 @@ QUICKSTART_SPECIALISTS = {"stdlib-docstring": "bits_per_byte", "stdlib-module": 
 def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     """Grow two LoRA specialists from the foundation model and score them next to the base."""
     from .adapt.lora import LoRAConfig
-    from .data.tasks import BUILTIN_TASKS
+    from .data.tasks import BUILTIN, TASKS
     from .errors import SettingsMismatchError
     from .eval.tasks import run_tasks
     from .adapt.specialist import load_specialist
@@ -329,7 +335,7 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     banner("5/6 specialists: LoRA adapters on two built-in tasks")
     for task in QUICKSTART_SPECIALISTS:
         # The classifier also adapts the token embedding (benchmarks/RESULTS.md, "transfer", says why).
-        targets = "all-linear,embed_tokens" if BUILTIN_TASKS[task] == "classify" else "all-linear"
+        targets = "all-linear,embed_tokens" if TASKS[BUILTIN[task].task].classifier else "all-linear"
         spec = FinetuneSpec(checkpoint=str(model_dir), data=task, method="lora", out=str(out / task),
                             lora=LoRAConfig(rank=8, alpha=16.0, target_modules=targets))
         overrides = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
@@ -404,11 +410,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
                    help="prompt-lookup draft tokens per step (exact: the same tokens, faster; 0 = off)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fmforge", description="Build foundation models end to end.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
-
+def add_corpus_commands(sub) -> None:
+    """quickstart, tokenizer, prepare, pretrain: from sources to a foundation model."""
     p = sub.add_parser("quickstart", help="stdlib corpus -> tokenizer -> pretrain -> bits-per-byte -> samples",
                        description="Extra --key value options override the quickstart recipe.")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
@@ -420,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=60, help="test examples per task when scoring specialists")
     p.set_defaults(handler=cmd_quickstart, takes_overrides=True)
 
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -427,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
     t.set_defaults(handler=cmd_tokenizer_train)
+
 
     p = sub.add_parser("prepare", help="tokenize sources into train/val shards")
     add_source_options(p)
@@ -438,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.set_defaults(handler=cmd_prepare)
 
+
     p = sub.add_parser("pretrain", help="pretrain a model (any config field can be overridden: --key value)",
                        description="Extra options --NAME VALUE, --model.NAME VALUE or --train.NAME VALUE "
                                    "override fields of the recipe.")
@@ -445,18 +451,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.set_defaults(handler=cmd_pretrain, takes_overrides=True)
 
+
+
+def add_generation_commands(sub) -> None:
+    """generate and chat: text from a checkpoint on the engine."""
     p = sub.add_parser("generate", help="generate text from a checkpoint (streamed)")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
     p.set_defaults(handler=cmd_generate)
 
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--system", help="system message")
+    add_sampling_options(p)
+    p.set_defaults(handler=cmd_chat)
+
+
+
+def add_specialist_commands(sub) -> None:
+    """finetune, merge, eval, tasks: grow and measure specialists."""
+    from .data.tasks import BUILTIN, TASKS, trainable_tasks
+
+    measured = "/".join(t.name + ":" for t in TASKS.values() if t.evaluator and t.fields)
     p = sub.add_parser("finetune", help="specialise a checkpoint: full fine-tuning or LoRA",
                        description="Extra --key value options override training fields (lr, max_steps, batch_size, ...).")
     p.add_argument("--checkpoint", required=True, help="base checkpoint or run directory")
     p.add_argument("--data", required=True, help="JSONL file, prepared shard directory (task lm), or a built-in "
-                                                  "task (stdlib-docstring, stdlib-body, stdlib-module)")
-    p.add_argument("--task", choices=["sft", "completion", "classify", "lm"], help="inferred for built-in tasks")
+                                                  f"dataset ({', '.join(BUILTIN)})")
+    p.add_argument("--task", choices=trainable_tasks(), help="inferred for built-in datasets (see `fmforge tasks`)")
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--out", required=True, help="output run directory (the adapter lands at its top)")
     p.add_argument("--val-data", help="validation JSONL (default: a seeded --val-fraction of --data)")
@@ -478,34 +503,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 
+
     p = sub.add_parser("merge", help="fold a LoRA adapter into the base weights")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_merge)
 
-    p = sub.add_parser("chat", help="multi-turn chat in the terminal (streamed)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--system", help="system message")
-    add_sampling_options(p)
-    p.set_defaults(handler=cmd_chat)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (+ adapter) on tasks; JSON + Markdown report")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--adapter")
-    p.add_argument("--tasks", required=True, help="comma-separated: perplexity, stdlib-docstring, stdlib-body, "
-                                                   "stdlib-module, completion:FILE, classify:FILE, mc:FILE")
+    p.add_argument("--tasks", required=True, help=f"comma-separated: perplexity, {', '.join(BUILTIN)}, "
+                                                   f"{measured}FILE.jsonl")
     p.add_argument("--data", help="prepared shard directory for the perplexity task")
     p.add_argument("--limit", type=int, help="evaluate at most N examples per task")
     p.add_argument("--out", help="directory for report.json and report.md")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("tasks", help="list the built-in tasks, or write one as JSONL files")
+
+    p = sub.add_parser("tasks", help="list the tasks and built-in datasets, or write a dataset as JSONL files")
     p.add_argument("name", nargs="?")
     p.add_argument("--out", default=".", help="directory for train/val/test.jsonl")
     p.set_defaults(handler=cmd_tasks)
 
+
+
+def add_serve_command(sub) -> None:
+    """serve: the OpenAI-compatible API and the chat page."""
     p = sub.add_parser("serve", help="OpenAI-compatible API + chat page for a base and its LoRA specialists")
     p.add_argument("--checkpoint", required=True, help="base checkpoint or run directory")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
@@ -525,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmforge", description="Build foundation models end to end.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
+    for add_commands in (add_corpus_commands, add_generation_commands, add_specialist_commands, add_serve_command):
+        add_commands(sub)
     from .interop.commands import add_commands as add_interop_commands
     add_interop_commands(sub)
     return parser

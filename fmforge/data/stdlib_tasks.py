@@ -1,4 +1,4 @@
-"""Built-in specialist tasks, made from the built-in corpus (the Python standard library) with `ast`.
+"""Built-in datasets for the specialist tasks, made from the built-in corpus (the Python standard library) with `ast`.
 
     stdlib-docstring  completion  a function with its docstring removed -> the docstring's first line
     stdlib-body       completion  a function's signature and docstring -> its body
@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import copy
 import hashlib
-import json
 import sysconfig
 from collections import Counter
 from functools import lru_cache
@@ -30,7 +29,7 @@ from pathlib import Path
 from ..errors import DataError
 from .sources import stdlib_files
 
-BUILTIN_TASKS = {"stdlib-docstring": "completion", "stdlib-body": "completion", "stdlib-module": "classify"}
+NAMES = ("stdlib-docstring", "stdlib-body", "stdlib-module")
 SPLIT_SEED = "fmforge-tasks-v2"
 MAX_SOURCE_CHARS = 900
 N_MODULES = 16
@@ -116,8 +115,8 @@ def _split(file: str, qualname: str) -> tuple[str, str]:
 
 def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[str, dict]]:
     """(where, record) pairs of a built-in task's split ("train", "val" or "test")."""
-    if name not in BUILTIN_TASKS:
-        raise DataError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    if name not in NAMES:
+        raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {', '.join(NAMES)}")
     if split not in ("train", "val", "test"):
         raise DataError(f"unknown split {split!r}; use train, val or test")
     functions = _all_functions()
@@ -142,16 +141,3 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
     chosen.sort(key=lambda item: item[0])
     records = [(where, record) for _, where, record in chosen]
     return records[:limit] if limit is not None else records
-
-
-def write_task(name: str, out_dir: Path) -> dict[str, int]:
-    """Write train/val/test JSONL files of a built-in task; returns record counts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "val", "test"):
-        records = task_records(name, split)
-        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for _, record in records:
-                f.write(json.dumps(record) + "\n")
-        counts[split] = len(records)
-    return counts

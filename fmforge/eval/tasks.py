@@ -2,9 +2,10 @@
 (accuracy with a trained head, or zero-shot by log-likelihood of each label), multiple choice (log-likelihood,
 raw and length-normalised), and held-out perplexity on prepared shards.
 
-Task specs for `fmforge eval --tasks`: a built-in task name (stdlib-docstring, stdlib-body, stdlib-module; its
-test split), `perplexity` (needs --data PREPARED_DIR), or KIND:FILE.jsonl with KIND in completion, classify, mc
-(mc records: {"prompt": ..., "choices": [...], "answer": index}).
+Task specs for `fmforge eval --tasks`: a built-in dataset of the task registry (stdlib-docstring, stdlib-body,
+stdlib-module; its test split), `perplexity` (needs --data PREPARED_DIR), or TASK:FILE.jsonl for any task whose
+registry entry names an evaluator (completion, classify, mc; mc records: {"prompt": ..., "choices": [...],
+"answer": index}).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from ..adapt.heads import SequenceClassifier
 from ..data import finetune as ft
-from ..data.tasks import BUILTIN_TASKS, task_records
+from ..data.tasks import BUILTIN, TASKS, Task, read_records
 from ..errors import ConfigError, DataError, GenerationError
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
@@ -129,7 +130,7 @@ def evaluate_multiple_choice(model, tokenizer, records) -> dict:
 def evaluate_perplexity(model, data_dir: str | Path, batch_size: int = 8) -> dict:
     from ..data.loader import WindowDataset, eval_windows
     from ..data.shards import load_split, read_manifest
-    from .perplexity import bits_per_byte, evaluate_windows
+    from ..train.evaluation import bits_per_byte, evaluate_windows
 
     manifest = read_manifest(data_dir)
     dataset = WindowDataset(load_split(data_dir, "val"), model.config.context_length)
@@ -140,36 +141,48 @@ def evaluate_perplexity(model, data_dir: str | Path, batch_size: int = 8) -> dic
             "bits_per_byte": bits_per_byte(loss, manifest.val.tokens, manifest.val.bytes), "tokens": count}
 
 
+EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (model, tokenizer, records, labels)
+    "completion": lambda model, tokenizer, records, labels: evaluate_completion(language_model(model), tokenizer,
+                                                                                records),
+    "classify": evaluate_classify,
+    "mc": lambda model, tokenizer, records, labels: evaluate_multiple_choice(language_model(model), tokenizer,
+                                                                             records),
+}
+
+
+def language_model(model):
+    """The LM under a specialist (a classifier's base, or the model itself)."""
+    return model.base if isinstance(model, SequenceClassifier) else model
+
+
+def resolve_eval_task(spec: str, limit: int | None) -> tuple[Task, list, list[str] | None]:
+    """(task, records, label names) of an eval spec: a built-in dataset (its test split) or TASK:FILE.jsonl."""
+    if spec in BUILTIN:
+        builtin = BUILTIN[spec]
+        task = TASKS[builtin.task]
+        labels = sorted({str(r["label"]) for _, r in builtin.records("train", None)}) if task.classifier else None
+        return task, builtin.records("test", limit), labels
+    measurable = [t.name for t in TASKS.values() if t.evaluator in EVALUATORS]
+    if ":" in spec:
+        name, path = spec.split(":", 1)
+        if name not in measurable:
+            raise ConfigError(f"unknown task {name!r} in {spec!r}; use one of {', '.join(measurable)} before ':'")
+        return TASKS[name], read_records(TASKS[name], path)[:limit], None
+    raise ConfigError(f"unknown task {spec!r}; use perplexity, {', '.join(BUILTIN)}, "
+                      f"or {'/'.join(n + ':' for n in measurable)}FILE.jsonl")
+
+
 def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, limit: int | None = None) -> dict:
     """Evaluate each task spec; returns {task: metrics}."""
-    base = model.base if isinstance(model, SequenceClassifier) else model
     results = {}
     for spec in tasks:
         if spec == "perplexity":
             if data_dir is None:
                 raise ConfigError("task perplexity needs --data PREPARED_DIR (from `fmforge prepare`)")
-            results[spec] = evaluate_perplexity(base, data_dir)
+            results[spec] = evaluate_perplexity(language_model(model), data_dir)
             continue
-        if spec in BUILTIN_TASKS:
-            kind, records = BUILTIN_TASKS[spec], task_records(spec, "test", limit)
-            labels = sorted({str(r["label"]) for _, r in task_records(spec, "train")}) if kind == "classify" else None
-        elif ":" in spec:
-            kind, path = spec.split(":", 1)
-            fields = {"completion": ("prompt", "completion"), "classify": ("text", "label"),
-                      "mc": ("prompt", "choices", "answer")}
-            if kind not in fields:
-                raise ConfigError(f"unknown task kind {kind!r} in {spec!r}; use completion:, classify: or mc:")
-            records = [(f"{path}:{n}", r) for n, r in ft.read_jsonl(path, fields[kind])][:limit]
-            labels = None
-        else:
-            raise ConfigError(f"unknown task {spec!r}; use perplexity, {', '.join(BUILTIN_TASKS)}, "
-                              "or completion:/classify:/mc:FILE.jsonl")
-        if kind == "completion":
-            results[spec] = evaluate_completion(base, tokenizer, records)
-        elif kind == "classify":
-            results[spec] = evaluate_classify(model, tokenizer, records, labels)
-        else:
-            results[spec] = evaluate_multiple_choice(base, tokenizer, records)
+        task, records, labels = resolve_eval_task(spec, limit)
+        results[spec] = EVALUATORS[task.evaluator](model, tokenizer, records, labels)
     return results
 
 

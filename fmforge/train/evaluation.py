@@ -1,4 +1,5 @@
-"""Held-out loss, perplexity and bits-per-byte.
+"""Held-out loss, perplexity and bits-per-byte over token windows (the Trainer's validation, and the perplexity of
+`fmforge eval`).
 
 Bits-per-byte makes models with different tokenizers comparable (a character model and a BPE model of the
 same text): bpb = (mean nats per token) x (tokens / bytes) / ln 2, with the split's token and UTF-8 byte

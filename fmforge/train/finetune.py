@@ -1,4 +1,5 @@
-"""Specialise a foundation checkpoint: full fine-tuning or LoRA, on SFT / completion / classify / lm tasks.
+"""Specialise a foundation checkpoint: full fine-tuning or LoRA, on any trainable task of the registry
+(data/tasks.py: sft, completion, classify, lm).
 
 The output directory is a training run (checkpoints/, latest, metrics.jsonl, loss.png). With LoRA, every
 checkpoint holds only the adapter (PEFT layout) and, for classification, the head; when training ends the
@@ -16,11 +17,11 @@ import numpy as np
 import torch
 
 from ..adapt.heads import SequenceClassifier, head_pooling
-from ..adapt.lora import LoRAConfig, inject_lora, write_adapter
+from ..adapt.lora import LoRAConfig, inject_lora, load_adapter_weights, write_adapter
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
-from ..data.tasks import BUILTIN_TASKS, task_records
+from ..data.tasks import BUILTIN, TASKS, Task, get_task, lm_examples, read_records, trainable_tasks
 from ..errors import ConfigError, DataError, SettingsMismatchError
 from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files,
                           fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
@@ -56,24 +57,28 @@ def default_lr(method: str) -> float:
     return 1e-3 if method == "lora" else 3e-4
 
 
-def load_task_records(spec: FinetuneSpec) -> tuple[str, list, list]:
-    """(task, train records, val records), every record validated before anything is written."""
-    task = spec.task
-    if spec.data in BUILTIN_TASKS:
-        builtin = BUILTIN_TASKS[spec.data]
-        if task not in (None, builtin):
-            raise ConfigError(f"built-in task {spec.data} is a {builtin} task, not {task}")
-        task = builtin
-        train = task_records(spec.data, "train", spec.limit)
-        val = task_records(spec.data, "val")
-        return task, train, val
-    if task is None:
-        raise ConfigError(f"give --task ({', '.join(ft.TASKS)}) for {spec.data}")
-    if task not in ft.TASKS:
-        raise ConfigError(f"unknown task {task!r}; tasks: {', '.join(ft.TASKS)}")
-    records = ft.load_records(task, spec.data)
+@dataclass
+class TaskData:
+    """A task's training and validation data, validated before anything is written."""
+    task: Task
+    train: object  # PackedDataset, ClassificationDataset or WindowDataset
+    val: object | None
+    labels: list[str] | None = None  # a classifier's label names
+
+
+def load_task_records(spec: FinetuneSpec) -> tuple[Task, list, list]:
+    """(task, train records, val records) of a built-in dataset or a JSONL file."""
+    if spec.data in BUILTIN:
+        builtin = BUILTIN[spec.data]
+        if spec.task not in (None, builtin.task):
+            raise ConfigError(f"built-in dataset {spec.data} is a {builtin.task} task, not {spec.task}")
+        return TASKS[builtin.task], builtin.records("train", spec.limit), builtin.records("val", None)
+    if spec.task is None:
+        raise ConfigError(f"give --task ({', '.join(trainable_tasks())}) for {spec.data}")
+    task = get_task(spec.task, trainable=True)
+    records = read_records(task, spec.data)
     if spec.val_data:
-        train, val = records, ft.load_records(task, spec.val_data)
+        train, val = records, read_records(task, spec.val_data)
     else:
         train = [(w, r) for w, r in records if ft.split_of(r, spec.val_fraction) == "train"]
         val = [(w, r) for w, r in records if ft.split_of(r, spec.val_fraction) == "val"]
@@ -82,6 +87,50 @@ def load_task_records(spec: FinetuneSpec) -> tuple[str, list, list]:
     if spec.limit is not None:
         train = train[:spec.limit]
     return task, train, val
+
+
+def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length: int, seed: int,
+                   quiet: bool) -> TaskData:
+    """The task's datasets: token windows of prepared shards (lm), labelled texts (a classifier head), or packed
+    examples with loss masks (the other LM-head tasks)."""
+    if spec.task == "lm" or (spec.task is None and Path(spec.data, "manifest.json").exists()):
+        from ..data.shards import load_split, read_manifest
+        manifest = read_manifest(spec.data)
+        if manifest.tokenizer_fingerprint != tokenizer.fingerprint():
+            raise DataError(f"{spec.data} was tokenized with a different tokenizer than {base_checkpoint}")
+        val_shards = load_split(spec.data, "val")
+        return TaskData(TASKS["lm"], WindowDataset(load_split(spec.data, "train"), length),
+                        WindowDataset(val_shards, length) if sum(len(s) for s in val_shards) > length else None)
+    task, train_records, val_records = load_task_records(spec)
+    if task.classifier:
+        labels = ft.label_set(train_records)
+        return TaskData(task, ft.classification_data(train_records, labels, tokenizer, length),
+                        ft.classification_data(val_records, labels, tokenizer, length) if val_records else None,
+                        labels)
+
+    def packed(records):
+        return ft.PackedDataset(lm_examples(task, records, tokenizer, spec.train_on_all), length,
+                                tokenizer.pad_id, seed=seed, pack=spec.pack)
+
+    data = TaskData(task, packed(train_records), packed(val_records) if val_records else None)
+    if data.train.truncated and not quiet:
+        print(f"warning: {data.train.truncated} training examples are longer than the context ({length} tokens) "
+              "and were truncated", file=sys.stderr)
+    return data
+
+
+def specialist_model(spec: FinetuneSpec, data: TaskData, base_model):
+    """The model that trains: the base (LM head) or the base under a new classifier head, with LoRA injected or
+    every weight trainable."""
+    model = SequenceClassifier(base_model, data.labels, spec.pooling) if data.task.classifier else base_model
+    if spec.method == "lora":
+        inject_lora(base_model, spec.lora)
+        if data.task.classifier:
+            model.score.weight.requires_grad_(True)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model
 
 
 def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: bool = False,
@@ -95,101 +144,32 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
                                                                "out_dir": spec.out}.items()] + (overrides or []))
     run.model, run.preset = base_model.config, None
     cfg: TrainConfig = run.train
-    T = base_model.config.context_length
+    data = load_task_data(spec, tokenizer, base_checkpoint, base_model.config.context_length, cfg.seed, quiet)
+    task = data.task
+    if not task.classifier and spec.head_lr_scale != 1.0:
+        raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task.name}")
 
-    # ---- data (all validation happens here, before any output exists) ----
-    labels = None
-    if spec.task == "lm" or (spec.task is None and Path(spec.data, "manifest.json").exists()):
-        task = "lm"
-        from ..data.shards import load_split, read_manifest
-        manifest = read_manifest(spec.data)
-        if manifest.tokenizer_fingerprint != tokenizer.fingerprint():
-            raise DataError(f"{spec.data} was tokenized with a different tokenizer than {base_checkpoint}")
-        train_data = WindowDataset(load_split(spec.data, "train"), T)
-        val_shards = load_split(spec.data, "val")
-        val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
-    else:
-        task, train_records, val_records = load_task_records(spec)
-        if task == "classify":
-            labels = ft.label_set(train_records)
-            train_data = ft.classification_data(train_records, labels, tokenizer, T)
-            val_data = ft.classification_data(val_records, labels, tokenizer, T) if val_records else None
-        else:
-            train_data = ft.PackedDataset(ft.examples_for(task, train_records, tokenizer, spec.train_on_all), T,
-                                          tokenizer.pad_id, seed=cfg.seed, pack=spec.pack)
-            val_data = (ft.PackedDataset(ft.examples_for(task, val_records, tokenizer, spec.train_on_all), T,
-                                         tokenizer.pad_id, seed=cfg.seed, pack=spec.pack) if val_records else None)
-            if train_data.truncated and not quiet:
-                print(f"warning: {train_data.truncated} training examples are longer than the context "
-                      f"({T} tokens) and were truncated", file=sys.stderr)
-
-    if task != "classify" and spec.head_lr_scale != 1.0:
-        raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task}")
-
-    # ---- model ----
     device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
-    model = SequenceClassifier(base_model, labels, spec.pooling) if task == "classify" else base_model
-    if spec.method == "lora":
-        inject_lora(base_model, spec.lora)
-        if task == "classify":
-            model.score.weight.requires_grad_(True)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    model.train().to(device)
+    model = specialist_model(spec, data, base_model).train().to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    base_fingerprint = fingerprint_checkpoint(base_checkpoint)
-    info = {"task": task, "method": spec.method, "base_checkpoint": str(base_checkpoint),
-            "base_fingerprint": base_fingerprint, "data": spec.data, "train_examples": len(train_data),
-            "trainable_parameters": trainable, "total_parameters": total}
-    if task == "classify":
+    info = {"task": task.name, "method": spec.method, "base_checkpoint": str(base_checkpoint),
+            "base_fingerprint": fingerprint_checkpoint(base_checkpoint), "data": spec.data,
+            "train_examples": len(data.train), "trainable_parameters": trainable, "total_parameters": total}
+    if task.classifier:
         info.update(pooling=spec.pooling, head_lr_scale=spec.head_lr_scale)
     if dist.is_main and not quiet:
-        print(f"{spec.method} fine-tuning for {task}: {trainable:,} of {total:,} parameters train "
-              f"({100 * trainable / total:.2f}%) | {len(train_data):,} training rows", flush=True)
-
-    def save_files(directory: Path) -> None:
-        write_finetune_record(directory, {**info, "labels": labels})
-        if spec.method == "lora":
-            write_adapter(directory, base_model, spec.lora, base_checkpoint, base_fingerprint,
-                          extra={"task": task, "labels": labels})
-        else:
-            write_model_files(directory, base_model, base_checkpoint)
-        if task == "classify":
-            model.save_head(directory)
-
-    def load_files(checkpoint: Path) -> None:
-        saved = read_finetune_record(checkpoint)
-        if saved["base_fingerprint"] != base_fingerprint or saved["task"] != task or saved["method"] != spec.method:
-            raise SettingsMismatchError(f"cannot resume {checkpoint}: it was trained with another base, task or "
-                                        "method")
-        if task == "classify":
-            pooling, head_lr_scale = head_pooling(checkpoint), saved.get("head_lr_scale", 1.0)
-            if pooling != spec.pooling:
-                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {pooling!r}, "
-                                            f"not {spec.pooling!r} (--pooling)")
-            if head_lr_scale != spec.head_lr_scale:
-                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head trained at {head_lr_scale:g} x "
-                                            f"the lr, not {spec.head_lr_scale:g} (--head-lr-scale)")
-        if spec.method == "lora":
-            from ..adapt.lora import load_adapter_weights
-            load_adapter_weights(base_model, checkpoint)
-        else:
-            load_weights(base_model, checkpoint)
-        if task == "classify":
-            model.load_head(checkpoint)
-
-    batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
-    evaluate = None
-    if val_data is not None:
-        evaluate = make_evaluator(task, val_data, cfg.batch_size, device, dist)
+        print(f"{spec.method} fine-tuning for {task.name}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.2f}%) | {len(data.train):,} training rows", flush=True)
+    files = SpecialistFiles(spec, data, model, base_model, base_checkpoint, info)
+    batches = PretrainBatches(data.train, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
+    evaluate = make_evaluator(task, data.val, cfg.batch_size, device, dist) if data.val is not None else None
     try:
         trainer = Trainer(model, run, batches.get, evaluate, Path(cfg.out_dir), base_checkpoint, dist, device,
-                          resume=resume, quiet=quiet, save_files=save_files, load_files=load_files,
-                          lr_scale={p: spec.head_lr_scale for p in model.score.parameters()} if task == "classify"
+                          resume=resume, quiet=quiet, save_files=files.save, load_files=files.load,
+                          lr_scale={p: spec.head_lr_scale for p in model.score.parameters()} if task.classifier
                           else None)
         result = trainer.fit()
         if dist.is_main and spec.method == "lora" and result.checkpoint is not None:
@@ -197,6 +177,52 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         return result
     finally:
         distributed.teardown(dist)
+
+
+@dataclass
+class SpecialistFiles:
+    """What a fine-tuning checkpoint holds (the record, the adapter or the full weights, the head) and the checks
+    that a checkpoint being resumed was made with the same settings."""
+    spec: FinetuneSpec
+    data: TaskData
+    model: object
+    base_model: object
+    base_checkpoint: Path
+    info: dict
+
+    def save(self, directory: Path) -> None:
+        write_finetune_record(directory, {**self.info, "labels": self.data.labels})
+        if self.spec.method == "lora":
+            write_adapter(directory, self.base_model, self.spec.lora, self.base_checkpoint,
+                          self.info["base_fingerprint"], extra={"task": self.data.task.name, "labels": self.data.labels})
+        else:
+            write_model_files(directory, self.base_model, self.base_checkpoint)
+        if self.data.task.classifier:
+            self.model.save_head(directory)
+
+    def load(self, checkpoint: Path) -> None:
+        self.check_settings(checkpoint)
+        if self.spec.method == "lora":
+            load_adapter_weights(self.base_model, checkpoint)
+        else:
+            load_weights(self.base_model, checkpoint)
+        if self.data.task.classifier:
+            self.model.load_head(checkpoint)
+
+    def check_settings(self, checkpoint: Path) -> None:
+        saved = read_finetune_record(checkpoint)
+        if (saved.get("base_fingerprint") != self.info["base_fingerprint"] or saved.get("task") != self.info["task"]
+                or saved.get("method") != self.spec.method):
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: it was trained with another base, task or "
+                                        "method")
+        if self.data.task.classifier:
+            pooling, head_lr_scale = head_pooling(checkpoint), saved.get("head_lr_scale", 1.0)
+            if pooling != self.spec.pooling:
+                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head pools {pooling!r}, "
+                                            f"not {self.spec.pooling!r} (--pooling)")
+            if head_lr_scale != self.spec.head_lr_scale:
+                raise SettingsMismatchError(f"cannot resume {checkpoint}: its head trained at {head_lr_scale:g} x "
+                                            f"the lr, not {self.spec.head_lr_scale:g} (--head-lr-scale)")
 
 
 def eval_rows(val_data, max_tokens: int | None) -> list[int]:
@@ -212,7 +238,7 @@ def eval_rows(val_data, max_tokens: int | None) -> list[int]:
     return np.linspace(0, len(val_data) - 1, n).round().astype(int).tolist()
 
 
-def make_evaluator(task: str, val_data, batch_size: int, device, dist):
+def make_evaluator(task: Task, val_data, batch_size: int, device, dist):
     """Validation: loss per target token (and accuracy for classification)."""
 
     @torch.no_grad()
@@ -224,15 +250,15 @@ def make_evaluator(task: str, val_data, batch_size: int, device, dist):
         for start in range(0, len(indices), batch_size):
             batch = {k: v.to(device) for k, v in val_data.batch(indices[start:start + batch_size]).items()}
             with autocast:
-                out = model(**batch, reduction="sum", return_logits=task == "classify")
+                out = model(**batch, reduction="sum", return_logits=task.classifier)
             loss_sum += float(out.loss)
             count += count_targets(batch)
-            if task == "classify":
+            if task.classifier:
                 correct += float((out.logits.argmax(-1) == batch["targets"]).sum())
         totals = distributed.all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64), dist)
         model.train(was_training)
         result = {"val_loss": float(totals[0] / max(totals[2], 1))}
-        if task == "classify":
+        if task.classifier:
             result["val_accuracy"] = float(totals[1] / max(totals[2], 1))
         return result
 

@@ -11,7 +11,7 @@ from ..config import RunConfig
 from ..data.loader import PretrainBatches, WindowDataset, eval_windows
 from ..data.shards import load_split, read_manifest
 from ..errors import ConfigError, TokenizerError
-from ..eval.perplexity import bits_per_byte, evaluate_windows
+from .evaluation import bits_per_byte, evaluate_windows
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed

@@ -1,0 +1,136 @@
+"""The task registry: what a specialist can be trained and measured for.
+
+`TASKS` maps a task name to its record: the fields a JSONL record needs, the head the specialist carries (the LM
+head, or a classifier on the final hidden states), how records become training data, the evaluator and its
+metrics, and how the server can serve it. `BUILTIN` maps a built-in dataset's name to its task and its records.
+`fmforge finetune`, `fmforge eval`, `fmforge tasks` and the server's model list all read these tables.
+
+Adding a task is one entry here plus its functions: a record -> Example builder (LM tasks) in data/finetune.py,
+an evaluator in eval/tasks.py (`EVALUATORS`, keyed by the name given here), and, for a new head, a module in adapt/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ConfigError, DataError
+
+LM_HEAD, CLASSIFIER_HEAD = "lm", "classifier"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    fields: tuple[str, ...]  # what each JSONL record must have (empty: the data is prepared token shards)
+    head: str  # LM_HEAD: the model's own head writes the answer; CLASSIFIER_HEAD: a new head picks a label
+    examples: Callable | None  # (record, tokenizer, where, train_on_all) -> Example, for LM-head training
+    evaluator: str | None  # key of eval.tasks.EVALUATORS; None: not measured by `fmforge eval`
+    metrics: tuple[str, ...]
+    serving: str | None  # "chat" or "completion": the server's route that serves it; None: not served
+    trainable: bool = True
+
+    @property
+    def classifier(self) -> bool:
+        return self.head == CLASSIFIER_HEAD
+
+
+# Builders are imported when called, so that reading the registry (the CLI's parser does) stays free of torch.
+
+def _sft(record, tokenizer, where, train_on_all=False):
+    from .finetune import sft_example
+    return sft_example(record, tokenizer, where, train_on_all)
+
+
+def _completion(record, tokenizer, where, train_on_all=False):
+    from .finetune import completion_example
+    return completion_example(record, tokenizer, where)
+
+
+TASKS: dict[str, Task] = {task.name: task for task in [
+    Task("sft", "chat turns; the loss is on the assistant's turns", ("messages",), LM_HEAD, _sft,
+         None, (), "chat"),
+    Task("completion", "a prompt and its completion; the loss is on the completion", ("prompt", "completion"),
+         LM_HEAD, _completion, "completion", ("bits_per_byte", "exact_match"), "completion"),
+    Task("classify", "a text and its label; a head on the mean (or last) hidden state picks the label",
+         ("text", "label"), CLASSIFIER_HEAD, None, "classify", ("accuracy",), None),
+    Task("lm", "plain language modelling on prepared token shards (`fmforge prepare`)", (), LM_HEAD, None,
+         "perplexity", ("bits_per_byte", "perplexity"), "completion"),
+    Task("mc", "multiple choice by log-likelihood: a prompt, its choices and the answer's index",
+         ("prompt", "choices", "answer"), LM_HEAD, None, "mc", ("acc", "acc_norm"), None, trainable=False),
+]}
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    task: str  # a key of TASKS
+    description: str
+    records: Callable[[str, int | None], list[tuple[str, dict]]]  # (split, limit) -> [(where, record)]
+
+
+def _stdlib(name: str):
+    def records(split: str, limit: int | None = None) -> list[tuple[str, dict]]:
+        from .stdlib_tasks import task_records as stdlib_records
+        return stdlib_records(name, split, limit)
+    return records
+
+
+BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
+    BuiltinDataset("stdlib-docstring", "completion", "a function without its docstring -> the docstring's first "
+                   "line", _stdlib("stdlib-docstring")),
+    BuiltinDataset("stdlib-body", "completion", "a function's signature and docstring -> its body",
+                   _stdlib("stdlib-body")),
+    BuiltinDataset("stdlib-module", "classify", "a function's source -> its standard-library module (16 classes)",
+                   _stdlib("stdlib-module")),
+]}
+
+
+def get_task(name: str, *, trainable: bool = False) -> Task:
+    """The task called `name`; ConfigError listing the known ones otherwise."""
+    names = [t.name for t in TASKS.values() if t.trainable or not trainable]
+    if name not in names:
+        raise ConfigError(f"unknown task {name!r}; tasks: {', '.join(names)}")
+    return TASKS[name]
+
+
+def trainable_tasks() -> list[str]:
+    return [t.name for t in TASKS.values() if t.trainable]
+
+
+def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[str, dict]]:
+    """(where, record) pairs of a built-in dataset's split ("train", "val" or "test")."""
+    if name not in BUILTIN:
+        raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {', '.join(BUILTIN)}")
+    return BUILTIN[name].records(split, limit)
+
+
+def read_records(task: Task, path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs of a task's JSONL file; `where` is "file:line" for error messages."""
+    if not task.fields:
+        raise DataError(f"task {task.name} reads prepared token shards, not JSONL records")
+    from .finetune import read_jsonl
+    return [(f"{path}:{number}", record) for number, record in read_jsonl(path, task.fields)]
+
+
+def lm_examples(task: Task, records: list[tuple[str, dict]], tokenizer, train_on_all: bool = False) -> list:
+    """Training examples of an LM-head task's records."""
+    if task.examples is None:
+        raise DataError(f"task {task.name!r} does not make language-model examples")
+    return [task.examples(record, tokenizer, where, train_on_all) for where, record in records]
+
+
+def write_builtin(name: str, out_dir: Path) -> dict[str, int]:
+    """Write train/val/test JSONL files of a built-in dataset; returns record counts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val", "test"):
+        records = task_records(name, split)
+        with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for _, record in records:
+                f.write(json.dumps(record) + "\n")
+        counts[split] = len(records)
+    return counts
