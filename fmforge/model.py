@@ -4,7 +4,8 @@ RMSNorm (Zhang & Sennrich 2019) before each block, rotary position embeddings (R
 SwiGLU feed-forward (Shazeer 2020), grouped-query attention (GQA, Ainslie et al. 2023) through PyTorch's
 scaled_dot_product_attention, optional Mixture-of-Experts feed-forward with top-k routing and the Switch
 Transformer load-balancing loss (Fedus et al. 2021), a KV cache for decoding, and an input path for
-precomputed embeddings so that other modalities can enter the same token stream.
+precomputed embeddings (a whole sequence, or `MediaEmbeds` placed among token ids) so that other modalities can
+enter the same token stream.
 
 Parameter names follow Hugging Face's Llama (embed_tokens, layers.N.self_attn.q_proj, ...), so that
 import/export and PEFT adapter key names map one to one.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -68,8 +70,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for positions [0, length), preallocated to max_length.
+@runtime_checkable
+class KVCache(Protocol):
+    """What attention needs from a key/value cache; the model calls these three around each forward.
+
+    `LockstepKVCache` (below: a batch whose rows advance together) and the engine's `SlotKVCache` (infer/cache.py:
+    rows at their own lengths) implement it; a sliding-window or paged cache would too.
+    """
+
+    def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Before a forward of T new tokens: their RoPE cos/sin and the attention mask (None = plain causal)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (B, n_kv_head, T, head_dim) of `layer`; return those to attend over."""
+        ...
+
+    def advance(self, T: int) -> None:
+        """After the last layer: the T new positions are filled."""
+        ...
+
+
+class LockstepKVCache:
+    """Keys and values of every layer for positions [0, length), preallocated to max_length; every row of the
+    batch is at the same length.
 
     Shapes per layer: (B, n_kv_head, max_length, head_dim).
     """
@@ -208,6 +233,15 @@ class Block(nn.Module):
 
 
 @dataclass
+class MediaEmbeds:
+    """Precomputed embeddings placed into a token sequence (LLaVA-style early fusion of an encoder's output):
+    `values` (N, n_embd) replace, in row-major order, the token embeddings at the N positions where `mask` (B, T)
+    is True. The ids at those positions are placeholders (e.g. an image-patch token); they are not looked up."""
+    mask: torch.Tensor  # (B, T) bool
+    values: torch.Tensor  # (N, n_embd), N = mask.sum()
+
+
+@dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab_size); None when only the loss was asked for
     loss: torch.Tensor | None = None  # cross-entropy + moe_aux_loss_coef * aux_loss
@@ -252,6 +286,7 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor | None = None,  # (B, T) token ids
         targets: torch.Tensor | None = None,  # (B, T) next-token ids; -100 = ignored
         inputs_embeds: torch.Tensor | None = None,  # (B, T, n_embd) instead of input_ids
+        media: MediaEmbeds | None = None,  # embeddings that replace some positions of input_ids
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # (B or 1, 1, T, T_total) bool, True = may attend
         return_logits: bool = True,
@@ -260,7 +295,7 @@ class Transformer(nn.Module):
     ) -> ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids, media) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
         if kv_cache is not None:
             cos, sin, cache_mask = kv_cache.prepare(self.rope_cos, self.rope_sin, T)
@@ -286,9 +321,22 @@ class Transformer(nn.Module):
             out.loss = loss
         return out
 
-    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+    def embed(self, input_ids: torch.Tensor, media: MediaEmbeds | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, n_embd) of input_ids, with `media` scattered into its positions."""
+        x = self.embed_tokens(input_ids)
+        if media is None:
+            return x
+        if media.mask.shape != input_ids.shape:
+            raise ValueError(f"media mask {tuple(media.mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        count = int(media.mask.sum())
+        if media.values.shape != (count, x.shape[-1]):
+            raise ValueError(f"media values {tuple(media.values.shape)} do not fill the {count} masked positions "
+                             f"of width {x.shape[-1]}")
+        return x.masked_scatter(media.mask.unsqueeze(-1), media.values.to(x.dtype))
+
+    def new_kv_cache(self, batch_size: int, max_length: int | None = None) -> LockstepKVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_length or self.config.context_length, p.device, p.dtype)
+        return LockstepKVCache(self.config, batch_size, max_length or self.config.context_length, p.device, p.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

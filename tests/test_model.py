@@ -150,3 +150,39 @@ def test_real_shapes_have_their_published_sizes():
     mixtral = model_config_from_preset("mixtral-8x7b")
     assert round(mixtral.num_parameters() / 1e9, 1) == 46.7
     assert 12.5e9 < mixtral.active_parameters() < 13e9
+
+
+def test_both_caches_implement_the_kv_cache_protocol():
+    from fmforge.infer.cache import SlotKVCache
+    from fmforge.model import KVCache
+
+    model = tiny()
+    assert isinstance(model.new_kv_cache(2), KVCache)
+    assert isinstance(SlotKVCache(model.config, 2, 16), KVCache)
+
+
+def test_media_embeddings_mixed_with_token_ids():
+    """Embeddings scattered into placeholder positions: equal to the ids-only path when they are the token
+    embeddings; other embeddings change the output from their first position on, not before."""
+    from fmforge.model import MediaEmbeds
+
+    model = tiny()
+    ids = torch.randint(0, 97, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 3:6] = True
+    mask[1, 7] = True
+    placeholders = ids.masked_fill(mask, 0)  # what a media span looks like in the id stream
+    with torch.no_grad():
+        same = MediaEmbeds(mask, model.embed_tokens(ids)[mask])
+        torch.testing.assert_close(model(placeholders, media=same).logits, model(ids).logits)
+        other = MediaEmbeds(mask, torch.randn(4, model.config.n_embd))
+        logits, plain = model(placeholders, media=other).logits, model(ids).logits
+    torch.testing.assert_close(logits[0, :3], plain[0, :3])
+    torch.testing.assert_close(logits[1, :7], plain[1, :7])
+    assert (logits[0, 3:] - plain[0, 3:]).abs().max() > 1e-3 and (logits[1, 7:] - plain[1, 7:]).abs().max() > 1e-3
+    with torch.no_grad():  # the KV-cache path takes the same input
+        cache = model.new_kv_cache(2)
+        cached = model(placeholders, media=other, kv_cache=cache).logits
+    torch.testing.assert_close(cached, logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fill"):
+        model(placeholders, media=MediaEmbeds(mask, torch.randn(3, model.config.n_embd)))

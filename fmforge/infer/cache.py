@@ -1,6 +1,6 @@
 """The serving engine's KV cache: one slot per running sequence, each at its own length.
 
-`KVCache` (model.py) holds a batch that advances in lockstep. A server's batch does not: requests join and leave
+`LockstepKVCache` (model.py) holds a batch that advances in lockstep. A server's batch does not: requests join and leave
 at every step (continuous batching), so each row has its own length, its own RoPE positions and its own mask.
 The running sequences always occupy slots 0 .. n-1 (a finished one is replaced by the last, see `move`), so a
 decode step attends over a view of the cache, never a gathered copy.
@@ -19,7 +19,7 @@ class SlotKVCache:
     """Keys and values of `slots` sequences of up to `max_length` positions each.
 
     Shapes per layer: (slots, n_kv_head, max_length, head_dim). Implements the protocol the model's attention
-    calls (`prepare`, `update`, `advance`) for the rows bound with `bind`.
+    calls (the `KVCache` protocol of model.py: `prepare`, `update`, `advance`) for the rows bound with `bind`.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_length: int, device=None, dtype=torch.float32):
