@@ -10,14 +10,14 @@ embedding becomes a `MultiLoRAEmbedding`: each row looks its tokens up in its ow
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from ..checkpoint import (HEAD_FILE, check_adapter_base, read_adapter_config, read_adapter_tensors, resolve_adapter,
-                          split_adapter_key)
+
+from ..checkpoint import (HEAD_FILE, check_adapter_base, read_adapter_config, read_adapter_tensors, read_finetune_record,
+                          resolve_adapter, split_adapter_key)
 from ..errors import CheckpointError
 
 
@@ -50,10 +50,7 @@ def read_adapter(name: str, path: str | Path, base_checkpoint: Path) -> LoadedAd
         if set(parts) != {"A", "B"}:
             raise CheckpointError(f"adapter {directory}: {module} lacks lora_{'B' if 'A' in parts else 'A'}")
         pairs[module] = (parts["A"], parts["B"])
-    info = {}
-    if (directory / "finetune.json").exists():
-        info = json.loads((directory / "finetune.json").read_text())
-    return LoadedAdapter(name, directory, config["lora_alpha"] / config["r"], pairs, info)
+    return LoadedAdapter(name, directory, config["lora_alpha"] / config["r"], pairs, read_finetune_record(directory))
 
 
 class AdapterSelection:
