@@ -1,6 +1,6 @@
 """Fine-tuning data: JSONL records -> token sequences with loss masks -> packed, batched rows.
 
-Record formats (one JSON object per line):
+Record formats (one JSON object per line; the task registry, data/tasks.py, names each task's fields):
     sft         {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
     completion  {"prompt": "...", "completion": "..."}
     classify    {"text": "...", "label": "..."}
@@ -24,7 +24,6 @@ from ..errors import DataError
 from ..tokenizer import Tokenizer
 from .sources import lone_surrogate
 
-TASKS = ("sft", "completion", "classify", "lm")
 ROLES = ("system", "user", "assistant")
 
 
@@ -209,26 +208,7 @@ class ClassificationDataset:
                 "targets": torch.tensor([self.labels[int(i)] for i in indices])}
 
 
-# ---- loading a task's records -------------------------------------------------------------------------------
-
-FIELDS = {"sft": ("messages",), "completion": ("prompt", "completion"), "classify": ("text", "label")}
-
-
-def load_records(task: str, path: str | Path) -> list[tuple[str, dict]]:
-    """(where, record) pairs for a task's JSONL file; `where` is "file:line" for error messages."""
-    if task not in FIELDS:
-        raise DataError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    return [(f"{path}:{number}", record) for number, record in read_jsonl(path, FIELDS[task])]
-
-
-def examples_for(task: str, records: list[tuple[str, dict]], tokenizer: Tokenizer,
-                 train_on_all: bool = False) -> list[Example]:
-    if task == "sft":
-        return [sft_example(r, tokenizer, where, train_on_all) for where, r in records]
-    if task == "completion":
-        return [completion_example(r, tokenizer, where) for where, r in records]
-    raise DataError(f"task {task!r} does not make language-model examples")
-
+# ---- classification ------------------------------------------------------------------------------------------
 
 def label_set(records: list[tuple[str, dict]]) -> list[str]:
     labels = set()
