@@ -37,15 +37,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+from _common import (RESULTS, cpu_sample, describe_machine, git_state, hf_model, other_cpu_share, proc_status_kib,
+                     section_name, write_section)
+
 SECTION = "pretrain_throughput"
 
 # Shape of the comparison: fmforge preset `base` with an 8192-token vocabulary.
@@ -53,14 +52,6 @@ PRESET, VOCAB = "base", 8192
 
 
 # ---- measurement helpers (used by parent and workers) -----------------------------------------------------
-
-def proc_status_kib(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
 
 def matmul_peak_gflops(dtype, size: int = 2048, repeats: int = 5, tries: int = 3) -> float:
     """Best-of-`tries` GFLOP/s of a (size x size) @ (size x size) matmul: the machine's practical peak."""
@@ -77,52 +68,22 @@ def matmul_peak_gflops(dtype, size: int = 2048, repeats: int = 5, tries: int = 3
     return best
 
 
-def cpu_snapshot(pid: int) -> tuple[float, int, int]:
-    """(wall time, busy jiffies of the whole machine, jiffies used by process `pid`)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    busy = user + nice + system + irq + softirq + steal  # steal: the hypervisor gave our CPU to another VM
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return time.perf_counter(), busy, int(stat[11]) + int(stat[12])  # utime + stime
-
-
 def wait_for_quiet(max_share: float, deadline: float, threads: int, window: float = 0.5) -> float:
     """Sleep until other processes use less than `max_share` of the CPUs over `window` seconds (or until
     `deadline`); return the seconds waited. Our workers are all idle here, so any busy CPU is someone else's."""
     start = time.perf_counter()
     while time.perf_counter() < deadline:
-        before = cpu_snapshot(os.getpid())
+        before = cpu_sample([os.getpid()])
         time.sleep(window)
-        if other_cpu_share(before, cpu_snapshot(os.getpid()), threads) < max_share:
+        if other_cpu_share(before, cpu_sample([os.getpid()]), threads) < max_share:
             break
     return time.perf_counter() - start
-
-
-def other_cpu_share(before: tuple[float, int, int], after: tuple[float, int, int], threads: int) -> float:
-    """Share of our `threads` CPUs that other processes took between two snapshots: the CPU time anything but
-    the measured process used, beyond the CPUs we leave free (os.cpu_count() - threads), over our CPUs."""
-    wall = after[0] - before[0]
-    other_cpus = ((after[1] - before[1]) - (after[2] - before[2])) / (wall * os.sysconf("SC_CLK_TCK"))
-    return max(0.0, other_cpus - (os.cpu_count() - threads)) / threads
 
 
 def model_config(tie: bool):
     from fmforge.config import model_config_from_preset
 
     return model_config_from_preset(PRESET, vocab_size=VOCAB, tie_embeddings=tie)
-
-
-def hf_llama(cfg):
-    """LlamaForCausalLM with exactly the shape of fmforge's ModelConfig `cfg`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        max_position_embeddings=cfg.context_length, vocab_size=cfg.vocab_size,
-        tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        attn_implementation="sdpa")
-    return LlamaForCausalLM(hf_config).float()
 
 
 # ---- worker: one contender, driven over stdin/stdout -------------------------------------------------------
@@ -194,7 +155,7 @@ def worker(name: str, args) -> None:
             x, y = batch[:, :-1], batch[:, 1:]
             return train_model(x, targets=y, return_logits=False).loss
     else:
-        model = hf_llama(cfg)
+        model = hf_model(cfg)
         optimizer = torch.optim.AdamW(model.parameters())  # HF Trainer: adamw_torch (defaults, not fused)
         optimizer_name = "AdamW (torch defaults)"
         train_model = model
@@ -322,9 +283,9 @@ def run_benchmark(args) -> str:
             time.sleep(0.2)  # let the previous worker's OpenMP threads go to sleep
             waited += wait_for_quiet(args.max_interference, min(deadline, time.perf_counter() + args.max_wait),
                                      args.threads)
-            before = cpu_snapshot(w.proc.pid)
+            before = cpu_sample([w.proc.pid])
             steps = w.ask(f"run {args.steps}")["steps"]
-            interference = other_cpu_share(before, cpu_snapshot(w.proc.pid), args.threads)
+            interference = other_cpu_share(before, cpu_sample([w.proc.pid]), args.threads)
             result[w.name] = {"tps": tokens_per_step * len(steps) / sum(s["total"] for s in steps),
                               "steps": steps, "interference": interference}
         waited += wait_for_quiet(args.max_interference, min(deadline, time.perf_counter() + args.max_wait),
@@ -361,8 +322,8 @@ def run_benchmark(args) -> str:
         return [x / y for x, y in zip(per_round[a], per_round[b])]
 
     # ---- throughput table
-    lines = [f"| contender | precision | optimizer | tokens/s median (min-max) | ms/step | fwd / bwd / clip / opt ms "
-             f"| MFU | vs hf-fp32 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| contender | precision | optimizer | tokens/s median (min-max) | ms/step | fwd / bwd / clip / opt ms "
+             "| MFU | vs hf-fp32 |", "|---|---|---|---|---|---|---|---|"]
     for w in workers:
         median_tps = statistics.median(per_round[w.name])
         ms = {k: 1000 * statistics.median(s[k] for s in phases[w.name]) for k in ("total", "fwd", "bwd", "clip", "opt")}
@@ -426,8 +387,7 @@ def run_benchmark(args) -> str:
         f"Command: `.venv/bin/python {command.strip()}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; total time {elapsed:.0f}s; "
         f"fmforge at {git_state()}  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        f"({args.threads} used), torch {torch.__version__}, transformers {transformers_version()}; "
+        f"Machine: {describe_machine(args.threads)}; "
         f"shared with other jobs (run-to-run 10-20%); contenders interleaved, {args.steps} steps each per round; "
         f"statistics over {selection} (clean = other processes took < {100 * args.max_interference:.0f}% of the CPUs "
         f"we run on during each contender's turn, from /proc/stat)  ",
@@ -451,36 +411,6 @@ def run_benchmark(args) -> str:
         memory_table,
     ])
     return report
-
-
-def git_state() -> str:
-    """The commit under test, marked dirty when fmforge/ has uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fmforge"], cwd=HERE.parent,
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + (" + uncommitted changes in fmforge/" if dirty else "")
-
-
-def transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the block between <!-- name:start --> and <!-- name:end --> in `path`."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# fmforge benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -514,9 +444,7 @@ def main() -> None:
     report = run_benchmark(args)
     print("\n" + report)
     if not args.no_write:
-        # A run on fewer threads than CPUs (the clean choice on a busy shared machine) keeps its own section.
-        section = SECTION if args.threads == os.cpu_count() else f"{SECTION}-threads{args.threads}"
-        write_section(RESULTS, section, report)
+        write_section(section_name(SECTION, args.threads), report)
         print(f"\nwritten to {RESULTS}")
 
 

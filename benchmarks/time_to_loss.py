@@ -32,17 +32,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from _common import HERE, REPO, RESULTS, cpu_sample, describe_machine, git_state, other_cpu_share, write_section
+
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-RESULTS = HERE / "RESULTS.md"
 PLOT = HERE / "time_to_loss.png"
 SECTION = "time_to_loss"
 FMFORGE = [sys.executable, "-m", "fmforge.cli"]
@@ -63,17 +61,6 @@ def split_into_documents(text: str, target_bytes: int) -> list[str]:
     return pieces
 
 
-def busy_jiffies() -> int:
-    """CPU time the whole machine spent busy (all but idle and iowait; steal counts as busy), in clock ticks."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields) - fields[3] - fields[4]
-
-
-def process_jiffies(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(stat[11]) + int(stat[12])  # utime + stime
-
-
 def run_together(commands: list[tuple[list[str], Path]], env: dict) -> tuple[list[float], float]:
     """Start all `commands` at once (output to each one's log), wait for all; return each one's wall seconds
     and the share of the CPUs we use that other processes took while all of ours were running."""
@@ -83,18 +70,15 @@ def run_together(commands: list[tuple[list[str], Path]], env: dict) -> tuple[lis
     procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
              for (cmd, _), log in zip(commands, logs)]
     walls: list[float | None] = [None] * len(procs)
-    other = seconds = 0.0
-    previous = None
+    first = last = None  # CPU samples taken while every process still ran
     while any(w is None for w in walls):
         time.sleep(1.0)
-        try:  # sample while every process still runs
-            sample = (time.perf_counter(), busy_jiffies(), sum(process_jiffies(p.pid) for p in procs))
-        except (FileNotFoundError, ProcessLookupError):
-            sample = None
-        if sample and previous and all(p.poll() is None for p in procs):
-            seconds += sample[0] - previous[0]
-            other += ((sample[1] - previous[1]) - (sample[2] - previous[2])) / os.sysconf("SC_CLK_TCK")
-        previous = sample
+        if all(p.poll() is None for p in procs):
+            try:
+                last = cpu_sample([p.pid for p in procs])
+                first = first or last
+            except (FileNotFoundError, ProcessLookupError):  # one ended meanwhile
+                pass
         for i, p in enumerate(procs):
             if walls[i] is None and p.poll() is not None:
                 walls[i] = time.perf_counter() - start
@@ -103,8 +87,7 @@ def run_together(commands: list[tuple[list[str], Path]], env: dict) -> tuple[lis
     for (cmd, log), p in zip(commands, procs):
         if p.returncode != 0:
             raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n--- {log}:\n{log.read_text()[-3000:]}")
-    other_cpus = other / seconds if seconds else 0.0
-    return walls, max(0.0, other_cpus - (os.cpu_count() - threads)) / threads
+    return walls, other_cpu_share(first, last, threads) if first else 0.0
 
 
 def read_evals(metrics: Path) -> list[dict]:
@@ -245,16 +228,13 @@ def main() -> None:
         lines.append(f"| {t:g} | " + " | ".join("-" if c is None else f"{c:.0f}s" for c in cells) + " |")
     crossing_table = "\n".join(lines)
 
-    sys.path.insert(0, str(HERE))
-    from pretrain_throughput import git_state, write_section
-
     command = "benchmarks/time_to_loss.py " + " ".join(sys.argv[1:])
     report = "\n".join([
         "## Time to loss: Tiny Shakespeare, BPE vs bytes",
         "",
         f"Command: `.venv/bin/python {command.strip()}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; fmforge at {git_state()}  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs (run-to-run 10-20%). "
+        f"Machine: {describe_machine()}; shared with other jobs (run-to-run 10-20%). "
         f"{'The runs were sequential' if args.sequential else 'Both runs trained at the same time'}, "
         f"{threads} thread(s) each; the last column is the share of our CPUs other processes took meanwhile  ",
         f"Pipeline: `fmforge prepare tinyshakespeare.jsonl --vocab-size N --val-fraction 0.1` "
@@ -275,7 +255,7 @@ def main() -> None:
     ])
     print("\n" + report)
     if not args.no_write:
-        write_section(RESULTS, SECTION, report)
+        write_section(SECTION, report)
         print(f"\nwritten to {RESULTS}")
 
 
