@@ -1,9 +1,11 @@
 """Serving benchmark: fmforge's engine against `transformers` generate, and the server under concurrent load.
 
-1. Single-stream decode (in process, greedy, same weights): fmforge's Engine (continuous-batching engine, one
-   request) vs Hugging Face `LlamaForCausalLM.generate` (sdpa, KV cache, greedy, `min_new_tokens` = the length so
-   neither stops early). Rounds interleave the two; reported: median tokens/s of each and the median of the
-   per-round ratios. Both greedy outputs are compared token for token (a check that the models are the same).
+1. Single-stream decode (in process, greedy, same weights): fmforge's Engine (one request, driven by this thread
+   through `Engine.complete`, with its default prompt-lookup speculation and with `speculate=0`) vs Hugging Face
+   `LlamaForCausalLM.generate` (sdpa, KV cache, greedy). Every contender generates exactly the same number of tokens
+   (no stop ids for the engine, `min_new_tokens` for transformers). Rounds interleave the contenders; reported:
+   median tokens/s of each and the median of the per-round ratios. The greedy outputs are compared token for token
+   (a check that the models are the same).
 2. The real server (`fmforge serve` in its own process) with 1, 4 and 16 concurrent streaming clients (threads,
    httpx, /v1/completions with stream=true): aggregate generated tokens/s over the wall time of each wave, and
    time to first token (request sent -> first text chunk) p50 / p99 over all requests at that concurrency.
@@ -13,8 +15,9 @@ since speculation gains only where the model repeats itself — else random weig
 1024-token context. transformers' own prompt-lookup decoding runs as a fourth contender, so the comparison of
 speculation against speculation is there too. The server and the in-process measurements never overlap.
 
-    .venv/bin/python benchmarks/serve_benchmark.py            # ~3 minutes; writes the "serve" section of RESULTS.md
-    .venv/bin/python benchmarks/serve_benchmark.py --quick    # ~1 minute, prints only
+    .venv/bin/python benchmarks/serve_benchmark.py --threads 2   # ~3 minutes; writes the "serve" section of RESULTS.md
+    .venv/bin/python benchmarks/serve_benchmark.py --threads 1   # the "serve-threads1" section
+    .venv/bin/python benchmarks/serve_benchmark.py --quick       # ~1 minute, prints only
 """
 
 from __future__ import annotations
@@ -32,52 +35,30 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "RESULTS.md"
+from _common import (REPO, RESULTS, describe_machine, git_state, hf_twin, random_model, save_checkpoint,
+                     section_name, stdlib_tokenizer, write_section)
+
 SECTION = "serve"
 
 
 def random_checkpoint(work: Path, context: int) -> Path:
+    """The `base` preset with random weights and the quickstart's tokenizer (a small stdlib one without it)."""
     from fmforge.config import model_config_from_preset
-    from fmforge.model import Transformer
-    from fmforge.tokenizer import Tokenizer, train_tokenizer
-    from fmforge.checkpoint import write_checkpoint
+    from fmforge.tokenizer import Tokenizer
 
-    tokenizer_dir = REPO / "runs" / "quickstart" / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        import sysconfig
-        tokenizer_dir = work / "tokenizer"
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        texts = [(stdlib / name).read_text() for name in ("difflib.py", "textwrap.py", "json/decoder.py", "string.py")]
-        train_tokenizer(texts, 2048).save(tokenizer_dir)
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    torch.manual_seed(0)
+    quickstart = REPO / "runs" / "quickstart" / "tokenizer"
+    tokenizer = (Tokenizer.load(quickstart) if (quickstart / "tokenizer.json").exists() else
+                 stdlib_tokenizer(2048, ("difflib.py", "textwrap.py", "json/decoder.py", "string.py")))
     config = model_config_from_preset("base", vocab_size=tokenizer.vocab_size, context_length=context)
-    return write_checkpoint(work / "model", Transformer(config), tokenizer_dir)
-
-
-def hf_twin(model):
-    """LlamaForCausalLM with the same weights as fmforge's `model` (same tensor names under `model.`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        hidden_size=c.n_embd, intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-        max_position_embeddings=c.context_length, vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)).float().eval()
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
-             for k, v in model.state_dict().items() if not k.startswith("rope_")}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m or m == "lm_head.weight" for m in missing), (missing, unexpected)
-    return hf
+    return save_checkpoint(work, random_model(config), tokenizer)
 
 
 def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int) -> dict:
-    from fmforge.serve.engine import Engine, SamplingOptions
+    """Greedy decoding of one prompt by fmforge's engine (with and without speculation, driven synchronously by
+    this thread) and by transformers' generate (plain and with its own prompt lookup), in rotating order."""
     from fmforge.checkpoint import load_model_and_tokenizer
+    from fmforge.infer.engine import Engine, GenerationRequest
+    from fmforge.infer.sampling import SamplingParams
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint)
     model.eval()
@@ -86,21 +67,13 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
     new_tokens = min(new_tokens, model.config.context_length - len(prompt))
     engines = {"fmforge": Engine(model, tokenizer, max_batch=1, speculate=4),
                "fmforge-nospec": Engine(model, tokenizer, max_batch=1, speculate=0)}
-    for engine in engines.values():
-        engine.start()
+    # No stop ids: every contender generates exactly new_tokens (transformers gets min_new_tokens for the same).
+    request = GenerationRequest(prompt, SamplingParams(max_tokens=new_tokens, temperature=0), stop_ids=frozenset())
 
     def ours(engine) -> tuple[float, list[int]]:
-        tokens, done = [], threading.Event()
-
-        def on_event(event):
-            tokens.append(event.token_id)
-            if event.finish_reason:
-                done.set()
-
         started = time.perf_counter()
-        engine.submit(prompt, SamplingOptions(max_tokens=new_tokens, temperature=0), on_event)
-        done.wait()
-        return time.perf_counter() - started, tokens
+        (completion,) = engine.complete([request])
+        return time.perf_counter() - started, completion.token_ids
 
     def theirs(lookup: int | None) -> tuple[float, list[int]]:
         ids = torch.tensor([prompt])
@@ -122,8 +95,6 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
         rows.append({name: contenders[name]() for name in order})
         print(f"  round {r + 1}: " + ", ".join(f"{n} {new_tokens / rows[-1][n][0]:.0f}" for n in names) + " tok/s",
               flush=True)
-    for engine in engines.values():
-        engine.stop()
     reference = rows[0]["hf"][1]
     result = {"new_tokens": new_tokens, "prompt_tokens": len(prompt)}
     for n in names:
@@ -241,10 +212,6 @@ def main() -> None:
         load = concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
     if args.quick or args.no_write:
         return
-    sys.path.insert(0, str(HERE))
-    from pretrain_throughput import git_state, write_section
-    import transformers
-
     labels = {"fmforge": "fmforge Engine (default: prompt-lookup speculation, 4 drafted tokens)",
               "fmforge-nospec": "fmforge Engine, `--speculate 0`",
               "hf": "transformers `generate` (greedy, KV cache)",
@@ -253,9 +220,9 @@ def main() -> None:
         f"## Serving: fmforge engine vs transformers generate; the server under concurrent streams "
         f"({args.threads} thread{'s' if args.threads > 1 else ''})",
         "",
-        f"Command: `.venv/bin/python benchmarks/serve_benchmark.py --threads {args.threads}` "
-        f"({time.strftime('%Y-%m-%d')}, {git_state()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, CPU). Model: {shape}; fp32.",
+        f"Command: `.venv/bin/python benchmarks/serve_benchmark.py {' '.join(sys.argv[1:])}` "
+        f"({time.strftime('%Y-%m-%d')}, {git_state()}). Machine: {describe_machine(args.threads)}. "
+        f"Model: {shape}; fp32.",
         "",
         f"**Single stream** (in process; prompt {single['prompt_tokens']} tokens, {single['new_tokens']} new tokens, "
         f"greedy; {rounds} rounds, contenders in rotating order; medians; ratio = median of per-round ratios):",
@@ -280,8 +247,8 @@ def main() -> None:
     base = load[0]["tok_s"]
     lines += ["", "Batching gain over one stream: " + ", ".join(
         f"{row['streams']} streams {row['tok_s'] / base:.1f}x" for row in load[1:]) + "."]
-    section = SECTION if args.threads == os.cpu_count() else f"{SECTION}-threads{args.threads}"
-    write_section(RESULTS, section, "\n".join(lines))
+    section = section_name(SECTION, args.threads)
+    write_section(section, "\n".join(lines))
     print(f"written: {RESULTS.name} (section {section})")
 
 
