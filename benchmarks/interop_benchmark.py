@@ -2,6 +2,7 @@
 against transformers' own `from_pretrained` of the same directory.
 
     .venv/bin/python benchmarks/interop_benchmark.py [--work /tmp/fmforge-interop-bench] [--keep]
+    .venv/bin/python benchmarks/interop_benchmark.py --tiny     # a 2-layer model: checks the script in seconds
 
 The model is made here with transformers (random weights, bfloat16, saved in 500 MB shards, a byte-level BPE
 tokenizer trained on a stdlib module), then every step runs in its own fresh Python process so that its
@@ -13,30 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import HERE, stdlib_texts
+
 # Llama-like, 24 layers x 1280 wide with GQA and a 32k vocabulary: 495M parameters.
 SHAPE = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=24,
              num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+TINY_SHAPE = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
 
 # Peak resident set from /proc (VmHWM): unlike ru_maxrss it restarts at exec, so it is this process's own.
-# Pages of memory-mapped safetensors files that were read count as resident too.
+# Pages of memory-mapped safetensors files that were read count as resident too. The step's process finds
+# _common through PYTHONPATH.
 MEASURE = """
 import sys, time, json
-def peak_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from _common import proc_status_kib
 {imports}
-baseline = peak_mb()
+baseline = proc_status_kib("VmHWM") / 1024
 start = time.perf_counter()
 {action}
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "peak_mb": peak_mb(), "baseline_mb": baseline}}))
+print(json.dumps({{"seconds": seconds, "peak_mb": proc_status_kib("VmHWM") / 1024, "baseline_mb": baseline}}))
 """
 
 STEPS = {
@@ -76,15 +80,13 @@ STEPS = {
 }
 
 
-def make_model(directory: Path) -> int:
-    """Save a random SHAPE Llama in bfloat16 with a small trained tokenizer. Returns the parameter count."""
-    import sysconfig
-
+def make_model(directory: Path, shape: dict) -> int:
+    """Save a random Llama of `shape` in bfloat16 with a small trained tokenizer. Returns the parameter count."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    config = transformers.LlamaConfig(**SHAPE)
+    config = transformers.LlamaConfig(**shape)
     torch.manual_seed(0)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -95,7 +97,7 @@ def make_model(directory: Path) -> int:
     count = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory, max_shard_size="500MB")
     del model
-    text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()
+    (text,) = stdlib_texts("textwrap.py")
     rust = Tokenizer(models.BPE())
     rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     rust.decoder = decoders.ByteLevel()
@@ -107,7 +109,8 @@ def make_model(directory: Path) -> int:
 
 def run_step(imports: str, action: str, args: list[str]) -> dict:
     code = MEASURE.format(imports=imports, action=action)
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"step failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -122,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/fmforge-interop-bench")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model: checks the script itself")
     args = parser.parse_args()
     work = Path(args.work)
     if work.exists():
@@ -130,7 +134,7 @@ def main() -> None:
     paths = {"hf": work / "hf", "ckpt": work / "ckpt", "exported": work / "exported",
              "gguf_f16": work / "model-f16.gguf", "gguf_q8": work / "model-q8_0.gguf"}
     started = time.perf_counter()
-    count = make_model(paths["hf"])
+    count = make_model(paths["hf"], TINY_SHAPE if args.tiny else SHAPE)
     print(f"random model: {count / 1e6:.0f}M parameters, bfloat16, {directory_mb(paths['hf']):.0f} MB in "
           f"{len(list(paths['hf'].glob('*.safetensors')))} shards (made in {time.perf_counter() - started:.0f}s)",
           file=sys.stderr)

@@ -15,23 +15,21 @@ in f32, f16 and q8_0, and run by llama.cpp on the same prompt ids. Prints a Mark
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fmforge.cli import main as fmforge_main  # noqa: E402
-from fmforge.config import ModelConfig  # noqa: E402
-from fmforge.infer.sampling import SamplingParams, generate_tokens  # noqa: E402
-from fmforge.model import Transformer  # noqa: E402
-from fmforge.tokenizer import train_tokenizer  # noqa: E402
-from fmforge.checkpoint import write_checkpoint  # noqa: E402
+from _common import random_model, save_checkpoint, stdlib_texts
+from fmforge.cli import main as fmforge_main
+from fmforge.config import ModelConfig
+from fmforge.infer.engine import generate_once
+from fmforge.infer.sampling import SamplingParams
+from fmforge.model import Transformer
+from fmforge.tokenizer import train_tokenizer
 
 VARIANTS = {
     "dense, GQA, tied": dict(),
@@ -64,20 +62,19 @@ def pre_tokenized_tokenizer(text: str, regex: str):
     return Tokenizer(rust)
 
 
-def make_checkpoint(directory: Path, tokenizer, **shape) -> Transformer:
-    torch.manual_seed(0)
+def make_checkpoint(directory: Path, tokenizer, **shape) -> tuple[Transformer, Path]:
+    """A random 2-layer model whose norm gains and biases are not their initial 1 and 0 (so that an exporter
+    that drops them is caught), written as a checkpoint with `tokenizer`."""
     config = ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
                          context_length=128, init_std=0.05, **shape)
-    model = Transformer(config).eval()
+    model = random_model(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
-    tokenizer.save(directory / "tok")
-    write_checkpoint(directory / "ckpt", model, directory / "tok")
-    return model
+    return model, save_checkpoint(directory, model, tokenizer)
 
 
 def llama_cpp_run(path: Path, prompt: list[int], n_new: int):
@@ -102,7 +99,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=20)
     args = parser.parse_args()
-    text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit("llama_cpp is not importable: install llama-cpp-python into a separate venv and put its "
+                         "site-packages on PYTHONPATH (see this script's docstring)")
+    (text,) = stdlib_texts("textwrap.py")
     from fmforge.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX
 
     tokenizers = {"gpt-2": train_tokenizer([text], vocab_size=512),
@@ -116,13 +116,15 @@ def main() -> None:
             tokenizer = tokenizers[pre]
             prompt = tokenizer.encode(PROMPT)
             directory = Path(tmp) / f"variant-{index}"
-            model = make_checkpoint(directory, tokenizer, **shape)
+            model, checkpoint = make_checkpoint(directory, tokenizer, **shape)
             with torch.no_grad():
                 expected = model(torch.tensor([prompt])).logits[0].numpy()
-            greedy = list(generate_tokens(model, prompt, SamplingParams(max_new_tokens=args.new_tokens, temperature=0)))
+            # fmforge's greedy continuation: the engine without speculation, and no stop ids (as the loop below).
+            greedy = generate_once(model, tokenizer, prompt, SamplingParams(max_tokens=args.new_tokens, temperature=0),
+                                   stop_ids=frozenset(), speculate=0).token_ids
             for outtype in ("f32", "f16", "q8_0"):
                 gguf_path = directory / f"model-{outtype}.gguf"
-                assert fmforge_main(["export", "gguf", str(directory / "ckpt"), "--out", str(gguf_path),
+                assert fmforge_main(["export", "gguf", str(checkpoint), "--out", str(gguf_path),
                                      "--outtype", outtype]) == 0
                 logits, generated, tokens = llama_cpp_run(gguf_path, prompt, args.new_tokens)
                 same_prefix = next((i for i, (a, b) in enumerate(zip(generated, greedy)) if a != b), len(greedy))
