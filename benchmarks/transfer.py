@@ -64,32 +64,29 @@ import datetime
 import hashlib
 import json
 import math
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _common import HERE, RESULTS, describe_machine, git_state, random_model, write_section
 from fmforge.cli import main as fmforge_main
-from fmforge.data.tasks import BUILTIN_TASKS, task_records
+from fmforge.data.tasks import BUILTIN, task_records
 from fmforge.eval.tasks import run_tasks
 from fmforge.model import Transformer
 from fmforge.checkpoint import load_model_and_tokenizer, read_model_config, write_checkpoint
 from fmforge.adapt.specialist import load_specialist
 from fmforge.checkpoint import fingerprint_checkpoint
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "RESULTS.md"
 RESULTS_JSON = HERE / "transfer.json"
 PLOT = HERE / "transfer.png"
 SECTION = "transfer"
 
 TASKS = ["stdlib-docstring", "stdlib-body", "stdlib-module"]
+TASK_KIND = {name: dataset.task for name, dataset in BUILTIN.items()}  # built-in dataset -> "completion" | "classify"
 METHODS = ["lora", "full", "scratch"]
 METRIC = {"completion": "bits_per_byte", "classify": "accuracy"}
 # Learning-rate grids, one per method: LoRA usually wants ~10x the lr of full fine-tuning, and a model trained
@@ -148,15 +145,15 @@ def finetune_argv(checkpoint: Path, task: str, method: str, n: int, steps: int, 
     """The `fmforge finetune` arguments of one run (scratch runs `--method full` on the random checkpoint).
     Every EVAL_EVERY steps: a validation eval over the whole val file, and a checkpoint (all of them kept)."""
     train_file, val_file = task_files(task, n, data_dir)
-    argv = ["finetune", "--checkpoint", str(checkpoint), "--data", str(train_file), "--task", BUILTIN_TASKS[task],
+    argv = ["finetune", "--checkpoint", str(checkpoint), "--data", str(train_file), "--task", TASK_KIND[task],
             "--val-data", str(val_file), "--method", "lora" if method == "lora" else "full", "--out", str(out),
             "--max_steps", str(steps), "--batch_size", str(BATCH_SIZE), "--lr", f"{lr:g}",
             "--eval_interval", str(EVAL_EVERY), "--eval_tokens", str(10**9), "--checkpoint_interval",
             str(EVAL_EVERY), "--keep_checkpoints", str(-(-steps // EVAL_EVERY)), "--seed", str(seed)]
     if method == "lora":
         argv += ["--lora-rank", str(LORA_RANK), "--lora-alpha", f"{LORA_ALPHA:g}", "--lora-targets",
-                 LORA_TARGETS[BUILTIN_TASKS[task]]]
-    if BUILTIN_TASKS[task] == "classify":
+                 LORA_TARGETS[TASK_KIND[task]]]
+    if TASK_KIND[task] == "classify":
         argv += ["--pooling", POOLING]
     if head != 1.0:
         argv += ["--head-lr-scale", f"{head:g}"]
@@ -169,11 +166,11 @@ def run_dir_of(out_dir: Path, task: str, n: int, method: str, lr: float, steps: 
     runs of an earlier set-up (last-token head, linear layers only) are never reused for this one; runs of other
     than the first seed carry their seed."""
     name = f"{method}-lr{lr:g}-s{steps}"
-    if BUILTIN_TASKS[task] == "classify":
+    if TASK_KIND[task] == "classify":
         name += f"-{POOLING}" + ("-emb" if method == "lora" and "embed_tokens" in LORA_TARGETS["classify"] else "")
     if head != 1.0:
         name += f"-head{head:g}"
-    if seed != SEEDS[BUILTIN_TASKS[task]][0]:
+    if seed != SEEDS[TASK_KIND[task]][0]:
         name += f"-seed{seed}"
     return out_dir / task / f"n{n}" / name
 
@@ -225,9 +222,7 @@ def make_scratch_base(config, base_checkpoint: Path, out: Path) -> Path:
                 and (out / tokenizer).read_bytes() == (base_checkpoint / tokenizer).read_bytes()):
             return out
         shutil.rmtree(out)
-    torch.manual_seed(SCRATCH_SEED)
-    fresh = Transformer(config)
-    write_checkpoint(out, fresh, tokenizer_dir=base_checkpoint)
+    write_checkpoint(out, random_model(config, SCRATCH_SEED), tokenizer_dir=base_checkpoint)
     return out
 
 
@@ -337,13 +332,13 @@ def next_lr(tried: list[dict]) -> float | None:
 
 def run_seed(run: dict) -> int:
     """A run's training seed (runs recorded before seeds were: the first seed, fmforge's default)."""
-    return run.get("seed", SEEDS[BUILTIN_TASKS[run["task"]]][0])
+    return run.get("seed", SEEDS[TASK_KIND[run["task"]]][0])
 
 
 def over_seeds(runs: list[dict]) -> dict:
     """The first seed's run record with the task metric replaced by its mean over `runs` (one run per seed); the
     per-seed scores are kept under "<metric>_by_seed"."""
-    metric = METRIC[BUILTIN_TASKS[runs[0]["task"]]]
+    metric = METRIC[TASK_KIND[runs[0]["task"]]]
     values = [r[metric] for r in runs]
     return {**runs[0], metric: statistics.fmean(values), f"{metric}_by_seed": values,
             "seeds": [run_seed(r) for r in runs]}
@@ -359,7 +354,7 @@ def score(base: Path, run: dict, out_dir: Path, limit: int | None) -> dict:
     scores = evaluate(base if run["method"] == "lora" else best, best if run["method"] == "lora" else None,
                       run["task"], limit)
     run = {**run, **scores, "eval_limit": limit}
-    metric = METRIC[BUILTIN_TASKS[run["task"]]]
+    metric = METRIC[TASK_KIND[run["task"]]]
     print(f"  {run['task']} N={run['n']} {run['method']} (lr {run['lr']:g}, seed {run_seed(run)}, step "
           f"{run['best_step']}): test {metric} "
           f"{run[metric]:.4f} "
@@ -391,7 +386,7 @@ def compare(runs: list[dict], base: dict, tasks: list[str], sizes: dict[str, lis
     """Per (task, N): the three scores, the margins over scratch, LoRA's score ratio and parameter share."""
     rows = []
     for task in tasks:
-        metric = METRIC[BUILTIN_TASKS[task]]
+        metric = METRIC[TASK_KIND[task]]
         for n in sizes[task]:
             lora, full, scratch = (cell(runs, task, n, m) for m in METHODS)
             if not (lora and full and scratch):
@@ -543,18 +538,18 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
                      + " / ".join(setting(r, m) for m in METHODS) + " |")
     full_trainable = sorted({r["full_trainable"] for r in rows})
     for task, notes in meta["test_sets"].items():
-        if BUILTIN_TASKS[task] == "classify":
+        if TASK_KIND[task] == "classify":
             n = notes["used"]
             lines += ["", f"{task} accuracy is over {n} test records: a binomial standard error of "
                       f"{100 * (0.25 / n) ** 0.5:.1f} points at 50% accuracy (of a difference of two independent "
                       f"scores: {100 * (0.5 / n) ** 0.5:.1f}). Its most frequent label is "
                       f"{100 * notes['majority']:.1f}% of the test records."]
-    grid_runs = sum(len(meta["lr_grid"][BUILTIN_TASKS[r["task"]]][m]) for r in rows for m in METHODS)
+    grid_runs = sum(len(meta["lr_grid"][TASK_KIND[r["task"]]][m]) for r in rows for m in METHODS)
     by_seed = [r for r in chosen if len(r.get("seeds", [])) > 1]
     if by_seed:
         lines += ["", "Test scores by seed (" + ", ".join(map(str, by_seed[0]["seeds"])) + "): " + "; ".join(
             f"{r['task']} N={r['n']} {r['method']} "
-            + " / ".join(f"{v:.3f}" for v in r[METRIC[BUILTIN_TASKS[r['task']]] + "_by_seed"]) for r in by_seed) + "."]
+            + " / ".join(f"{v:.3f}" for v in r[METRIC[TASK_KIND[r['task']]] + "_by_seed"]) for r in by_seed) + "."]
     lines += ["", f"Full fine-tuning trains {', '.join(f'{t:,}' for t in full_trainable)} parameters (all; "
               "classify adds the 16-way head). (a) vs (c): accuracy points, or scratch_bpb / bpb. LoRA / full score: "
               "lora_acc / full_acc, or full_bpb / lora_bpb (1/bpb, bytes per bit, as the score).", ""]
@@ -591,13 +586,13 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
     per_method: dict = {}
     for r in grid:
         if not r.get("diverged"):
-            per_method.setdefault((BUILTIN_TASKS[r["task"]], r["method"]), []).append(r)
+            per_method.setdefault((TASK_KIND[r["task"]], r["method"]), []).append(r)
     lines += [f"Time per run (median ms per optimizer step of {BATCH_SIZE} rows; train seconds include loading, the "
               "val evals and the checkpoints; test eval only for the chosen runs):", "",
               "| task kind | method | runs | ms/step (median) | train s (median) | test eval s (median) |",
               "|---|---|---|---|---|---|"]
     for (kind, method), group in sorted(per_method.items()):
-        evals = [r["eval_seconds"] for r in chosen if BUILTIN_TASKS[r["task"]] == kind and r["method"] == method]
+        evals = [r["eval_seconds"] for r in chosen if TASK_KIND[r["task"]] == kind and r["method"] == method]
         lines.append(f"| {kind} | {method} | {len(group)} | {statistics.median(r['ms_per_step'] for r in group):.0f} | "
                      f"{statistics.median(r['train_seconds'] for r in group):.0f} | "
                      + (f"{statistics.median(evals):.0f}" if evals else "—") + " |")
@@ -608,7 +603,7 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
               f"classification heads at other lr multiples ({', '.join(f'{h:g}' for h in meta['head_lr_scales'][1:])}"
               f"x) and {meta['seed_runs']} runs of chosen settings with further seeds. The extension changed the "
               "chosen lr in "
-              f"{sum(r['lr'] not in meta['lr_grid'][BUILTIN_TASKS[r['task']]][r['method']] for r in chosen)} of the "
+              f"{sum(r['lr'] not in meta['lr_grid'][TASK_KIND[r['task']]][r['method']] for r in chosen)} of the "
               f"{len(chosen)} choices.",
               "- The base: the quickstart recipe pretrained a fixed number of steps (`fmforge quickstart --out "
               f"{DEFAULT_BASE_RUN} --max-steps {BASE_STEPS} --specialist-steps 0`, made by this script when missing; "
@@ -644,29 +639,6 @@ def format_report(meta: dict, rows: list[dict], grid: list[dict], chosen: list[d
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append at the end) the block between <!-- name:start --> and <!-- name:end --> in `path`."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# fmforge benchmarks\n"  # re-read now: others edit it too
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def git_description() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "fmforge"], cwd=REPO, capture_output=True,
-                               text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return commit + (" + uncommitted changes in fmforge/" if dirty else "")
-
-
 def parse_lrs(text: str | None, default: list[float]) -> list[float]:
     return [float(v) for v in text.split(",")] if text else default
 
@@ -698,15 +670,15 @@ def main() -> None:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in BUILTIN_TASKS]
+    unknown = [t for t in tasks if t not in TASK_KIND]
     if unknown:
-        parser.error(f"unknown tasks {unknown}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+        parser.error(f"unknown tasks {unknown}; built-in tasks: {', '.join(TASK_KIND)}")
     lr_grid = {kind: {m: parse_lrs(getattr(args, f"{m}_lrs"), grid[m]) for m in METHODS}
                for kind, grid in (("completion", LR_GRID), ("classify", CLASSIFY_LR_GRID))}
     steps = {"completion": args.steps, "classify": args.classify_steps}
     requested = [int(s) for s in args.sizes.split(",")]
     sizes = {t: sorted({min(n, len(task_records(t, "train"))) for n in requested}) for t in tasks}
-    limits = {t: (args.classify_eval_limit or None) if BUILTIN_TASKS[t] == "classify" else args.eval_limit
+    limits = {t: (args.classify_eval_limit or None) if TASK_KIND[t] == "classify" else args.eval_limit
               for t in tasks}
     base, out_dir = Path(args.base), Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -726,7 +698,7 @@ def main() -> None:
     grid, chosen, seed_runs, head_runs = [], [], [], []
     for task in tasks:
         for n in sizes[task]:
-            kind = BUILTIN_TASKS[task]
+            kind = TASK_KIND[task]
             for method in METHODS:
                 first, *others = SEEDS[kind]
                 tried = [train(base, scratch_base, task, method, n, steps[kind], lr, out_dir, start_digests, first)
@@ -757,14 +729,13 @@ def main() -> None:
     test_sizes = {t: len(task_records(t, "test")) for t in tasks}
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {"command": command.strip(), "date": date,
-            "total_seconds": round(total, 1), "git": git_description(),
+            "total_seconds": round(total, 1), "git": git_state(),
             "runs": len(grid) + len(head_runs) + len(seed_runs),
             "seed_runs": len(seed_runs), "seeds": SEEDS, "head_runs": len(head_runs), "head_lr_scales": HEAD_LR_SCALES,
             "run_seconds": round(sum(r["train_seconds"] for r in grid + head_runs + seed_runs)
                                  + sum(r["eval_seconds"] for r in chosen + seed_runs)
                                  + sum(v["eval_seconds"] for v in untuned.values()), 1),
-            "machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}; "
-                       "shared with other jobs",
+            "machine": f"{describe_machine(torch.get_num_threads())}; shared with other jobs",
             "base": str(base_checkpoint), "base_pretraining": base_pretraining, "base_digest": start_digests["base"],
             "base_parameters": sum(p.numel() for p in Transformer(config).parameters()),
             "base_config": f"{config.n_layer} layers, width {config.n_embd}, context {config.context_length}, "
@@ -777,7 +748,7 @@ def main() -> None:
             "test_sets": {t: {"used": min(limits[t] or test_sizes[t], test_sizes[t]), "size": test_sizes[t]}
                           for t in tasks}}
     for task in tasks:
-        if BUILTIN_TASKS[task] == "classify":
+        if TASK_KIND[task] == "classify":
             labels = [str(r["label"]) for _, r in task_records(task, "test", limits[task])]
             meta["test_sets"][task]["majority"] = max(map(labels.count, set(labels))) / len(labels)
     meta["verdicts"] = verdicts(rows)
@@ -789,7 +760,7 @@ def main() -> None:
                                         "chosen_runs": chosen, "grid_runs": grid,
                                         "head_runs": head_runs, "seed_runs": seed_runs}, indent=2) + "\n")
     plot(rows, tasks, PLOT)
-    write_section(RESULTS, SECTION, report)
+    write_section(SECTION, report)
     print(f"written: {RESULTS_JSON.name}, {PLOT.name}, {RESULTS.name} (section {SECTION})")
 
 
