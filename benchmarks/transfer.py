@@ -42,8 +42,10 @@ Targets (fixed before the measurement):
     .venv/bin/python benchmarks/transfer.py     # 72 runs, ~190 min one after another (1 thread, shared 2-core
                                                 # machine, 2026-11-30): ~90 s per completion run, ~215 s classify,
                                                 # plus ~30 min to pretrain the base when it is missing
-    .venv/bin/python benchmarks/transfer.py --steps 30 --eval-limit 3 --classify-eval-limit 20 --sizes 100 \\
-        --lora-lrs 1e-2 --full-lrs 1e-3 --scratch-lrs 3e-3 --out-dir /tmp/t --no-write   # a smoke test, ~5 min
+    .venv/bin/python benchmarks/transfer.py --base CHECKPOINT --tasks stdlib-docstring,stdlib-module \\
+        --steps 25 --classify-steps 25 --eval-limit 3 --classify-eval-limit 20 --sizes 100 \\
+        --lora-lrs 1e-2 --full-lrs 1e-3 --scratch-lrs 3e-3 --out-dir /tmp/t --no-write
+        # a smoke test: ~5 min with a random `tiny` CHECKPOINT (without --base it pretrains the default base first)
 Finished runs in --out-dir are reused (keyed by their settings, seed, a digest of their training and validation
 records and one of the weights they start from), so an interrupted sweep continues where it stopped. To use both
 cores, run two processes over disjoint --sizes with --no-write, then one without it: it writes the report from the
