@@ -91,6 +91,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    failed: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
@@ -234,7 +235,8 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: int = 0, stop_ids: frozenset[int] | None = None, seed_offset: int = 0,
                bounded: bool = True) -> Sequence:
-        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait."""
+        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait beyond the free
+        slots (sequences wait here until the engine thread admits them, even while slots are free)."""
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -249,7 +251,7 @@ class Engine:
             if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down" if self.error is None else
                                     f"the engine stopped: {self.error!r}")
-            if bounded and len(self._waiting) >= self.max_queue:
+            if bounded and len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
                 raise EngineFull(f"the server is at capacity ({self.max_batch} running, {len(self._waiting)} "
                                  "waiting); retry later")
             self._waiting.append(sequence)
@@ -344,7 +346,7 @@ class Engine:
     def _fail(self, sequence: Sequence, exc: BaseException) -> None:
         if sequence.finished:
             return
-        sequence.finished = True
+        sequence.finished = sequence.failed = True
         self.failed_sequences += 1
         self._emit(sequence, Event("", finish_reason="error", completion_tokens=len(sequence.output_ids),
                                    error=f"{type(exc).__name__}: {exc}"))
@@ -470,6 +472,9 @@ class Engine:
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences; the last running one moves into each freed slot."""
+        for slot, sequence in enumerate(self._running):
+            if sequence.failed:  # before any move copies its keys and values elsewhere
+                self._scrub(slot)
         slot = 0
         while slot < len(self._running):
             sequence = self._running[slot]
@@ -482,6 +487,13 @@ class Engine:
                 self.cache.clear(last)
             else:
                 slot += 1
+
+    def _scrub(self, slot: int) -> None:
+        """Zero a failed sequence's keys and values: they may be non-finite, and a later sequence in this slot
+        attends over positions past its own length too (masked to weight 0, but 0 x NaN is NaN)."""
+        for keys, values in zip(self.cache.keys, self.cache.values):
+            keys[slot].zero_()
+            values[slot].zero_()
 
     def _run_embed(self, job: _EmbedJob) -> None:
         try:
