@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -97,33 +98,55 @@ def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir
     write_model_files(model, tokenizer_dir).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if write_files is not None:
-        write_files(tmp)
-    else:
-        write_model_files(tmp, model, tokenizer_dir)
-    if train_state is not None:
-        state_dir = tmp / "train_state"
-        state_dir.mkdir()
-        (state_dir / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, state_dir / "rng.pt")
-        if run_yaml is not None:
-            (state_dir / "run.yaml").write_text(run_yaml)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        if write_files is not None:
+            write_files(tmp)
+        else:
+            write_model_files(tmp, model, tokenizer_dir)
+        if train_state is not None:
+            state_dir = tmp / "train_state"
+            state_dir.mkdir()
+            (state_dir / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
+            if optimizer is not None:
+                _save_torch(optimizer.state_dict(), state_dir / "optimizer.pt")
+            _save_torch({"torch": torch.get_rng_state()}, state_dir / "rng.pt")
+            if run_yaml is not None:
+                (state_dir / "run.yaml").write_text(run_yaml)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # A full or read-only disk (safetensors reports it as SafetensorError, torch as RuntimeError).
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(exc)} — free disk space or make "
+                                  f"{path.parent} writable") from None
+        raise
     return path
+
+
+def _write_failure(exc: BaseException) -> str:
+    """What the system said about a failed write: "FILE: No space left on device", or the library's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return _first_line(exc)
+
+
+def _save_torch(obj, file: Path) -> None:
+    # Through a Python file object, so that a full disk surfaces as OSError(ENOSPC) rather than torch's
+    # "[enforce fail at inline_container.cc] unexpected pos".
+    with open(file, "wb") as f:
+        torch.save(obj, f)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -231,28 +254,55 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
 
 
 def read_train_state(checkpoint: Path) -> tuple[dict, dict | None, str | None]:
-    """(state.json contents, optimizer state dict, run.yaml text) of a checkpoint written during training."""
+    """(state.json contents, optimizer state dict, run.yaml text) of a checkpoint written during training.
+    Torch files are read with weights_only=True: one holding other pickled objects is refused, never run."""
     state_dir = checkpoint / "train_state"
     try:
         state = json.loads((state_dir / "state.json").read_text())
         optimizer = None
         if (state_dir / "optimizer.pt").exists():
-            optimizer = torch.load(state_dir / "optimizer.pt", weights_only=True)
-        rng = torch.load(state_dir / "rng.pt", weights_only=True)
+            optimizer = _load_tensors_only(state_dir / "optimizer.pt", checkpoint)
+        rng = _load_tensors_only(state_dir / "rng.pt", checkpoint)
         torch.set_rng_state(rng["torch"])
     except FileNotFoundError as exc:
         raise CheckpointError(f"{checkpoint} has no complete train_state/ to resume from ({exc.filename})") from None
-    except Exception as exc:  # corrupt pickle-free torch file or JSON
-        raise CheckpointError(f"corrupt train_state in {checkpoint}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, bad JSON, a torch file without "torch"
+        raise CheckpointError(f"corrupt train_state in {checkpoint}: {_first_line(exc)}") from None
     run_yaml = (state_dir / "run.yaml").read_text() if (state_dir / "run.yaml").exists() else None
     return state, optimizer, run_yaml
 
 
+def _load_tensors_only(file: Path, checkpoint: Path):
+    """torch.load(weights_only=True), with one-line errors. Torch's own refusal suggests weights_only=False,
+    which would run whatever code the file holds: fmforge never offers that."""
+    try:
+        return torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{file} is not a safe weights-only torch file, so {checkpoint} cannot be resumed "
+                              "from; resume from a checkpoint fmforge wrote, or start a new run") from None
+    except Exception as exc:  # a truncated or overwritten file: torch raises RuntimeError, KeyError, EOFError...
+        raise CheckpointError(f"corrupt {file}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def commit_run_checkpoint(run_dir: Path, step: int, keep: int, **write_kwargs) -> Path:
-    """Write RUN/checkpoints/step-N atomically, point RUN/latest at it, then prune old checkpoints."""
+    """Write RUN/checkpoints/step-N atomically, point RUN/latest at it, then prune old checkpoints.
+    When a write fails (a full or read-only disk), `latest` still names the previous checkpoint."""
     name = f"step-{step:08d}"
-    target = write_checkpoint(run_dir / "checkpoints" / name, **write_kwargs)
-    atomic_write_text(run_dir / "latest", name + "\n")
+    try:
+        target = write_checkpoint(run_dir / "checkpoints" / name, **write_kwargs)
+        atomic_write_text(run_dir / "latest", name + "\n")
+    except (CheckpointError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, CheckpointError) else f"cannot update {run_dir / 'latest'}: " \
+            f"{_write_failure(exc)} — free disk space or make {run_dir} writable"
+        kept = f"{run_dir / 'latest'} still names the previous checkpoint" if (run_dir / "latest").exists() \
+            else "no checkpoint of this run was saved"
+        raise CheckpointError(f"{reason}; {kept}") from None
     existing = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
     for old in existing[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -265,9 +315,21 @@ def clean_stale_temporaries(run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_finite_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Refuse weights holding nan or inf: such a model generates garbage and scores nan. One pass over each
+    tensor (a boolean copy at a time)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{checkpoint / 'model.safetensors'}: tensor {name} holds {bad} nan/inf values — "
+                                  "the checkpoint is corrupt or its training diverged; use an earlier checkpoint")
+
+
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, checkpoint dir) for inference; checks that the tokenizer fits the model."""
+    """(model, tokenizer, checkpoint dir) for inference; checks that every weight is finite and that the
+    tokenizer fits the model."""
     model, checkpoint = load_model(path, device)
+    check_finite_weights(model, checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
