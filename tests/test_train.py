@@ -93,7 +93,7 @@ def test_killed_run_resumes_with_exactly_the_same_losses(prepared, tmp_path):
     assert losses(killed) == losses(reference)  # bit-identical, every step
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch):
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch, capsys):
     import fmforge.checkpoint as checkpoint_module
 
     out = tmp_path / "run"
@@ -105,15 +105,18 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module, "save_file", crash_midway)
-    with pytest.raises(OSError):
-        main(["pretrain", "--resume", *tiny_overrides(prepared, out, max_steps=20, checkpoint_interval=5)])
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", *tiny_overrides(prepared, out, max_steps=20, checkpoint_interval=5)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot write checkpoint") and "No space left on device" in error
+    assert "step-00000015" in error and "still names the previous checkpoint" in error
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written directory is gone at once
     monkeypatch.setattr(checkpoint_module, "save_file", original)
     assert (out / "latest").read_text().strip() == "step-00000010"
     model, _ = checkpoint_module.load_model(out)  # still loads
-    # And the run continues from there, cleaning up the half-written directory.
+    # And the run continues from there.
     assert main(["pretrain", "--resume", *tiny_overrides(prepared, out, max_steps=15, checkpoint_interval=5)]) == 0
     assert (out / "latest").read_text().strip() == "step-00000015"
-    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(prepared, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 
 
 def format_duration(seconds: float) -> str:
@@ -65,8 +65,12 @@ class MetricsWriter:
         records = read_metrics(self.path) if keep_until_step is not None else []
         # On resume, forget what was logged after the checkpoint: those steps will be redone.
         records = [r for r in records if r.get("step", 0) <= (keep_until_step or 0)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        self.file = open(self.path, "a")
+        try:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            self.file = open(self.path, "a")
+        except OSError as exc:
+            raise TrainingError(f"cannot write {self.path}: {exc.strerror or exc} — free disk space or choose a "
+                                "writable --out_dir") from None
         self.tensorboard = None
         if tensorboard:
             try:
@@ -76,15 +80,22 @@ class MetricsWriter:
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise TrainingError(f"cannot write {self.path}: {exc.strerror or exc} — free disk space; "
+                                "the last checkpoint is kept, continue with --resume") from None
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # every record was flushed when written, or write() has already reported the failure
         if self.tensorboard is not None:
             self.tensorboard.close()
 

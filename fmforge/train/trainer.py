@@ -159,119 +159,160 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        cfg, model, device = self.cfg, self.model, self.device
+        """Train from start_step to max_steps: optimizer steps, evaluation, metrics and checkpoints. SIGINT
+        (Ctrl-C) or SIGTERM (schedulers, `docker stop`) finishes the current step, saves a checkpoint and returns."""
+        cfg = self.cfg
         if cfg.max_minutes is not None and self.start_step == 0:
             cfg.max_steps = self.calibrate_max_steps()
-        main = self.dist.is_main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_temporaries(self.run_dir)
-            run_yaml = yaml.safe_dump({**self.run.to_dict(), "resolved": {"precision": self.precision,
-                                       "world_size": self.dist.world_size}}, sort_keys=False)
-            (self.run_dir / "run.yaml").write_text(run_yaml)
-        self.run_yaml = yaml.safe_dump(self.run.to_dict(), sort_keys=False)
-        metrics = MetricsWriter(self.run_dir, self.start_step, cfg.tensorboard) if main else None
-        progress = ProgressLog(cfg.max_steps, self.start_step, cfg.log_interval, enabled=main and not self.quiet)
-
-        train_model = model
-        if cfg.compile:
-            train_model = torch.compile(model)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            train_model = DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=getattr(model, "has_unused_parameters", False))
-        autocast = autocast_context(self.precision, device)
+        metrics, progress = self._open_run()
+        train_model = self._model_for_training()
+        autocast = autocast_context(self.precision, self.device)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.context_length
-        aux_coef = getattr(getattr(model, "config", None), "moe_aux_loss_coef", 0.0)
-
-        stop_requested = []
-        previous_handler = None
-        if main or self.dist.enabled:
-            def on_interrupt(signum, frame):
-                if stop_requested:
-                    raise KeyboardInterrupt
-                stop_requested.append(signum)
-                progress.message("interrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
-            with contextlib.suppress(ValueError):  # not in the main thread
-                previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-
         step, loss_value, final_eval = self.start_step, None, {}
         started = time.perf_counter()
-        model.train()
-        try:
-            while step < cfg.max_steps:
-                lr = lr_at(step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks),
-                # so that accumulation x k equals batch x k even when loss masks make row counts differ.
-                batches = [self.get_batch(step, micro) for micro in range(cfg.grad_accum)]
-                n_targets = distributed.all_reduce_sum(
-                    torch.tensor(float(sum(count_targets(b) for b in batches))), self.dist).item()
-                scale = self.dist.world_size / max(n_targets, 1.0)  # DDP averages gradients over ranks
-                loss_sum = torch.zeros((), device=device)
-                aux_sum = torch.zeros((), device=device)
-                for micro, batch in enumerate(batches):
-                    batch = to_device(batch, device)
-                    last = micro == cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
-                    with sync:
-                        with autocast:
-                            out = train_model(**batch, reduction="sum", return_logits=False)
-                            loss = out.loss * scale
-                            if out.aux_loss is not None:
-                                aux = out.aux_loss / cfg.grad_accum
-                                aux_sum += aux.detach()
-                                loss = loss + aux_coef * aux
-                        loss.backward()
-                    loss_sum += (out.loss * scale).detach()
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
-                if not math.isfinite(loss_value):
-                    raise TrainingError(f"loss became {loss_value} at step {step}; lower train.lr (now {cfg.lr:g}) "
-                                        "or check the data; the last good checkpoint is kept")
-                progress.step(step, loss_value, lr, tokens_per_step)
-                record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
-                          "tokens_per_s": round(progress.tokens_per_second, 1),
-                          "elapsed_s": round(time.perf_counter() - started, 3)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                if self.model_has_aux:
-                    record["aux_loss"] = distributed.all_reduce_mean(aux_sum, self.dist).item()
-                done = step == cfg.max_steps or bool(stop_requested)
-                if self.evaluate is not None and (step % cfg.eval_interval == 0 or done):
-                    result = self.evaluate(model, None if step == cfg.max_steps else cfg.eval_tokens, autocast)
-                    record.update(result)
-                    final_eval = result
-                    progress.message(f"eval step {step} | " + " | ".join(
-                        f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        self.model.train()
+        with self._stop_signals(progress) as stop_requested:
+            try:
+                while step < cfg.max_steps:
+                    lr = lr_at(step, cfg)
+                    loss_value, extra_metrics = self._optimizer_step(step, lr, train_model, autocast)
+                    step += 1
+                    progress.step(step, loss_value, lr, tokens_per_step)
+                    record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
+                              "tokens_per_s": round(progress.tokens_per_second, 1),
+                              "elapsed_s": round(time.perf_counter() - started, 3), **extra_metrics}
+                    done = step == cfg.max_steps or bool(stop_requested)
+                    final_eval = self._evaluate_log_and_save(step, record, done, autocast, progress, metrics) \
+                        or final_eval
+                    if stop_requested:
+                        break
+            finally:
                 if metrics is not None:
-                    metrics.write(record)
-                if step % cfg.checkpoint_interval == 0 or done:
-                    self.save(step)
-                    if main:
-                        self._plot()
-                if stop_requested:
-                    break
-        finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-            if metrics is not None:
-                metrics.close()
+                    metrics.close()
         seconds = time.perf_counter() - started
-        if main:
+        if self.dist.is_main:
             self._plot()
-        checkpoint = latest_in_run(self.run_dir) if main and self._has_checkpoint() else None
+        checkpoint = latest_in_run(self.run_dir) if self.dist.is_main and self._has_checkpoint() else None
         if stop_requested:
             progress.message(f"stopped at step {step}; continue with the same command plus --resume")
         return TrainResult(self.run_dir, checkpoint, step, (step - self.start_step) * tokens_per_step, seconds,
                            loss_value, final_eval)
+
+    def _open_run(self) -> tuple[MetricsWriter | None, ProgressLog]:
+        """Create the run directory (main process), record the resolved config in run.yaml, and open the
+        metrics file and the progress line."""
+        cfg, main = self.cfg, self.dist.is_main
+        self.run_yaml = yaml.safe_dump(self.run.to_dict(), sort_keys=False)
+        if main:
+            resolved = {**self.run.to_dict(), "resolved": {"precision": self.precision,
+                                                          "world_size": self.dist.world_size}}
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                clean_stale_temporaries(self.run_dir)
+                (self.run_dir / "run.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            except OSError as exc:
+                raise TrainingError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc} — "
+                                    "free disk space or choose a writable --out_dir") from None
+        metrics = MetricsWriter(self.run_dir, self.start_step, cfg.tensorboard) if main else None
+        progress = ProgressLog(cfg.max_steps, self.start_step, cfg.log_interval, enabled=main and not self.quiet)
+        return metrics, progress
+
+    def _model_for_training(self) -> torch.nn.Module:
+        """The model as the loop calls it: compiled and/or wrapped in DistributedDataParallel when asked."""
+        train_model = self.model
+        if self.cfg.compile:
+            train_model = torch.compile(train_model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            train_model = DistributedDataParallel(
+                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(self.model, "has_unused_parameters", False))
+        return train_model
+
+    @contextlib.contextmanager
+    def _stop_signals(self, progress: ProgressLog):
+        """While training, SIGINT and SIGTERM ask to stop after the current step (the yielded list becomes
+        non-empty); a second one aborts at once (KeyboardInterrupt). Previous handlers come back afterwards."""
+        stop_requested: list[int] = []
+        previous = {}
+
+        def on_signal(signum, frame):
+            if stop_requested:
+                raise KeyboardInterrupt
+            stop_requested.append(signum)
+            again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+            progress.message(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint "
+                             f"({again} again to abort)")
+
+        if self.dist.is_main or self.dist.enabled:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError):  # not in the main thread
+                    previous[signum] = signal.signal(signum, on_signal)
+        try:
+            yield stop_requested
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _optimizer_step(self, step: int, lr: float, train_model: torch.nn.Module, autocast) -> tuple[float, dict]:
+        """One optimizer step over grad_accum micro-batches (on every rank). Returns the mean loss per target
+        token and the step's extra metrics (grad_norm, aux_loss)."""
+        cfg, device = self.cfg, self.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # Normalise by the number of target tokens in the whole step (all micro-batches, all ranks),
+        # so that accumulation x k equals batch x k even when loss masks make row counts differ.
+        batches = [self.get_batch(step, micro) for micro in range(cfg.grad_accum)]
+        n_targets = distributed.all_reduce_sum(
+            torch.tensor(float(sum(count_targets(b) for b in batches))), self.dist).item()
+        scale = self.dist.world_size / max(n_targets, 1.0)  # DDP averages gradients over ranks
+        aux_coef = getattr(getattr(self.model, "config", None), "moe_aux_loss_coef", 0.0)
+        loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        for micro, batch in enumerate(batches):
+            batch = to_device(batch, device)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
+            with sync:
+                with autocast:
+                    out = train_model(**batch, reduction="sum", return_logits=False)
+                    loss = out.loss * scale
+                    if out.aux_loss is not None:
+                        aux = out.aux_loss / cfg.grad_accum
+                        aux_sum += aux.detach()
+                        loss = loss + aux_coef * aux
+                loss.backward()
+            loss_sum += (out.loss * scale).detach()
+        extra_metrics = {}
+        if cfg.grad_clip > 0:
+            extra_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss became {loss_value} at step {step + 1}; lower train.lr (now {cfg.lr:g}) "
+                                "or check the data; the last good checkpoint is kept")
+        if self.model_has_aux:
+            extra_metrics["aux_loss"] = distributed.all_reduce_mean(aux_sum, self.dist).item()
+        return loss_value, extra_metrics
+
+    def _evaluate_log_and_save(self, step: int, record: dict, done: bool, autocast, progress: ProgressLog,
+                               metrics: MetricsWriter | None) -> dict:
+        """After a step: evaluate when due (every eval_interval steps and at the end), append the step's record
+        to metrics.jsonl, and save a checkpoint when due. Returns the evaluation's result ({} when none ran)."""
+        cfg, result = self.cfg, {}
+        if self.evaluate is not None and (step % cfg.eval_interval == 0 or done):
+            result = self.evaluate(self.model, None if step == cfg.max_steps else cfg.eval_tokens, autocast)
+            record.update(result)
+            progress.message(f"eval step {step} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        if metrics is not None:
+            metrics.write(record)
+        if step % cfg.checkpoint_interval == 0 or done:
+            self.save(step)
+            if self.dist.is_main:
+                self._plot()
+        return result
 
     def save(self, step: int) -> None:
         if self.dist.is_main:
