@@ -4,7 +4,12 @@ The tokenizer is a thin wrapper around a Hugging Face `tokenizers.Tokenizer` (th
 the same two files Hugging Face uses, so `transformers.AutoTokenizer.from_pretrained(directory)` loads it:
 
     tokenizer.json          the tokenizer itself (pre-tokenizer, BPE vocab + merges, added special tokens)
-    tokenizer_config.json   which special token is bos/eos/pad, the chat template, model_max_length
+    tokenizer_config.json   which special token is bos/eos/pad, whether a prompt starts with bos
+                            (add_bos_token), the chat template, model_max_length
+
+Whether bos is prepended: `add_bos_token` in tokenizer_config.json (fmforge writes it: true for its own tokenizers;
+for an imported one, whether the source's tokenizer adds bos), else what tokenizer.json's post-processor adds,
+as transformers 5 decides (Llama 3's TemplateProcessing "<|begin_of_text|> $A" adds bos; no post-processor, none).
 
 Byte-level BPE (GPT-2 style) maps every byte to a symbol first, so there is no unknown token and
 `decode(encode(text)) == text` for any Unicode string.
@@ -81,6 +86,7 @@ class Tokenizer:
         pad_token: str | None = "<|pad|>",
         chat_template: str = CHAT_TEMPLATE,
         model_max_length: int | None = None,
+        add_bos_token: bool = True,
     ):
         # Two views of the same tokenizer: `_special` matches special-token strings in text, `_plain` does not.
         json_str = rust_tokenizer.to_str()
@@ -94,6 +100,8 @@ class Tokenizer:
         self.model_max_length = model_max_length
         # Some families have no bos token (Qwen2/Qwen3 write "bos_token": null); then nothing is prepended.
         self.bos_id = self.token_id(bos_token) if bos_token is not None else None
+        # Whether a prompt or document starts with bos (encode(add_bos=True), shards).
+        self.add_bos_token = add_bos_token and self.bos_id is not None
         self.eos_id = self.token_id(eos_token)
         self.pad_id = self.token_id(self.pad_token)
 
@@ -146,14 +154,19 @@ class Tokenizer:
             return value
 
         max_length = config.get("model_max_length")
+        bos_token = token_name("bos_token", "<|bos|>")
+        add_bos_token = config.get("add_bos_token")
+        if not isinstance(add_bos_token, bool):  # not said: as transformers, whatever the post-processor adds
+            add_bos_token = bos_token is not None and post_processor_prefix(rust_tokenizer) == bos_token
         try:
             return cls(
                 rust_tokenizer,
-                bos_token=token_name("bos_token", "<|bos|>"),
+                bos_token=bos_token,
                 eos_token=token_name("eos_token", "<|eos|>"),
                 pad_token=token_name("pad_token", None),
                 chat_template=config.get("chat_template") or CHAT_TEMPLATE,
                 model_max_length=max_length if isinstance(max_length, int) and max_length < 2**62 else None,
+                add_bos_token=add_bos_token,
             )
         except TokenizerError as error:
             raise TokenizerError(f"{source}: {error}") from None
@@ -168,8 +181,8 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "additional_special_tokens": extra,
-            # Documents start with bos (see data/shards.py); the chat template adds bos itself.
-            "add_bos_token": self.bos_token is not None,
+            # Documents start with bos when this is true (see data/shards.py); the chat template adds bos itself.
+            "add_bos_token": self.add_bos_token,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "padding_side": "right",
@@ -209,10 +222,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False, *, allow_special: bool = False) -> list[int]:
         """Token ids of `text`; with `allow_special`, strings like "<|end|>" become their special ids.
-        `add_bos` prepends the bos id when the tokenizer has a bos token."""
+        `add_bos` prepends the bos id when this tokenizer starts sequences with one (add_bos_token), as
+        transformers' `tokenizer(text)` does."""
         rust = self._special if allow_special else self._plain
         ids = rust.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+        return [self.bos_id, *ids] if add_bos and self.add_bos_token else ids
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
         """`encode` for many texts at once (parallel inside the Rust library)."""
@@ -280,6 +294,16 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+
+def post_processor_prefix(rust_tokenizer: RustTokenizer) -> str | None:
+    """The token that tokenizer.json's post-processor puts before every sequence (Llama's "<s>", Llama 3's
+    "<|begin_of_text|>"), or None when it adds none: what transformers' `tokenizer(text)` prepends."""
+    if rust_tokenizer.post_processor is None:
+        return None
+    plain = rust_tokenizer.encode("a", add_special_tokens=False).ids
+    full = rust_tokenizer.encode("a", add_special_tokens=True).ids
+    return rust_tokenizer.id_to_token(full[0]) if full[1:len(plain) + 1] == plain and len(full) > len(plain) else None
 
 
 def train_tokenizer(

@@ -11,7 +11,8 @@ It is written into a directory beside the output (`.NAME.prepare-PID`) and renam
 a failed or killed run leaves no partial dataset, and a previous dataset stays as it was until the new one
 replaces it.
 
-Each document becomes `[bos_id] + tokenizer.encode(text) + [eos_id]`, appended to its split's stream; a new
+Each document becomes `[bos_id] + tokenizer.encode(text) + [eos_id]` (no bos when the tokenizer starts sequences
+without one, see Tokenizer.add_bos_token), appended to its split's stream; a new
 shard starts every `shard_tokens` tokens (a document may continue into the next shard).
 
 Train/val split: each document goes to val when a hash of (seed, document text) falls below `val_fraction`,
@@ -200,7 +201,9 @@ def prepare(
     sources = resolve_sources(specs)
     options = {"val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "jsonl_field": jsonl_field, "parquet_column": parquet_column}
-    input_fingerprint = _input_fingerprint(sources, options, tokenizer.fingerprint())
+    # The same tokenizer.json without bos at the start of documents makes other shards.
+    tokenizer_identity = tokenizer.fingerprint() + ("" if tokenizer.add_bos_token else ":no-bos")
+    input_fingerprint = _input_fingerprint(sources, options, tokenizer_identity)
 
     existing = _reusable_manifest(out_dir, input_fingerprint)
     if existing is not None:
@@ -303,8 +306,8 @@ def _encode_chunk(tokenizer: Tokenizer, texts: list[str], seed: int, dtype: np.d
     """Tokens of all texts (each bos + text + eos) as one array, plus per-text token counts, UTF-8 byte counts
     and split hashes in [0, 1)."""
     encoded = tokenizer.encode_batch(texts)
-    # bos + text + eos: a document starts the way a prompt does (generation prepends bos).
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    # bos + text + eos: a document starts the way a prompt does (generation prepends bos when the tokenizer does).
+    bos = [tokenizer.bos_id] if tokenizer.add_bos_token else []
     eos = [tokenizer.eos_id]
     lengths = np.array([len(bos) + len(ids) + 1 for ids in encoded], dtype=np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(bos, ids, eos) for ids in encoded),

@@ -359,8 +359,11 @@ def _read_json(path: Path) -> dict:
 def _prepare_tokenizer_dir(source: Path, scratch: Path, hf: dict) -> Path:
     """tokenizer.json + tokenizer_config.json as fmforge reads them. Older layouts are completed: special
     tokens named only in special_tokens_map.json, or only by id in config.json (bos_token_id, eos_token_id),
-    and a chat template kept in chat_template.jinja (transformers 5) are folded into tokenizer_config.json."""
-    from ..tokenizer import Tokenizer
+    and a chat template kept in chat_template.jinja (transformers 5) are folded into tokenizer_config.json,
+    and add_bos_token records whether the source's tokenizer starts a prompt with bos."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from ..tokenizer import Tokenizer, post_processor_prefix
 
     if not (source / "tokenizer.json").is_file():
         raise CheckpointError(f"{source} has no tokenizer.json (fmforge needs the fast-tokenizer file); create it "
@@ -383,6 +386,16 @@ def _prepare_tokenizer_dir(source: Path, scratch: Path, hf: dict) -> Path:
     if not config.get("chat_template") and (source / "chat_template.jinja").is_file():
         config["chat_template"] = (source / "chat_template.jinja").read_text(encoding="utf-8")
     shutil.copyfile(source / "tokenizer.json", scratch / "tokenizer.json")
+    # A prompt starts with bos only when the source's tokenizer.json adds one, as transformers' tokenizer(text)
+    # does (transformers 5 ignores add_bos_token when there is a tokenizer.json): say which, explicitly.
+    try:
+        prefix = post_processor_prefix(RustTokenizer.from_file(str(source / "tokenizer.json")))
+    except Exception:  # tokenizers raises a plain Exception on a corrupt file: Tokenizer.load below says what
+        prefix = None
+    if prefix is not None and config.get("bos_token") is None:
+        config["bos_token"] = prefix
+    bos = config.get("bos_token")
+    config["add_bos_token"] = prefix is not None and prefix == (bos.get("content") if isinstance(bos, dict) else bos)
     (scratch / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
     Tokenizer.load(scratch)  # fail now, with the tokenizer's own message, rather than at the first `generate`
     return scratch
@@ -584,6 +597,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(checkpoint / name, tmp / name)
+        _add_bos_post_processor(tmp / "tokenizer.json", tokenizer)
         for name, adapter_dir in adapter_dirs.items():
             write_peft_adapter(adapter_dir, tmp / "adapters" / name, model_type, out)
         _finish_output_dir(tmp, out)
@@ -592,6 +606,27 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
         raise
     log(f"exported {checkpoint} as {model_type} ({str(target_dtype).removeprefix('torch.')}) -> {out}")
     return out
+
+
+def _add_bos_post_processor(tokenizer_json: Path, tokenizer) -> None:
+    """transformers' tokenizer(text) prepends what tokenizer.json's post-processor adds and nothing else (version 5
+    ignores add_bos_token); fmforge's own tokenizers have no post-processor and say add_bos_token: true. Give
+    the exported tokenizer.json a post-processor that prepends bos, so both encode a prompt alike."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import processors
+
+    from ..tokenizer import post_processor_prefix
+
+    rust = RustTokenizer.from_file(str(tokenizer_json))
+    if not tokenizer.add_bos_token or post_processor_prefix(rust) == tokenizer.bos_token:
+        return
+    bos = tokenizer.bos_token
+    # The template transformers itself builds for add_bos_token (PreTrainedTokenizerFast.update_post_processor).
+    template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                             special_tokens=[(bos, tokenizer.bos_id)])
+    rust.post_processor = template if rust.post_processor is None else processors.Sequence([rust.post_processor,
+                                                                                             template])
+    tokenizer_json.write_text(rust.to_str(pretty=True), encoding="utf-8")
 
 
 def _write_hf_weights(weights: Path, config: ModelConfig, model_type: str, dtype: torch.dtype, out: Path,
