@@ -20,7 +20,10 @@ from ..errors import GenerationError
 from ..infer.sampling import SamplingParams
 
 MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (OpenAI's bodies need about 5)
-TOKEN_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit also accepts '²' and '١'
+# ASCII digits only (str.isdigit also accepts '²' and '١'), and few of them: int() refuses over 4300 digits.
+TOKEN_ID = re.compile(r"-?[0-9]{1,18}")
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's seed is an int64
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the request": recorded in metrics, sent to nobody
 
 
 class APIError(Exception):
@@ -34,6 +37,18 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body (the OpenAPI schema of every error answer)."""
+    error: ErrorDetail
 
 
 class _Request(BaseModel):
@@ -62,12 +77,14 @@ class _Request(BaseModel):
         """The request's sampling as the engine's SamplingParams; `max_tokens` is what the request may generate
         (its own limit, or the room left in the context). APIError (400) naming the field for a bad value."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
+            raise APIError(400, f"seed must be a 64-bit signed integer ({INT64[0]} .. {INT64[1]})", param="seed")
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not TOKEN_ID.fullmatch(key) or not 0 <= int(key) < vocab_size:
-                raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                raise APIError(400, f"logit_bias key {key[:24]!r} is not a token id of this model (0..{vocab_size - 1})",
                                param="logit_bias")
             if not math.isfinite(value):
                 raise APIError(400, f"logit_bias value for {key} must be a finite number", param="logit_bias")
