@@ -3,8 +3,9 @@ page. Each handler parses its body with the protocol models and hands it to `Ope
 
 Every error is OpenAI's JSON ({"error": {"message", "type", "param", "code"}}): malformed JSON 400, fields of the
 wrong type or out of range 422, unsupported features and over-long prompts 400, unknown model 404, missing or
-wrong API key 401 (every route but /health), bodies over the limit 413, a full queue 429, a server that is shutting
-down 503, a sequence that failed while generating 500 (the others are unaffected).
+wrong API key 401 (every route but /health), a body slower than the read deadline 408, bodies over the limit 413,
+a full queue 429, a server that is shutting down 503, a sequence that failed while generating 500 (the others are
+unaffected). GET /openapi.json describes it all (request bodies included), behind the API key like the rest.
 """
 
 from __future__ import annotations
@@ -15,26 +16,29 @@ from importlib import resources
 from typing import Callable
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..infer.engine import Engine
 from .metrics import Metrics
-from .middleware import BodyTooLarge, Guard, error_response, too_large
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest, check_unsupported,
-                       parse_json_body, validation_error)
+from .middleware import BodyTimeout, BodyTooLarge, Guard, body_timed_out, error_response, too_large
+from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                       ErrorResponse, check_unsupported, parse_json_body, validation_error)
 from .serving import OpenAIServing, ServedModel
 
 ENGINE_WATCH_SECONDS = 0.5
 
 
 def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str] | None = None, *,
-               api_key: str | None = None, max_body_bytes: int = 4 << 20, base_info: dict | None = None,
-               on_engine_death: Callable[[], None] | None = None):
+               api_key: str | None = None, max_body_bytes: int = 4 << 20, body_timeout: float | None = None,
+               base_info: dict | None = None, on_engine_death: Callable[[], None] | None = None):
     """The ASGI app (FastAPI inside the Guard middleware); it starts the engine at startup and stops it, after
-    the last response, at shutdown. If the engine's loop dies, /health answers 503 and `on_engine_death` is
-    called (the server then exits non-zero, so that a process manager restarts it)."""
+    the last response, at shutdown. A request body must arrive within `body_timeout` seconds (else 408). If the
+    engine's loop dies, /health answers 503 and `on_engine_death` is called (`serve` then exits non-zero, so
+    that a process manager restarts it)."""
     models = {base_name: ServedModel(base_name, 0, base_info or {})}
     for index, name in enumerate(adapter_names or [], start=1):
         models[name] = ServedModel(name, index, engine.adapters[index - 1].info)
@@ -49,11 +53,13 @@ def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str]
         watcher.cancel()
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 
-    app = FastAPI(title="fmforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="fmforge", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.serving = engine, metrics, serving
-    add_error_handlers(app, max_body_bytes)
+    add_error_handlers(app, max_body_bytes, body_timeout)
     add_routes(app, serving, metrics)
-    return Guard(app, api_key, max_body_bytes, metrics)
+    app.openapi = lambda: openapi_schema(app, list(models), api_key is not None)
+    return Guard(app, api_key, max_body_bytes, metrics, body_timeout)
 
 
 async def _watch_engine(engine: Engine, on_death: Callable[[], None] | None) -> None:
@@ -63,7 +69,7 @@ async def _watch_engine(engine: Engine, on_death: Callable[[], None] | None) -> 
         on_death()
 
 
-def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+def add_error_handlers(app: FastAPI, max_body_bytes: int, body_timeout: float | None) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
         return error_response(error)
@@ -71,6 +77,14 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request, error):
         return error_response(too_large(max_body_bytes))
+
+    @app.exception_handler(BodyTimeout)
+    async def body_too_slow(request, error):
+        return error_response(body_timed_out(body_timeout))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, error):  # left while sending its body: nobody to answer, and no server error
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error: StarletteHTTPException):
@@ -94,6 +108,41 @@ async def parse(request: Request, schema: type[BaseModel]):
     return parsed
 
 
+ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
+    400: "Malformed JSON, an unsupported feature or value, a prompt that does not fit",
+    401: "Missing or wrong API key", 404: "Unknown model", 408: "The body did not arrive in time",
+    413: "Body too large", 422: "A field of the wrong type or out of range", 429: "The queue is full",
+    500: "A sequence failed while generating", 503: "Shutting down, too many connections, or the engine stopped",
+}.items()}
+
+
+def json_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` declaring a JSON request body (the routes read the raw body themselves, for strict JSON)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def openapi_schema(app: FastAPI, model_names: list[str], needs_key: bool) -> dict:
+    """FastAPI's schema of the routes, plus the request models (with their nested models, `model` naming the
+    served models) and the bearer key."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible API of fmforge serve")
+        components = schema.setdefault("components", {})
+        models = components.setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(model_schema.pop("$defs", {}))
+            model_schema["properties"]["model"]["enum"] = model_names
+            models[model.__name__] = model_schema
+        if needs_key:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            schema["paths"]["/health"]["get"]["security"] = []
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def add_routes(app: FastAPI, serving: OpenAIServing, metrics: Metrics) -> None:
     engine = serving.engine
 
@@ -111,19 +160,19 @@ def add_routes(app: FastAPI, serving: OpenAIServing, metrics: Metrics) -> None:
     async def list_models():
         return serving.list_models()
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses={404: ERRORS[404]})
     async def get_model(name: str):
         return serving.get_model(name)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest), responses=ERRORS)
     async def completions(request: Request):
         return await serving.completions(await parse(request, CompletionRequest), request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest), responses=ERRORS)
     async def chat_completions(request: Request):
         return await serving.chat(await parse(request, ChatCompletionRequest), request)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest), responses=ERRORS)
     async def embeddings(request: Request):
         return await serving.embeddings(await parse(request, EmbeddingRequest))
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+ROUTES = ("/", "/health", "/metrics", "/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions",
+          "/v1/embeddings")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -22,10 +23,13 @@ class Metrics:
         self.prompt_tokens = Counter("fmforge_prompt_tokens", "Prompt tokens of finished requests", registry=registry)
         self.completion_tokens = Counter("fmforge_completion_tokens", "Tokens generated for finished requests",
                                          registry=registry)
-        self.cancelled = Counter("fmforge_cancelled_sequences", "Sequences stopped because the client went away",
+        self.cancelled = Counter("fmforge_cancelled_sequences", "Sequences stopped unfinished: the client went away, "
+                                 "a sibling sequence failed, or the drain deadline passed",
                                  registry=registry)
         self.rejected = Counter("fmforge_rejected_requests", "Requests refused with 429 (queue full)",
                                 registry=registry)
+        self.refused = Counter("fmforge_refused_connections", "Requests refused with 503 because more than "
+                               "--max-connections connections were open", registry=registry)
         Gauge("fmforge_queue_depth", "Sequences waiting for a slot", registry=registry).set_function(
             lambda: engine.waiting)
         Gauge("fmforge_running_sequences", "Sequences being decoded", registry=registry).set_function(

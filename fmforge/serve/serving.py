@@ -7,6 +7,9 @@ the request to the engine at once (all or none), and answers either as one JSON 
 A request is one unit: when one of its sequences fails, or the client goes away (streaming or not, waiting in the
 queue or running), all of its sequences are cancelled. A failed sequence answers 500 in OpenAI's error format (a
 stream ends with an error event, then [DONE]); the engine goes on serving everyone else.
+
+While the server drains (SIGTERM, `start_draining`), requests in flight go on until the drain deadline; then a
+stream ends with an error event and [DONE], and a request that is not streamed answers 503.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,9 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..errors import GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineFull, EngineStopped, Event, Sequence
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .protocol import CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the request": recorded in metrics, sent to nobody
+logger = logging.getLogger("uvicorn.error")  # the server's error log (uvicorn's handler, level and repeat filter)
 
 
 @dataclass
@@ -40,6 +44,10 @@ class ServedModel:
 
 class ClientDisconnected(Exception):
     """The client went away before its answer was complete."""
+
+
+class DrainDeadline(Exception):
+    """The server is shutting down and the drain deadline has passed."""
 
 
 @dataclass
@@ -76,7 +84,20 @@ class OpenAIServing:
         self.vocab_size = engine.model.config.vocab_size
         self.chat_stops = self.tokenizer.chat_stop_ids()
         self.created = int(time.time())
-        self.draining_deadline: float | None = None  # set on SIGTERM: streams still running then end with an error
+        self.draining_deadline: float | None = None  # time.monotonic() after which requests in flight are ended
+        self._drain_signal: asyncio.Future | None = None  # resolved when draining starts (wakes idle waiters)
+
+    def start_draining(self, seconds: float) -> None:
+        """The server is shutting down: requests in flight may go on for `seconds` more (call on the event loop)."""
+        self.draining_deadline = time.monotonic() + seconds
+        signal = self.drain_signal()
+        if not signal.done():
+            signal.set_result(None)
+
+    def drain_signal(self) -> asyncio.Future:
+        if self._drain_signal is None:
+            self._drain_signal = asyncio.get_running_loop().create_future()
+        return self._drain_signal
 
     # ---- models ----------------------------------------------------------------------------------------------
 
@@ -192,13 +213,13 @@ class OpenAIServing:
         texts, logs = [[] for _ in range(total)], [[] for _ in range(total)]
         finish, counts, done = [None] * total, [0] * total, 0
         while done < total:
-            getter = asyncio.ensure_future(job.events.get())
-            await asyncio.wait([getter, watcher], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                raise ClientDisconnected()
-            index, event = getter.result()
+            try:
+                index, event = await self.next_event(job, watcher)
+            except DrainDeadline:
+                raise APIError(503, "the server is shutting down and stopped this request at its drain deadline",
+                               type="server_error", code="drain_timeout") from None
             if event.finish_reason == "error":
+                self.log_failure(job, event)
                 raise APIError(500, f"generation failed: {event.error}", type="server_error", code="generation_failed")
             texts[index].append(event.text)
             if event.logprob is not None:
@@ -232,13 +253,14 @@ class OpenAIServing:
                                                 "logprobs": None, "finish_reason": None}]})
         while done < total:
             try:
-                index, event = await asyncio.wait_for(job.events.get(), timeout=self.wait_seconds())
-            except asyncio.TimeoutError:
+                index, event = await self.next_event(job)
+            except DrainDeadline:
                 yield sse(APIError(503, "the server is shutting down and stopped this stream at its drain deadline",
                                    type="server_error", code="drain_timeout").body())
                 yield "data: [DONE]\n\n"
                 return
             if event.finish_reason == "error":
+                self.log_failure(job, event)
                 yield sse(APIError(500, f"generation failed: {event.error}", type="server_error",
                                    code="generation_failed").body())
                 yield "data: [DONE]\n\n"
@@ -265,11 +287,35 @@ class OpenAIServing:
             yield sse({**head, "choices": [], "usage": usage(job.prompts, sum(counts))})
         yield "data: [DONE]\n\n"
 
+    async def next_event(self, job: _Job, watcher: asyncio.Future | None = None) -> tuple[int, Event]:
+        """The job's next (sequence index, event). ClientDisconnected once `watcher` (the client's disconnect) is
+        done; DrainDeadline once the drain deadline has passed, even for a job still waiting in the queue."""
+        while True:
+            if watcher is not None and watcher.done():
+                raise ClientDisconnected()
+            if not job.events.empty():
+                return job.events.get_nowait()
+            if self.draining_deadline is not None and time.monotonic() >= self.draining_deadline:
+                raise DrainDeadline()
+            getter = asyncio.ensure_future(job.events.get())
+            waits = {getter} | {w for w in (watcher, self.drain_signal()) if w is not None and not w.done()}
+            try:
+                await asyncio.wait(waits, timeout=self.wait_seconds(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()  # the queue keeps its item for the next get
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+
     def wait_seconds(self) -> float | None:
-        """How long a stream may wait for its next event: unbounded, except while draining."""
+        """How long a request may wait for its next event: unbounded, except while draining."""
         if self.draining_deadline is None:
             return None
         return max(0.0, self.draining_deadline - time.monotonic())
+
+    def log_failure(self, job: _Job, event: Event) -> None:
+        logger.error("A %s request for model '%s' failed while generating: %s", job.kind, job.body.model,
+                     event.error)
 
     def count_tokens(self, prompts: list[list[int]], completion_tokens: int) -> None:
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
@@ -290,8 +336,14 @@ class OpenAIServing:
             vectors = await asyncio.wrap_future(self.engine.embed(inputs, served.adapter))
         except EngineStopped as exc:
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
+        vectors = vectors.numpy().astype(np.float32)
+        broken = np.flatnonzero(~np.isfinite(vectors).all(axis=1)).tolist()
+        if broken:  # a broken model or adapter: JSON cannot carry NaN, and base64 would hide it
+            logger.error("Embeddings of model '%s' are not finite for input(s) %s", body.model, broken)
+            raise APIError(500, f"the model produced non-finite embeddings for input(s) {broken}", type="server_error",
+                           code="generation_failed")
         data = []
-        for i, vector in enumerate(vectors.numpy().astype(np.float32)):
+        for i, vector in enumerate(vectors):
             value = (base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
                      if body.encoding_format == "base64" else vector.tolist())
             data.append({"object": "embedding", "index": i, "embedding": value})
