@@ -379,7 +379,9 @@ def cmd_serve(args) -> None:
         model_name=args.model_name, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("FMFORGE_API_KEY") or None, device=args.device, dtype=args.dtype,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-        max_body_bytes=args.max_body_bytes, speculate=args.speculate, log_level=args.log_level))
+        max_body_bytes=args.max_body_bytes, speculate=args.speculate, log_level=args.log_level,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
+        drain_timeout=args.drain_timeout))
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -547,6 +549,15 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--speculate", type=int, default=4,
                    help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request head must arrive whole within this, else 408 and the connection closes")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a request body must arrive whole within this after its head, else 408")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at most; a request beyond them gets 503")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, requests in flight may go on this long; then streams end with an error "
+                        "event and [DONE], and the process exits 0")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 

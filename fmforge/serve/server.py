@@ -1,11 +1,18 @@
 """Start the server: load the base and adapters, start the engine, run uvicorn until SIGTERM/SIGINT.
 
-uvicorn handles both signals gracefully: it stops accepting connections, lets in-flight requests (streams
-included) finish, then runs the app's shutdown, which stops the engine.
+Both signals drain: uvicorn stops accepting connections and lets requests in flight (streams included) go on for
+`drain_timeout` seconds; then the remaining ones end (a stream with an error event and [DONE], another request
+with 503), the app's shutdown stops the engine, and the process exits 0. If the engine's loop dies, the server
+shuts down the same way and exits non-zero, so that a process manager restarts it.
+
+Connections: a request head must arrive within `header_timeout` seconds and its body within `body_timeout`
+(else 408), an idle kept-alive connection closes after 5 s (uvicorn's default), more than `max_connections` open
+connections get 503, and a log message repeated many times is written only a few times a minute.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -31,6 +38,10 @@ class ServeOptions:
     max_body_bytes: int = 4 << 20
     speculate: int = 4
     log_level: str = "info"
+    header_timeout: float = 10.0  # seconds for a request head to arrive whole (slow clients are cut off: 408)
+    body_timeout: float = 60.0  # seconds from the head to the body's last byte (408)
+    max_connections: int = 512  # open connections; a request beyond them gets 503
+    drain_timeout: float = 30.0  # seconds requests in flight may go on after SIGTERM
 
 
 def parse_adapter_option(value: str) -> tuple[str, str]:
@@ -52,6 +63,10 @@ def build_engine(options: ServeOptions):
         raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
     if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0:
         raise ConfigError("--max-batch must be at least 1, --max-queue and --speculate at least 0")
+    if not (options.header_timeout > 0 and options.body_timeout > 0 and options.drain_timeout >= 0
+            and options.max_connections >= 1):
+        raise ConfigError("--header-timeout and --body-timeout must be > 0, --drain-timeout >= 0, "
+                          "--max-connections at least 1")
     from ..device import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
@@ -71,6 +86,7 @@ def serve(options: ServeOptions) -> None:
     import uvicorn
 
     from .api import create_app
+    from .connections import RepeatFilter, limit_repeated_logs, protocol_class
 
     started = time.perf_counter()
     engine, info = build_engine(options)
@@ -81,20 +97,36 @@ def serve(options: ServeOptions) -> None:
         server.should_exit = True
 
     app = create_app(engine, options.model_name, [name for name, _ in options.adapters], api_key=options.api_key,
-                     max_body_bytes=options.max_body_bytes, base_info=info, on_engine_death=on_engine_death)
+                     max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout, base_info=info,
+                     on_engine_death=on_engine_death)
+    serving, metrics = app.app.state.serving, app.metrics
     models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "
           f"{engine.max_batch} slots x {engine.max_context} tokens; loaded in {time.perf_counter() - started:.1f}s",
           file=sys.stderr, flush=True)
     print(f"chat page: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            access_log=options.log_level == "debug", lifespan="on")
-    server = uvicorn.Server(config)
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            serving.start_draining(options.drain_timeout)  # requests in flight end at the deadline
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_level=options.log_level,
+        access_log=options.log_level == "debug", lifespan="on",
+        http=protocol_class(options.header_timeout, options.max_connections, metrics.refused.inc),
+        # a backstop: requests still running a little after the drain deadline are cancelled
+        timeout_graceful_shutdown=math.ceil(options.drain_timeout) + 5)
+    limit_repeated_logs(RepeatFilter())
+    server = DrainingServer(config)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a no-op one here, so
     # a drained server exits 0 instead of dying of the signal.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if engine.error is not None:  # exit non-zero, so that a process manager restarts the server
         raise ServingError(f"the engine stopped: {engine.error!r}")
     if getattr(server, "started", True) is False:
