@@ -235,8 +235,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: int = 0, stop_ids: frozenset[int] | None = None, seed_offset: int = 0,
                bounded: bool = True) -> Sequence:
-        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait beyond the free
-        slots (sequences wait here until the engine thread admits them, even while slots are free)."""
+        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait."""
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -251,7 +250,7 @@ class Engine:
             if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down" if self.error is None else
                                     f"the engine stopped: {self.error!r}")
-            if bounded and len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
+            if bounded and len(self._waiting) >= self.max_queue:
                 raise EngineFull(f"the server is at capacity ({self.max_batch} running, {len(self._waiting)} "
                                  "waiting); retry later")
             self._waiting.append(sequence)
