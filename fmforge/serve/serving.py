@@ -28,7 +28,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import GenerationError, TokenizerError
-from ..infer.engine import Engine, EngineFull, EngineStopped, Event, Sequence
+from ..infer.engine import Engine, EngineStopped, Event, Sequence
 from .metrics import Metrics
 from .protocol import CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -160,9 +160,11 @@ class OpenAIServing:
 
     def submit(self, kind: str, body, prompts: list[list[int]], adapter: int, stop_ids: frozenset[int],
                max_tokens: int | None, logprobs: int | None) -> _Job:
-        """Submit n sequences per prompt, all or none; a request the server can never hold is a 400."""
+        """Submit n sequences per prompt, all or none: a request the server can never hold is a 400, one that does
+        not fit now (free slots + free places in the queue) a 429."""
         total = len(prompts) * body.n
-        capacity = self.engine.max_batch + self.engine.max_queue
+        engine = self.engine
+        capacity = engine.max_batch + engine.max_queue
         if total > capacity:
             raise APIError(400, f"this request asks for {total} sequences (prompts x n); this server holds at most "
                            f"{capacity} at once (--max-batch + --max-queue)", param="n", code="too_many_sequences")
@@ -174,6 +176,15 @@ class OpenAIServing:
                                f"prompt has {len(ids)} tokens and max_tokens asks for {max_tokens} more. Lower "
                                "max_tokens or shorten the prompt.", param="max_tokens", code="context_length_exceeded")
             params.append(body.to_sampling_params(self.vocab_size, max_tokens or room, logprobs))
+        # Sequences wait in the engine's queue until its thread admits them, free slots or not, so the engine's own
+        # bound (max_queue waiting) would refuse n = 5 on an idle server with --max-queue 4. Only this thread
+        # submits, and the engine only takes from the queue, so the check holds until the submissions below.
+        room = engine.max_queue + max(0, engine.max_batch - engine.running) - engine.waiting
+        if total > room:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is at capacity ({engine.running} running, {engine.waiting} waiting; "
+                           f"this request needs {total} places); retry later", type="rate_limit_error",
+                           code="rate_limit_exceeded")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         sequences: list[Sequence] = []
@@ -183,11 +194,8 @@ class OpenAIServing:
                     def deliver(event: Event, index=p * body.n + j):
                         loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
-                    sequences.append(self.engine.submit(ids, params[p], deliver, adapter, stop_ids, seed_offset=j))
-        except EngineFull as exc:
-            cancel_all(sequences)
-            self.metrics.rejected.inc()
-            raise APIError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
+                    sequences.append(engine.submit(ids, params[p], deliver, adapter, stop_ids, seed_offset=j,
+                                                   bounded=False))
         except EngineStopped as exc:
             cancel_all(sequences)
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
