@@ -78,7 +78,7 @@ def checkpoint(tmp_path_factory, prepared) -> Path:
 class ServerProcess:
     """`fmforge serve ...` in a subprocess on a free port of 127.0.0.1, as a user starts it."""
 
-    def __init__(self, *args: str, timeout: float = 90):
+    def __init__(self, *args: str, timeout: float = 90, entry: tuple[str, ...] = ("-m", "fmforge.cli")):
         import socket
         import tempfile
         import time
@@ -89,7 +89,8 @@ class ServerProcess:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen([sys.executable, "-m", "fmforge.cli", "serve", "--port", str(self.port),
+        # `entry`: what runs `fmforge serve` (a test may give a script that wraps fmforge.cli.main)
+        self.process = subprocess.Popen([sys.executable, *entry, "serve", "--port", str(self.port),
                                          "--log-level", "warning", *args], cwd=REPO, stdout=self.log,
                                         stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + timeout
@@ -137,3 +138,20 @@ def make_adapter(base: Path, out: Path, seed: int, targets: list[str], rank: int
             p.data = torch.randn(p.shape, generator=generator) * 0.3
     write_adapter(out, model, config, base, fingerprint_checkpoint(base), {"task": "completion"})
     return out
+
+
+@pytest.fixture(scope="session")
+def long_base(prepared, tmp_path_factory) -> Path:
+    """An untrained model with a 2048-token context: long generations for disconnect/drain/queue tests."""
+    import torch
+
+    from fmforge.checkpoint import write_checkpoint
+    from fmforge.config import ModelConfig
+    from fmforge.model import Transformer
+    from fmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(prepared)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                    context_length=2048))
+    return write_checkpoint(tmp_path_factory.mktemp("long") / "model", model, prepared)

@@ -5,7 +5,6 @@ in a real headless Chromium."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -41,23 +40,6 @@ def server(base, tmp_path_factory):
                             "--api-key", KEY, "--max-batch", "4", "--max-queue", "64", "--max-body-bytes", "65536")
     yield process
     assert process.stop() == 0, process.output()
-
-
-@pytest.fixture(scope="module")
-def long_base(prepared, tmp_path_factory) -> Path:
-    """An untrained model with a 2048-token context: long generations for disconnect/drain/queue tests."""
-    import torch
-
-    from fmforge.config import ModelConfig
-    from fmforge.model import Transformer
-    from fmforge.tokenizer import Tokenizer
-    from fmforge.checkpoint import write_checkpoint
-
-    tokenizer = Tokenizer.load(prepared)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
-                                    context_length=2048))
-    return write_checkpoint(tmp_path_factory.mktemp("long") / "model", model, prepared)
 
 
 @pytest.fixture()
