@@ -84,8 +84,8 @@ class _Request(BaseModel):
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not TOKEN_ID.fullmatch(key) or not 0 <= int(key) < vocab_size:
-                raise APIError(400, f"logit_bias key {key[:24]!r} is not a token id of this model (0..{vocab_size - 1})",
-                               param="logit_bias")
+                raise APIError(400, f"logit_bias key {key[:24]!r} is not a token id of this model "
+                               f"(0..{vocab_size - 1})", param="logit_bias")
             if not math.isfinite(value):
                 raise APIError(400, f"logit_bias value for {key} must be a finite number", param="logit_bias")
             bias[int(key)] = max(-100.0, min(100.0, value))
