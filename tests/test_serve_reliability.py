@@ -423,6 +423,32 @@ def test_disconnected_requests_are_cancelled_and_counted_499(long_server):
     assert_serving(url)
 
 
+def test_guard_counts_a_cancelled_request_as_499_not_500():
+    """uvicorn cancels requests still running at its shutdown deadline: that is a request cut off, not a fault."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fmforge.serve.metrics import Metrics
+    from fmforge.serve.middleware import Guard
+
+    engine = SimpleNamespace(waiting=0, running=0, max_batch=1, steps=0, speculative_steps=0,
+                             accepted_draft_tokens=0, generated_tokens=0)
+    metrics = Metrics(engine)
+
+    async def cancelled_app(scope, receive, send):
+        raise asyncio.CancelledError()
+
+    async def nothing(*args):
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "path": "/v1/completions", "headers": []}
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(Guard(cancelled_app, None, 1000, metrics)(scope, nothing, nothing))
+    count = {status: metrics.registry.get_sample_value(
+        "fmforge_requests_total", {"route": "/v1/completions", "status": status}) for status in ("499", "500")}
+    assert count == {"499": 1.0, "500": None}
+
+
 # ---- 3-5. bad input: OpenAI 4xx naming the problem ----------------------------------------------------------------
 
 def test_non_text_content_parts_are_refused(server):
