@@ -27,10 +27,12 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+from _common import REPO, hf_model, hf_twin
+
+# A lent GPU machine runs this from a bare copy of the checkout, with fmforge not installed.
+sys.path.insert(0, str(REPO))
 
 RESULTS: dict = {}
 
@@ -144,12 +146,7 @@ def scale(device: str, shapes: list[tuple[str, dict]], steps: int) -> dict:
         for contender in ("fmforge", "fmforge+compile", "hf"):
             torch.manual_seed(0)
             if contender == "hf":
-                from transformers import LlamaConfig, LlamaForCausalLM
-                model = LlamaForCausalLM(LlamaConfig(
-                    hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layer,
-                    num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                    max_position_embeddings=T, vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
-                    attn_implementation="sdpa")).to(device)
+                model = hf_model(cfg).to(device).train()
                 step_model = lambda: model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # noqa: E731
             else:
                 model = Transformer(cfg).to(device)
@@ -180,7 +177,7 @@ def scale(device: str, shapes: list[tuple[str, dict]], steps: int) -> dict:
             flops_per_token = 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
             row[contender] = {"tokens_per_s": round(tps), "mfu": round(tps * flops_per_token / (peak * 1e12), 3)
                               if peak else None}
-            del model, opt
+            model = opt = None  # free its memory before the next contender
             if device == "cuda":
                 torch.cuda.empty_cache()
         row["fmforge_vs_hf"] = round(row["fmforge"]["tokens_per_s"] / row["hf"]["tokens_per_s"], 2)
@@ -218,11 +215,11 @@ def finetune(work: Path, device: str) -> dict:
 def decode(work: Path, device: str, new_tokens: int) -> dict:
     import threading
 
-    from fmforge.serve.engine import Engine, SamplingOptions
-    from fmforge.checkpoint import load_model_and_tokenizer
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from serve_benchmark import hf_twin
+    from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
+    from fmforge.checkpoint import fingerprint_checkpoint, load_model_and_tokenizer, resolve_checkpoint
+    from fmforge.infer.engine import Engine
+    from fmforge.infer.lora import read_adapter
+    from fmforge.infer.sampling import SamplingParams
 
     model, tokenizer, _ = load_model_and_tokenizer(work / "run-eager", device)
     model.eval()
@@ -245,8 +242,8 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
 
             started = time.perf_counter()
             for i in range(count):
-                engine.submit(prompt, SamplingOptions(max_tokens=n, temperature=0 if count == 1 else 0.8, seed=i,
-                                                      logit_bias={tokenizer.eos_id: -100.0}), on_event)
+                engine.submit(prompt, SamplingParams(max_tokens=n, temperature=0 if count == 1 else 0.8, seed=i,
+                                                     logit_bias={tokenizer.eos_id: -100.0}), on_event)
             for _ in range(count):
                 done.acquire()
             return count * n / (time.perf_counter() - started)
@@ -256,11 +253,6 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
         results[f"engine_speculate{speculate}_16streams_tok_s"] = round(run(16))
         engine.stop()
     # Three models in one batch: the base and two random LoRA adapters, applied per row, unmerged.
-    from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
-    from fmforge.checkpoint import fingerprint_checkpoint
-    from fmforge.serve.lora import read_adapter
-    from fmforge.checkpoint import resolve_checkpoint
-
     base_dir = resolve_checkpoint(work / "run-eager")
     adapters = []
     for index in range(2):
@@ -279,8 +271,8 @@ def decode(work: Path, device: str, new_tokens: int) -> dict:
     done = threading.Semaphore(0)
     started = time.perf_counter()
     for i in range(16):
-        engine.submit(prompt, SamplingOptions(max_tokens=n, temperature=0.8, seed=i,
-                                              logit_bias={tokenizer.eos_id: -100.0}),
+        engine.submit(prompt, SamplingParams(max_tokens=n, temperature=0.8, seed=i,
+                                             logit_bias={tokenizer.eos_id: -100.0}),
                       lambda event: event.finish_reason and done.release(), adapter=i % 3)
     for _ in range(16):
         done.acquire()
