@@ -267,24 +267,39 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of a conversation: the template's own markers become special ids, while every message's
-        content is encoded as plain text, so a marker typed in a message (an end-of-turn, then an assistant
-        role) stays text and cannot forge a turn."""
+        """Token ids of a conversation: the template's own text becomes special ids where it names them, while
+        every message's content is encoded as plain text, so a marker typed in a message (an end-of-turn, then an
+        assistant role) stays text and cannot forge a turn.
+
+        The template is rendered twice: with each content replaced by a unique placeholder (which tells the
+        template's text from the contents, wherever a content's text happens to occur), and as it is (which
+        tells how the template inserted each content: as is, or trimmed as Llama 3's does)."""
         text = self.apply_chat_template(messages, add_generation_prompt)
+        marks = [f"\ue000{index}\ue001" for index in range(len(messages))]
+        shaped = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                          add_generation_prompt)
         ids: list[int] = []
-        cursor = 0
-        for message in messages:
-            content = message["content"]
-            # Templates insert the content as is, or trimmed (Llama 3); find it after what came before.
-            for candidate in (content, content.strip()):
-                at = text.find(candidate, cursor) if candidate else -1
-                if at != -1:
+        cursor = 0  # in `text`
+        for message, mark in zip(messages, marks):
+            before, found, shaped = shaped.partition(mark)
+            if not found or mark in shaped:
+                raise TokenizerError("the chat template does not insert each message's content once; it cannot "
+                                     "be encoded with contents kept as text")
+            if not text.startswith(before, cursor):
+                raise TokenizerError("the chat template renders differently from one conversation to another")
+            cursor += len(before)
+            following = shaped.split("\ue000", 1)[0]  # template text up to the next content (or the end)
+            for inserted in (message["content"], message["content"].strip()):
+                if text.startswith(inserted, cursor) and text.startswith(following, cursor + len(inserted)):
                     break
             else:
-                continue  # empty content, or a template that rewrites it: nothing of it to protect
-            ids += self.encode(text[cursor:at], allow_special=True) + self.encode(candidate)
-            cursor = at + len(candidate)
-        return ids + self.encode(text[cursor:], allow_special=True)
+                raise TokenizerError("the chat template changes message contents; it cannot be encoded with "
+                                     "contents kept as text")
+            ids += self.encode(before, allow_special=True) + self.encode(inserted)
+            cursor += len(inserted)
+        if text[cursor:] != shaped:
+            raise TokenizerError("the chat template renders differently from one conversation to another")
+        return ids + self.encode(shaped, allow_special=True)
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical tokenizer.json content; equal tokenizers have equal fingerprints."""

@@ -21,6 +21,7 @@ the loop itself stops the engine: `error` is set and every waiter is told.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -281,14 +282,15 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        if self.device.type == "cuda":
-            # cuDNN attention builds a plan per shape, which costs more than a decode step; the other backends
-            # take the masks the slot cache makes without that.
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-            with sdpa_kernel(backends):
-                return self._serve()
-        return self._serve()
+        self._serve()
+
+    def _attention_backends(self):
+        """On CUDA, attention without cuDNN: cuDNN builds a plan per shape, which costs more than a decode step;
+        the other backends take the masks the slot cache makes without that. Nothing to choose on the CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _serve(self) -> None:
         try:
@@ -324,15 +326,19 @@ class Engine:
             if admit:
                 free = self.max_batch - len(self._running)
                 admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+        with self._attention_backends():
+            self._run(jobs, admitted, admit)
+        return True
+
+    def _run(self, jobs: list[_EmbedJob], admitted: list[Sequence], decode: bool) -> None:
         for job in jobs:
             self._run_embed(job)
         for group in prefill_groups(admitted, PREFILL_TOKENS):
             self._guarded(self._prefill, group)
         self._retire()
-        if self._running and admit:
+        if self._running and decode:
             self._guarded(self._decode, list(self._running))
             self._retire()
-        return True
 
     def _guarded(self, work: Callable[[list[Sequence]], None], sequences: list[Sequence]) -> None:
         """Run one forward's work; if it raises, those sequences fail and the engine goes on."""

@@ -128,7 +128,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
     if bias:
         rows, cols, values = zip(*bias)
         logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                                  torch.tensor(values, device=device), accumulate=True)
+                                  torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
