@@ -181,10 +181,11 @@ class Trainer:
                     record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
                               "tokens_per_s": round(progress.tokens_per_second, 1),
                               "elapsed_s": round(time.perf_counter() - started, 3), **extra_metrics}
-                    done = step == cfg.max_steps or bool(stop_requested)
+                    stopping = self._any_rank_asked_to_stop(stop_requested)
+                    done = step == cfg.max_steps or stopping
                     final_eval = self._evaluate_log_and_save(step, record, done, autocast, progress, metrics) \
                         or final_eval
-                    if stop_requested:
+                    if stopping:
                         break
             finally:
                 if metrics is not None:
@@ -193,7 +194,7 @@ class Trainer:
         if self.dist.is_main:
             self._plot()
         checkpoint = latest_in_run(self.run_dir) if self.dist.is_main and self._has_checkpoint() else None
-        if stop_requested:
+        if step < cfg.max_steps:
             progress.message(f"stopped at step {step}; continue with the same command plus --resume")
         return TrainResult(self.run_dir, checkpoint, step, (step - self.start_step) * tokens_per_step, seconds,
                            loss_value, final_eval)
@@ -253,6 +254,13 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _any_rank_asked_to_stop(self, stop_requested: list[int]) -> bool:
+        """Whether a signal asked any process to stop. Ranks receive a signal at different instants, but they
+        must stop after the same step: each saves through collectives that the others would never join."""
+        if not self.dist.enabled:
+            return bool(stop_requested)
+        return distributed.all_reduce_sum(torch.tensor(float(bool(stop_requested))), self.dist).item() > 0
 
     def _optimizer_step(self, step: int, lr: float, train_model: torch.nn.Module, autocast) -> tuple[float, dict]:
         """One optimizer step over grad_accum micro-batches (on every rank). Returns the mean loss per target
