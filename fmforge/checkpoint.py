@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, SettingsMismatchError, TokenizerError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_directory
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -52,14 +52,6 @@ FINETUNE_RECORD = "finetune.json"  # what a specialist was trained for: task, me
 HEAD_FILE, LABELS_FILE = "head.safetensors", "labels.json"  # a classifier's head and its label names
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model.model."  # PEFT's key prefix for the Hugging Face export of the same model
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -124,7 +116,7 @@ def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         # A full or read-only disk (safetensors reports it as SafetensorError, torch as RuntimeError).

@@ -41,46 +41,39 @@ def builtin_recipe(name_or_path: str) -> Path:
 
 # ---- tokenizer / prepare ---------------------------------------------------------------------------------
 
-def train_tokenizer_from_sources(sources: list[str], vocab_size: int, out: Path, jsonl_field: str,
-                                 parquet_column: str):
+def train_tokenizer_from_sources(sources: list[str], vocab_size: int, jsonl_field: str, parquet_column: str,
+                                 out: Path | None = None):
+    """A BPE tokenizer trained on the sources' documents, saved in `out` when given."""
     from .data.sources import iter_documents
     from .tokenizer import train_tokenizer
 
     started = time.perf_counter()
     texts = (doc.text for doc in iter_documents(sources, jsonl_field=jsonl_field, parquet_column=parquet_column))
     tokenizer = train_tokenizer(texts, vocab_size)
-    tokenizer.save(out)
-    print(f"tokenizer: {tokenizer.vocab_size} tokens, trained in {time.perf_counter() - started:.1f}s -> {out}",
-          file=sys.stderr)
+    if out is not None:
+        tokenizer.save(out)
+    print(f"tokenizer: {tokenizer.vocab_size} tokens, trained in {time.perf_counter() - started:.1f}s"
+          + (f" -> {out}" if out is not None else ""), file=sys.stderr)
     return tokenizer
 
 
 def cmd_tokenizer_train(args) -> None:
-    train_tokenizer_from_sources(args.sources, args.vocab_size, Path(args.out), args.jsonl_field, args.parquet_column)
+    train_tokenizer_from_sources(args.sources, args.vocab_size, args.jsonl_field, args.parquet_column, Path(args.out))
 
 
 def cmd_prepare(args) -> None:
+    """Token shards; the output directory appears only when complete, with a copy of the tokenizer inside."""
+    from .data.shards import prepare
     from .tokenizer import Tokenizer
 
-    out = Path(args.out)
     if args.tokenizer:
         tokenizer = Tokenizer.load(args.tokenizer)
     elif args.vocab_size:
-        tokenizer = train_tokenizer_from_sources(args.sources, args.vocab_size, out, args.jsonl_field,
-                                                 args.parquet_column)
+        tokenizer = train_tokenizer_from_sources(args.sources, args.vocab_size, args.jsonl_field, args.parquet_column)
     else:
         raise ConfigError("give --tokenizer DIR (from `fmforge tokenizer train`) or --vocab-size N to train one")
-    prepare_with_tokenizer(args.sources, tokenizer, out, val_fraction=args.val_fraction, workers=args.workers,
-                           jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
-
-
-def prepare_with_tokenizer(sources, tokenizer, out: Path, **options):
-    """Tokenize into `out` and keep a copy of the tokenizer there, so the directory is self-contained."""
-    from .data.shards import prepare
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out)
-    return prepare(sources, tokenizer, out, **options)
+    prepare(args.sources, tokenizer, Path(args.out), val_fraction=args.val_fraction, workers=args.workers,
+            jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
 
 
 # ---- pretrain ----------------------------------------------------------------------------------------------
@@ -264,11 +257,12 @@ QUICKSTART_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\""]
 
 
 def cmd_quickstart(args, overrides: list[str]) -> None:
+    from .checkpoint import load_model_and_tokenizer
     from .config import load_recipe
+    from .data.shards import prepare
     from .infer.engine import Engine, GenerationRequest
     from .infer.sampling import SamplingParams
     from .tokenizer import Tokenizer
-    from .checkpoint import load_model_and_tokenizer
     from .train.pretrain import pretrain
 
     out = Path(args.out)
@@ -281,10 +275,10 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
         tokenizer = Tokenizer.load(tokenizer_dir)
         print(f"reusing tokenizer in {tokenizer_dir} ({tokenizer.vocab_size} tokens)")
     else:
-        tokenizer = train_tokenizer_from_sources(["stdlib"], args.vocab_size, tokenizer_dir, "text", "text")
+        tokenizer = train_tokenizer_from_sources(["stdlib"], args.vocab_size, "text", "text", tokenizer_dir)
 
     banner("2/6 token shards")
-    manifest = prepare_with_tokenizer(["stdlib"], tokenizer, data_dir, val_fraction=0.01)
+    manifest = prepare(["stdlib"], tokenizer, data_dir, val_fraction=0.01)
     print(f"train {manifest.train.tokens:,} tokens / {manifest.train.documents:,} files | "
           f"val {manifest.val.tokens:,} tokens / {manifest.val.documents:,} files")
 

@@ -115,9 +115,13 @@ def completion_example(record: dict, tokenizer: Tokenizer, where: str) -> Exampl
 
 
 def classify_text_ids(text: str, tokenizer: Tokenizer, max_length: int) -> list[int]:
-    """bos + text, truncated from the left so that the end of the text (nearest the head) is kept."""
+    """The text's ids (after bos when the tokenizer adds one), truncated from the left so that the end of the
+    text (nearest the head) is kept."""
     ids = tokenizer.encode(text, add_bos=True)
-    return ids if len(ids) <= max_length else [tokenizer.bos_id] + ids[-(max_length - 1):]
+    if len(ids) <= max_length:
+        return ids
+    start = tokenizer.encode("", add_bos=True)  # [bos], or nothing for a tokenizer that adds none
+    return start + ids[len(start):][-(max_length - len(start)):]
 
 
 def split_of(record: dict, val_fraction: float, seed: int = 0) -> str:

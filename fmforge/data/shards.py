@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from fmforge.data.sources import Document, SourceFile, SourceReport, iter_documents, resolve_sources
 from fmforge.errors import ConfigError, DataError
-from fmforge.fileio import atomic_write_text
+from fmforge.fileio import atomic_write_text, fsync_directory
 from fmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger("fmforge.data")
@@ -480,8 +480,8 @@ def _move_into_place(building: Path, out_dir: Path) -> None:
         for path in sorted(building.iterdir(), key=lambda p: p.name == MANIFEST_FILE):
             os.replace(path, out_dir / path.name)
         building.rmdir()
-    _fsync_directory(out_dir)
-    _fsync_directory(out_dir.parent)
+    fsync_directory(out_dir)
+    fsync_directory(out_dir.parent)
 
 
 def _remove_abandoned_builds(out_dir: Path) -> None:
@@ -500,14 +500,6 @@ def _process_exists(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import PEFT_PREFIX, check_adapter_base, read_adapter_config, resolve_adapter
 from ..errors import CheckpointError
-from .hf import hf_name
 
 
 def resolve_adapters(adapters, checkpoint: Path) -> dict[str, Path]:
@@ -32,10 +32,11 @@ def resolve_adapters(adapters, checkpoint: Path) -> dict[str, Path]:
     return found
 
 
-def write_peft_adapter(source: Path, target: Path, model_type: str, exported: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors in PEFT's layout for the exported model. fmforge's keys
-    are already PEFT's (base_model.model. + the Hugging Face module name); MoE experts cannot carry LoRA in
-    transformers' Mixtral, where they are one fused parameter."""
+def write_peft_adapter(source: Path, target: Path, exported: Path, hf_name: Callable[[str], str]) -> None:
+    """adapter_config.json + adapter_model.safetensors in PEFT's layout for the exported model, whose tensor
+    names `hf_name` gives for fmforge's parameter names. fmforge's keys are already PEFT's (base_model.model. +
+    the Hugging Face module name); MoE experts cannot carry LoRA in transformers' Mixtral, where they are one
+    fused parameter."""
     config = read_adapter_config(source)
     target.mkdir(parents=True)
     tensors = {}
@@ -45,7 +46,7 @@ def write_peft_adapter(source: Path, target: Path, model_type: str, exported: Pa
             if ".experts." in module:
                 raise CheckpointError(f"{source}: LoRA on MoE experts ({module}) has no place in transformers' "
                                       "Mixtral, whose experts are one fused parameter; merge the adapter instead")
-            tensors["base_model.model." + hf_name(module + ".weight", model_type).removesuffix(".weight")
+            tensors["base_model.model." + hf_name(module + ".weight").removesuffix(".weight")
                     + ".lora_" + rest] = f.get_tensor(key)
     save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_config = {k: v for k, v in config.items() if k != "fmforge"}  # PEFT warns about keys it does not know

@@ -37,11 +37,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint, write_checkpoint,
+                          write_model_files)
 from ..config import LLAMA3_ROPE_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint,
-                                write_checkpoint, write_model_files)
+from .adapters import resolve_adapters, write_peft_adapter
 
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept inside an imported checkpoint
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -569,7 +570,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     out/adapters/NAME, which `peft.PeftModel.from_pretrained(model, out/adapters/NAME)` loads unmerged.
     """
     from ..tokenizer import Tokenizer
-    from .adapters import resolve_adapters, write_peft_adapter
 
     checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
     config = read_model_config(checkpoint)
@@ -599,7 +599,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
             shutil.copyfile(checkpoint / name, tmp / name)
         _add_bos_post_processor(tmp / "tokenizer.json", tokenizer)
         for name, adapter_dir in adapter_dirs.items():
-            write_peft_adapter(adapter_dir, tmp / "adapters" / name, model_type, out)
+            write_peft_adapter(adapter_dir, tmp / "adapters" / name, out, lambda n: hf_name(n, model_type))
         _finish_output_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
