@@ -11,10 +11,12 @@ From Python, import this module (which registers "fmforge") and call lm_eval.sim
     lm_eval.simple_evaluate(model="fmforge", model_args="checkpoint=runs/quickstart/model", tasks=[...])
 
 Conventions follow lm-eval's Hugging Face model ("hf"), so that the same model scores the same through
-either: no bos is added to contexts unless `add_bos_token=True`; an empty context is replaced by the bos
+either: contexts start with bos when the tokenizer adds one (its own `add_bos_token`, as transformers'
+tokenizer does for the exported model), unless `add_bos_token` says otherwise, and not when the text already
+starts with the bos string; an empty context is replaced by the bos
 token (eos when the tokenizer has none); texts are left-truncated to the model's context.
 Model arguments: checkpoint (required), device (cpu), batch_size (1), max_length (the model's context),
-add_bos_token (false).
+add_bos_token (the tokenizer's own setting).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class FmforgeLM(TemplateLM):
     """An fmforge checkpoint (or the latest checkpoint of a run directory) as an lm-eval model."""
 
     def __init__(self, checkpoint: str, device: str | None = "cpu", batch_size: int | str = 1,
-                 max_length: int | None = None, add_bos_token: bool | str = False, **unused):
+                 max_length: int | None = None, add_bos_token: bool | str | None = None, **unused):
         super().__init__()
         device = device or "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -55,7 +57,7 @@ class FmforgeLM(TemplateLM):
         self._device = self.model.embed_tokens.weight.device
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else self.model.config.context_length
-        self.add_bos_token = _flag(add_bos_token)
+        self.add_bos_token = self.tokenizer.add_bos_token if add_bos_token is None else _flag(add_bos_token)
 
     # ---- tokens --------------------------------------------------------------------------------------------
 
@@ -70,6 +72,8 @@ class FmforgeLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         # Like Hugging Face tokenizers, special-token strings in the text become their ids.
         add_bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if add_special_tokens is None and self.tokenizer.bos_token and string.startswith(self.tokenizer.bos_token):
+            add_bos = False  # as lm-eval's hf model: a text that already starts with bos gets no second one
         return self.tokenizer.encode(string, add_bos=add_bos, allow_special=True)
 
     def tok_decode(self, ids: list[int]) -> str:
