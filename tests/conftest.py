@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,17 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py",
                   "shlex.py", "fnmatch.py", "glob.py", "colorsys.py", "keyword.py", "queue.py", "sched.py",
                   "calendar.py", "difflib.py", "dataclasses.py", "functools.py", "contextlib.py"]
+
+
+def report(kind: str, **detail) -> None:
+    """Append one observation (a request and its status, a kill trial, a property example) as a JSON line to the
+    file FMFORGE_RELIABILITY_REPORT names, with the test it happened in; nothing when the variable is unset.
+    benchmarks/reliability.py sets it and turns the lines into the numbers of its RESULTS.md section."""
+    path = os.environ.get("FMFORGE_RELIABILITY_REPORT")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # "tests/x.py::test_y[p] (call)"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"kind": kind, "test": test, **detail}) + "\n")
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None,

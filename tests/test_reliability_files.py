@@ -36,7 +36,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, report, tiny_overrides
 from fmforge.checkpoint import (load_model, read_adapter_tensors, read_train_state, resolve_adapter,
                                 resolve_checkpoint)
 from fmforge.cli import main
@@ -64,6 +64,7 @@ def one_thread():
 
 def error_line(capsys) -> str:
     """The last stderr line, checked to be the one `error:` line of a failed command (no traceback)."""
+    report("refused command")
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
@@ -370,6 +371,13 @@ def writing_a_checkpoint(run: Path) -> bool:
     return (run / "latest").exists() and any((run / "checkpoints").glob(".tmp-step-*"))
 
 
+def report_kill(write: str, seed: int, delay: float, building: Path, pattern: str) -> None:
+    """Into the reliability report: a SIGKILL trial, and whether it hit before the write's rename (its temporary
+    directory, `pattern` in `building`, is left behind)."""
+    report("kill", write=write, seed=seed, delay_ms=round(delay * 1000, 2),
+           left_temporary=any(building.glob(pattern)))
+
+
 def test_killed_while_writing_checkpoints_latest_always_loads_and_resumes_exactly(prepared, pretrain_reference,
                                                                                   tmp_path):
     rng = random.Random(KILL_SEED)
@@ -377,11 +385,14 @@ def test_killed_while_writing_checkpoints_latest_always_loads_and_resumes_exactl
         run = tmp_path / f"run{trial}"
         process = start("pretrain", *tiny_overrides(prepared, run, max_steps=200, checkpoint_interval=1,
                                                     **RESUMABLE))
-        kill_after(process, lambda: writing_a_checkpoint(run), delay=rng.uniform(0.0, WRITE_SECONDS))
+        delay = rng.uniform(0.0, WRITE_SECONDS)
+        kill_after(process, lambda: writing_a_checkpoint(run), delay=delay)
         assert process.returncode == -signal.SIGKILL
+        report_kill("checkpoint", KILL_SEED, delay, run / "checkpoints", ".tmp-step-*")
         load_model(run)  # whatever instant the kill hit, `latest` names a complete checkpoint
         read_train_state(resolve_checkpoint(run))
         resume_and_compare(prepared, run, pretrain_reference)
+        report("kill survived", write="checkpoint")  # `latest` loaded and the resume was exact
 
 
 def test_killed_while_writing_adapters_latest_always_loads_and_resumes_exactly(checkpoint, tmp_path):
@@ -398,8 +409,10 @@ def test_killed_while_writing_adapters_latest_always_loads_and_resumes_exactly(c
     for trial in range(2):
         out = tmp_path / f"adapter{trial}"
         process = start(*common, "--out", str(out), "--max_steps", "200", "--checkpoint_interval", "1")
-        kill_after(process, lambda: writing_a_checkpoint(out), delay=rng.uniform(0.0, WRITE_SECONDS))
+        delay = rng.uniform(0.0, WRITE_SECONDS)
+        kill_after(process, lambda: writing_a_checkpoint(out), delay=delay)
         assert process.returncode == -signal.SIGKILL
+        report_kill("adapter", KILL_SEED + 1, delay, out / "checkpoints", ".tmp-step-*")
         adapter = resolve_adapter(out)
         assert all(torch.isfinite(t).all() for t in read_adapter_tensors(adapter).values())
         load_specialist(checkpoint, out)  # the base + the adapter `latest` names
@@ -408,6 +421,7 @@ def test_killed_while_writing_adapters_latest_always_loads_and_resumes_exactly(c
         assert main([*common, "--out", str(out), "--max_steps", str(stopped_at + 2), "--checkpoint_interval", "1000",
                      "--resume"]) == 0
         assert losses(out) == {s: loss for s, loss in losses(reference).items() if s <= stopped_at + 2}
+        report("kill survived", write="adapter")  # the adapter `latest` names loaded and the resume was exact
 
 
 def test_killed_while_writing_shards_leaves_the_old_dataset_or_the_new_one(corpus_dir, prepared, tmp_path, capsys):
@@ -431,16 +445,21 @@ def test_killed_while_writing_shards_leaves_the_old_dataset_or_the_new_one(corpu
     for seed in (1, 2, 3):  # each trial replaces the dataset of the previous seed
         process = start(*prepare_args(seed, out))
         # From the moment the building directory appears to about when a run here finishes.
-        kill_after(process, lambda: any(tmp_path.glob(".out.prepare-*")), delay=rng.uniform(0.0, prepare_seconds))
+        delay = rng.uniform(0.0, prepare_seconds)
+        kill_after(process, lambda: any(tmp_path.glob(".out.prepare-*")), delay=delay)
+        report_kill("shards", KILL_SEED + 2, delay, tmp_path, ".out.prepare-*")
         try:
             state = contents(out)
         except DataError as error:  # killed while the new files moved in: no manifest, so no dataset
             assert "no manifest.json" in str(error)
+            left = "no dataset"
         else:
             assert state in (references[seed - 1], references[seed])  # complete: the old one or the new one
+            left = "old dataset" if state == references[seed - 1] else "new dataset"
         assert main(prepare_args(seed, out)) == 0  # a re-run completes, clearing the killed run's leftovers
         assert contents(out) == references[seed]
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        report("kill survived", write="shards", left=left)  # what the kill left; the re-run was exact and clean
     capsys.readouterr()
     assert main(prepare_args(3, out)) == 0
     assert "reusing token shards" in capsys.readouterr().err

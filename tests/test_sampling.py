@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import report
 from fmforge.errors import GenerationError
 from fmforge.infer.sampling import SamplingParams, TextStream, sample_rows, truncate
 
@@ -89,6 +90,7 @@ logits_strategy = st.lists(st.floats(-1e4, 1e4, **finite), min_size=VOCAB, max_s
 def test_every_valid_setting_samples_a_token(rows):
     """Whatever validation accepts, sampling returns one valid token per row (no exception, no nan), with
     finite log-probabilities where asked for, and a greedy row returns its argmax after the processors."""
+    report("property example", rows=len(rows))
     params = [p.validate(VOCAB) for p, _, _, _ in rows]
     logits = torch.tensor([row for _, row, _, _ in rows])
     outputs = [out for _, _, out, _ in rows]

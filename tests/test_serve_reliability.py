@@ -9,6 +9,7 @@ schemathesis pass finds no 5xx."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sys
@@ -20,16 +21,37 @@ from signal import SIGTERM
 import httpx
 import pytest
 
-from conftest import ServerProcess, make_adapter
+from conftest import ServerProcess, make_adapter, report
 
 KEY = "reliable"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 POISON = 15  # <|reserved_4|>: the broken specialist's embedding of this token is NaN
 NO_EOS = {"logit_bias": {"1": -100}}  # untrained models must not stop early (id 1 is <|eos|>)
 SLOW = 2.0  # the module server's --header-timeout and --body-timeout
+# Examples per operation and mode of the schemathesis pass; benchmarks/reliability.py --fuzz-examples raises it.
+FUZZ_EXAMPLES = int(os.environ.get("FMFORGE_FUZZ_EXAMPLES", "25"))
 
 
 # ---- servers and helpers -----------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def count_requests(monkeypatch):
+    """Every httpx request a test sends goes into the reliability report with the status it got."""
+    for name in ("get", "post"):
+        def counted(url, *args, _send=getattr(httpx, name), **kwargs) -> httpx.Response:
+            response = _send(url, *args, **kwargs)
+            report("request", transport="httpx", method=response.request.method, path=response.request.url.path,
+                   status=response.status_code)
+            return response
+        monkeypatch.setattr(httpx, name, counted)
+
+
+def answered(answer: bytes) -> bytes:
+    """A raw-socket answer, unchanged, after putting its status (or "closed": no answer) into the report."""
+    status = int(answer[9:12]) if re.match(rb"HTTP/1\.1 \d{3} ", answer) else "closed" if not answer else "other"
+    report("request", transport="socket", status=status)
+    return answer
+
 
 @pytest.fixture(scope="module")
 def base(checkpoint) -> Path:
@@ -383,6 +405,7 @@ def send_request(url: str, body: dict) -> socket.socket:
     sock = connect(url)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+    report("request", transport="socket", status="client left")
     return sock
 
 
@@ -417,6 +440,7 @@ def test_disconnected_requests_are_cancelled_and_counted_499(long_server):
     with connect(url) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\": ")
+        report("request", transport="socket", status="client left")
         time.sleep(0.2)
     assert wait_until(lambda: metric(url, "fmforge_requests_total", route.format(499)) == 4)
     assert metric(url, "fmforge_requests_total", route.format(500)) == 0
@@ -582,13 +606,13 @@ def test_slow_request_head_and_body_are_cut_off(server):
             sock.settimeout(5)
             answer += read_until_closed(sock)
         assert SLOW - 0.5 < elapsed < SLOW + 3, (head_done, elapsed, answer)
-        head, _, body = answer.partition(b"\r\n\r\n")
+        head, _, body = answered(answer).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(body)["error"]["code"] == "request_timeout"
     # An idle connection (nothing sent) is closed too.
     with connect(server.url) as sock:
         started = time.monotonic()
-        assert read_until_closed(sock) == b"" and time.monotonic() - started < SLOW + 3
+        assert answered(read_until_closed(sock)) == b"" and time.monotonic() - started < SLOW + 3
     assert_serving(server.url)
 
 
@@ -612,7 +636,7 @@ def test_malformed_http_is_answered_and_logged_a_few_times(server):
     for _ in range(30):
         with connect(server.url) as sock:
             sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-            head, _, body = read_until_closed(sock).partition(b"\r\n\r\n")
+            head, _, body = answered(read_until_closed(sock)).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["code"] == "invalid_http"
     output = server.output()
     assert 1 <= output.count("Invalid HTTP request received") <= 5, output[-3000:]
@@ -673,12 +697,14 @@ def test_schemathesis_finds_no_server_error(server):
             continue
         posting = operation.method.upper() == "POST"
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if posting else (GenerationMode.POSITIVE,):
-            @settings(max_examples=25 if posting else 3, derandomize=True, database=None, deadline=None,
+            @settings(max_examples=FUZZ_EXAMPLES if posting else 3, derandomize=True, database=None, deadline=None,
                       suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
             def call(case):
                 response = case.call(base_url=server.url, headers=AUTH, timeout=60)
                 calls[0] += 1
+                report("fuzz", method=operation.method.upper(), path=operation.path, mode=mode.value,
+                       status=response.status_code)
                 if response.status_code >= 500:
                     failures.append((operation.path, case.body, response.status_code, response.text[:300]))
 
