@@ -705,7 +705,11 @@ def test_schemathesis_finds_no_server_error(server):
                 calls[0] += 1
                 report("fuzz", method=operation.method.upper(), path=operation.path, mode=mode.value,
                        status=response.status_code)
-                if response.status_code >= 500:
+                # The "broken" specialist fails, by design, when it samples the token whose embedding is NaN
+                # (about 0.2% of its 63-token replies): that 500 is its own; any other 5xx is a failure.
+                by_design = (response.status_code == 500 and isinstance(case.body, dict)
+                             and case.body.get("model") == "broken" and "generation_failed" in response.text)
+                if response.status_code >= 500 and not by_design:
                     failures.append((operation.path, case.body, response.status_code, response.text[:300]))
 
             call()
