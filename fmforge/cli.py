@@ -112,7 +112,7 @@ def sampling_params(args, vocab_size: int | None = None):
         stop_token_ids=tuple(args.stop_token_id or ()), seed=args.seed).validate(vocab_size)
 
 
-def load_for_generation(args, specialist: bool = False):
+def load_for_generation(args):
     """(engine, tokenizer) for `generate` and `chat`: the checkpoint (+ adapter) on --device in --dtype, on a
     one-slot engine with speculation (exact, so it only changes the speed)."""
     from .adapt.heads import SequenceClassifier
@@ -122,7 +122,7 @@ def load_for_generation(args, specialist: bool = False):
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer, _, _ = load_specialist(args.checkpoint, getattr(args, "adapter", None), device)
+    model, tokenizer, _, _ = load_specialist(args.checkpoint, args.adapter, device)
     if isinstance(model, SequenceClassifier):
         raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not generation")
     return Engine(model.to(dtype), tokenizer, max_batch=1, speculate=args.speculate), tokenizer
@@ -453,6 +453,7 @@ def add_generation_commands(sub) -> None:
     """generate and chat: text from a checkpoint on the engine."""
     p = sub.add_parser("generate", help="generate text from a checkpoint (streamed)")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--adapter", help="a LoRA specialist of this checkpoint (its directory or run)")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
     p.set_defaults(handler=cmd_generate)

@@ -45,3 +45,27 @@ def test_cli_and_server_generate_the_same_text(checkpoint, server, case):
         other = httpx.post(server.url + "/v1/completions", timeout=60,
                            json={"model": "base", "prompt": PROMPT, "max_tokens": 40, **settings, "seed": 8}).json()
         assert other["choices"][0]["text"] != server_text
+
+
+def test_generate_with_an_adapter_equals_the_server_serving_it(checkpoint, tmp_path):
+    """`fmforge generate --adapter` applies the specialist as the server's per-row LoRA does."""
+    from fmforge.checkpoint import resolve_checkpoint
+
+    from conftest import make_adapter
+
+    base = resolve_checkpoint(checkpoint)
+    adapter = make_adapter(base, tmp_path / "spec", 3, ["q_proj", "v_proj", "embed_tokens"], 4)
+    flags = ["--temperature", "0", "--max-new-tokens", "30"]
+    plain = run_cli("generate", "--checkpoint", str(checkpoint), "--prompt", PROMPT, *flags,
+                    env={"OMP_NUM_THREADS": "1"})
+    adapted = run_cli("generate", "--checkpoint", str(checkpoint), "--adapter", str(adapter), "--prompt", PROMPT,
+                      *flags, env={"OMP_NUM_THREADS": "1"})
+    assert plain.returncode == 0 and adapted.returncode == 0, plain.stderr + adapted.stderr
+    process = ServerProcess("--checkpoint", str(base), "--adapter", f"spec={adapter}")
+    try:
+        reply = httpx.post(process.url + "/v1/completions", timeout=60,
+                           json={"model": "spec", "prompt": PROMPT, "max_tokens": 30, "temperature": 0}).json()
+    finally:
+        assert process.stop() == 0, process.output()
+    assert adapted.stdout[len(PROMPT):-1] == reply["choices"][0]["text"]
+    assert adapted.stdout != plain.stdout  # the adapter changes what is generated
