@@ -1,0 +1,331 @@
+"""The discrete image tokenizer: a small conv encoder/decoder with finite scalar quantization (FSQ).
+
+An (H, W) uint8 RGB image becomes an (H/f, W/f) grid of integer codes in [0, prod(levels)) and back
+(f = `downsample`). FSQ (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple") bounds each
+latent channel to L levels and rounds it with a straight-through gradient: the codebook is the implicit grid
+of level combinations, so there is nothing to collapse and no auxiliary loss (commitment, entropy) to tune.
+
+In the token stream an image is a span (`image_span`):
+
+    <|image|>  offset+h  offset+w  offset+code_0 ... offset+code_{h*w-1}  <|/image|>
+
+The grid's height and width are the two tokens after `<|image|>`, written in the code range itself
+(offset + size), so any size decodes without new vocabulary; they are told from codes by position. Hence a grid
+side is at most the codebook size (1000 for the default levels). Codes follow in row-major order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError, TokenizerError
+from ..fileio import fsync_directory
+
+IMAGE_BEGIN_ID = 7  # "<|image|>" in tokenizer.SPECIAL_TOKENS (tests check they agree)
+IMAGE_END_ID = 8    # "<|/image|>"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "codec.safetensors"
+FORMAT = 1
+
+
+@dataclass
+class ImageCodecConfig:
+    image_size: int = 28                     # training images are image_size x image_size; encode takes any multiple of downsample
+    channels: int = 3                        # RGB
+    levels: tuple[int, ...] = (8, 5, 5, 5)   # FSQ levels per latent channel; codebook = product (1000), the paper's ~2^10 set
+    downsample: int = 4                      # f: each code covers f x f pixels; a power of two (one stride-2 conv per factor 2)
+    width: int = 64                          # conv channels
+
+    def __post_init__(self):
+        self.levels = tuple(int(level) for level in self.levels)
+        if not self.levels or any(level < 2 for level in self.levels):
+            raise ConfigError(f"levels must be integers >= 2, got {self.levels}")
+        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+            raise ConfigError(f"downsample must be a power of two (1, 2, 4, 8, ...), got {self.downsample}")
+        if self.image_size < 1 or self.image_size % self.downsample:
+            raise ConfigError(f"image size {self.image_size} must be a positive multiple of downsample "
+                              f"{self.downsample}")
+        if self.width < 1 or self.channels < 1:
+            raise ConfigError(f"width and channels must be positive, got {self.width} and {self.channels}")
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization: each of len(levels) channels is bounded to L levels and rounded (straight-through)."""
+
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        levels_tensor = torch.tensor(levels, dtype=torch.long)
+        self.register_buffer("levels", levels_tensor, persistent=False)
+        # basis[i] = prod(levels[:i]): mixed-radix digits -> one integer index
+        self.register_buffer("basis", torch.cumprod(torch.tensor((1, *levels[:-1])), 0), persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> values in (-L/2, L/2) whose rounding gives exactly L integers (the paper's tanh scaling)."""
+        levels = self.levels.to(z.dtype)
+        half = (levels - 1) * (1 - 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)  # even L: shift so rounding hits L values
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (..., C) -> (quantized in [-1, 1] (..., C) with straight-through gradient, codes (...) long)."""
+        bounded = self.bound(z)
+        rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through estimator
+        half_width = (self.levels // 2).to(z.dtype)
+        return rounded / half_width, self.to_codes(rounded)
+
+    def to_codes(self, rounded: torch.Tensor) -> torch.Tensor:
+        digits = torch.round(rounded).long() + self.levels // 2  # (..., C) in [0, L)
+        return (digits * self.basis).sum(-1)
+
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (...) long -> quantized values in [-1, 1] (..., C)."""
+        digits = (codes.unsqueeze(-1) // self.basis) % self.levels
+        half_width = self.levels // 2
+        return ((digits - half_width).float() / half_width.float())
+
+
+def _downsampling_steps(downsample: int) -> int:
+    return int(math.log2(downsample))
+
+
+class ImageCodec(nn.Module):
+    """uint8 images (N, H, W, 3) <-> code grids (N, H/f, W/f) long."""
+
+    def __init__(self, config: ImageCodecConfig):
+        super().__init__()
+        self.config = config
+        c, width, latent = config.channels, config.width, len(config.levels)
+        steps = _downsampling_steps(config.downsample)
+        down = [nn.Conv2d(c, width, 3, padding=1), nn.GELU()]
+        for _ in range(steps):
+            down += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1),
+                     nn.GELU()]
+        self.encoder = nn.Sequential(*down, nn.Conv2d(width, latent, 1))
+        up = [nn.Conv2d(latent, width, 3, padding=1), nn.GELU()]
+        for _ in range(steps):
+            up += [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.GELU(),
+                   nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        self.decoder = nn.Sequential(*up, nn.Conv2d(width, c, 3, padding=1))
+        self.quantizer = FSQ(config.levels)
+
+    # ---- float path (training) ----
+    def reconstruct(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pixels (N, C, H, W) in [-1, 1] -> (reconstruction (N, C, H, W), codes (N, H/f, W/f))."""
+        z = self.encoder(pixels).permute(0, 2, 3, 1)  # (N, h, w, latent)
+        quantized, codes = self.quantizer(z)
+        return self.decoder(quantized.permute(0, 3, 1, 2)), codes
+
+    # ---- uint8 path (the tokenizer) ----
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != self.config.channels:
+            raise DataError(f"images must be uint8 (N, H, W, {self.config.channels}), got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        f = self.config.downsample
+        if images.shape[1] % f or images.shape[2] % f:
+            raise DataError(f"image height and width must be multiples of {f}, got {images.shape[1]}x{images.shape[2]}")
+        device = next(self.parameters()).device
+        return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> codes (N, H/f, W/f) long in [0, codebook_size)."""
+        z = self.encoder(self._pixels(images)).permute(0, 2, 3, 1)
+        return self.quantizer(z)[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (N, h, w) long -> uint8 images (N, h*f, w*f, C)."""
+        if codes.ndim != 3 or codes.dtype != torch.long:
+            raise DataError(f"codes must be a long tensor (N, h, w), got {codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.codebook_size):
+            raise DataError(f"codes must lie in [0, {self.config.codebook_size})")
+        device = next(self.parameters()).device
+        quantized = self.quantizer.from_codes(codes.to(device)).permute(0, 3, 1, 2)
+        pixels = self.decoder(quantized)
+        return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+
+def _as_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def evaluate_image_codec(codec: ImageCodec, images: np.ndarray, batch_size: int = 256) -> dict:
+    """Reconstruction MSE (pixels scaled to [0, 1]) and PSNR (dB) through the quantized codes; code usage:
+    share of the codebook used and perplexity of the code frequencies (codebook_size if all were equally used)."""
+    codec.eval()
+    squared_error, count = 0.0, 0
+    counts = torch.zeros(codec.config.codebook_size, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+        codes = codec.encode(batch)
+        decoded = codec.decode(codes)
+        squared_error += ((decoded.float() - batch.float()) / 255).pow(2).sum().item()
+        count += batch.numel()
+        counts += torch.bincount(codes.flatten().cpu(), minlength=codec.config.codebook_size)
+    mse = squared_error / max(count, 1)
+    frequencies = counts.float() / counts.sum()
+    entropy = -(frequencies[frequencies > 0] * frequencies[frequencies > 0].log()).sum().item()
+    return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+            "codes_used": int((counts > 0).sum()), "code_usage": float((counts > 0).float().mean()),
+            "perplexity": math.exp(entropy)}
+
+
+def train_image_codec(images: np.ndarray, config: ImageCodecConfig, steps: int = 500, lr: float = 2e-3,
+                      seed: int = 0, batch_size: int = 32, held_out: float = 0.1,
+                      device: str | torch.device = "cpu") -> tuple[ImageCodec, dict]:
+    """Train a codec on uint8 images (N, H, W, C) with an MSE reconstruction loss (the only loss FSQ needs).
+
+    A seeded `held_out` share of the images (at least one) is kept out of training; the report gives its
+    reconstruction error and code usage before ("untrained_*") and after training.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != config.channels:
+        raise DataError(f"images must be uint8 (N, H, W, {config.channels}), got {images.dtype} {images.shape}")
+    if len(images) < 2:
+        raise DataError(f"need at least 2 images (one is held out), got {len(images)}")
+    if images.shape[1] % config.downsample or images.shape[2] % config.downsample:
+        raise DataError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of downsample "
+                        f"{config.downsample}; resize the images (--size) or lower --downsample")
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ConfigError(f"steps and batch_size must be positive and lr > 0, got {steps}, {batch_size}, {lr}")
+    generator = np.random.default_rng(seed)
+    order = generator.permutation(len(images))
+    n_held = max(1, int(len(images) * held_out))
+    held, train = images[order[:n_held]], images[order[n_held:]]
+    torch.manual_seed(seed)
+    codec = ImageCodec(config).to(device)
+    before = evaluate_image_codec(codec, held)
+    train_pixels = _as_pixels(train).to(device)
+    optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sampler = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    codec.train()
+    for _ in range(steps):
+        index = torch.randint(len(train_pixels), (min(batch_size, len(train_pixels)),), generator=sampler)
+        batch = train_pixels[index.to(device)]
+        reconstruction, _ = codec.reconstruct(batch)
+        loss = F.mse_loss(reconstruction, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    seconds = time.perf_counter() - started
+    after = evaluate_image_codec(codec, held)
+    report = {**after, **{f"untrained_{key}": value for key, value in before.items()},
+              "train_images": len(train), "held_out_images": len(held), "steps": steps, "seconds": seconds,
+              "codebook_size": config.codebook_size, "grid": [images.shape[1] // config.downsample,
+                                                              images.shape[2] // config.downsample]}
+    return codec.cpu().eval(), report
+
+
+# ---- save / load ------------------------------------------------------------------------------------------
+
+def save_image_codec(codec: ImageCodec, path: Path, report: dict | None = None) -> Path:
+    """Write `path/` = config.json + codec.safetensors (+ report.json) atomically: temp dir, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        config = {"modality": "image", "format": FORMAT, **asdict(codec.config), "levels": list(codec.config.levels),
+                  "codebook_size": codec.config.codebook_size}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in codec.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        if report is not None:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        for file in tmp.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TokenizerError(f"cannot write image tokenizer {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_image_codec(path: Path, device: str | torch.device = "cpu") -> ImageCodec:
+    """An ImageCodec from a directory written by save_image_codec (weights through safetensors only)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise TokenizerError(f"{path} is not an image tokenizer (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                             f"make one with `fmforge tokenizer train --modality image`")
+    try:
+        saved = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if saved.get("modality") != "image" or saved.get("format") != FORMAT:
+        raise TokenizerError(f"{path / CONFIG_FILE} is not an image tokenizer of format {FORMAT}")
+    config = ImageCodecConfig(**{field.name: saved[field.name] for field in fields(ImageCodecConfig)})
+    codec = ImageCodec(config)
+    try:
+        codec.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    except Exception as exc:  # a truncated file (SafetensorError) or other shapes (RuntimeError)
+        raise TokenizerError(f"cannot load {path / WEIGHTS_FILE}: {str(exc).splitlines()[0]}") from None
+    return codec.to(device).eval()
+
+
+# ---- token stream -----------------------------------------------------------------------------------------
+
+def image_span(codes: torch.Tensor | np.ndarray, code_offset: int) -> list[int]:
+    """A code grid (h, w) -> [<|image|>, offset+h, offset+w, offset+codes (row-major)..., <|/image|>]."""
+    grid = np.asarray(codes)
+    if grid.ndim != 2 or grid.size == 0 or not np.issubdtype(grid.dtype, np.integer):
+        raise DataError(f"an image span needs a non-empty integer code grid (h, w), got {grid.dtype} {grid.shape}")
+    if grid.min() < 0:
+        raise DataError("image codes must be >= 0")
+    height, width = grid.shape
+    return [IMAGE_BEGIN_ID, code_offset + height, code_offset + width,
+            *(code_offset + grid.reshape(-1)).tolist(), IMAGE_END_ID]
+
+
+def parse_image_span(ids: list[int], code_offset: int) -> torch.Tensor:
+    """The inverse of image_span: token ids of one span -> codes (h, w) long. A malformed span raises DataError."""
+    ids = [int(i) for i in ids]
+    if len(ids) < 4 or ids[0] != IMAGE_BEGIN_ID or ids[-1] != IMAGE_END_ID:
+        raise DataError(f"an image span starts with <|image|> ({IMAGE_BEGIN_ID}), gives height and width, and ends "
+                        f"with <|/image|> ({IMAGE_END_ID}); got {len(ids)} ids starting {ids[:3]}")
+    height, width = ids[1] - code_offset, ids[2] - code_offset
+    body = ids[3:-1]
+    if height < 1 or width < 1:
+        raise DataError(f"image span grid size must be positive, got {height}x{width} (ids below code offset "
+                        f"{code_offset})")
+    if len(body) != height * width:
+        raise DataError(f"image span of {height}x{width} needs {height * width} codes, got {len(body)}")
+    codes = torch.tensor(body, dtype=torch.long) - code_offset
+    if len(body) and codes.min() < 0:
+        raise DataError(f"image span holds ids below the code offset {code_offset} (text tokens inside an image)")
+    return codes.view(height, width)

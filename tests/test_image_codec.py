@@ -1,0 +1,120 @@
+"""The discrete image tokenizer: FSQ, the conv codec, its training, save/load, image spans and the CLI command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fmforge.errors import DataError
+from fmforge.modalities import (MODALITIES, ImageCodec, ImageCodecConfig, image_span, load_image_codec,
+                                parse_image_span, save_image_codec, train_image_codec)
+from fmforge.modalities.image import FSQ
+
+
+def digit_images(size: int = 16) -> np.ndarray:
+    """sklearn's 8x8 digits (0..16), upscaled by pixel repetition to size x size, as uint8 RGB (N, H, W, 3)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images
+    repeat = size // 8
+    big = np.repeat(np.repeat(digits, repeat, axis=1), repeat, axis=2)
+    gray = np.clip(big / 16 * 255, 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A codec trained for 150 steps on 400 16x16 digits (f=4: 4x4 codes), with its report."""
+    torch.set_num_threads(1)
+    config = ImageCodecConfig(image_size=16, levels=(8, 5, 5, 5), downsample=4, width=32)
+    codec, report = train_image_codec(digit_images()[:400], config, steps=150, lr=3e-3, seed=0, batch_size=32)
+    return codec, report
+
+
+def test_registry_names_the_image_modality_and_its_span_tokens():
+    from fmforge.tokenizer import SPECIAL_TOKENS
+
+    image = MODALITIES["image"]
+    assert image.codec is ImageCodec and image.content_part == "image_url"
+    assert SPECIAL_TOKENS[image.begin_id] == image.begin_token == "<|image|>"
+    assert SPECIAL_TOKENS[image.end_id] == image.end_token == "<|/image|>"
+
+
+def test_fsq_rounds_to_the_level_grid_and_passes_gradients_straight_through():
+    levels = (8, 5, 3)
+    fsq = FSQ(levels)
+    z = (torch.randn(500, 3) * 3).requires_grad_()
+    quantized, codes = fsq(z)
+    half_width = torch.tensor([4.0, 2.0, 1.0])
+    steps = quantized * half_width
+    assert torch.equal(steps, steps.round())  # on the integer grid, scaled to [-1, 1]
+    assert quantized.abs().max() <= 1
+    for channel, level in enumerate(levels):  # every channel takes exactly its L values
+        assert len(steps[:, channel].unique()) == level
+    assert codes.min() >= 0 and codes.max() < 8 * 5 * 3 and len(codes.unique()) > 60
+    assert torch.equal(fsq.from_codes(codes), quantized.detach())  # codes <-> values is a bijection
+    quantized.sum().backward()  # straight through: the gradient is the bound's, not round's zero
+    unrounded = z.detach().clone().requires_grad_()
+    (fsq.bound(unrounded) / half_width).sum().backward()
+    assert (z.grad[z.abs() < 2] > 0).all() and torch.allclose(z.grad, unrounded.grad)
+
+
+@pytest.mark.parametrize("size,downsample", [((8, 8), 2), ((16, 24), 4)])
+def test_codec_maps_images_to_code_grids_and_back(size, downsample):
+    torch.manual_seed(0)
+    config = ImageCodecConfig(image_size=size[0], levels=(8, 5, 5, 5), downsample=downsample, width=8)
+    codec = ImageCodec(config)
+    images = torch.randint(0, 256, (3, *size, 3), dtype=torch.uint8)
+    codes = codec.encode(images)
+    assert codes.shape == (3, size[0] // downsample, size[1] // downsample) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 1000
+    decoded = codec.decode(codes)
+    assert decoded.shape == images.shape and decoded.dtype == torch.uint8
+    with pytest.raises(DataError, match="multiples of"):
+        codec.encode(torch.zeros(1, size[0] + 1, size[1], 3, dtype=torch.uint8))
+
+
+def test_tiny_training_lowers_reconstruction_error_and_uses_many_codes(trained):
+    _, report = trained
+    assert report["mse"] < report["untrained_mse"] / 4
+    assert report["psnr"] > report["untrained_psnr"] + 6
+    assert report["codes_used"] > 50 and report["perplexity"] > 20
+    assert report["held_out_images"] == 40 and report["grid"] == [4, 4]
+
+
+def test_save_load_round_trips_exactly(trained, tmp_path):
+    codec, report = trained
+    out = save_image_codec(codec, tmp_path / "image_tokenizer", report)
+    assert sorted(p.name for p in out.iterdir()) == ["codec.safetensors", "config.json", "report.json"]
+    assert json.loads((out / "config.json").read_text())["codebook_size"] == 1000
+    loaded = load_image_codec(out)
+    images = torch.from_numpy(digit_images()[400:420])
+    codes = codec.encode(images)
+    assert torch.equal(loaded.encode(images), codes)
+    assert torch.equal(loaded.decode(codes), codec.decode(codes))
+    assert not list(tmp_path.glob(".tmp-*"))  # the temporary directory was renamed away
+
+
+@pytest.mark.parametrize("grid", [(2, 3), (4, 4)])
+def test_image_span_round_trips(grid):
+    codes = torch.arange(grid[0] * grid[1]).view(*grid) * 7 % 1000
+    offset = 4096
+    ids = image_span(codes, offset)
+    assert ids[0] == 7 and ids[-1] == 8 and ids[1:3] == [offset + grid[0], offset + grid[1]]
+    assert len(ids) == 4 + codes.numel() and min(ids[3:-1]) >= offset
+    assert torch.equal(parse_image_span(ids, offset), codes)
+
+
+def test_malformed_image_span_is_refused():
+    ids = image_span(np.zeros((2, 2), dtype=np.int64), 100)
+    with pytest.raises(DataError, match="needs 4 codes, got 3"):
+        parse_image_span(ids[:-2] + ids[-1:], 100)
+    with pytest.raises(DataError, match="starts with <|image|>"):
+        parse_image_span(ids[1:], 100)
+    with pytest.raises(DataError, match="ends"):
+        parse_image_span(ids[:-1], 100)
+    with pytest.raises(DataError, match="below the code offset"):
+        parse_image_span(ids[:3] + [5] + ids[4:], 100)
