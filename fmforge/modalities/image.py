@@ -41,10 +41,10 @@ FORMAT = 1
 
 @dataclass
 class ImageCodecConfig:
-    image_size: int = 28                     # training images are image_size x image_size; encode takes any multiple of downsample
+    image_size: int = 28                     # training size; encode takes any H, W that are multiples of downsample
     channels: int = 3                        # RGB
-    levels: tuple[int, ...] = (8, 5, 5, 5)   # FSQ levels per latent channel; codebook = product (1000), the paper's ~2^10 set
-    downsample: int = 4                      # f: each code covers f x f pixels; a power of two (one stride-2 conv per factor 2)
+    levels: tuple[int, ...] = (8, 5, 5, 5)   # FSQ levels per latent channel; codebook = product (1000, from the paper)
+    downsample: int = 4                      # f: each code covers f x f pixels; a power of two (a stride-2 conv each)
     width: int = 64                          # conv channels
 
     def __post_init__(self):
@@ -65,7 +65,7 @@ class ImageCodecConfig:
 
 
 class FSQ(nn.Module):
-    """Finite scalar quantization: each of len(levels) channels is bounded to L levels and rounded (straight-through)."""
+    """Finite scalar quantization: each of len(levels) channels is bounded to L levels, rounded straight-through."""
 
     def __init__(self, levels: tuple[int, ...]):
         super().__init__()
