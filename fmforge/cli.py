@@ -1,7 +1,8 @@
 """The `fmforge` command: one subcommand per pipeline stage.
 
     fmforge quickstart                 corpus -> tokenizer -> shards -> pretrain -> bits-per-byte -> samples
-    fmforge tokenizer train SOURCES    byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)
+    fmforge tokenizer train SOURCES    byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json);
+                                       --modality image: the FSQ image codec (config.json + codec.safetensors)
     fmforge prepare SOURCES            token shards + manifest.json (+ a copy of the tokenizer)
     fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
     fmforge generate --checkpoint DIR  sample text with the KV cache, streamed
@@ -57,8 +58,69 @@ def train_tokenizer_from_sources(sources: list[str], vocab_size: int, jsonl_fiel
     return tokenizer
 
 
+IMAGE_TOKENIZER_FLAGS = {"steps": 1000, "levels": "8,5,5,5", "downsample": 4, "width": 64, "size": None,
+                         "limit": None, "seed": 0, "lr": 2e-3, "batch_size": 32}
+
+
 def cmd_tokenizer_train(args) -> None:
-    train_tokenizer_from_sources(args.sources, args.vocab_size, args.jsonl_field, args.parquet_column, Path(args.out))
+    """`--modality text` (default): BPE on text sources; `--modality image`: the FSQ image codec on an image source."""
+    given = [name for name in IMAGE_TOKENIZER_FLAGS if getattr(args, name) is not None]
+    if args.modality == "image":
+        if args.vocab_size is not None:
+            raise ConfigError("--vocab-size is for --modality text; an image tokenizer's codebook is the product of "
+                              "--levels")
+        for name, default in IMAGE_TOKENIZER_FLAGS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return train_image_tokenizer(args)
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for --modality image")
+    vocab_size = 8192 if args.vocab_size is None else args.vocab_size
+    train_tokenizer_from_sources(args.sources, vocab_size, args.jsonl_field, args.parquet_column, Path(args.out))
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or any(level < 2 for level in levels):
+        raise ConfigError(f"--levels takes integers >= 2 separated by commas (e.g. 8,5,5,5), got {text!r}")
+    return levels
+
+
+def train_image_tokenizer(args) -> None:
+    """Train the FSQ image codec on one image source and save it in --out (config.json + codec.safetensors)."""
+    from .device import resolve_device
+    from .modalities import ImageCodecConfig, save_image_codec, train_image_codec
+
+    if len(args.sources) != 1:
+        raise ConfigError(f"--modality image takes one image source (e.g. digits, mnist), got {len(args.sources)}")
+    levels = parse_levels(args.levels)
+    for name in ("steps", "downsample", "width", "batch_size", "size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {args.lr}")
+    device = resolve_device(args.device)
+    ImageCodecConfig(image_size=args.downsample, levels=levels, downsample=args.downsample, width=args.width)  # checks
+    from .data.images import load_images
+
+    images = load_images(args.sources[0], split="train", limit=args.limit, size=args.size).images
+    config = ImageCodecConfig(image_size=images.shape[1], levels=levels, downsample=args.downsample, width=args.width)
+    codec, report = train_image_codec(images, config, steps=args.steps, lr=args.lr, seed=args.seed,
+                                      batch_size=args.batch_size, device=device)
+    save_image_codec(codec, Path(args.out), report)
+    height, width = report["grid"]
+    print(f"image tokenizer: {config.codebook_size} codes (levels {'x'.join(map(str, levels))}), "
+          f"{height}x{width} codes per {images.shape[1]}x{images.shape[2]} image; trained {args.steps} steps on "
+          f"{report['train_images']} images in {report['seconds']:.1f}s -> {args.out}")
+    print(f"held-out ({report['held_out_images']} images): reconstruction MSE {report['mse']:.4f} "
+          f"(PSNR {report['psnr']:.1f} dB; untrained {report['untrained_mse']:.4f}, "
+          f"{report['untrained_psnr']:.1f} dB), "
+          f"codes used {report['codes_used']}/{config.codebook_size} ({report['code_usage']:.0%}), "
+          f"perplexity {report['perplexity']:.0f}")
 
 
 def cmd_prepare(args) -> None:
@@ -422,10 +484,25 @@ def add_corpus_commands(sub) -> None:
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer")
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer, or an image tokenizer (--modality image)")
     add_source_options(t)
-    t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--modality", choices=["text", "image"], default="text",
+                   help="text: BPE on text sources; image: FSQ image codec on an image source (digits, mnist)")
+    t.add_argument("--vocab-size", type=int, default=None, help="text: vocabulary size (default 8192)")
+    t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json "
+                                                "(image: config.json + codec.safetensors + report.json)")
+    image = t.add_argument_group("--modality image")
+    image.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+    image.add_argument("--levels", default=None, help="FSQ levels per latent channel; codebook = their product "
+                                                      "(default 8,5,5,5 = 1000 codes)")
+    image.add_argument("--downsample", type=int, default=None, help="pixels per code side, a power of two (default 4)")
+    image.add_argument("--width", type=int, default=None, help="conv channels (default 64)")
+    image.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: as loaded)")
+    image.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+    image.add_argument("--seed", type=int, default=None, help="seed of the split, init and batches (default 0)")
+    image.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
+    image.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
+    image.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
     t.set_defaults(handler=cmd_tokenizer_train)
 
 

@@ -118,3 +118,36 @@ def test_malformed_image_span_is_refused():
         parse_image_span(ids[:-1], 100)
     with pytest.raises(DataError, match="below the code offset"):
         parse_image_span(ids[:3] + [5] + ids[4:], 100)
+
+
+def test_cli_trains_an_image_tokenizer_and_reports_error_and_code_usage(tmp_path, capsys):
+    from fmforge.cli import main
+
+    out = tmp_path / "image_tokenizer"
+    assert main(["tokenizer", "train", "--modality", "image", "digits", "--size", "16", "--limit", "300",
+                 "--steps", "60", "--width", "16", "--levels", "5,5,5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "125 codes (levels 5x5x5), 4x4 codes per 16x16 image" in printed
+    assert "reconstruction MSE" in printed and "codes used" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 60 and report["mse"] < report["untrained_mse"]
+    codec = load_image_codec(out)
+    assert codec.encode(torch.from_numpy(digit_images()[:2])).shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--modality", "image", "digits", "--levels", "8,x"], "--levels takes integers >= 2"),
+    (["--modality", "image", "digits", "--downsample", "3"], "downsample must be a power of two"),
+    (["--modality", "image", "digits", "mnist"], "takes one image source"),
+    (["--modality", "image", "digits", "--steps", "0"], "--steps must be at least 1"),
+    (["--modality", "image", "digits", "--vocab-size", "512"], "--vocab-size is for --modality text"),
+    (["some_texts/", "--steps", "10"], "--steps is for --modality image"),
+])
+def test_bad_image_tokenizer_flags_give_one_error_line(tmp_path, capsys, flags, message):
+    from fmforge.cli import main
+
+    capsys.readouterr()
+    assert main(["tokenizer", "train", *flags, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
