@@ -113,6 +113,10 @@ def test_shapes_scenes_are_valid():
         kinds = [q["relational"] for q in record["questions"]]
         assert True in kinds and False in kinds and len(kinds) <= 10
         assert all(f"{o['colour']} {o['shape']}" in record["caption"] for o in objects)
+    # A record picks an answer before a question, so yes/no templates are balanced though most kinds are absent.
+    present = [q["answer"] == "yes" for r in data.records for q in r["questions"]
+               if q["question"].startswith("Is there")]
+    assert len(present) > 20 and 0.3 < np.mean(present) < 0.7
 
 
 def test_glyphs_hold_out_one_font_family_for_test():
@@ -235,6 +239,13 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, line, words):
     jsonl = tmp_path / "captions.jsonl"
     jsonl.write_text(json.dumps({"image": "pictures/0.png", "text": "a picture"}) + "\n" + line + "\n")
     with pytest.raises(DataError, match=words.replace(".", r"\.")):
+        load_images(str(jsonl))
+
+
+def test_jsonl_that_is_not_utf8_is_refused(tmp_path):
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes('{"image": "a.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.jsonl: not UTF-8"):
         load_images(str(jsonl))
 
 

@@ -178,13 +178,16 @@ def _shapes_example(rng: np.random.Generator, split: str) -> tuple[np.ndarray, d
     objects = random_scene(rng)
     questions = scene_questions(objects)
     record = {"caption": scene_caption(objects), "questions": [], "objects": objects}
-    for relational in (False, True):  # one question of each template, templates in random order
-        by_kind: dict[str, list[dict]] = {}
+    for relational in (False, True):  # one question per template, templates in random order
+        by_kind: dict[str, dict[str, list[dict]]] = {}  # template -> answer -> questions
         for q in questions:
             if q["relational"] == relational:
-                by_kind.setdefault(q["kind"], []).append(q)
+                by_kind.setdefault(q["kind"], {}).setdefault(q["answer"], []).append(q)
         for kind in sorted(by_kind, key=lambda _: rng.random())[:QUESTIONS_PER_KIND]:
-            record["questions"].append(by_kind[kind][int(rng.integers(len(by_kind[kind])))])
+            # an answer first, then a question with it: "Is there a red circle?" is "yes" half the time, not 1 in 5
+            answers = sorted(by_kind[kind])
+            pool = by_kind[kind][answers[int(rng.integers(len(answers)))]]
+            record["questions"].append(pool[int(rng.integers(len(pool)))])
     return draw_scene(objects), record
 
 
@@ -320,7 +323,10 @@ def _render_text(text: str, family: str, style: str, font_size: int, angle: floa
         ImageDraw.Draw(mask).text((1 - left, 1 - top), text, fill=255, font=font)
         mask = mask.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
         mask = mask.crop(mask.getbbox())
-        if (mask.width <= fit and mask.height <= fit) or font_size <= 6:
+        if mask.width <= fit and mask.height <= fit:
+            return mask, used
+        if font_size <= 6:
+            mask.thumbnail((fit, fit))
             return mask, used
         font_size -= 1
 
@@ -383,20 +389,23 @@ def _class_folder(root: Path) -> list[tuple[Path, dict, str]]:
 def _captions_jsonl(jsonl: Path) -> list[tuple[Path, dict, str]]:
     """(file, record, how to name it) for each {"image": path, "text": caption} line of a JSONL file."""
     listed = []
-    with open(jsonl, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{jsonl}:{number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
-                    and isinstance(entry.get("text"), str)):
-                raise DataError(f'{where}: expected {{"image": path, "text": caption}} with string values')
-            path = jsonl.parent / entry["image"]
-            listed.append((path, {"text": entry["text"], "path": entry["image"]}, f"{path} ({where})"))
+    try:
+        lines = jsonl.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as error:
+        raise DataError(f"{jsonl}: not UTF-8 text (byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{jsonl}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                and isinstance(entry.get("text"), str)):
+            raise DataError(f'{where}: expected {{"image": path, "text": caption}} with string values')
+        path = jsonl.parent / entry["image"]
+        listed.append((path, {"text": entry["text"], "path": entry["image"]}, f"{path} ({where})"))
     if not listed:
         raise DataError(f"{jsonl}: no lines; write one {{\"image\": path, \"text\": caption}} per line")
     return listed
