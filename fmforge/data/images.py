@@ -14,11 +14,12 @@ the same size, and `records`, one dict per image. Built-in sources (`SOURCES`):
              computed from the scene description (`scene_questions`), and a question is only asked when its
              answer is clear (no near ties, nothing within 3 px of a dividing line). Scene i of a split comes from
              numpy.random.default_rng([SHAPES_SEED, split number, i]): 10,000 train, 1,000 val, 1,000 test.
-    glyphs   words and numbers rendered in several font families (matplotlib's bundled TTFs, so every machine
-             has the same fonts) at varied size, rotation (up to 20 degrees), offset and colours, 48x48 RGB.
-             Records {"text": the rendered string, "font": family}. Train and val use DejaVu Sans, DejaVu Sans
-             Mono and STIX General; the test split uses only the held-out family, DejaVu Serif
-             (HELD_OUT_FONT). Seeded per image as shapes (GLYPHS_SEED): 10,000 / 1,000 / 1,000.
+    glyphs   a word of WORDS (lower, Title or UPPER case) or a number below 10,000, rendered in one of several
+             font families (matplotlib's bundled TTFs, so every machine has the same fonts) at varied size,
+             rotation (up to 20 degrees), offset and colours, 48x48 RGB. Records {"text": the rendered string,
+             "font": family}. Train and val use DejaVu Sans, DejaVu Sans Mono and STIX General; the test split
+             uses only the held-out family, DejaVu Serif (HELD_OUT_FONT). Seeded per image as shapes
+             (GLYPHS_SEED): 10,000 / 1,000 / 1,000.
 
 User sources (resized to `size`, default 32: centre-cropped to a square first):
 
@@ -71,7 +72,7 @@ NEAREST_MARGIN = 2.0  # a nearest/farthest question needs the runner-up this muc
 SHAPE_NAMES = ("circle", "square", "triangle")
 COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (235, 215, 40),
            "purple": (160, 70, 210)}
-QUESTIONS_PER_KIND = 5  # a scene's record asks up to 5 non-relational and 5 relational questions, one a template
+QUESTIONS_EACH = 5  # a scene's record asks up to 5 non-relational and 5 relational questions, one a template
 
 # glyphs
 GLYPH_SIZE = 48
@@ -183,7 +184,7 @@ def _shapes_example(rng: np.random.Generator, split: str) -> tuple[np.ndarray, d
         for q in questions:
             if q["relational"] == relational:
                 by_kind.setdefault(q["kind"], {}).setdefault(q["answer"], []).append(q)
-        for kind in sorted(by_kind, key=lambda _: rng.random())[:QUESTIONS_PER_KIND]:
+        for kind in sorted(by_kind, key=lambda _: rng.random())[:QUESTIONS_EACH]:
             # an answer first, then a question with it: "Is there a red circle?" is "yes" half the time, not 1 in 5
             answers = sorted(by_kind[kind])
             pool = by_kind[kind][answers[int(rng.integers(len(answers)))]]
