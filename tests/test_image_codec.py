@@ -151,3 +151,15 @@ def test_bad_image_tokenizer_flags_give_one_error_line(tmp_path, capsys, flags, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_a_missing_or_truncated_image_tokenizer_is_a_clear_error(trained, tmp_path):
+    from fmforge.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="is not an image tokenizer"):
+        load_image_codec(tmp_path / "nothing")
+    out = save_image_codec(trained[0], tmp_path / "image_tokenizer")
+    weights = out / "codec.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(TokenizerError, match="cannot load"):
+        load_image_codec(out)
