@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -41,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, SettingsMismatchError, TokenizerError
-from .fileio import atomic_write_bytes, atomic_write_text, fsync_directory
+from .fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -90,40 +89,25 @@ def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir
     write_model_files(model, tokenizer_dir).
     """
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        if write_files is not None:
-            write_files(tmp)
-        else:
-            write_model_files(tmp, model, tokenizer_dir)
-        if train_state is not None:
-            state_dir = tmp / "train_state"
-            state_dir.mkdir()
-            (state_dir / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
-            if optimizer is not None:
-                _save_torch(optimizer.state_dict(), state_dir / "optimizer.pt")
-            _save_torch({"torch": torch.get_rng_state()}, state_dir / "rng.pt")
-            if run_yaml is not None:
-                (state_dir / "run.yaml").write_text(run_yaml)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as f:
-                    os.fsync(f.fileno())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(path) as tmp:
+            if write_files is not None:
+                write_files(tmp)
+            else:
+                write_model_files(tmp, model, tokenizer_dir)
+            if train_state is not None:
+                state_dir = tmp / "train_state"
+                state_dir.mkdir()
+                (state_dir / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
+                if optimizer is not None:
+                    _save_torch(optimizer.state_dict(), state_dir / "optimizer.pt")
+                _save_torch({"torch": torch.get_rng_state()}, state_dir / "rng.pt")
+                if run_yaml is not None:
+                    (state_dir / "run.yaml").write_text(run_yaml)
+    except (OSError, RuntimeError, SafetensorError) as exc:
         # A full or read-only disk (safetensors reports it as SafetensorError, torch as RuntimeError).
-        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
-            raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(exc)} — free disk space or make "
-                                  f"{path.parent} writable") from None
-        raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(exc)} — free disk space or make "
+                              f"{path.parent} writable") from None
     return path
 
 

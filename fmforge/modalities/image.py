@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, TokenizerError
-from ..fileio import fsync_directory
+from ..fileio import atomic_directory
 
 IMAGE_BEGIN_ID = 7  # "<|image|>" in tokenizer.SPECIAL_TOKENS (tests check they agree)
 IMAGE_END_ID = 8    # "<|/image|>"
@@ -246,32 +244,17 @@ def save_image_codec(codec: ImageCodec, path: Path, report: dict | None = None) 
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        config = {"modality": "image", "format": FORMAT, **asdict(codec.config), "levels": list(codec.config.levels),
-                  "codebook_size": codec.config.codebook_size}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in codec.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        for file in tmp.iterdir():
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
+        with atomic_directory(path) as tmp:
+            config = {"modality": "image", "format": FORMAT, **asdict(codec.config),
+                      "levels": list(codec.config.levels), "codebook_size": codec.config.codebook_size}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in codec.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE))
+            if report is not None:
+                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise TokenizerError(f"cannot write image tokenizer {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
