@@ -5,7 +5,8 @@ A checkpoint is a directory holding
     config.json              {"architecture": "fmforge.Transformer", "format_version": 2, "model": {...},
                               "modalities": {...}}   (the modalities section is optional: absent = text only)
     model.safetensors        weights (a tied lm_head is stored once, as embed_tokens)
-    tokenizer.json           + tokenizer_config.json
+    tokenizer.json           + tokenizer_config.json (its "media" entry: each modality's code range)
+    image_tokenizer/         the image codec (config.json + codec.safetensors), when the model has images
     train_state/             optimizer.pt (torch.load(weights_only=True)), state.json, run.yaml (resume only)
 
 A training run directory keeps several of them:
@@ -42,6 +43,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, SettingsMismatchError, TokenizerError
 from .fileio import atomic_directory, atomic_write_bytes, atomic_write_text
 from .model import Transformer
+from .modalities.stream import media_entry, with_media
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
@@ -66,6 +68,8 @@ def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path |
     """config.json + model.safetensors (+ the tokenizer files) of a plain model; `modalities` (format 2) describes
     the media the model reads and writes (absent = text only)."""
     config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    if modalities is None and tokenizer_dir is not None:
+        modalities = tokenizer_modalities(Path(tokenizer_dir))
     if modalities:
         config["modalities"] = modalities
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -74,10 +78,27 @@ def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path |
 
 
 def copy_tokenizer(tokenizer_dir: Path | None, directory: Path) -> None:
+    """The text tokenizer's files and, for a media tokenizer, its codecs' directories."""
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).exists():
                 shutil.copyfile(Path(tokenizer_dir) / name, directory / name)
+        for spec in media_entry(tokenizer_dir).values():
+            codec_dir = str(spec.get("directory", ""))
+            if codec_dir and "/" not in codec_dir and (Path(tokenizer_dir) / codec_dir).is_dir():
+                shutil.copytree(Path(tokenizer_dir) / codec_dir, directory / codec_dir, dirs_exist_ok=True)
+
+
+def tokenizer_modalities(tokenizer_dir: Path) -> dict:
+    """The checkpoint's modalities section for a tokenizer directory: per modality its code range and codec
+    directory ({} for a text tokenizer)."""
+    return {name: {"code_offset": spec.get("offset"), "codebook_size": spec.get("size"),
+                   "tokenizer": spec.get("directory")} for name, spec in media_entry(tokenizer_dir).items()}
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer in a directory: a Tokenizer, or a MediaTokenizer when it names media codecs."""
+    return with_media(Tokenizer.load(directory), directory)
 
 
 def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir: Path | None = None,
@@ -306,7 +327,7 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
     tokenizer fits the model."""
     model, checkpoint = load_model(path, device)
     check_finite_weights(model, checkpoint)
-    tokenizer = Tokenizer.load(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise TokenizerError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                              f"vocabulary has only {model.config.vocab_size}; they do not belong together")

@@ -62,6 +62,12 @@ IMAGE_TOKENIZER_FLAGS = {"steps": 1000, "levels": "8,5,5,5", "downsample": 4, "w
                          "limit": None, "seed": 0, "lr": 2e-3, "batch_size": 32}
 
 
+def load_tokenizer(path):
+    """A text or media tokenizer directory (checkpoint.load_tokenizer, imported when used)."""
+    from .checkpoint import load_tokenizer as load
+    return load(path)
+
+
 def cmd_tokenizer_train(args) -> None:
     """`--modality text` (default): BPE on text sources; `--modality image`: the FSQ image codec on an image source."""
     given = [name for name in IMAGE_TOKENIZER_FLAGS if getattr(args, name) is not None]
@@ -94,8 +100,6 @@ def train_image_tokenizer(args) -> None:
     from .device import resolve_device
     from .modalities import ImageCodecConfig, save_image_codec, train_image_codec
 
-    if len(args.sources) != 1:
-        raise ConfigError(f"--modality image takes one image source (e.g. digits, mnist), got {len(args.sources)}")
     levels = parse_levels(args.levels)
     for name in ("steps", "downsample", "width", "batch_size", "size", "limit"):
         value = getattr(args, name)
@@ -105,13 +109,25 @@ def train_image_tokenizer(args) -> None:
         raise ConfigError(f"--lr must be positive, got {args.lr}")
     device = resolve_device(args.device)
     ImageCodecConfig(image_size=args.downsample, levels=levels, downsample=args.downsample, width=args.width)  # checks
-    from .data.images import load_images
+    from .data.images import load_images, training_crops
 
-    images = load_images(args.sources[0], split="train", limit=args.limit, size=args.size).images
+    text_tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    sets = [load_images(source, split="train", limit=args.limit).images for source in args.sources]
+    images = training_crops(sets, args.size, args.seed)
     config = ImageCodecConfig(image_size=images.shape[1], levels=levels, downsample=args.downsample, width=args.width)
     codec, report = train_image_codec(images, config, steps=args.steps, lr=args.lr, seed=args.seed,
                                       batch_size=args.batch_size, device=device)
-    save_image_codec(codec, Path(args.out), report)
+    if text_tokenizer is not None:
+        from .modalities.stream import MediaTokenizer
+
+        media = MediaTokenizer(getattr(text_tokenizer, "text", text_tokenizer), {"image": codec})
+        media.save(Path(args.out))
+        save_image_codec(codec, Path(args.out) / "image_tokenizer", report)
+        offset, size = media.ranges["image"]
+        print(f"tokenizer: {media.text_vocab_size} text ids + {size} image codes (ids {offset}-{offset + size - 1})"
+              f" = {media.vocab_size} ids -> {args.out}")
+    else:
+        save_image_codec(codec, Path(args.out), report)
     height, width = report["grid"]
     print(f"image tokenizer: {config.codebook_size} codes (levels {'x'.join(map(str, levels))}), "
           f"{height}x{width} codes per {images.shape[1]}x{images.shape[2]} image; trained {args.steps} steps on "
@@ -126,14 +142,17 @@ def train_image_tokenizer(args) -> None:
 def cmd_prepare(args) -> None:
     """Token shards; the output directory appears only when complete, with a copy of the tokenizer inside."""
     from .data.shards import prepare
-    from .tokenizer import Tokenizer
 
     if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     elif args.vocab_size:
         tokenizer = train_tokenizer_from_sources(args.sources, args.vocab_size, args.jsonl_field, args.parquet_column)
     else:
         raise ConfigError("give --tokenizer DIR (from `fmforge tokenizer train`) or --vocab-size N to train one")
+    if any(str(source).startswith("image:") for source in args.sources):
+        from .data.vision import prepare_images
+        prepare_images(args.sources, tokenizer, Path(args.out), limit=args.image_limit, size=args.image_size)
+        return
     prepare(args.sources, tokenizer, Path(args.out), val_fraction=args.val_fraction, workers=args.workers,
             jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
 
@@ -199,6 +218,8 @@ def cmd_generate(args) -> None:
     prompt = args.prompt
     if prompt is None:
         prompt = sys.stdin.read()
+    if args.image or args.output_image:
+        return generate_with_images(args, engine, tokenizer, params, prompt)
     out = sys.stdout
     out.write(prompt)
     out.flush()
@@ -206,6 +227,39 @@ def cmd_generate(args) -> None:
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
+    """`generate --image X --output-image Y`: one chat turn (the vision tasks' format) whose user content is the
+    images then the prompt; the reply's text goes to stdout, its images to --output-image (PNG)."""
+    from .data.images import encode_png, read_image
+    from .data.vision import fit_image
+    from .fileio import atomic_write_bytes
+    from .infer.engine import GenerationRequest
+
+    if not hasattr(tokenizer, "encode_image"):
+        raise ConfigError(f"{args.checkpoint} reads and writes text only (it has no image tokenizer); use a "
+                          "multimodal checkpoint for --image and --output-image")
+    if args.output_image and Path(args.output_image).suffix.lower() != ".png":
+        raise ConfigError(f"--output-image {args.output_image}: write a .png file")
+    parts = [{"type": "image", "image": fit_image(read_image(path), tokenizer)} for path in args.image or []]
+    prompt_ids = tokenizer.encode_chat([{"role": "user", "content": parts + [prompt]}], add_generation_prompt=True)
+    completion = engine.complete([GenerationRequest(prompt_ids, params, stop_ids=tokenizer.chat_stop_ids())])[0]
+    images = tokenizer.decode_images(completion.token_ids)
+    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    if text:
+        print(text)
+    if args.output_image:
+        if not images:
+            raise FmforgeError(f"the model wrote no image ({completion.finish_reason}; {len(completion.token_ids)} "
+                                  "tokens); raise --max-new-tokens, or use a specialist that draws")
+        target = Path(args.output_image)
+        for index, image in enumerate(images):
+            path = target if index == 0 else target.with_name(f"{target.stem}-{index + 1}{target.suffix}")
+            atomic_write_bytes(path, encode_png(image))
+            print(f"image {image.shape[1]}x{image.shape[0]} -> {path}", file=sys.stderr)
+    elif images:
+        print(f"(the reply holds {len(images)} image(s); save them with --output-image FILE.png)", file=sys.stderr)
 
 
 # ---- specialise: finetune, merge, chat, eval, tasks ---------------------------------------------------------
@@ -497,12 +551,15 @@ def add_corpus_commands(sub) -> None:
                                                       "(default 8,5,5,5 = 1000 codes)")
     image.add_argument("--downsample", type=int, default=None, help="pixels per code side, a power of two (default 4)")
     image.add_argument("--width", type=int, default=None, help="conv channels (default 64)")
-    image.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE (default: as loaded)")
+    image.add_argument("--size", type=int, default=None, help="train on SIZE x SIZE crops (smaller images are "
+                       "resized up; default: the smallest source's size); the codec then takes any size")
     image.add_argument("--limit", type=int, default=None, help="use at most this many training images")
     image.add_argument("--seed", type=int, default=None, help="seed of the split, init and batches (default 0)")
     image.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
     image.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     image.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    image.add_argument("--tokenizer", default=None, help="a text tokenizer directory to extend: --out becomes one "
+                       "tokenizer whose image codes follow the text ids (for `fmforge prepare image:SOURCE`)")
     t.set_defaults(handler=cmd_tokenizer_train)
 
 
@@ -514,6 +571,9 @@ def add_corpus_commands(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--image-limit", type=int, default=None, help="image:SOURCE: at most this many images per split")
+    p.add_argument("--image-size", type=int, default=None, help="image:SOURCE: resize to SIZE x SIZE (default: "
+                   "the source's own size; 32 for user images)")
     p.set_defaults(handler=cmd_prepare)
 
 
@@ -530,6 +590,9 @@ def add_generation_commands(sub) -> None:
     """generate and chat: text from a checkpoint on the engine."""
     p = sub.add_parser("generate", help="generate text from a checkpoint (streamed)")
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    p.add_argument("--image", action="append", default=None, help="an image file (PNG, JPEG, WebP...) the prompt "
+                   "is about; repeatable. Asks as a chat turn, as the vision specialists were trained")
+    p.add_argument("--output-image", default=None, help="save the image(s) the model writes here (PNG)")
     p.add_argument("--adapter", help="a LoRA specialist of this checkpoint (its directory or run)")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)

@@ -202,6 +202,9 @@ class TrainConfig:
     """One training run. Paths are strings so that the resolved config is plain YAML."""
 
     data_dir: str = ""  # output of `fmforge prepare` (shards + manifest + tokenizer)
+    # {prepared dir: weight}: pretrain on several directories (text, image:...) at once, each drawn in proportion
+    # to its weight; replaces data_dir. The first directory's val split is the held-out eval.
+    mixture: dict | None = None
     out_dir: str = "runs/pretrain"
     seed: int = 1337
     batch_size: int = 16  # sequences per micro-batch per process
@@ -228,6 +231,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self) -> None:
+        if self.mixture is not None:
+            if not isinstance(self.mixture, dict) or not self.mixture:
+                raise ConfigError(f"train.mixture must map prepared directories to weights, got {self.mixture!r}")
+            for path, weight in self.mixture.items():
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+                        or weight == float("inf"):
+                    raise ConfigError(f"train.mixture weight of {path} must be a positive number, got {weight!r}")
         for name in ["batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
                      "checkpoint_interval", "keep_checkpoints"]:
             value = getattr(self, name)

@@ -71,6 +71,8 @@ CONFIG_FILE = "tokenizer_config.json"
 
 
 # Tokens that close a chat turn in the templates of the model families fmforge imports.
+MEDIA_MARK = "\ue002"  # stands for an encoded media part (a list of ids) while the chat template renders
+
 CHAT_END_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<|end_of_turn|>")
 
 
@@ -274,6 +276,7 @@ class Tokenizer:
         The template is rendered twice: with each content replaced by a unique placeholder (which tells the
         template's text from the contents, wherever a content's text happens to occur), and as it is (which
         tells how the template inserted each content: as is, or trimmed as Llama 3's does)."""
+        messages, media = _render_media(messages)
         text = self.apply_chat_template(messages, add_generation_prompt)
         marks = [f"\ue000{index}\ue001" for index in range(len(messages))]
         shaped = self.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
@@ -295,7 +298,9 @@ class Tokenizer:
             else:
                 raise TokenizerError("the chat template changes message contents; it cannot be encoded with "
                                      "contents kept as text")
-            ids += self.encode(before, allow_special=True) + self.encode(inserted)
+            ids += self.encode(before, allow_special=True)
+            for index, piece in enumerate(inserted.split(MEDIA_MARK)):  # text, then a media part's ids, ...
+                ids += (media.pop(0) if index else []) + self.encode(piece)
             cursor += len(inserted)
         if text[cursor:] != shaped:
             raise TokenizerError("the chat template renders differently from one conversation to another")
@@ -309,6 +314,34 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+
+def _render_media(messages: list[dict]) -> tuple[list[dict], list[list[int]]]:
+    """Messages whose content is a list of parts (strings, and lists of ids: already encoded media) as the template
+    sees them: the parts joined, each media part as MEDIA_MARK; and the media parts' ids in order."""
+    rendered, media = [], []
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            if isinstance(content, str) and MEDIA_MARK in content:
+                raise TokenizerError(f"chat message {index} holds U+E002, a private-use character fmforge "
+                                     "reserves; remove it")
+            rendered.append(message)
+            continue
+        pieces = []
+        for part in content:
+            if isinstance(part, str):
+                if MEDIA_MARK in part:
+                    raise TokenizerError(f"chat message {index} holds U+E002, a private-use character fmforge "
+                                         "reserves; remove it")
+                pieces.append(part)
+            elif isinstance(part, list) and all(isinstance(i, int) for i in part):
+                pieces.append(MEDIA_MARK)
+                media.append(part)
+            else:
+                raise TokenizerError(f"chat message {index}: a content part must be text or encoded media")
+        rendered.append({**message, "content": "".join(pieces)})
+    return rendered, media
 
 
 def post_processor_prefix(rust_tokenizer: RustTokenizer) -> str | None:

@@ -138,7 +138,7 @@ def test_cli_trains_an_image_tokenizer_and_reports_error_and_code_usage(tmp_path
 @pytest.mark.parametrize("flags,message", [
     (["--modality", "image", "digits", "--levels", "8,x"], "--levels takes integers >= 2"),
     (["--modality", "image", "digits", "--downsample", "3"], "downsample must be a power of two"),
-    (["--modality", "image", "digits", "mnist"], "takes one image source"),
+    (["--modality", "image", "digits", "--tokenizer", "/nonexistent"], "not found"),
     (["--modality", "image", "digits", "--steps", "0"], "--steps must be at least 1"),
     (["--modality", "image", "digits", "--vocab-size", "512"], "--vocab-size is for --modality text"),
     (["some_texts/", "--steps", "10"], "--steps is for --modality image"),

@@ -424,6 +424,63 @@ def _captions_jsonl(jsonl: Path) -> list[tuple[Path, dict, str]]:
     return listed
 
 
+def training_crops(sets: list[np.ndarray], size: int | None, seed: int = 0) -> np.ndarray:
+    """Image arrays of several sizes as one (N, size, size, 3) training array: an image larger than `size` gives
+    one seeded random crop, a smaller one is resized up (size None: the smallest side among the sets). A
+    convolutional codec trained on crops takes whole images of any size."""
+    size = size or min(images.shape[1] for images in sets)
+    rng = np.random.default_rng(seed)
+    out = []
+    for images in sets:
+        for image in images:
+            if image.shape[0] < size or image.shape[1] < size:
+                out.append(_resize(image, size))
+            else:
+                top = int(rng.integers(image.shape[0] - size + 1))
+                left = int(rng.integers(image.shape[1] - size + 1))
+                out.append(image[top:top + size, left:left + size])
+    return np.stack(out)
+
+
+def read_image(path: str | Path, size: int | None = None, where: str | None = None) -> np.ndarray:
+    """One image file -> (H, W, 3) uint8 RGB (size x size when `size` is given), checked as user images are."""
+    path = Path(path)
+    where = where or str(path)
+    _check_image_file(path, where)
+    return _decode(path, where, size)
+
+
+def decode_image_bytes(data: bytes, size: int | None = None, where: str = "image",
+                       max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) -> (H, W, 3) uint8 RGB; the byte size and the pixel count in the
+    header are checked before anything is decoded (a small file declaring 20000x20000 is refused unread)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > max_bytes:
+        raise DataError(f"{where}: {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{where}: not an image Pillow can read ({type(error).__name__})") from None
+    if width * height > max_pixels:
+        raise DataError(f"{where}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
+    return _decode(io.BytesIO(data), where, size)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _check_image_file(path: Path, where: str) -> None:
     """Everything that can be checked without decoding pixels: the file, its byte size, format and pixel count."""
     from PIL import Image, UnidentifiedImageError
@@ -442,8 +499,9 @@ def _check_image_file(path: Path, where: str) -> None:
                         "(a decompression bomb?)")
 
 
-def _decode(path: Path, where: str, size: int) -> np.ndarray:
-    """(size, size, 3) uint8: the image decoded in full, upright, transparency over white, centre-cropped."""
+def _decode(path, where: str, size: int | None) -> np.ndarray:
+    """(size, size, 3) uint8: the image (a path or file object) decoded in full, upright, transparency over white,
+    centre-cropped (size None: as it is)."""
     from PIL import Image, ImageOps
 
     try:
@@ -456,6 +514,8 @@ def _decode(path: Path, where: str, size: int) -> np.ndarray:
             image = image.convert("RGB")
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{where}: cannot decode the image ({error})") from None
+    if size is None:
+        return np.asarray(image, dtype=np.uint8).copy()
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))

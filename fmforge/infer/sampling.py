@@ -150,6 +150,13 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
         presence = torch.tensor([p.presence_penalty for p in params], device=device).view(-1, 1)
         logits = logits - frequency * counts - presence * (counts > 0).float()
     logits = logits.clamp(-FINITE, FINITE)  # a huge penalty must not turn into inf (and softmax into nan)
+    allowed = getattr(tokenizer, "allowed", None)  # a media tokenizer's span grammar (modalities/stream.py)
+    if allowed is not None:
+        forbidden = torch.ones(B, V, dtype=torch.bool)
+        for i in range(B):
+            low, high = allowed(prompts[i] if prompts else [], outputs[i])
+            forbidden[i, low:high] = False
+        logits = logits.masked_fill(forbidden.to(device), -FINITE)
 
     tokens = logits.argmax(dim=-1)  # greedy rows keep these
     sampled = [i for i, p in enumerate(params) if not p.greedy]

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..data.loader import PretrainBatches, WindowDataset, eval_windows
+from ..checkpoint import load_tokenizer
+from ..data.loader import MixtureDataset, PretrainBatches, WindowDataset, eval_windows
 from ..data.shards import load_split, read_manifest
 from ..errors import ConfigError, TokenizerError
 from .evaluation import bits_per_byte, evaluate_windows
@@ -29,18 +30,41 @@ def check_vocab(model_vocab: int | None, tokenizer: Tokenizer, where: str) -> in
     return model_vocab
 
 
+def data_sources(cfg) -> list[tuple[Path, object, object, float]]:
+    """(directory, manifest, tokenizer, weight) of train.data_dir, or of each train.mixture entry in order; every
+    directory's shards must match its tokenizer, and all must share one text tokenizer (media codecs may differ
+    only in that some directories have none)."""
+    if cfg.mixture:
+        entries = [(Path(str(path)), float(weight)) for path, weight in cfg.mixture.items()]
+    elif cfg.data_dir:
+        entries = [(Path(cfg.data_dir), 1.0)]
+    else:
+        raise ConfigError("train.data_dir is not set: point it at a directory made by `fmforge prepare` (or give "
+                          "train.mixture: {DIR: weight, ...})")
+    sources = []
+    for directory, weight in entries:
+        manifest = read_manifest(directory)
+        tokenizer = load_tokenizer(directory)
+        if tokenizer.fingerprint() != manifest.tokenizer_fingerprint:
+            raise TokenizerError(f"{directory}: tokenizer.json does not match the tokenizer the shards were made "
+                                 "with; re-run `fmforge prepare`")
+        sources.append((directory, manifest, tokenizer, weight))
+    texts = {getattr(t, "text", t).fingerprint() for _, _, t, _ in sources}
+    media = {t.fingerprint() for _, _, t, _ in sources if hasattr(t, "codecs")}
+    if len(texts) > 1 or len(media) > 1:
+        raise TokenizerError("train.mixture directories were prepared with different tokenizers; prepare them all "
+                             "with one (a media tokenizer extends the text one, so text and image data can mix)")
+    return sources
+
+
 def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
     cfg = run.train
-    if not cfg.data_dir:
-        raise ConfigError("train.data_dir is not set: point it at a directory made by `fmforge prepare`")
-    data_dir = Path(cfg.data_dir)
-    manifest = read_manifest(data_dir)
-    tokenizer = Tokenizer.load(data_dir)
-    if tokenizer.fingerprint() != manifest.tokenizer_fingerprint:
-        raise TokenizerError(f"{data_dir}: tokenizer.json does not match the tokenizer the shards were made with; "
-                             "re-run `fmforge prepare`")
-    run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(data_dir))
+    sources = data_sources(cfg)
+    data_dir, manifest, tokenizer = sources[0][0], sources[0][1], sources[0][2]
+    # The checkpoint's tokenizer: the one with the most ids (a media tokenizer over a text-only directory's).
+    tokenizer_dir, tokenizer = max(((d, t) for d, _, t, _ in sources), key=lambda dt: dt[1].vocab_size)
+    run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(tokenizer_dir))
 
     device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
@@ -51,6 +75,9 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         model = Transformer(run.model).to(device)
         T = run.model.context_length
         train_data = WindowDataset(load_split(data_dir, "train"), T)
+        if len(sources) > 1:
+            train_data = MixtureDataset([WindowDataset(load_split(d, "train"), T) for d, _, _, _ in sources],
+                                        [w for _, _, _, w in sources])
         batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
         val_shards = load_split(data_dir, "val")
         val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
@@ -59,8 +86,8 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
                   "single document?), so there is no held-out eval; prepare it from more than one document",
                   file=sys.stderr)
         if dist.is_main and not quiet:
-            print(f"model: {model.num_parameters():,} parameters | train: {manifest.train.tokens:,} tokens "
-                  f"({train_data.n_windows:,} windows of {T}) | val: {manifest.val.tokens:,} tokens | "
+            print(f"model: {model.num_parameters():,} parameters | train: "
+                  f"{sum(m.train.tokens for _, m, _, _ in sources):,} tokens ({len(train_data):,} windows of {T}) | val: {manifest.val.tokens:,} tokens | "
                   f"{cfg.batch_size * cfg.grad_accum * dist.world_size * T:,} tokens/step", flush=True)
 
         def evaluate(m: torch.nn.Module, max_tokens: int | None, autocast) -> dict:
@@ -72,7 +99,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
             return {"val_loss": loss, "val_bpb": bpb}
 
         trainer = Trainer(model, run, batches.get, evaluate if val_data is not None else None, Path(cfg.out_dir),
-                          data_dir, dist, device, resume=resume, quiet=quiet)
+                          tokenizer_dir, dist, device, resume=resume, quiet=quiet)
         return trainer.fit()
     finally:
         distributed.teardown(dist)
