@@ -167,3 +167,36 @@ def long_base(prepared, tmp_path_factory) -> Path:
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
                                     context_length=2048))
     return write_checkpoint(tmp_path_factory.mktemp("long") / "model", model, prepared)
+
+
+# ---- vision: a tiny multimodal base, made with the CLI as a user makes one -------------------------------------
+
+@pytest.fixture(scope="session")
+def media_tokenizer(tmp_path_factory, prepared) -> Path:
+    """The tiny corpus's text tokenizer extended by an image tokenizer (FSQ levels 5,5,5: 125 codes) trained for
+    a few steps on MNIST and shape-scene crops."""
+    from fmforge.cli import main
+
+    out = tmp_path_factory.mktemp("media-tokenizer") / "tokenizer"
+    assert main(["tokenizer", "train", "--modality", "image", "mnist", "shapes", "--limit", "200", "--steps", "40",
+                 "--width", "16", "--levels", "5,5,5", "--tokenizer", str(prepared), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def multimodal_base(tmp_path_factory, prepared, media_tokenizer) -> Path:
+    """A run directory: a tiny model pretrained 40 steps on a mixture of stdlib text and MNIST/shapes
+    caption <-> image documents (context 192: a 12x12 scene and a question fit)."""
+    from fmforge.cli import main
+
+    root = tmp_path_factory.mktemp("multimodal")
+    text, images = root / "text", root / "images"
+    assert main(["prepare", str(STDLIB / "json"), "--tokenizer", str(media_tokenizer), "--out", str(text),
+                 "--workers", "1", "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", "image:mnist", "image:shapes", "--image-limit", "60", "--tokenizer",
+                 str(media_tokenizer), "--out", str(images)]) == 0
+    out = root / "run"
+    assert main(["pretrain", *tiny_overrides(text, out, max_steps=40, lr=1e-2, eval_interval=40,
+                                             checkpoint_interval=40, context_length=192),
+                 "--train.mixture", f"{{{text}: 1, {images}: 2}}"]) == 0
+    return out
