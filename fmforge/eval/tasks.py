@@ -3,7 +3,8 @@
 raw and length-normalised), and held-out perplexity on prepared shards.
 
 Task specs for `fmforge eval --tasks`: a built-in dataset of the task registry (stdlib-docstring, stdlib-body,
-stdlib-module; its test split), `perplexity` (needs --data PREPARED_DIR), or TASK:FILE.jsonl for any task whose
+stdlib-module, and the vision sets mnist-recognise, shapes-answer, glyphs-read, mnist-draw, shapes-edit, ... scored
+by eval/vision.py; its test split), `perplexity` (needs --data PREPARED_DIR), or TASK:FILE.jsonl for any task whose
 registry entry names an evaluator (completion, classify, mc; mc records: {"prompt": ..., "choices": [...],
 "answer": index}).
 """
@@ -23,6 +24,7 @@ from ..data.tasks import BUILTIN, TASKS, Task, read_records
 from ..errors import ConfigError, DataError, GenerationError
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
+from .vision import EVALUATORS as VISION_EVALUATORS
 
 ZERO_SHOT_SUFFIX = "\n# module:"  # how a plain LM is asked which label fits a text (zero-shot classification)
 
@@ -147,6 +149,7 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
     "classify": evaluate_classify,
     "mc": lambda model, tokenizer, records, labels: evaluate_multiple_choice(language_model(model), tokenizer,
                                                                              records),
+    **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
 }
 
 
