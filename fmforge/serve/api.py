@@ -1,8 +1,10 @@
-"""The HTTP routes: OpenAI's API (models, completions, chat completions, embeddings), health, metrics, the chat
-page. Each handler parses its body with the protocol models and hands it to `OpenAIServing`.
+"""The HTTP routes: OpenAI's API (models, completions, chat completions, embeddings, image generations), health,
+metrics, the chat page. Each handler parses its body with the protocol models and hands it to `OpenAIServing`.
 
 Every error is OpenAI's JSON ({"error": {"message", "type", "param", "code"}}): malformed JSON 400, fields of the
-wrong type or out of range 422, unsupported features and over-long prompts 400, unknown model 404, missing or
+wrong type or out of range 422, unsupported features and over-long prompts 400, an image that is not a PNG, JPEG or
+WebP data URL within the caps (or sent to a text-only model) 400, a drawing request the model answered without a
+complete image 422, unknown model 404, missing or
 wrong API key 401 (every route but /health), a body slower than the read deadline 408, bodies over the limit 413,
 a full queue 429, a server that is shutting down 503, a sequence that failed while generating 500 (the others are
 unaffected). GET /openapi.json describes it all (request bodies included), behind the API key like the rest.
@@ -26,24 +28,25 @@ from ..infer.engine import Engine
 from .metrics import Metrics
 from .middleware import BodyTimeout, BodyTooLarge, Guard, body_timed_out, error_response, too_large
 from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                       ErrorResponse, check_unsupported, parse_json_body, validation_error)
-from .serving import OpenAIServing, ServedModel
+                       ErrorResponse, ImageGenerationRequest, check_unsupported, parse_json_body, validation_error)
+from .serving import ImageLimits, OpenAIServing, ServedModel
 
 ENGINE_WATCH_SECONDS = 0.5
 
 
 def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str] | None = None, *,
                api_key: str | None = None, max_body_bytes: int = 4 << 20, body_timeout: float | None = None,
-               base_info: dict | None = None, on_engine_death: Callable[[], None] | None = None):
+               base_info: dict | None = None, on_engine_death: Callable[[], None] | None = None,
+               image_limits: ImageLimits | None = None):
     """The ASGI app (FastAPI inside the Guard middleware); it starts the engine at startup and stops it, after
     the last response, at shutdown. A request body must arrive within `body_timeout` seconds (else 408). If the
     engine's loop dies, /health answers 503 and `on_engine_death` is called (`serve` then exits non-zero, so
-    that a process manager restarts it)."""
+    that a process manager restarts it). `image_limits` caps the images a request may send (vision models)."""
     models = {base_name: ServedModel(base_name, 0, base_info or {})}
     for index, name in enumerate(adapter_names or [], start=1):
         models[name] = ServedModel(name, index, engine.adapters[index - 1].info)
     metrics = Metrics(engine)
-    serving = OpenAIServing(engine, models, metrics)
+    serving = OpenAIServing(engine, models, metrics, image_limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -109,9 +112,10 @@ async def parse(request: Request, schema: type[BaseModel]):
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
-    400: "Malformed JSON, an unsupported feature or value, a prompt that does not fit",
+    400: "Malformed JSON, an unsupported feature or value, a prompt that does not fit, a bad or too large image",
     401: "Missing or wrong API key", 404: "Unknown model", 408: "The body did not arrive in time",
-    413: "Body too large", 422: "A field of the wrong type or out of range", 429: "The queue is full",
+    413: "Body too large", 429: "The queue is full",
+    422: "A field of the wrong type or out of range; or a drawing the model ended without a complete image",
     500: "A sequence failed while generating", 503: "Shutting down, too many connections, or the engine stopped",
 }.items()}
 
@@ -130,7 +134,7 @@ def openapi_schema(app: FastAPI, model_names: list[str], needs_key: bool) -> dic
                              description="OpenAI-compatible API of fmforge serve")
         components = schema.setdefault("components", {})
         models = components.setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ImageGenerationRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             models.update(model_schema.pop("$defs", {}))
             model_schema["properties"]["model"]["enum"] = model_names
@@ -175,6 +179,10 @@ def add_routes(app: FastAPI, serving: OpenAIServing, metrics: Metrics) -> None:
     @app.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest), responses=ERRORS)
     async def embeddings(request: Request):
         return await serving.embeddings(await parse(request, EmbeddingRequest))
+
+    @app.post("/v1/images/generations", openapi_extra=json_body(ImageGenerationRequest), responses=ERRORS)
+    async def image_generations(request: Request):
+        return await serving.images(await parse(request, ImageGenerationRequest), request)
 
     page = resources.files("fmforge.serve").joinpath("static/chat.html").read_text("utf-8")
 

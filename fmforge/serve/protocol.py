@@ -5,10 +5,17 @@ Fields OpenAI defines that fmforge does not implement are refused with a clear 4
 default (`suffix`, `echo`, `best_of` > n, `tools`, `response_format` other than text, ...); fields that only label
 a request (`user`, `metadata`) are accepted and ignored. vLLM's extensions `top_k`, `min_p`,
 `repetition_penalty` and `stop_token_ids` are accepted too.
+
+Images come in as chat content parts {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}:
+`image_url_bytes` takes PNG, JPEG and WebP data URLs only (no URL is ever fetched) and refuses, with a 400 naming
+the part, anything else, bad base64, and data over the byte cap, before the image is decoded. The Images API
+(`ImageGenerationRequest`) answers b64_json only.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -102,11 +109,19 @@ class _Request(BaseModel):
             raise APIError(400, str(exc), param=field if field in type(self).model_fields else None) from None
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is fit to the image tokenizer
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(BaseModel):
@@ -142,6 +157,78 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's Images API body (POST /v1/images/generations). `size` is "WIDTHxHEIGHT" in pixels, or None/"auto"
+    (the model chooses); `seed` and `temperature` are extensions, as in chat."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str
+    prompt: str = Field(min_length=1)
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: str | None = None  # only "b64_json" (checked in check_unsupported: a 400, not a 422)
+    output_format: str | None = None  # only "png"
+    seed: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    user: str | None = None
+
+    def to_sampling_params(self, vocab_size: int, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+        """The drawing's sampling: temperature (default 1), seed; APIError 400 for a bad seed."""
+        if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
+            raise APIError(400, f"seed must be a 64-bit signed integer ({INT64[0]} .. {INT64[1]})", param="seed")
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else
+                                self.temperature, seed=self.seed)
+        try:
+            return params.validate(vocab_size)
+        except GenerationError as exc:
+            raise APIError(400, str(exc)) from None
+
+
+# Data URLs of these media types are accepted, and the bytes must start with one of these formats' signatures.
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+
+
+def _is_png_jpeg_or_webp(data: bytes) -> bool:
+    return (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
+
+
+def image_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
+    """The encoded image in a data URL (`data:image/png;base64,...`; PNG, JPEG or WebP), at most `max_bytes`.
+    Anything else (another scheme: no URL is fetched; a malformed URL; bad base64; another media type; bytes that
+    are not one of the three formats) is an APIError 400 naming `param`. The pixels are not looked at here."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or scheme.lower() != "data":
+        given = f"an '{scheme.lower()}:' URL" if colon and len(scheme) < 16 else "something else"
+        raise APIError(400, f"image_url must be a data URL (data:image/png;base64,...), not {given}: this server "
+                       "fetches no URLs", param=param, code="invalid_image_url")
+    header, comma, data = rest.partition(",")
+    if not comma:
+        raise APIError(400, "image_url is a malformed data URL: no ',' between its header and its data",
+                       param=param, code="invalid_image_url")
+    media_type, *options = (piece.strip().lower() for piece in header.split(";"))
+    if "base64" not in options:
+        raise APIError(400, "image_url must be a base64 data URL (data:image/png;base64,...)", param=param,
+                       code="invalid_image_url")
+    if media_type not in IMAGE_MEDIA_TYPES:
+        raise APIError(400, f"image_url has media type {media_type[:40] or '(none)'!r}; this server accepts "
+                       "image/png, image/jpeg and image/webp", param=param, code="unsupported_image_type")
+    if len(data) // 4 * 3 > max_bytes + 3:  # the decoded size, known before decoding
+        raise APIError(400, f"the image is about {len(data) // 4 * 3:,} bytes, over this server's {max_bytes:,}-byte "
+                       "limit (--max-image-bytes)", param=param, code="image_too_large")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "image_url's data is not valid base64", param=param, code="invalid_image_url") from None
+    if len(raw) > max_bytes:
+        raise APIError(400, f"the image is {len(raw):,} bytes, over this server's {max_bytes:,}-byte limit "
+                       "(--max-image-bytes)", param=param, code="image_too_large")
+    if not _is_png_jpeg_or_webp(raw):
+        raise APIError(400, f"image_url's data is not a PNG, JPEG or WebP image (it says {media_type})",
+                       param=param, code="invalid_image")
+    return raw
+
+
 # Fields that would change the answer if honoured, with the value that means "not used".
 UNSUPPORTED = {"suffix": None, "echo": False, "tools": None, "functions": None, "tool_choice": None,
                "parallel_tool_calls": None, "audio": None, "modalities": None, "prediction": None,
@@ -150,6 +237,8 @@ UNSUPPORTED = {"suffix": None, "echo": False, "tools": None, "functions": None, 
 
 def check_unsupported(request: BaseModel) -> None:
     values = {**request.model_dump(exclude_unset=True), **(request.model_extra or {})}
+    if isinstance(request, ImageGenerationRequest):
+        return _check_image_request(values)
     for name, default in UNSUPPORTED.items():
         if name in values and values[name] not in (default, None, [], {}):
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
@@ -160,6 +249,20 @@ def check_unsupported(request: BaseModel) -> None:
     best_of = values.get("best_of")
     if best_of is not None and best_of != values.get("n", 1):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
+
+
+def _check_image_request(values: dict) -> None:
+    if values.get("response_format") not in (None, "b64_json"):
+        raise APIError(400, "this server returns images as base64 PNG only: set response_format to 'b64_json'",
+                       param="response_format", code="unsupported_parameter")
+    if values.get("output_format") not in (None, "png"):
+        raise APIError(400, "this server returns PNG images only: set output_format to 'png'", param="output_format",
+                       code="unsupported_parameter")
+    if values.get("stream") not in (None, False):
+        raise APIError(400, "streaming partial images is not supported", param="stream", code="unsupported_parameter")
+    if values.get("background") not in (None, "auto", "opaque"):
+        raise APIError(400, "transparent backgrounds are not supported", param="background",
+                       code="unsupported_parameter")
 
 
 def validation_error(errors: list[dict]) -> APIError:

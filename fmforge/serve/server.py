@@ -42,6 +42,9 @@ class ServeOptions:
     body_timeout: float = 60.0  # seconds from the head to the body's last byte (408)
     max_connections: int = 512  # open connections; a request beyond them gets 503
     drain_timeout: float = 30.0  # seconds requests in flight may go on after SIGTERM
+    max_image_bytes: int = 4 << 20  # one image's encoded bytes (a chat image_url part); more is a 400
+    max_image_pixels: int = 4096 * 4096  # one image's width x height, read from its header before decoding
+    max_images: int = 8  # images in one chat request
 
 
 def parse_adapter_option(value: str) -> tuple[str, str]:
@@ -67,6 +70,8 @@ def build_engine(options: ServeOptions):
             and options.max_connections >= 1):
         raise ConfigError("--header-timeout and --body-timeout must be > 0, --drain-timeout >= 0, "
                           "--max-connections at least 1")
+    if options.max_image_bytes < 1 or options.max_image_pixels < 1 or options.max_images < 0:
+        raise ConfigError("--max-image-bytes and --max-image-pixels must be at least 1, --max-images at least 0")
     from ..device import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
@@ -87,6 +92,7 @@ def serve(options: ServeOptions) -> None:
 
     from .api import create_app
     from .connections import RepeatFilter, limit_repeated_logs, protocol_class
+    from .serving import ImageLimits
 
     started = time.perf_counter()
     engine, info = build_engine(options)
@@ -98,7 +104,8 @@ def serve(options: ServeOptions) -> None:
 
     app = create_app(engine, options.model_name, [name for name, _ in options.adapters], api_key=options.api_key,
                      max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout, base_info=info,
-                     on_engine_death=on_engine_death)
+                     on_engine_death=on_engine_death,
+                     image_limits=ImageLimits(options.max_image_bytes, options.max_image_pixels, options.max_images))
     serving, metrics = app.app.state.serving, app.metrics
     models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "

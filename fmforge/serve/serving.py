@@ -10,6 +10,13 @@ stream ends with an error event, then [DONE]); the engine goes on serving everyo
 
 While the server drains (SIGTERM, `start_draining`), requests in flight go on until the drain deadline; then a
 stream ends with an error event and [DONE], and a request that is not streamed answers 503.
+
+Vision (a checkpoint whose tokenizer has an image tokenizer): chat image_url parts are decoded (size caps checked
+from the header first), fit to the image tokenizer and encoded as image spans, in a worker thread, so the event loop
+keeps serving. An assistant's text may carry images as markdown data URLs (what this server answers with), and
+they go back in as images. A reply's image span becomes `![image](data:image/png;base64,...)` in its text the
+moment its end marker is sampled (streamed or not). POST /v1/images/generations draws with the chat format: the
+user turn is the prompt, the reply is forced to open an image span (with the asked size's header, if any).
 """
 
 from __future__ import annotations
@@ -19,18 +26,24 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import GenerationError, TokenizerError
+from ..data.images import decode_image_bytes, encode_png
+from ..data.vision import fit_image
+from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
+from ..modalities import MODALITIES
+from ..modalities.stream import MAX_GRID
 from .metrics import Metrics
-from .protocol import CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                       ImageGenerationRequest, image_url_bytes)
 
 logger = logging.getLogger("uvicorn.error")  # the server's error log (uvicorn's handler, level and repeat filter)
 
@@ -40,6 +53,30 @@ class ServedModel:
     name: str
     adapter: int  # 0 = the base
     info: dict
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may send as images (serve's --max-image-bytes, --max-image-pixels, --max-images)."""
+    max_bytes: int = 4 << 20  # encoded bytes of one image (the request body's own limit is --max-body-bytes)
+    max_pixels: int = 4096 * 4096  # width x height of one image, read from its header before it is decoded
+    max_images: int = 8  # images in one chat request (every message together)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image of a chat request, not yet decoded: its data URL and the request field it came from."""
+    url: str
+    param: str
+
+
+# An image in an assistant's text, as this server writes it: ![alt](data:image/...;base64,...)
+# (bounded repeats: a text of many "![" must not take quadratic time)
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]\n]{0,200}\]\((data:image/[a-zA-Z.+-]{1,40};base64,[A-Za-z0-9+/=\s]*)\)")
+
+
+def image_markdown(png: bytes) -> str:
+    return f"![image](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
 class ClientDisconnected(Exception):
@@ -53,8 +90,8 @@ class DrainDeadline(Exception):
 @dataclass
 class _Job:
     """The sequences of one request and the queue their events arrive on (index = prompt x n + choice)."""
-    kind: str  # "chat" | "completion"
-    body: ChatCompletionRequest | CompletionRequest
+    kind: str  # "chat" | "completion" | "image"
+    body: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest
     prompts: list[list[int]]
     sequences: list[Sequence]
     events: asyncio.Queue
@@ -65,6 +102,63 @@ class _Job:
         return {"id": ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if self.kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.body.model}
+
+
+@dataclass
+class _Output:
+    """What one sequence of a job produced: its text pieces, logprobs, token ids and how it ended."""
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class _Reply:
+    """A chat choice of a vision model as it grows: the engine's text without the image markers' own text, and each
+    image span as markdown once its end marker arrives. Text that could be the start of a marker is held back (a
+    stop string can make the engine hand a marker's text over in two pieces)."""
+
+    def __init__(self):
+        image = MODALITIES["image"]
+        self.begin_id, self.end_id = image.begin_id, image.end_id
+        self.begin_text, self.end_text = image.begin_token, image.end_token
+        self.span: list[int] | None = None  # the ids of the image span being written
+        self.images: list[str] = []  # markdown of finished spans whose end marker text has not been fed yet
+        self.pending = ""
+
+    def track(self, token_id: int | None) -> list[int] | None:
+        """Follow the span grammar; the whole span's ids when `token_id` ends one."""
+        if token_id == self.begin_id:
+            self.span = [token_id]
+        elif self.span is not None and token_id is not None:
+            self.span.append(token_id)
+            if token_id == self.end_id:
+                span, self.span = self.span, None
+                return span
+        return None
+
+    def feed(self, text: str, final: bool) -> str:
+        """The text to show for the engine's next piece (everything, at the end)."""
+        self.pending += text
+        out = []
+        while True:
+            found = [(at, marker) for marker in (self.begin_text, self.end_text)
+                     if (at := self.pending.find(marker)) != -1]
+            if not found:
+                break
+            at, marker = min(found)
+            out.append(self.pending[:at])
+            if marker == self.end_text and self.images:
+                out.append(self.images.pop(0))
+            self.pending = self.pending[at + len(marker):]
+        keep = 0
+        if not final:  # the longest tail that could grow into a marker
+            keep = max((k for marker in (self.begin_text, self.end_text) for k in range(1, len(marker))
+                        if self.pending.endswith(marker[:k])), default=0)
+        out.append(self.pending[:len(self.pending) - keep])
+        self.pending = self.pending[len(self.pending) - keep:]
+        return "".join(out)
 
 
 def cancel_all(sequences: list[Sequence]) -> int:
@@ -78,9 +172,12 @@ def cancel_all(sequences: list[Sequence]) -> int:
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, models: dict[str, ServedModel], metrics: Metrics):
+    def __init__(self, engine: Engine, models: dict[str, ServedModel], metrics: Metrics,
+                 image_limits: ImageLimits | None = None):
         self.engine, self.models, self.metrics = engine, models, metrics
         self.tokenizer = engine.tokenizer
+        self.sees_images = hasattr(self.tokenizer, "encode_image")  # a media tokenizer with an image codec
+        self.image_limits = image_limits or ImageLimits()
         self.vocab_size = engine.model.config.vocab_size
         self.chat_stops = self.tokenizer.chat_stop_ids()
         self.created = int(time.time())
@@ -131,25 +228,11 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self.pick(body.model)
-        messages = []
-        for i, m in enumerate(body.messages):
-            if isinstance(m.content, str):
-                content = m.content
-            else:
-                for j, part in enumerate(m.content):
-                    if part.type != "text":
-                        raise APIError(400, f"content parts of type '{part.type}' are not supported by this model "
-                                       "(it reads text only)", param=f"messages.{i}.content.{j}.type",
-                                       code="unsupported_content_type")
-                    if part.text is None:
-                        raise APIError(400, "a text content part needs 'text'", param=f"messages.{i}.content.{j}.text")
-                content = "".join(part.text for part in m.content)
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        try:
-            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        except TokenizerError as exc:
-            raise APIError(400, f"the messages do not fit this model's chat template: {exc}",
-                           param="messages") from None
+        messages, images = self.chat_messages(body)
+        if images:  # decoding and encoding images is CPU work: off the event loop
+            ids = await asyncio.to_thread(lambda: self.encode_chat(self.with_images(messages)))
+        else:
+            ids = self.encode_chat(messages)
         self.check_length(ids, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -157,6 +240,72 @@ class OpenAIServing:
         job = self.submit("chat", body, [ids], served.adapter, self.chat_stops,
                           body.max_completion_tokens or body.max_tokens, logprobs)
         return await self.respond(job, request)
+
+    def chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict], int]:
+        """The messages as encode_chat takes them (content: a string, or a list of strings and ImageInput, which
+        `with_images` decodes), and how many images they hold. APIError 400 naming the part for a part this model
+        cannot read, or too many images."""
+        messages, images = [], 0
+        for i, m in enumerate(body.messages):
+            parts: list = [m.content] if isinstance(m.content, str) else []
+            for j, part in enumerate([] if isinstance(m.content, str) else m.content):
+                where = f"messages.{i}.content.{j}"
+                if part.type == "text":
+                    if part.text is None:
+                        raise APIError(400, "a text content part needs 'text'", param=f"{where}.text")
+                    parts.append(part.text)
+                elif part.type == "image_url" and not self.sees_images:
+                    raise APIError(400, f"the model '{body.model}' does not accept images (content parts of type "
+                                   "'image_url'): it reads text only", param=f"{where}.type",
+                                   code="unsupported_content_type")
+                elif part.type == "image_url":
+                    if part.image_url is None:
+                        raise APIError(400, "an image_url content part needs 'image_url': {'url': ...}",
+                                       param=f"{where}.image_url")
+                    parts.append(ImageInput(part.image_url.url, f"{where}.image_url.url"))
+                else:
+                    reads = "text and images" if self.sees_images else "text only"
+                    raise APIError(400, f"content parts of type '{part.type}' are not supported by this model "
+                                   f"(it reads {reads})", param=f"{where}.type", code="unsupported_content_type")
+            if self.sees_images and m.role == "assistant":  # images this server answered with, sent back
+                parts = [piece for part in parts for piece in
+                         (_markdown_images(part, f"messages.{i}.content") if isinstance(part, str) else [part])]
+            images += sum(isinstance(part, ImageInput) for part in parts)
+            if all(isinstance(part, str) for part in parts):
+                parts = "".join(parts)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": parts})
+        if images > self.image_limits.max_images:
+            raise APIError(400, f"this request holds {images} images; this server takes at most "
+                           f"{self.image_limits.max_images} per request (--max-images)", param="messages",
+                           code="too_many_images")
+        return messages, images
+
+    def with_images(self, messages: list[dict]) -> list[dict]:
+        """The messages with every ImageInput decoded (caps checked before decoding) and fit to the image
+        tokenizer, as {"type": "image", "image": (H, W, 3) uint8} parts. Runs in a worker thread."""
+        limits = self.image_limits
+
+        def decoded(part):
+            if not isinstance(part, ImageInput):
+                return part
+            data = image_url_bytes(part.url, part.param, limits.max_bytes)
+            try:
+                pixels = decode_image_bytes(data, where=part.param, max_bytes=limits.max_bytes,
+                                            max_pixels=limits.max_pixels)
+                return {"type": "image", "image": fit_image(pixels, self.tokenizer)}
+            except DataError as exc:
+                raise APIError(400, str(exc), param=part.param, code="invalid_image") from None
+
+        return [{**m, "content": [decoded(part) for part in m["content"]]} if isinstance(m["content"], list) else m
+                for m in messages]
+
+    def encode_chat(self, messages: list[dict], param: str = "messages") -> list[int]:
+        """The conversation's ids, ready for the assistant's reply; APIError 400 naming `param` if the chat
+        template cannot take it."""
+        try:
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        except TokenizerError as exc:
+            raise APIError(400, f"'{param}' does not fit this model's chat template: {exc}", param=param) from None
 
     def submit(self, kind: str, body, prompts: list[list[int]], adapter: int, stop_ids: frozenset[int],
                max_tokens: int | None, logprobs: int | None) -> _Job:
@@ -204,23 +353,26 @@ class OpenAIServing:
             raise APIError(400, str(exc)) from None
         return _Job(kind, body, prompts, sequences, events, logprobs)
 
-    async def respond(self, job: _Job, request: Request) -> Response:
-        if job.body.stream:
+    async def respond(self, job: _Job, request: Request, answer=None) -> Response:
+        """Stream the job, or wait for it whole and answer with `answer(job, outputs)` (default: `collect`)."""
+        if job.kind != "image" and job.body.stream:
             return _Stream(self.stream(job), job.sequences, self.metrics)
         watcher = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
-            return await self.collect(job, watcher)
+            outputs = await self.gather(job, watcher)
+            return await (answer or self.collect)(job, outputs)
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
         finally:
             watcher.cancel()
             self.metrics.cancelled.inc(cancel_all(job.sequences))
 
-    async def collect(self, job: _Job, watcher: asyncio.Future) -> JSONResponse:
-        total = len(job.sequences)
-        texts, logs = [[] for _ in range(total)], [[] for _ in range(total)]
-        finish, counts, done = [None] * total, [0] * total, 0
-        while done < total:
+    async def gather(self, job: _Job, watcher: asyncio.Future) -> list[_Output]:
+        """Every sequence of the job to its end. APIError 503 at the drain deadline, 500 if a sequence failed."""
+        outputs = [_Output() for _ in job.sequences]
+        replies = self.replies(job)
+        done = 0
+        while done < len(outputs):
             try:
                 index, event = await self.next_event(job, watcher)
             except DrainDeadline:
@@ -229,25 +381,54 @@ class OpenAIServing:
             if event.finish_reason == "error":
                 self.log_failure(job, event)
                 raise APIError(500, f"generation failed: {event.error}", type="server_error", code="generation_failed")
-            texts[index].append(event.text)
+            output = outputs[index]
+            output.pieces.append(await self.piece(replies, index, event))
+            if event.token_id is not None:
+                output.token_ids.append(event.token_id)
             if event.logprob is not None:
-                logs[index].append(event.logprob)
-            counts[index] = event.completion_tokens
+                output.logprobs.append(event.logprob)
+            output.completion_tokens = event.completion_tokens
             if event.finish_reason:
-                finish[index], done = event.finish_reason, done + 1
-        self.count_tokens(job.prompts, sum(counts))
+                output.finish_reason, done = event.finish_reason, done + 1
+        self.count_tokens(job.prompts, sum(o.completion_tokens for o in outputs))
+        return outputs
+
+    def replies(self, job: _Job) -> list[_Reply] | None:
+        """A _Reply per choice when a chat reply may hold images, else None (the engine's text as it is)."""
+        return [_Reply() for _ in job.sequences] if self.sees_images and job.kind == "chat" else None
+
+    async def piece(self, replies: list[_Reply] | None, index: int, event: Event) -> str:
+        """The text to show for an event: the engine's text, or for a vision model's chat, with images rendered."""
+        if replies is None:
+            return event.text
+        reply = replies[index]
+        span = reply.track(event.token_id)
+        if span is not None:
+            reply.images.append(await asyncio.to_thread(self.span_markdown, span))
+        return reply.feed(event.text, final=event.finish_reason is not None)
+
+    def span_markdown(self, span: list[int]) -> str:
+        """A complete image span as a markdown image (a PNG data URL); "" if it does not decode."""
+        try:
+            return image_markdown(encode_png(self.tokenizer.decode_images(span)[0]))
+        except (DataError, IndexError) as exc:  # the sampler's grammar makes every span decode; never hide a reply
+            logger.error("An image span of %d ids did not decode: %s", len(span), exc)
+            return ""
+
+    async def collect(self, job: _Job, outputs: list[_Output]) -> JSONResponse:
         choices = []
-        for i in range(total):
-            text = "".join(texts[i])
+        for i, output in enumerate(outputs):
+            text = "".join(output.pieces)
             if job.kind == "chat":
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": chat_logprobs(logs[i]) if job.logprobs is not None else None,
-                                "finish_reason": finish[i]})
+                                "logprobs": chat_logprobs(output.logprobs) if job.logprobs is not None else None,
+                                "finish_reason": output.finish_reason})
             else:
                 choices.append({"index": i, "text": text,
-                                "logprobs": completion_logprobs(logs[i], 0) if job.logprobs is not None else None,
-                                "finish_reason": finish[i]})
-        return JSONResponse({**job.header, "choices": choices, "usage": usage(job.prompts, sum(counts))})
+                                "logprobs": completion_logprobs(output.logprobs, 0) if job.logprobs is not None
+                                else None, "finish_reason": output.finish_reason})
+        completion_tokens = sum(o.completion_tokens for o in outputs)
+        return JSONResponse({**job.header, "choices": choices, "usage": usage(job.prompts, completion_tokens)})
 
     async def stream(self, job: _Job):
         """Server-sent events: a chunk per piece of text, then usage if asked for, then [DONE]."""
@@ -255,6 +436,7 @@ class OpenAIServing:
         total = len(job.sequences)
         include_usage = bool((job.body.stream_options or {}).get("include_usage"))
         counts, offsets, done = [0] * total, [0] * total, 0
+        replies = self.replies(job)
         if job.kind == "chat":
             for i in range(total):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -276,19 +458,20 @@ class OpenAIServing:
             counts[index] = event.completion_tokens
             if event.finish_reason:
                 done += 1
-            if not event.text and event.finish_reason is None and event.logprob is None:
+            text = await self.piece(replies, index, event)
+            if not text and event.finish_reason is None and event.logprob is None:
                 continue
             entries = [event.logprob] if event.logprob is not None else []
             if job.kind == "chat":
-                delta = {"content": event.text} if event.text or event.finish_reason is None else {}
+                delta = {"content": text} if text or event.finish_reason is None else {}
                 choice = {"index": index, "delta": delta,
                           "logprobs": chat_logprobs(entries) if job.logprobs is not None else None,
                           "finish_reason": event.finish_reason}
             else:
-                choice = {"index": index, "text": event.text,
+                choice = {"index": index, "text": text,
                           "logprobs": completion_logprobs(entries, offsets[index]) if job.logprobs is not None
                           else None, "finish_reason": event.finish_reason}
-                offsets[index] += len(event.text)
+                offsets[index] += len(text)
             yield sse({**head, "choices": [choice]})
         self.count_tokens(job.prompts, sum(counts))
         if include_usage:
@@ -360,6 +543,84 @@ class OpenAIServing:
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    # ---- images -------------------------------------------------------------------------------------------------
+
+    async def images(self, body: ImageGenerationRequest, request: Request) -> Response:
+        """POST /v1/images/generations: n drawings of the prompt, each a PNG as base64 (OpenAI's b64_json)."""
+        served = self.pick(body.model)
+        if not self.sees_images:
+            raise APIError(400, f"the model '{body.model}' does not accept images: it has no image tokenizer",
+                           param="model", code="unsupported_model")
+        grid = self.image_grid(body.size)
+        offset = self.tokenizer.code_offset("image")
+        image = MODALITIES["image"]
+        # The chat format the draw task trains: the user turn is the prompt, and the reply opens an image span.
+        forced = [image.begin_id] + ([offset + grid[0], offset + grid[1]] if grid else [])
+        prompt = self.encode_chat([{"role": "user", "content": body.prompt}], "prompt") + forced
+        self.check_length(prompt, "prompt")
+        room = self.engine.max_context - len(prompt)
+        if grid:  # the codes, then the end marker
+            max_tokens = grid[0] * grid[1] + 1
+            if max_tokens > room:
+                raise APIError(400, f"This model's maximum context length is {self.engine.max_context} tokens; the "
+                               f"prompt has {len(prompt)} tokens and a {body.size} image takes {max_tokens} more. "
+                               "Ask for a smaller size or shorten the prompt.", param="size",
+                               code="context_length_exceeded")
+        else:  # the grid's height and width, then at most MAX_GRID x MAX_GRID codes and the end marker
+            max_tokens = min(room, 2 + MAX_GRID * MAX_GRID + 1)
+        job = self.submit("image", body, [prompt], served.adapter, self.chat_stops | {image.end_id}, max_tokens,
+                          None)
+
+        async def answer(job: _Job, outputs: list[_Output]) -> JSONResponse:
+            drawn = await asyncio.to_thread(self.drawings, forced, outputs)
+            missing = [i for i, png in enumerate(drawn) if png is None]
+            if missing:
+                output = outputs[missing[0]]
+                raise APIError(422, f"the model wrote no complete image (drawing {missing[0]}: "
+                               f"{output.completion_tokens} tokens, finish_reason {output.finish_reason!r}, the "
+                               f"context left room for {max_tokens}); give a 'size' that fits, e.g. "
+                               f"'{self.tokenizer.codecs['image'].config.image_size}x"
+                               f"{self.tokenizer.codecs['image'].config.image_size}'", param="size",
+                               code="no_image_generated")
+            output_tokens = sum(o.completion_tokens for o in outputs)
+            data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in drawn]
+            return JSONResponse({
+                "created": int(time.time()), "data": data, "output_format": "png",
+                **({"size": body.size} if grid else {}),
+                "usage": {"input_tokens": len(prompt), "output_tokens": output_tokens,
+                          "total_tokens": len(prompt) + output_tokens,
+                          "input_tokens_details": {"text_tokens": len(prompt) - len(forced),
+                                                   "image_tokens": len(forced)}}})
+
+        return await self.respond(job, request, answer)
+
+    def image_grid(self, size: str | None) -> tuple[int, int] | None:
+        """(height, width) in codes of a "WIDTHxHEIGHT" size; None for None or "auto" (the model chooses)."""
+        if size is None or size == "auto":
+            return None
+        step = self.tokenizer.codecs["image"].config.downsample
+        side = self.tokenizer.codecs["image"].config.image_size
+        match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", size)
+        width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        if not all(value % step == 0 and 1 <= value // step <= MAX_GRID for value in (width, height)):
+            raise APIError(400, f"size must be 'WIDTHxHEIGHT' in pixels, each a multiple of {step} from {step} to "
+                           f"{step * MAX_GRID} (this model draws {step}x{step}-pixel codes, at most {MAX_GRID} a "
+                           f"side), e.g. '{side}x{side}', or 'auto'; got {size[:40]!r}", param="size",
+                           code="invalid_value")
+        return height // step, width // step
+
+    def drawings(self, forced: list[int], outputs: list[_Output]) -> list[bytes | None]:
+        """Each output's first complete image (after the forced start of its span) as PNG bytes, else None."""
+        drawn = []
+        for output in outputs:
+            try:
+                images = self.tokenizer.decode_images(forced + output.token_ids)
+            except DataError as exc:
+                logger.error("A drawn image span did not decode: %s", exc)
+                images = []
+            drawn.append(encode_png(images[0]) if images else None)
+        return drawn
+
     # ---- prompts -------------------------------------------------------------------------------------------------
 
     def check_length(self, ids: list[int], param: str, reply: bool = True) -> None:
@@ -394,6 +655,15 @@ class OpenAIServing:
                 ids = list(p)
             result.append(ids)
         return result
+
+
+def _markdown_images(text: str, param: str) -> list:
+    """Text with its markdown data-URL images as ImageInput parts: [text, ImageInput, text, ...]."""
+    parts, start = [], 0
+    for match in MARKDOWN_IMAGE.finditer(text):
+        parts += [text[start:match.start()], ImageInput(match.group(1), param)]
+        start = match.end()
+    return [part for part in parts + [text[start:]] if not isinstance(part, str) or part]
 
 
 class _Stream(StreamingResponse):
