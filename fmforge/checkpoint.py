@@ -209,6 +209,15 @@ def read_modalities(checkpoint: Path) -> dict:
     return read_checkpoint_config(checkpoint).get("modalities", {})
 
 
+def check_text_only(checkpoint: Path, target: str) -> None:
+    """Refuse to export a multimodal checkpoint to a text-only format (its image codes and codec would be lost)."""
+    modalities = read_modalities(checkpoint)
+    if modalities:
+        raise CheckpointError(f"{checkpoint} is multimodal ({', '.join(['text', *modalities])}); {target} holds "
+                              "text models only, so its media codes and tokenizers would be lost — export a "
+                              "text-only checkpoint, or keep this one in fmforge's format")
+
+
 def load_weights(model: Transformer, checkpoint: Path) -> None:
     """Load model.safetensors into `model` tensor by tensor (no second copy of the weights in memory),
     checking that every tensor is present with the right shape."""

@@ -233,8 +233,11 @@ def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
     """`generate --image X --output-image Y`: one chat turn (the vision tasks' format) whose user content is the
     images then the prompt; the reply's text goes to stdout, its images to --output-image (PNG)."""
     from .data.images import encode_png, read_image
-    from .data.vision import fit_image
+    import dataclasses
+
+    from .data.vision import fit_image, image_grid
     from .fileio import atomic_write_bytes
+    from .modalities import MODALITIES
     from .infer.engine import GenerationRequest
 
     if not hasattr(tokenizer, "encode_image"):
@@ -242,17 +245,29 @@ def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
                           "multimodal checkpoint for --image and --output-image")
     if args.output_image and Path(args.output_image).suffix.lower() != ".png":
         raise ConfigError(f"--output-image {args.output_image}: write a .png file")
+    forced = []  # --output-image: the reply opens an image span (with --output-size, its header too)
+    if args.output_image:
+        forced = [MODALITIES["image"].begin_id]
+        if args.output_size:
+            offset = tokenizer.code_offset("image")
+            height, width = image_grid(args.output_size, tokenizer)
+            forced += [offset + height, offset + width]
+            params = dataclasses.replace(params, max_tokens=max(params.max_tokens, height * width + 2))
+    elif args.output_size:
+        raise ConfigError("--output-size goes with --output-image")
     parts = [{"type": "image", "image": fit_image(read_image(path), tokenizer)} for path in args.image or []]
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": parts + [prompt]}], add_generation_prompt=True)
-    completion = engine.complete([GenerationRequest(prompt_ids, params, stop_ids=tokenizer.chat_stop_ids())])[0]
-    images = tokenizer.decode_images(completion.token_ids)
-    text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    completion = engine.complete([GenerationRequest(prompt_ids + forced, params,
+                                                    stop_ids=tokenizer.chat_stop_ids())])[0]
+    reply = forced + completion.token_ids
+    images = tokenizer.decode_images(reply)
+    text = tokenizer.decode(reply, skip_special_tokens=True).strip()
     if text:
         print(text)
     if args.output_image:
         if not images:
-            raise FmforgeError(f"the model wrote no image ({completion.finish_reason}; {len(completion.token_ids)} "
-                                  "tokens); raise --max-new-tokens, or use a specialist that draws")
+            raise FmforgeError(f"the model's image did not finish in {len(completion.token_ids)} tokens "
+                               f"({completion.finish_reason}); raise --max-new-tokens or give --output-size")
         target = Path(args.output_image)
         for index, image in enumerate(images):
             path = target if index == 0 else target.with_name(f"{target.stem}-{index + 1}{target.suffix}")
@@ -491,7 +506,8 @@ def cmd_serve(args) -> None:
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
         max_body_bytes=args.max_body_bytes, speculate=args.speculate, log_level=args.log_level,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
-        drain_timeout=args.drain_timeout))
+        drain_timeout=args.drain_timeout, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images))
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -592,7 +608,10 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     p.add_argument("--image", action="append", default=None, help="an image file (PNG, JPEG, WebP...) the prompt "
                    "is about; repeatable. Asks as a chat turn, as the vision specialists were trained")
-    p.add_argument("--output-image", default=None, help="save the image(s) the model writes here (PNG)")
+    p.add_argument("--output-image", default=None, help="save the image(s) the model writes here (PNG); the reply "
+                   "opens with an image")
+    p.add_argument("--output-size", default=None, metavar="WIDTHxHEIGHT", help="with --output-image: the image's "
+                   "size in pixels (multiples of the image tokenizer's 4); default: the model chooses")
     p.add_argument("--adapter", help="a LoRA specialist of this checkpoint (its directory or run)")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
@@ -693,6 +712,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, requests in flight may go on this long; then streams end with an error "
                         "event and [DONE], and the process exits 0")
+    p.add_argument("--max-image-bytes", type=int, default=4 << 20,
+                   help="one chat image's encoded bytes (multimodal models); more is a 400")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="one image's width x height, read from its header before decoding; more is a 400")
+    p.add_argument("--max-images", type=int, default=8, help="images in one chat request; more is a 400")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 

@@ -178,7 +178,7 @@ def media_tokenizer(tmp_path_factory, prepared) -> Path:
     from fmforge.cli import main
 
     out = tmp_path_factory.mktemp("media-tokenizer") / "tokenizer"
-    assert main(["tokenizer", "train", "--modality", "image", "mnist", "shapes", "--limit", "200", "--steps", "40",
+    assert main(["tokenizer", "train", "--modality", "image", "mnist", "shapes", "--limit", "200", "--steps", "300", "--lr", "0.005",
                  "--width", "16", "--levels", "5,5,5", "--tokenizer", str(prepared), "--out", str(out)]) == 0
     return out
 
@@ -186,7 +186,7 @@ def media_tokenizer(tmp_path_factory, prepared) -> Path:
 @pytest.fixture(scope="session")
 def multimodal_base(tmp_path_factory, prepared, media_tokenizer) -> Path:
     """A run directory: a tiny model pretrained 40 steps on a mixture of stdlib text and MNIST/shapes
-    caption <-> image documents (context 192: a 12x12 scene and a question fit)."""
+    caption <-> image documents (context 352: a 12x12 scene, an instruction and the edited scene fit)."""
     from fmforge.cli import main
 
     root = tmp_path_factory.mktemp("multimodal")
@@ -197,6 +197,6 @@ def multimodal_base(tmp_path_factory, prepared, media_tokenizer) -> Path:
                  str(media_tokenizer), "--out", str(images)]) == 0
     out = root / "run"
     assert main(["pretrain", *tiny_overrides(text, out, max_steps=40, lr=1e-2, eval_interval=40,
-                                             checkpoint_interval=40, context_length=192),
+                                             checkpoint_interval=40, context_length=352),
                  "--train.mixture", f"{{{text}: 1, {images}: 2}}"]) == 0
     return out

@@ -463,7 +463,9 @@ def decode_image_bytes(data: bytes, size: int | None = None, where: str = "image
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError:
+        raise DataError(f"{where}: over the {max_pixels:,}-pixel limit (a decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{where}: not an image Pillow can read ({type(error).__name__})") from None
     if width * height > max_pixels:
         raise DataError(f"{where}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
@@ -492,7 +494,9 @@ def _check_image_file(path: Path, where: str) -> None:
     try:
         with Image.open(path) as image:  # reads the header only
             width, height = image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+    except Image.DecompressionBombError:
+        raise DataError(f"{where}: over the {MAX_IMAGE_PIXELS:,}-pixel limit (a decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{where}: not an image Pillow can read ({type(error).__name__})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise DataError(f"{where}: {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit "

@@ -140,6 +140,21 @@ def fit_image(image: np.ndarray, tokenizer) -> np.ndarray:
     return image_data._resize(np.ascontiguousarray(image[top:top + side, left:left + side]), codec.image_size)
 
 
+def image_grid(size: str, tokenizer) -> tuple[int, int]:
+    """(height, width) in codes of a "WIDTHxHEIGHT" pixel size; ConfigError unless each side is a multiple of the
+    codec's downsampling, at most MAX_GRID codes."""
+    import re
+
+    step = tokenizer.codecs["image"].config.downsample
+    match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", str(size))
+    width, height = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if not (match and width % step == 0 and height % step == 0 and 1 <= width // step <= MAX_GRID
+            and 1 <= height // step <= MAX_GRID):
+        raise ConfigError(f"image size must be WIDTHxHEIGHT in pixels, each a multiple of {step} up to "
+                          f"{step * MAX_GRID}, e.g. 28x28; got {size!r}")
+    return height // step, width // step
+
+
 def _text(record: dict, key: str, where: str) -> str:
     value = record.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):

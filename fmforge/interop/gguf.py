@@ -33,7 +33,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..model import rope_frequencies
-from ..checkpoint import read_model_config, resolve_checkpoint
+from ..checkpoint import check_text_only, read_model_config, resolve_checkpoint
 from .hf import checkpoint_weights, log
 
 OUTTYPES = ("f32", "f16", "q8_0")
@@ -197,6 +197,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f16"
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
     checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
+    check_text_only(checkpoint, "GGUF (llama.cpp's llama architecture)")
     config = read_model_config(checkpoint)
     check_exportable(config)
     weights = checkpoint_weights(checkpoint, config)

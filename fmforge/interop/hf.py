@@ -37,8 +37,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import (model_state_for_saving, read_model_config, resolve_checkpoint, write_checkpoint,
-                          write_model_files)
+from ..checkpoint import (check_text_only, model_state_for_saving, read_model_config, resolve_checkpoint,
+                          write_checkpoint, write_model_files)
 from ..config import LLAMA3_ROPE_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
@@ -572,6 +572,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     from ..tokenizer import Tokenizer
 
     checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
+    check_text_only(checkpoint, "a Hugging Face causal-LM directory")
     config = read_model_config(checkpoint)
     weights = checkpoint_weights(checkpoint, config)
     if dtype is not None and dtype not in DTYPES:

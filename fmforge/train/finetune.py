@@ -57,6 +57,9 @@ def default_lr(method: str) -> float:
     return 1e-3 if method == "lora" else 3e-4
 
 
+BUILTIN_VAL_LIMIT = 500  # validation records of a built-in dataset (its val split's first ones)
+
+
 @dataclass
 class TaskData:
     """A task's training and validation data, validated before anything is written."""
@@ -72,7 +75,7 @@ def load_task_records(spec: FinetuneSpec) -> tuple[Task, list, list]:
         builtin = BUILTIN[spec.data]
         if spec.task not in (None, builtin.task):
             raise ConfigError(f"built-in dataset {spec.data} is a {builtin.task} task, not {spec.task}")
-        return TASKS[builtin.task], builtin.records("train", spec.limit), builtin.records("val", None)
+        return TASKS[builtin.task], builtin.records("train", spec.limit), builtin.records("val", BUILTIN_VAL_LIMIT)
     if spec.task is None:
         raise ConfigError(f"give --task ({', '.join(trainable_tasks())}) for {spec.data}")
     task = get_task(spec.task, trainable=True)
