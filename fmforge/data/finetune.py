@@ -171,8 +171,11 @@ class PackedDataset:
         return len(self.rows)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
-        """{"input_ids", "targets", "attn_mask"}: (B, T), (B, T), (B, 1, T, T) bool (True = may attend)."""
-        B, T = len(indices), self.length
+        """{"input_ids", "targets", "attn_mask"}: (B, T), (B, T), (B, 1, T, T) bool (True = may attend), T the
+        longest of these rows (padding past every row's end would be computed and thrown away). When every row holds
+        one example there is no "attn_mask": plain causal attention computes the same (padding only follows)."""
+        B = len(indices)
+        T = max(sum(len(inputs) for inputs, _ in self.rows[int(index)]) for index in indices)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
         segment = torch.zeros((B, T), dtype=torch.long)  # example number within the row; padding = 0
@@ -184,6 +187,8 @@ class PackedDataset:
                 targets[b, position:position + n] = torch.tensor(row_targets)
                 segment[b, position:position + n] = number
                 position += n
+        if all(len(self.rows[int(index)]) == 1 for index in indices):
+            return {"input_ids": input_ids, "targets": targets}
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = segment.unsqueeze(2) == segment.unsqueeze(1)  # (B, T, T)
         return {"input_ids": input_ids, "targets": targets, "attn_mask": (same & causal).unsqueeze(1)}
