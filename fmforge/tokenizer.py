@@ -23,6 +23,7 @@ their special ids, e.g. when encoding the output of `apply_chat_template`. Note 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -244,23 +245,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render a conversation ([{"role": ..., "content": ...}, ...]) as text; encode it with
         `encode(text, allow_special=True)`."""
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 raise TokenizerError(f"chat message {index} must be a dict with 'role' and a string 'content'")
 
-        def raise_exception(message: str):
-            raise TokenizerError(message)
-
-        # The same environment settings transformers uses, so both render identically.
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = raise_exception
-        try:
-            template = environment.from_string(self.chat_template)
-        except jinja2.TemplateError as error:
-            raise TokenizerError(f"chat template is invalid ({error}) — fix 'chat_template' in {CONFIG_FILE}") from None
+        template = _compiled_template(self.chat_template)
         return template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
@@ -314,6 +303,25 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
+
+
+def _raise_exception(message: str):
+    raise TokenizerError(message)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(source: str):
+    """A chat template compiled once (compiling costs far more than rendering)."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # The same environment settings transformers uses, so both render identically.
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = _raise_exception
+    try:
+        return environment.from_string(source)
+    except jinja2.TemplateError as error:
+        raise TokenizerError(f"chat template is invalid ({error}) — fix 'chat_template' in {CONFIG_FILE}") from None
 
 
 def _render_media(messages: list[dict]) -> tuple[list[dict], list[list[int]]]:

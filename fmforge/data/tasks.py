@@ -163,6 +163,10 @@ def lm_examples(task: Task, records: list[tuple[str, dict]], tokenizer, train_on
     """Training examples of an LM-head task's records."""
     if task.examples is None:
         raise DataError(f"task {task.name!r} does not make language-model examples")
+    prime = getattr(tokenizer, "prime", None)  # a media tokenizer encodes the records' images in batches first
+    if prime is not None:
+        import numpy as np
+        prime([value for _, record in records for value in record.values() if isinstance(value, np.ndarray)])
     return [task.examples(record, tokenizer, where, train_on_all) for where, record in records]
 
 

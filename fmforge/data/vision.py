@@ -164,27 +164,33 @@ def _text(record: dict, key: str, where: str) -> str:
     return value
 
 
-def turns(task: str, record: dict, where: str, tokenizer) -> tuple[list, list]:
-    """(user parts, assistant parts) of a vision task's record; image parts are {"type": "image", "image": ...}."""
+def turns(task: str, record: dict, where: str, tokenizer, reply: bool = True) -> tuple[list, list]:
+    """(user parts, assistant parts) of a vision task's record; image parts are {"type": "image", "image": ...}.
+    With reply=False the assistant parts are not read (a prompt needs only the user's)."""
     def image(key):
         return {"type": "image", "image": record_image(record, key, where, tokenizer)}
 
+    def answer(key, as_image=False):
+        if not reply:
+            return []
+        return [image(key)] if as_image else [_text(record, key, where)]
+
     if task == "recognise":
-        return [image("image"), record.get("prompt") or PROMPTS[task]], [_text(record, "label", where)]
+        return [image("image"), record.get("prompt") or PROMPTS[task]], answer("label")
     if task in ("describe", "read"):
-        return [image("image"), record.get("prompt") or PROMPTS[task]], [_text(record, "text", where)]
+        return [image("image"), record.get("prompt") or PROMPTS[task]], answer("text")
     if task == "answer":
-        return [image("image"), _text(record, "question", where)], [_text(record, "answer", where)]
+        return [image("image"), _text(record, "question", where)], answer("answer")
     if task == "draw":
-        return [_text(record, "text", where)], [image("image")]
+        return [_text(record, "text", where)], answer("image", as_image=True)
     if task == "edit":
-        return [image("image"), _text(record, "instruction", where)], [image("output")]
+        return [image("image"), _text(record, "instruction", where)], answer("output", as_image=True)
     raise ConfigError(f"{task!r} is not a vision task")
 
 
 def vision_prompt(task: str, record: dict, where: str, tokenizer) -> list[int]:
     """The prompt ids of a record: the user turn and the assistant's role marker."""
-    user, _ = turns(task, record, where, tokenizer)
+    user, _ = turns(task, record, where, tokenizer, reply=False)
     return tokenizer.encode_chat([{"role": "user", "content": user}], add_generation_prompt=True)
 
 

@@ -38,6 +38,7 @@ def replies(model, tokenizer, task: str, records, max_tokens, params=None, batch
     """The generated ids of each record's reply (greedy unless `params`; `max_tokens` an int or one per record)."""
     _require_images(tokenizer)
     stop = tokenizer.chat_stop_ids()
+    tokenizer.prime([v for _, record in records for v in record.values() if isinstance(v, np.ndarray)])
     requests = []
     for index, (where, record) in enumerate(records):
         limit = max_tokens[index] if isinstance(max_tokens, list) else max_tokens

@@ -35,6 +35,13 @@ MAX_GRID = 64  # the largest header value (grid side) generation may write; sour
 MEDIA_MARK = "\ue002"  # stands for a media part while a chat template renders
 
 
+SPAN_CACHE_SIZE = 50_000  # remembered image spans (int32: ~600 bytes each for a 12x12 grid)
+
+
+def _image_key(image: np.ndarray) -> bytes:
+    return hashlib.sha1(repr(image.shape).encode() + image.tobytes()).digest()
+
+
 def codec_directory(modality: str) -> str:
     return f"{modality}_tokenizer"
 
@@ -61,6 +68,7 @@ class MediaTokenizer:
             self.ranges[name] = (offset, codec.config.codebook_size)
             offset += codec.config.codebook_size
         self._by_begin = {MODALITIES[name].begin_id: name for name in self.codecs}
+        self._span_cache: dict[bytes, np.ndarray] = {}
 
     def __getattr__(self, name):  # everything else is the text tokenizer's
         if name == "text":
@@ -99,8 +107,27 @@ class MediaTokenizer:
     # ---- images ----------------------------------------------------------------------------------------
 
     def encode_image(self, image: np.ndarray) -> list[int]:
-        """An (H, W, 3) uint8 image -> its span of ids."""
-        return self.encode_images(np.asarray(image)[None])[0]
+        """An (H, W, 3) uint8 image -> its span of ids (remembered: a record's image is encoded once however many
+        questions ask about it, and a prompt and its example share the work)."""
+        image = np.ascontiguousarray(image)
+        key = _image_key(image)
+        if key not in self._span_cache:
+            self.prime([image])
+        return self._span_cache[key].tolist()
+
+    def prime(self, images) -> None:
+        """Encode the images not yet remembered, in batches (much faster than one at a time), grouped by size."""
+        by_shape: dict[tuple, dict[bytes, np.ndarray]] = {}
+        for image in images:
+            image = np.ascontiguousarray(image)
+            key = _image_key(image)
+            if key not in self._span_cache:
+                by_shape.setdefault(image.shape, {})[key] = image
+        for group in by_shape.values():
+            if len(self._span_cache) + len(group) > SPAN_CACHE_SIZE:
+                self._span_cache.clear()
+            spans = self.encode_images(np.stack(list(group.values())))
+            self._span_cache.update({key: np.array(span, dtype=np.int32) for key, span in zip(group, spans)})
 
     def encode_images(self, images: np.ndarray, batch_size: int = 256) -> list[list[int]]:
         """(N, H, W, 3) uint8 images of one size -> one span of ids each."""
