@@ -456,19 +456,9 @@ def decode_image_bytes(data: bytes, size: int | None = None, where: str = "image
     header are checked before anything is decoded (a small file declaring 20000x20000 is refused unread)."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
-
     if len(data) > max_bytes:
         raise DataError(f"{where}: {len(data):,} bytes, over the {max_bytes:,}-byte limit")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise DataError(f"{where}: over the {max_pixels:,}-pixel limit (a decompression bomb)") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"{where}: not an image Pillow can read ({type(error).__name__})") from None
-    if width * height > max_pixels:
-        raise DataError(f"{where}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit")
+    _check_header(io.BytesIO(data), where, max_pixels)
     return _decode(io.BytesIO(data), where, size)
 
 
@@ -485,21 +475,27 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def _check_image_file(path: Path, where: str) -> None:
     """Everything that can be checked without decoding pixels: the file, its byte size, format and pixel count."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise DataError(f"{where}: no such image file")
     if path.stat().st_size > MAX_IMAGE_BYTES:
         raise DataError(f"{where}: {path.stat().st_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit")
+    _check_header(path, where, MAX_IMAGE_PIXELS)
+
+
+def _check_header(source, where: str, max_pixels: int) -> None:
+    """An image (a path or file object) Pillow recognises, whose header declares at most max_pixels: read from the
+    header alone, so a decompression bomb is refused before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(source) as image:  # reads the header only
             width, height = image.size
     except Image.DecompressionBombError:
-        raise DataError(f"{where}: over the {MAX_IMAGE_PIXELS:,}-pixel limit (a decompression bomb)") from None
+        raise DataError(f"{where}: over the {max_pixels:,}-pixel limit (a decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{where}: not an image Pillow can read ({type(error).__name__})") from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(f"{where}: {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit "
+    if width * height > max_pixels:
+        raise DataError(f"{where}: {width}x{height} pixels, over the {max_pixels:,}-pixel limit "
                         "(a decompression bomb?)")
 
 

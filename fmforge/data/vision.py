@@ -212,8 +212,8 @@ def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
 def builtin_records(name: str, split: str, limit: int | None = None) -> list[tuple[str, dict]]:
     """(where, record) of a built-in vision dataset's split."""
     source, task = name.split("-", 1)
-    images = image_data.load_images(source, split, limit if task != "answer" else limit, 28 if source == "digits"
-                                    else None)
+    # (answer: `limit` scenes give at least `limit` questions; the records are cut to `limit` below)
+    images = image_data.load_images(source, split, limit, 28 if source == "digits" else None)
     records: list[tuple[str, dict]] = []
     for index, (pixels, meta) in enumerate(zip(images.images, images.records)):
         where = f"{name}:{split}:{index}"

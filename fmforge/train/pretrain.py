@@ -61,7 +61,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
     """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
     cfg = run.train
     sources = data_sources(cfg)
-    data_dir, manifest, tokenizer = sources[0][0], sources[0][1], sources[0][2]
+    data_dir, manifest = sources[0][0], sources[0][1]
     # The checkpoint's tokenizer: the one with the most ids (a media tokenizer over a text-only directory's).
     tokenizer_dir, tokenizer = max(((d, t) for d, _, t, _ in sources), key=lambda dt: dt[1].vocab_size)
     run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(tokenizer_dir))
@@ -74,10 +74,8 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         torch.manual_seed(cfg.seed)
         model = Transformer(run.model).to(device)
         T = run.model.context_length
-        train_data = WindowDataset(load_split(data_dir, "train"), T)
-        if len(sources) > 1:
-            train_data = MixtureDataset([WindowDataset(load_split(d, "train"), T) for d, _, _, _ in sources],
-                                        [w for _, _, _, w in sources])
+        windows = [WindowDataset(load_split(d, "train"), T) for d, _, _, _ in sources]
+        train_data = MixtureDataset(windows, [w for _, _, _, w in sources]) if len(windows) > 1 else windows[0]
         batches = PretrainBatches(train_data, cfg.batch_size, cfg.grad_accum, cfg.seed, dist.rank, dist.world_size)
         val_shards = load_split(data_dir, "val")
         val_data = WindowDataset(val_shards, T) if sum(len(s) for s in val_shards) > T else None
