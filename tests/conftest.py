@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -85,6 +86,30 @@ def checkpoint(tmp_path_factory, prepared) -> Path:
     assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=30, lr=1e-2, eval_interval=30,
                                              checkpoint_interval=30)]) == 0
     return out
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through playwright (the chat page's tests); skipped where it is not installed, unless
+    FMFORGE_REQUIRE_BROWSER says it must be there."""
+    if CHROMIUM is None:
+        message = "Debian chromium is not installed (scripts/setup.sh installs it when run as root with apt)"
+        if os.environ.get("FMFORGE_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 class ServerProcess:

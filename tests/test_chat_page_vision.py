@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +19,6 @@ import pytest
 from conftest import ServerProcess
 
 KEY = "test-key"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHAT = "**/v1/chat/completions"
 
 
@@ -53,43 +50,23 @@ def sse(*contents: str) -> bytes:
 
 # ---- servers and the browser -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vision_server(multimodal_base):
+def serving(run: Path):
+    """`fmforge serve` of a run's checkpoint with the page's API key, stopped cleanly after the module."""
     from fmforge.checkpoint import resolve_checkpoint
 
-    process = ServerProcess("--checkpoint", str(resolve_checkpoint(multimodal_base)), "--api-key", KEY,
-                            "--max-batch", "2")
+    process = ServerProcess("--checkpoint", str(resolve_checkpoint(run)), "--api-key", KEY, "--max-batch", "2")
     yield process
     assert process.stop() == 0, process.output()
+
+
+@pytest.fixture(scope="module")
+def vision_server(multimodal_base):
+    yield from serving(multimodal_base)
 
 
 @pytest.fixture(scope="module")
 def text_server(checkpoint):
-    from fmforge.checkpoint import resolve_checkpoint
-
-    process = ServerProcess("--checkpoint", str(resolve_checkpoint(checkpoint)), "--api-key", KEY,
-                            "--max-batch", "2")
-    yield process
-    assert process.stop() == 0, process.output()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        message = "Debian chromium is not installed (scripts/setup.sh installs it when run as root with apt)"
-        if os.environ.get("FMFORGE_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+    yield from serving(checkpoint)
 
 
 def open_page(browser, server):

@@ -6,9 +6,7 @@ in a real headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from signal import SIGTERM
 import threading
 import time
@@ -317,50 +315,33 @@ def test_sigterm_drains_in_flight_streams(long_base):
 
 # ---- the chat page in a real browser -----------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_chat_page_streams_a_reply(server):
-    if CHROMIUM is None:
-        message = "Debian chromium is not installed (scripts/setup.sh installs it when run as root with apt)"
-        if os.environ.get("FMFORGE_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            context = browser.new_context(http_credentials={"username": "user", "password": KEY})
-            page = context.new_page()
-            page.goto(server.url + "/")
-            page.wait_for_selector("#model option[value='spec-a']", state="attached")
-            page.select_option("#model", "spec-a")
-            page.fill("#max_tokens", "24")
-            page.fill("#input", "hello there")
-            page.press("#input", "Enter")
-            page.wait_for_selector(".message.assistant .meta", timeout=60_000)
-            user = page.locator(".message.user").all_inner_texts()
-            reply = page.locator(".message.assistant").first.inner_text()
-            meta = page.locator(".message.assistant .meta").inner_text()
-            assert user == ["hello there"]
-            assert "model: spec-a" in meta and re.search(r"\d+ tokens", meta)
-            assert len(reply.replace(meta, "").strip()) > 0
-            # The conversation stays in the page: a second turn sends both.
-            page.fill("#input", "and again")
-            page.press("#input", "Enter")
-            page.wait_for_function("document.querySelectorAll('.message.assistant .meta').length == 2",
-                                   timeout=60_000)
-            assert page.locator(".message.user").all_inner_texts() == ["hello there", "and again"]
-            # Past the 64-token context the page leaves the oldest turns out of the request, and says so.
-            for turn in range(3, 6):
-                page.fill("#input", f"turn number {turn}, a somewhat longer message than before")
-                page.press("#input", "Enter")
-                page.wait_for_function(f"document.querySelectorAll('.message.assistant .meta').length == {turn}",
-                                       timeout=60_000)
-            assert "left out" in page.locator(".message.assistant .meta").last.inner_text()
-            assert page.locator(".message.error").count() == 0
-        finally:
-            browser.close()
+def test_chat_page_streams_a_reply(server, browser):
+    context = browser.new_context(http_credentials={"username": "user", "password": KEY})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model option[value='spec-a']", state="attached")
+    page.select_option("#model", "spec-a")
+    page.fill("#max_tokens", "24")
+    page.fill("#input", "hello there")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".message.assistant .meta", timeout=60_000)
+    user = page.locator(".message.user").all_inner_texts()
+    reply = page.locator(".message.assistant").first.inner_text()
+    meta = page.locator(".message.assistant .meta").inner_text()
+    assert user == ["hello there"]
+    assert "model: spec-a" in meta and re.search(r"\d+ tokens", meta)
+    assert len(reply.replace(meta, "").strip()) > 0
+    # The conversation stays in the page: a second turn sends both.
+    page.fill("#input", "and again")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.message.assistant .meta').length == 2",
+                           timeout=60_000)
+    assert page.locator(".message.user").all_inner_texts() == ["hello there", "and again"]
+    # Past the 64-token context the page leaves the oldest turns out of the request, and says so.
+    for turn in range(3, 6):
+        page.fill("#input", f"turn number {turn}, a somewhat longer message than before")
+        page.press("#input", "Enter")
+        page.wait_for_function(f"document.querySelectorAll('.message.assistant .meta').length == {turn}",
+                               timeout=60_000)
+    assert "left out" in page.locator(".message.assistant .meta").last.inner_text()
+    assert page.locator(".message.error").count() == 0
