@@ -45,14 +45,15 @@ class ModelConfig:
     intermediate_size: int | None = None  # SwiGLU hidden size; None = ~8/3 n_embd rounded up to 64
     context_length: int = 256
     rope_theta: float = 10000.0
-    # None = plain RoPE; else Llama 3.1's frequency scaling, e.g. {"rope_type": "llama3", "factor": 32.0,
-    # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    # None = plain RoPE; else a scaling method of ROPE_SCALING_KEYS, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 256} or Llama 3.1's {"rope_type": "llama3", "factor": 32.0, ...}
     rope_scaling: dict[str, Any] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: int | None = None  # None = n_embd // n_head (Qwen3 sets it independently)
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2 style)
     qk_norm: bool = False  # RMSNorm on each query/key head before RoPE (Qwen3 style)
+    sliding_window: int | None = None  # each token attends to the last N positions (Mistral style); None = all
     init_std: float = 0.02
     # Mixture-of-Experts (0 experts = dense FFN in every layer)
     n_experts: int = 0
@@ -81,6 +82,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window <= 0):
+            raise ConfigError(f"model.sliding_window must be a positive integer or null, got {self.sliding_window!r}")
         if self.head_dim == self.n_embd // self.n_head and self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
@@ -124,43 +127,69 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-LLAMA3_ROPE_KEYS = {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
-                    "original_max_position_embeddings": int}
+# RoPE scaling methods (ModelConfig.rope_scaling["rope_type"]): required and optional keys with their types.
+# Spelled as transformers spells them, so that a Hugging Face config's rope_scaling is ours unchanged.
+#   linear: position interpolation (Chen et al. 2023): every frequency divided by `factor`.
+#   ntk:    "NTK-aware" scaling (bloc97, 2023): the base theta raised to theta * factor^(d/(d-2)), which
+#           slows the low frequencies by ~factor and keeps the high ones; static (transformers' "dynamic"
+#           recomputes it per sequence length, which a KV cache cannot follow).
+#   yarn:   YaRN (Peng et al. 2023): NTK-by-parts interpolation between beta_fast and beta_slow rotations over
+#           original_max_position_embeddings, plus an attention temperature (0.1 ln(factor) + 1 on cos/sin).
+#   llama3: Llama 3.1's frequency-band scaling (Meta's llama-models `apply_scaling`).
+ROPE_SCALING_KEYS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
+    "linear": ({"factor": float}, {}),
+    "ntk": ({"factor": float}, {}),
+    "yarn": ({"factor": float, "original_max_position_embeddings": int},
+             {"beta_fast": float, "beta_slow": float, "attention_factor": float, "truncate": bool}),
+    "llama3": ({"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                "original_max_position_embeddings": int}, {}),
+}
+LLAMA3_ROPE_KEYS = ROPE_SCALING_KEYS["llama3"][0]
 
 
 def checked_rope_scaling(value: Any) -> dict[str, Any] | None:
-    """`value` as ModelConfig.rope_scaling stores it (None, or llama3's five keys with floats as floats),
-    or ConfigError naming what is wrong. Only Llama 3.1's "llama3" scaling is implemented."""
+    """`value` as ModelConfig.rope_scaling stores it (None, or a rope_type of ROPE_SCALING_KEYS with its keys,
+    floats as floats), or ConfigError naming what is wrong."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ConfigError(f"model.rope_scaling must be null or a mapping, got {value!r}")
     kind = value.get("rope_type")
-    if kind != "llama3":
-        raise ConfigError(f"model.rope_scaling.rope_type {kind!r} is not supported; fmforge implements 'llama3' "
-                          "(Llama 3.1) RoPE scaling only")
-    missing = [key for key in LLAMA3_ROPE_KEYS if key not in value]
-    unknown = sorted(set(value) - set(LLAMA3_ROPE_KEYS) - {"rope_type"})
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"model.rope_scaling.rope_type {kind!r} is not supported; fmforge implements "
+                          + ", ".join(repr(k) for k in ROPE_SCALING_KEYS))
+    required, optional = ROPE_SCALING_KEYS[kind]
+    missing = [key for key in required if key not in value]
+    unknown = sorted(set(value) - set(required) - set(optional) - {"rope_type"})
     if missing or unknown:
-        raise ConfigError("model.rope_scaling for llama3 needs exactly rope_type, " + ", ".join(LLAMA3_ROPE_KEYS)
+        raise ConfigError(f"model.rope_scaling for {kind} needs rope_type, " + ", ".join(required)
+                          + (f" (optional: {', '.join(optional)})" if optional else "")
                           + (f"; missing {', '.join(missing)}" if missing else "")
                           + (f"; unknown {', '.join(unknown)}" if unknown else ""))
-    checked: dict[str, Any] = {"rope_type": "llama3"}
-    for key, number_type in LLAMA3_ROPE_KEYS.items():
+    checked: dict[str, Any] = {"rope_type": kind}
+    for key, number_type in {**required, **optional}.items():
+        if key not in value:
+            continue
         number = value[key]
-        allowed = (int,) if number_type is int else (int, float)
-        if isinstance(number, bool) or not isinstance(number, allowed):
-            raise ConfigError(f"model.rope_scaling.{key} must be {'an integer' if number_type is int else 'a number'}, "
-                              f"got {number!r}")
+        allowed = {int: (int,), float: (int, float), bool: (bool,)}[number_type]
+        if (isinstance(number, bool) and number_type is not bool) or not isinstance(number, allowed) \
+                or (number_type is float and not math.isfinite(number)):
+            noun = {int: "an integer", float: "a finite number", bool: "true or false"}[number_type]
+            raise ConfigError(f"model.rope_scaling.{key} must be {noun}, got {number!r}")
         checked[key] = number_type(number)  # floats stored as floats: the config JSON round-trips exactly
     if not checked["factor"] >= 1:
         raise ConfigError(f"model.rope_scaling.factor must be at least 1, got {checked['factor']!r}")
-    if not 0 < checked["low_freq_factor"] < checked["high_freq_factor"]:
+    if kind == "llama3" and not 0 < checked["low_freq_factor"] < checked["high_freq_factor"]:
         raise ConfigError("model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                           f"{checked['low_freq_factor']!r} and {checked['high_freq_factor']!r}")
-    if checked["original_max_position_embeddings"] <= 0:
+    if checked.get("original_max_position_embeddings", 1) <= 0:
         raise ConfigError("model.rope_scaling.original_max_position_embeddings must be positive, got "
                           f"{checked['original_max_position_embeddings']!r}")
+    if kind == "yarn" and not 0 < checked.get("beta_slow", 1.0) <= checked.get("beta_fast", 32.0):
+        raise ConfigError("model.rope_scaling needs 0 < beta_slow <= beta_fast, got "
+                          f"{checked.get('beta_slow', 1.0)!r} and {checked.get('beta_fast', 32.0)!r}")
+    if checked.get("attention_factor", 1.0) <= 0:
+        raise ConfigError(f"model.rope_scaling.attention_factor must be positive, got {checked['attention_factor']!r}")
     return checked
 
 

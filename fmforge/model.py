@@ -40,18 +40,51 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """RoPE angular frequencies (radians per position), (head_dim/2,) float64; `scaling` is
-    ModelConfig.rope_scaling (None = plain RoPE)."""
+    ModelConfig.rope_scaling (None = plain RoPE; the methods are described at config.ROPE_SCALING_KEYS)."""
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind == "ntk":  # a larger base: theta * factor^(d/(d-2)) (bloc97's NTK-aware scaling)
+        theta = theta * scaling["factor"] ** (head_dim / (head_dim - 2))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    if scaling is None:
+    if kind in (None, "ntk"):
         return inv_freq
+    factor = scaling["factor"]
+    if kind == "linear":  # position interpolation: position p is read as p / factor
+        return inv_freq / factor
+    if kind == "yarn":
+        # NTK-by-parts (YaRN, Peng et al. 2023, sec. 3.2): dimensions that turn fewer than beta_slow times over the
+        # original context are interpolated (divided by factor), those that turn more than beta_fast times are
+        # kept, with a linear ramp between; the ramp ends are rounded outwards unless truncate is false.
+        original = scaling["original_max_position_embeddings"]
+
+        def dimension(rotations: float) -> float:  # the dimension index that turns `rotations` times
+            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dimension(scaling.get("beta_fast", 32.0)), dimension(scaling.get("beta_slow", 1.0))
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        high = high + 0.001 if low == high else high  # as transformers: no division by zero
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0.0, 1.0)
+        keep = 1 - ramp  # 1 = unchanged (extrapolated), 0 = divided by factor (interpolated)
+        return (1 - keep) * inv_freq / factor + keep * inv_freq
     # Llama 3.1's scaling (Meta's llama-models `apply_scaling`, transformers' "llama3" rope_type): waves shorter
     # than original/high_freq_factor positions are kept, waves longer than original/low_freq_factor are slowed
     # down by `factor`, and those in between are blended linearly in original/wavelength.
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     original = scaling["original_max_position_embeddings"]
     wavelength = 2 * math.pi / inv_freq
     keep = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 1 = unchanged, 0 = divided by factor
     return (1 - keep) * inv_freq / factor + keep * inv_freq
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor on cos and sin (so on every attention logit, squared): YaRN's temperature, sqrt(1/t) =
+    0.1 ln(factor) + 1 unless attention_factor is given; 1 for every other method."""
+    if scaling is None or scaling["rope_type"] != "yarn":
+        return 1.0
+    if "attention_factor" in scaling:
+        return scaling["attention_factor"]
+    return 0.1 * math.log(scaling["factor"]) + 1.0 if scaling["factor"] > 1 else 1.0
 
 
 def rope_tables(head_dim: int, length: int, theta: float,
@@ -60,7 +93,8 @@ def rope_tables(head_dim: int, length: int, theta: float,
     inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    scale = rope_attention_factor(scaling)
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,6 +102,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(..., T, S) bool, True = may attend: query positions (..., T) against key positions (..., S). A query at q
+    sees the keys at 0 <= k <= q, and with a sliding window only the last `window` of them (q - window < k), as
+    Mistral's sliding-window attention (Jiang et al. 2023) does. A negative key position marks an empty slot."""
+    q, k = query_positions.unsqueeze(-1), key_positions.unsqueeze(-2)
+    mask = (k >= 0) & (k <= q)
+    return mask if window is None else mask & (k > q - window)
+
+
+def ring_positions(lengths: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(..., capacity): the position each slot of a ring buffer holds once positions [0, length) of a row were
+    written at slot `position % capacity`; negative where nothing was written yet. `lengths` is (...)."""
+    last = lengths.unsqueeze(-1) - 1
+    return last - (last - torch.arange(capacity, device=lengths.device)).remainder(capacity)
 
 
 @runtime_checkable
@@ -96,11 +146,17 @@ class LockstepKVCache:
     """Keys and values of every layer for positions [0, length), preallocated to max_length; every row of the
     batch is at the same length.
 
-    Shapes per layer: (B, n_kv_head, max_length, head_dim).
+    Shapes per layer: (B, n_kv_head, capacity, head_dim). capacity = max_length, except for a sliding-window model
+    whose window is shorter: then it keeps only the last `window` positions, in a ring buffer (position p at slot
+    p % window; keys are stored after RoPE, so they keep their absolute positions), and its memory stays constant
+    however long the sequence grows.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_kv_head, max_length, config.head_dim)
+        window = config.sliding_window
+        self.window = window if window is not None and window < max_length else None  # None: nothing rolls
+        self.capacity = self.window or max_length
+        shape = (batch_size, config.n_kv_head, self.capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_length = max_length
@@ -115,16 +171,39 @@ class LockstepKVCache:
         if start + T > self.max_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds the cache's {self.max_length} positions")
         mask = None
-        if start and T > 1:  # a chunk after a cached prefix: query i sees keys [0, start + i]
+        if self.window is not None and T > 1:
+            # A chunk attends over the ring as it was plus its own keys (update); one token needs no mask: it
+            # overwrites the position that just left its window, and the ring then holds exactly its window.
+            positions = torch.arange(start, start + T, device=rope_cos.device)
+            held = ring_positions(torch.tensor(start, device=rope_cos.device), self.capacity)
+            mask = attention_mask(positions, torch.cat([held[:min(start, self.capacity)], positions]), self.window)
+        elif start and T > 1:  # a chunk after a cached prefix: query i sees keys [0, start + i]
             mask = torch.ones(T, start + T, dtype=torch.bool, device=rope_cos.device).tril(diagonal=start)
         return rope_cos[start:start + T], rope_sin[start:start + T], mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, head_dim) at the current position; return all keys/values so far."""
+        """Store k, v (B, n_kv_head, T, head_dim) at the current position; return the keys/values to attend over."""
+        if self.window is not None:
+            return self._update_ring(layer, k, v)
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _update_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sliding-window form of update; the keys come in the order prepare's mask describes."""
+        start, T, keys, values = self.length, k.shape[2], self.keys[layer], self.values[layer]
+        if T > 1:  # the ring before this chunk, then the chunk (copies, taken before the ring is overwritten)
+            held = min(start, self.capacity)
+            attend = torch.cat([keys[:, :, :held], k], dim=2), torch.cat([values[:, :, :held], v], dim=2)
+        kept = range(max(start, start + T - self.capacity), start + T)  # the new positions the ring keeps
+        slots = torch.tensor([p % self.capacity for p in kept], device=k.device)
+        keys[:, :, slots] = k[:, :, kept.start - start:]
+        values[:, :, slots] = v[:, :, kept.start - start:]
+        if T > 1:
+            return attend
+        held = min(start + 1, self.capacity)
+        return keys[:, :, :held], values[:, :, :held]
 
     def advance(self, T: int) -> None:
         """After the last layer: the T new positions are filled."""
@@ -304,6 +383,11 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
         else:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            window = self.config.sliding_window
+            if window is not None and T > window:  # a banded causal mask; within one window it is plain causal
+                positions = torch.arange(T, device=x.device)
+                band = attention_mask(positions, positions, window)  # (T, T)
+                attn_mask = band if attn_mask is None else attn_mask & band
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, attn_mask)
         if kv_cache is not None:

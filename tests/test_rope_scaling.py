@@ -115,8 +115,9 @@ def test_transformers_4_config_spelling_type_is_read(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, "rope_type 'yarn'"),
+    ({"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 16}, "rope_type 'longrope'"),
     ({"type": "dynamic", "factor": 2.0}, "rope_type 'dynamic'"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.7}, "mscale"),
     ({"rope_type": "llama3", "factor": 8.0}, "lacks low_freq_factor, high_freq_factor"),
     ({**SCALING, "beta_fast": 32}, "beta_fast"),
 ])
@@ -150,11 +151,11 @@ def test_config_round_trip_and_preset(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("scaling, message", [
     ("llama3", "must be null or a mapping"),
-    ({**SCALING, "rope_type": "yarn"}, "rope_type 'yarn' is not supported"),
+    ({**SCALING, "rope_type": "longrope"}, "rope_type 'longrope' is not supported"),
     ({"type": "llama3", **{k: v for k, v in SCALING.items() if k != "rope_type"}}, "rope_type None"),
     ({k: v for k, v in SCALING.items() if k != "factor"}, "missing factor"),
     ({**SCALING, "attention_factor": 1.0}, "unknown attention_factor"),
-    ({**SCALING, "factor": "big"}, "factor must be a number"),
+    ({**SCALING, "factor": "big"}, "factor must be a finite number"),
     ({**SCALING, "factor": 0.5}, "factor must be at least 1"),
     ({**SCALING, "low_freq_factor": 4.0}, "low_freq_factor < high_freq_factor"),
     ({**SCALING, "original_max_position_embeddings": 16.0}, "original_max_position_embeddings must be an integer"),

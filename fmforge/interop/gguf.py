@@ -11,7 +11,8 @@ What llama.cpp expects, and what this file writes (the same as llama.cpp's conve
   q_proj/k_proj per head, from [x0..x_{d/2-1}, x_{d/2}..x_{d-1}] to [x0, x_{d/2}, x1, x_{d/2+1}, ...], makes
   the two computations identical;
 - for Llama 3.1's "llama3" RoPE scaling, no metadata but a tensor `rope_freqs.weight` (f32, (head_dim/2,)):
-  the number llama.cpp divides each RoPE frequency by (1 = unchanged, `factor` = slowed down fully);
+  the number llama.cpp divides each RoPE frequency by (1 = unchanged, `factor` = slowed down fully); linear and
+  YaRN scaling as `llama.rope.scaling.*` metadata, static NTK as its larger `rope.freq_base`;
 - matrices in f32, f16 or q8_0 (rows whose length is not a multiple of 32 fall back to f16); 1-D tensors
   (norms, biases) and the MoE router stay f32.
 
@@ -60,6 +61,35 @@ def check_exportable(config: ModelConfig) -> None:
                               "(Qwen3-style); export to Hugging Face instead (fmforge export hf)")
     if config.n_shared_experts:
         raise CheckpointError("GGUF export writes llama.cpp's llama architecture, whose MoE has no shared experts")
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "yarn" and (not scaling.get("truncate", True) or "attention_factor" in scaling):
+        raise CheckpointError("GGUF export of YaRN RoPE scaling supports the default ramp and attention factor only "
+                              "(llama.cpp rounds the ramp ends and derives the factor from `factor`); this model sets "
+                              "truncate or attention_factor: export to Hugging Face instead (fmforge export hf)")
+
+
+def scaling_type(config: ModelConfig) -> str | None:
+    return None if config.rope_scaling is None else config.rope_scaling["rope_type"]
+
+
+def write_rope_metadata(writer, config: ModelConfig) -> None:
+    """RoPE base and scaling the way llama.cpp reads them: linear and YaRN as `rope.scaling.*` metadata (llama.cpp
+    computes YaRN's ramp and attention factor itself, as transformers does), static NTK as the larger base it
+    amounts to, Llama 3.1's scaling as the rope_freqs tensor (see rope_frequency_divisors)."""
+    import gguf
+
+    scaling, theta = config.rope_scaling, config.rope_theta
+    kind = scaling_type(config)
+    if kind == "ntk":
+        theta = theta * scaling["factor"] ** (config.head_dim / (config.head_dim - 2))
+    writer.add_rope_freq_base(theta)
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast", 32.0))
+        writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow", 1.0))
 
 
 def rope_frequency_divisors(config: ModelConfig) -> torch.Tensor:
@@ -109,7 +139,7 @@ def _tensor_plan(f, config: ModelConfig, outtype: str) -> list[_Tensor]:
         gguf_name = names[kind].format(bid=bid) + suffix
         plan.append(_Tensor(gguf_name, read(source, permute_heads), shape, qtype(shape, keep_f32)))
 
-    if config.rope_scaling is not None:
+    if scaling_type(config) == "llama3":
         shape = (config.head_dim // 2,)
         plan.append(_Tensor(names[T.ROPE_FREQS] + ".weight", lambda: rope_frequency_divisors(config), shape,
                             qtype(shape)))
@@ -224,7 +254,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, *, outtype: str = "f16"
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
         writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
+        write_rope_metadata(writer, config)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         if config.n_experts:
             writer.add_expert_count(config.n_experts)

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import (check_text_only, model_state_for_saving, read_model_config, resolve_checkpoint,
                           write_checkpoint, write_model_files)
-from ..config import LLAMA3_ROPE_KEYS, ModelConfig
+from ..config import ROPE_SCALING_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
 from .adapters import resolve_adapters, write_peft_adapter
@@ -156,8 +156,8 @@ def read_hf_config(directory: Path) -> dict:
 
 def _rope(hf: dict, family: Family) -> tuple[float, dict | None]:
     """(rope_theta, ModelConfig.rope_scaling) from a transformers 4 (`rope_theta`, `rope_scaling`) or
-    5 (`rope_parameters`) config. Plain RoPE and Llama 3.1's "llama3" scaling are understood; older configs
-    spell `rope_type` as `type`."""
+    5 (`rope_parameters`) config. Plain RoPE and the "linear", "yarn" and "llama3" scalings are understood (the
+    keys fmforge implements, config.ROPE_SCALING_KEYS); older configs spell `rope_type` as `type`."""
     scaling = None
     for field in ("rope_scaling", "rope_parameters"):
         value = hf.get(field)
@@ -166,23 +166,35 @@ def _rope(hf: dict, family: Family) -> tuple[float, dict | None]:
         if not isinstance(value, dict):
             raise ConfigError(f"config.json field {field} = {value!r} is not understood")
         kind = value.get("rope_type", value.get("type", "default"))
-        if kind not in ("default", "llama3"):
+        if kind != "default" and (kind == "ntk" or kind not in ROPE_SCALING_KEYS):
             raise ConfigError(f"config.json field {field} has rope_type {kind!r}: fmforge implements plain RoPE "
-                              "and Llama 3's 'llama3' scaling only")
-        known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_ROPE_KEYS) if kind == "llama3" else set())
-        extra = sorted(set(value) - known)
+                              "and the 'linear', 'yarn' and 'llama3' scalings ('dynamic' NTK changes the "
+                              "frequencies with the sequence length, which a KV cache cannot follow)")
+        required, optional = ROPE_SCALING_KEYS.get(kind, ({}, {}))
+        known = {"rope_type", "type", "rope_theta"} | set(required) | set(optional)
+        extra = sorted(key for key in set(value) - known if value[key] is not None)
         if extra:
             raise ConfigError(f"config.json field {field} sets {', '.join(extra)}, which fmforge does not implement")
-        if kind == "llama3":
-            missing = [key for key in LLAMA3_ROPE_KEYS if key not in value]
+        if kind != "default":
+            missing = [key for key in required if key not in value]
             if missing:
-                raise ConfigError(f"config.json field {field} (rope_type 'llama3') lacks {', '.join(missing)}")
-            found = {"rope_type": "llama3", **{key: value[key] for key in LLAMA3_ROPE_KEYS}}
+                raise ConfigError(f"config.json field {field} (rope_type {kind!r}) lacks {', '.join(missing)}")
+            found = {"rope_type": kind, **{key: value[key] for key in {**required, **optional}
+                                           if value.get(key) is not None}}
             if scaling is not None and found != scaling:
                 raise ConfigError("config.json fields rope_scaling and rope_parameters disagree")
             scaling = found
     theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or family.rope_theta
     return float(theta), scaling
+
+
+def _hf_rope(config: ModelConfig) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) for transformers: the same, except that static NTK scaling, which transformers
+    has no rope_type for, is written as what it is, plain RoPE with a larger base."""
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "ntk":
+        return config.rope_theta * scaling["factor"] ** (config.head_dim / (config.head_dim - 2)), None
+    return config.rope_theta, scaling
 
 
 def _sliding_window(hf: dict, family: Family, n_layer: int) -> int | None:
@@ -282,13 +294,14 @@ def hf_config_from_model_config(config: ModelConfig, model_type: str, dtype: tor
                                 token_ids: dict[str, int | None], original: dict | None = None) -> dict:
     """config.json for transformers (v4 and v5 read it), for `config` expressed as `model_type`."""
     family = FAMILIES[model_type]
+    rope_theta, rope_scaling = _hf_rope(config)
     hf = {
         "architectures": [family.architecture], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
         "intermediate_size": config.moe_intermediate_size if config.n_experts else config.intermediate_size,
         "hidden_act": "silu", "max_position_embeddings": config.context_length, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling,
         "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": 0.0, "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
         **{f"{kind}_token_id": token_ids.get(kind) for kind in ("bos", "eos", "pad")},
