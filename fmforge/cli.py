@@ -596,7 +596,8 @@ def add_corpus_commands(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model (any config field can be overridden: --key value)",
                        description="Extra options --NAME VALUE, --model.NAME VALUE or --train.NAME VALUE "
                                    "override fields of the recipe.")
-    p.add_argument("--config", help="recipe YAML path, or a built-in recipe name (quickstart, shakespeare)")
+    p.add_argument("--config", help="recipe YAML path, or a built-in recipe name (quickstart, shakespeare, "
+                                    "extend-context)")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.set_defaults(handler=cmd_pretrain, takes_overrides=True)
 

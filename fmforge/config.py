@@ -212,6 +212,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(vocab_size=151936, n_layer=24, n_embd=896, n_head=14, n_kv_head=2,
                          intermediate_size=4864, context_length=32768, rope_theta=1000000.0,
                          tie_embeddings=True, attention_bias=True, norm_eps=1e-6),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(vocab_size=128256, n_layer=32, n_embd=4096, n_head=32, n_kv_head=8,
+                         intermediate_size=14336, context_length=131072, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         tie_embeddings=False, norm_eps=1e-5),
     # mistralai/Mixtral-8x7B-v0.1
     "mixtral-8x7b": dict(vocab_size=32000, n_layer=32, n_embd=4096, n_head=32, n_kv_head=8,
                          intermediate_size=14336, context_length=32768, rope_theta=1000000.0,
@@ -235,6 +241,10 @@ class TrainConfig:
     # to its weight; replaces data_dir. The first directory's val split is the held-out eval.
     mixture: dict | None = None
     out_dir: str = "runs/pretrain"
+    # A checkpoint to start from (a new run: fresh optimizer and schedule), e.g. to extend its context: the model
+    # shape comes from the checkpoint, and the recipe's model fields that are set (context_length, rope_scaling,
+    # ...) are applied over it.
+    init_from: str | None = None
     seed: int = 1337
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -251,6 +261,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; auto = bf16 where the hardware has it)
     compile: bool = False
+    # ddp: every process holds the whole model (one process: no wrapper); fsdp: FSDP2 shards parameters, gradients
+    # and optimizer state over the processes, and train_state/ is written through torch.distributed.checkpoint
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # keep only each block's input; recompute the block in backward
     eval_interval: int = 100
     eval_tokens: int = 65536  # val tokens per periodic eval; the final eval reads the whole split
     log_interval: int = 10
@@ -278,6 +292,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -294,6 +310,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
+    model_fields: tuple[str, ...] = ()  # the model fields the recipe or the command line set (train.init_from)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": {"preset": self.preset, **self.model.to_dict()}, "train": self.train.to_dict()}
@@ -325,7 +342,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     model = model_config_from_preset(preset, **raw["model"]) if preset else _build(ModelConfig, raw["model"], "model")
     train = _build(TrainConfig, raw["train"], "train")
     train.validate()
-    return RunConfig(model=model, train=train, preset=preset)
+    if preset and train.init_from:
+        raise ConfigError("train.init_from takes the model's shape from its checkpoint; remove model.preset")
+    return RunConfig(model=model, train=train, preset=preset, model_fields=tuple(raw["model"]))
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:

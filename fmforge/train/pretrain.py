@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def data_sources(cfg) -> list[tuple[Path, object, object, float]]:
     return sources
 
 
+def model_from_checkpoint(run: RunConfig, tokenizer) -> Transformer:
+    """train.init_from: the checkpoint's model with the recipe's set model fields applied over its config (e.g. a
+    longer context_length and a rope_scaling), its weights loaded; its tokenizer must be the data's."""
+    from ..checkpoint import load_weights, read_model_config, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run.train.init_from)
+    if load_tokenizer(checkpoint).fingerprint() != tokenizer.fingerprint():
+        raise TokenizerError(f"train.init_from {checkpoint} was trained with another tokenizer than the data's; "
+                             "prepare the data with the checkpoint's tokenizer (fmforge prepare --tokenizer)")
+    config = read_model_config(checkpoint)
+    changes = {name: getattr(run.model, name) for name in run.model_fields if name != "vocab_size"}
+    run.model = dataclasses.replace(config, **changes)
+    model = Transformer(run.model)
+    load_weights(model, checkpoint)  # one line naming the tensor if a changed field changed a shape
+    return model
+
+
 def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
     cfg = run.train
@@ -64,7 +82,8 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
     data_dir, manifest = sources[0][0], sources[0][1]
     # The checkpoint's tokenizer: the one with the most ids (a media tokenizer over a text-only directory's).
     tokenizer_dir, tokenizer = max(((d, t) for d, _, t, _ in sources), key=lambda dt: dt[1].vocab_size)
-    run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(tokenizer_dir))
+    if not cfg.init_from:
+        run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(tokenizer_dir))
 
     device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
@@ -72,7 +91,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         device = torch.device("cuda", dist.local_rank)
     try:
         torch.manual_seed(cfg.seed)
-        model = Transformer(run.model).to(device)
+        model = (model_from_checkpoint(run, tokenizer) if cfg.init_from else Transformer(run.model)).to(device)
         T = run.model.context_length
         windows = [WindowDataset(load_split(d, "train"), T) for d, _, _, _ in sources]
         train_data = MixtureDataset(windows, [w for _, _, _, w in sources]) if len(windows) > 1 else windows[0]
@@ -89,8 +108,10 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
                   f"{cfg.batch_size * cfg.grad_accum * dist.world_size * T:,} tokens/step", flush=True)
 
         def evaluate(m: torch.nn.Module, max_tokens: int | None, autocast) -> dict:
-            indices = eval_windows(val_data, max_tokens)[dist.rank::dist.world_size]
-            total, count = evaluate_windows(m, val_data, indices, cfg.batch_size, autocast, device)
+            chosen = eval_windows(val_data, max_tokens)
+            indices = chosen[dist.rank::dist.world_size]
+            most_batches = -(-len(chosen[::dist.world_size]) // cfg.batch_size)  # rank 0's, the most
+            total, count = evaluate_windows(m, val_data, indices, cfg.batch_size, autocast, device, most_batches)
             sums = distributed.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64), dist)
             loss = float(sums[0] / sums[1])
             bpb = bits_per_byte(loss, manifest.val.tokens, manifest.val.bytes)

@@ -1,0 +1,285 @@
+"""Long context: passkey retrieval at 1x, 2x, 4x and 8x the trained context, before and after a short extension
+run, per RoPE scaling method; and held-out bits per byte as a function of position.
+
+    python benchmarks/long_context.py --text ../shared/data/tinyshakespeare.txt [--quick]
+
+1. A BPE tokenizer and two prepared directories: Tiny Shakespeare (split into documents) and passkey documents
+   (Mohtashami & Jaggi 2023's format: repeated filler sentences, "The pass key is 48213. Remember it." at a random
+   depth, then "What is the pass key? The pass key is 48213").
+2. The base: pretrained at context T on a mixture of both (`train.mixture`).
+3. Extension (`train.init_from`, the extension recipe fmforge/recipes/extend-context.yaml): continue pretraining at
+   4T with each method's `model.rope_scaling` (none, linear, ntk, yarn; factor 4 over the original T), a short
+   budget, the same mixture with passkey documents up to 4T long.
+4. Passkey accuracy (the key's tokens are each the greedy choice after "...The pass key is") on held-out prompts of
+   T, 2T, 4T and 8T tokens with the key at a uniformly random depth, for the base (plain RoPE, and each scaling
+   applied without training) and for each extended model; bits/byte per position on held-out Shakespeare windows
+   of 8T tokens (plot: benchmarks/long-context-bpb.png).
+Cached and resumable in --work; the results go to RESULTS.md ("long-context").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import REPO, describe_machine, git_state, write_section
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there. ")
+METHODS = {
+    "none": None,
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "ntk": {"rope_type": "ntk", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0},  # + original_max_position_embeddings = T
+}
+
+
+def cli(*args) -> None:
+    from fmforge.cli import main
+    started = time.perf_counter()
+    if main([str(a) for a in args]) != 0:
+        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed")
+    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
+
+
+def stage(name: str, done: Path) -> bool:
+    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
+    return not done.exists()
+
+
+def passkey_document(rng: random.Random, repeats: int, key: int | None = None) -> tuple[str, str]:
+    """(prompt ending in "The pass key is", " KEY"): the key sentence after a random number of the filler repeats."""
+    key = rng.randrange(10000, 100000) if key is None else key
+    depth = rng.randint(0, repeats)
+    prompt = (INTRO + FILLER * depth + f"The pass key is {key}. Remember it. {key} is the pass key. "
+              + FILLER * (repeats - depth) + "What is the pass key? The pass key is")
+    return prompt, f" {key}"
+
+
+def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(count):
+            prompt, answer = passkey_document(rng, rng.randint(0, max_repeats))
+            f.write(json.dumps({"text": prompt + answer + "."}) + "\n")
+
+
+def split_text(text_file: Path, out: Path, lines_per_part: int = 500) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = text_file.read_text().splitlines(keepends=True)
+    for i in range(0, len(lines), lines_per_part):
+        (out / f"part-{i // lines_per_part:03d}.txt").write_text("".join(lines[i:i + lines_per_part]))
+
+
+def repeats_for(tokenizer, tokens: int) -> int:
+    """Filler repeats that make a passkey prompt about `tokens` tokens long."""
+    base = len(tokenizer.encode(passkey_document(random.Random(0), 0)[0]))
+    per_repeat = len(tokenizer.encode(FILLER * 10)) / 10
+    return max(0, int((tokens - base - 8) / per_repeat))
+
+
+def model_at(checkpoint: Path, length: int, scaling: dict | None):
+    """The checkpoint's weights in a model that runs `length` positions with `scaling` (None = as trained)."""
+    from fmforge.checkpoint import load_model
+    from fmforge.model import Transformer
+    model, _ = load_model(checkpoint)
+    config = dataclasses.replace(model.config, context_length=max(length, model.config.context_length),
+                                 rope_scaling=model.config.rope_scaling if scaling == "trained" else scaling)
+    longer = Transformer(config).eval()
+    longer.load_state_dict(model.state_dict())
+    return longer
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, length: int, count: int, seed: int) -> float:
+    """Share of prompts of ~`length` tokens whose key tokens are each the model's greedy choice."""
+    rng = random.Random(seed)
+    repeats = repeats_for(tokenizer, length)
+    correct = 0
+    for _ in range(count):
+        prompt, answer = passkey_document(rng, repeats)
+        prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+        ids = torch.tensor([prompt_ids + answer_ids])
+        logits = model(ids[:, :-1]).logits[0, len(prompt_ids) - 1:]
+        correct += int(logits.argmax(-1).tolist() == answer_ids)
+    return correct / count
+
+
+@torch.no_grad()
+def bits_per_byte_by_position(model, windows: torch.Tensor, bytes_per_token: float, bucket: int) -> list[float]:
+    """Mean bits/byte of each `bucket` positions over held-out windows (N, L+1)."""
+    import torch.nn.functional as F
+    losses = []
+    for row in windows:
+        logits = model(row[None, :-1]).logits[0]
+        losses.append(F.cross_entropy(logits.float(), row[1:], reduction="none"))
+    per_position = torch.stack(losses).mean(0)  # (L,) nats/token
+    bits = per_position / torch.log(torch.tensor(2.0)) / bytes_per_token
+    return [float(b) for b in bits.view(-1, bucket).mean(-1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", required=True, help="Tiny Shakespeare (or another long text file)")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-long-context"))
+    parser.add_argument("--context", type=int, default=256, help="the base's trained context T")
+    parser.add_argument("--base-steps", type=int, default=600)
+    parser.add_argument("--extend-steps", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
+    parser.add_argument("--no-results", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    T = args.context
+    base_steps, extend_steps = (30, 10) if args.quick else (args.base_steps, args.extend_steps)
+    prompts = 6 if args.quick else args.prompts
+    started, load = time.perf_counter(), os.getloadavg()
+    print(f"machine: {describe_machine()} | load average at start {load[0]:.2f}", flush=True)
+
+    # 1. data
+    tok = work / "tokenizer"
+    text_parts, passkey_src = work / "text-parts", work / "passkey-source"
+    if stage("tokenizer", tok / "tokenizer.json"):
+        split_text(Path(args.text), text_parts)
+        passkey_src.mkdir(exist_ok=True)
+        write_passkey_jsonl(passkey_src / "sample.jsonl", 200, 40, seed=99)
+        cli("tokenizer", "train", text_parts, passkey_src / "sample.jsonl", "--vocab-size", "1024", "--out", tok)
+    from fmforge.checkpoint import load_tokenizer
+    tokenizer = load_tokenizer(tok)
+    per_repeat = len(tokenizer.encode(FILLER * 10)) / 10
+    data = {"text": work / "data-text", "short": work / "data-passkey-short", "long": work / "data-passkey-long"}
+    if stage("text data", data["text"] / "manifest.json"):
+        cli("prepare", text_parts, "--tokenizer", tok, "--val-fraction", "0.1", "--out", data["text"])
+    for name, tokens, count in [("short", T, 6000), ("long", 4 * T, 3000)]:
+        if stage(f"passkey data ({name}, up to ~{tokens} tokens)", data[name] / "manifest.json"):
+            jsonl = passkey_src / f"{name}.jsonl"
+            write_passkey_jsonl(jsonl, 200 if args.quick else count, repeats_for(tokenizer, tokens * 0.9),
+                                seed=len(name))
+            cli("prepare", jsonl, "--tokenizer", tok, "--val-fraction", "0.02", "--out", data[name])
+
+    # 2. the base at context T
+    base = work / "base"
+    common = ["--model.n_layer", 4, "--model.n_embd", 128, "--model.n_head", 4, "--train.batch_size", 16,
+              "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", 0]
+    if stage(f"base at context {T} ({base_steps} steps)", base / "latest"):
+        mixture = json.dumps({str(data["text"]): 1.0, str(data["short"]): 1.0})
+        cli("pretrain", *common, "--model.context_length", T, "--train.mixture", mixture, "--train.max_steps",
+            base_steps, "--train.lr", 3e-3, "--train.warmup_steps", 30, "--train.checkpoint_interval", base_steps,
+            "--train.out_dir", base)
+
+    # 3. extension to 4T, per method (the recipe fmforge/recipes/extend-context.yaml with its fields overridden)
+    extended = {}
+    for method, scaling in METHODS.items():
+        out = work / f"extend-{method}"
+        extended[method] = out
+        if scaling and scaling["rope_type"] == "yarn":
+            scaling = {**scaling, "original_max_position_embeddings": T}
+        if stage(f"extend to {4 * T} with {method} ({extend_steps} steps)", out / "latest"):
+            mixture = json.dumps({str(data["text"]): 1.0, str(data["long"]): 1.0})
+            cli("pretrain", "--config", "extend-context", "--train.init_from", base, "--model.context_length", 4 * T,
+                "--model.rope_scaling", json.dumps(scaling), "--train.mixture", mixture,
+                "--train.max_steps", extend_steps, "--train.batch_size", 4, "--train.eval_interval", 10_000,
+                "--train.checkpoint_interval", extend_steps, "--train.out_dir", out)
+
+    # 4. scores
+    lengths = [T, 2 * T, 4 * T, 8 * T]
+    scores_file = work / ("scores-quick.json" if args.quick else "scores.json")
+    scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+    from fmforge.checkpoint import resolve_checkpoint
+    from fmforge.data.shards import load_split, read_manifest
+    manifest = read_manifest(data["text"])
+    bytes_per_token = manifest.val.bytes / manifest.val.tokens
+    val = torch.from_numpy(__import__("numpy").concatenate([s[:] for s in load_split(data["text"], "val")])).long()
+    L = 8 * T
+    n_windows = min(len(val) // (L + 1), 2 if args.quick else 6)
+    windows = val[:n_windows * (L + 1)].view(n_windows, L + 1)
+    print(f"held-out: {len(val):,} val tokens, {n_windows} windows of {L} for bits/byte by position", flush=True)
+    variants = [(f"base, {m}" + (" (no training)" if m != "none" else ""), base, METHODS[m], m) for m in METHODS] + \
+               [(f"extended, {m}", extended[m], "trained", m) for m in METHODS]
+    for name, run, scaling, method in variants:
+        if name in scores:
+            continue
+        if isinstance(scaling, dict) and scaling["rope_type"] == "yarn":
+            scaling = {**scaling, "original_max_position_embeddings": T}
+        checkpoint = resolve_checkpoint(run)
+        row = {"method": method}
+        for length in lengths:
+            model = model_at(checkpoint, length, scaling)
+            row[str(length)] = passkey_accuracy(model, tokenizer, length, prompts, seed=1234 + length)
+        row["bpb_by_position"] = bits_per_byte_by_position(model_at(checkpoint, L, scaling), windows,
+                                                           bytes_per_token, bucket=T // 4)
+        scores[name] = row
+        scores_file.write_text(json.dumps(scores, indent=1))
+        print(f"{name}: passkey " + ", ".join(f"{n}: {row[str(n)]:.2f}" for n in lengths)
+              + f" | bits/byte first {T}: {sum(row['bpb_by_position'][:4]) / 4:.3f}, "
+              f"last {T}: {sum(row['bpb_by_position'][-4:]) / 4:.3f}", flush=True)
+
+    minutes = (time.perf_counter() - started) / 60
+    plot(scores, T, REPO / "benchmarks" / ("long-context-bpb-quick.png" if args.quick else "long-context-bpb.png"))
+    body = report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, minutes, load, args)
+    print(body)
+    if not args.no_results and not args.quick:
+        write_section("long-context", body)
+
+
+def plot(scores: dict, T: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, row in scores.items():
+        values = row["bpb_by_position"]
+        bucket = 8 * T // len(values)
+        ax.plot([(i + 0.5) * bucket for i in range(len(values))], values, label=name,
+                linestyle="-" if name.startswith("extended") else ":")
+    for multiple in (1, 4):
+        ax.axvline(multiple * T, color="grey", linewidth=0.5)
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
+    ax.set_title(f"Tiny Shakespeare held-out, by position (base trained at {T}, extended at {4 * T})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, minutes, load, args) -> str:
+    lines = [
+        "## Long context: passkey retrieval and bits/byte by position",
+        "",
+        f"`python benchmarks/long_context.py --text {args.text}` — {minutes:.0f} min, load average "
+        f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
+        "",
+        f"Base: 4 layers, width 128, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
+        f"passkey documents up to {T} tokens, 1:1). Extension: `train.init_from` the base, context {4 * T}, "
+        f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
+        f"tokens on Shakespeare + passkey documents up to {4 * T} tokens. Passkey: {prompts} held-out prompts per "
+        "length, key at a uniformly random depth; correct = every key token is the greedy choice.",
+        "",
+        "| model | " + " | ".join(f"{n // T}x ({n})" for n in lengths) + f" | bits/byte, first {T} | "
+        f"bits/byte, {4 * T - T}-{4 * T} | bits/byte, last {T} |",
+        "|---|" + "---:|" * (len(lengths) + 3),
+    ]
+    for name, row in scores.items():
+        bpb = row["bpb_by_position"]
+        q = len(bpb) // 8  # buckets per T
+        lines.append(f"| {name} | " + " | ".join(f"{row[str(n)]:.2f}" for n in lengths)
+                     + f" | {sum(bpb[:q]) / q:.3f} | {sum(bpb[3 * q:4 * q]) / q:.3f} | {sum(bpb[-q:]) / q:.3f} |")
+    lines += ["", "![bits/byte by position](long-context-bpb.png)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
