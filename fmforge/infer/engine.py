@@ -2,11 +2,12 @@
 `chat`, completion scoring in `fmforge eval`, lm-eval's generate_until).
 
 It batches many sequences continuously, each with its own `SamplingParams`, seed and adapter. Each step admits
-waiting sequences into free slots (prefill: the whole prompt in one forward, then the first token), runs ONE
-decode forward for every running sequence together, and samples each row with its own settings. Sequences leave
-the batch the moment they finish or are cancelled; new ones join at the next step (Yu et al. 2022, "Orca":
-iteration-level scheduling). A sequence running alone drafts tokens by prompt lookup and verifies them in one
-forward (speculation), which gives the tokens plain decoding gives.
+waiting sequences into free slots, prefills prompts (in chunks of at most `prefill_chunk` tokens, one chunk per
+step while others decode, so that a long prompt does not stall them: Agrawal et al. 2024, "Sarathi-Serve"; the
+last chunk gives the first token), runs ONE decode forward for every sequence whose prompt is in, and samples
+each row with its own settings. Sequences leave the batch the moment they finish or are cancelled; new ones join
+at the next step (Yu et al. 2022, "Orca": iteration-level scheduling). A sequence running alone drafts tokens by
+prompt lookup and verifies them in one forward (speculation), which gives the tokens plain decoding gives.
 
 Two ways to drive it:
 - a server starts the engine thread (`start`) and `submit`s sequences with a callback per sequence, called on the
@@ -39,6 +40,7 @@ from .lora import AdapterSelection, LoadedAdapter, attach_adapters
 from .sampling import SamplingParams, TextStream, TokenLogprob, sample_rows
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward while other sequences decode (Engine(prefill_chunk=...))
 
 
 class EngineFull(Exception):
@@ -90,6 +92,7 @@ class Sequence:
     stream: TextStream
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the KV cache; the sequence decodes once its whole prompt is there
     cancelled: bool = False
     finished: bool = False
     failed: bool = False
@@ -156,7 +159,8 @@ class Generation:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, adapters: list[LoadedAdapter] | None = None, *,
-                 max_batch: int = 16, max_queue: int = 64, max_context: int | None = None, speculate: int = 4):
+                 max_batch: int = 16, max_queue: int = 64, max_context: int | None = None, speculate: int = 4,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapters = list(adapters or [])
@@ -166,9 +170,13 @@ class Engine:
         self.max_context = min(max_context or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.speculate = speculate  # drafted tokens per step when one sequence runs alone (0 = off)
-        self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype)
+        self.prefill_chunk = prefill_chunk or None  # prompt tokens per prefill forward (None = whole prompts)
+        # A sliding-window model's cache keeps window + speculate positions per slot (see SlotKVCache).
+        self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype, speculate)
         self._waiting: list[Sequence] = []
-        self._running: list[Sequence] = []  # sequence i lives in cache slot i
+        # Sequence i lives in cache slot i: first those that decode, then those whose prompt is still being
+        # prefilled, in the order they came.
+        self._running: list[Sequence] = []
         self._jobs: list[_EmbedJob] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -333,12 +341,42 @@ class Engine:
     def _run(self, jobs: list[_EmbedJob], admitted: list[Sequence], decode: bool) -> None:
         for job in jobs:
             self._run_embed(job)
-        for group in prefill_groups(admitted, PREFILL_TOKENS):
-            self._guarded(self._prefill, group)
+        for sequence in admitted:
+            self.cache.clear(len(self._running))
+            self._running.append(sequence)
+        if decode:
+            self._prefill_pending()
         self._retire()
-        if self._running and decode:
-            self._guarded(self._decode, list(self._running))
+        decoding = self._decoding()
+        if decoding and decode:
+            self._guarded(self._decode, decoding)
             self._retire()
+
+    def _decoding(self) -> list[Sequence]:
+        """The sequences whose prompt is in the cache: slots 0 .. n-1."""
+        count = 0
+        while count < len(self._running) and self._running[count].prefilled == len(self._running[count].prompt_ids):
+            count += 1
+        return self._running[:count]
+
+    def _prefill_pending(self) -> None:
+        """Prefill what the running prompts still lack, in forwards of at most prefill_chunk tokens (PREFILL_TOKENS
+        padded tokens when unchunked). While some sequence decodes, one chunked forward per step: its next token
+        then waits for one chunk, not for a whole long prompt. Nobody decoding, nobody waits: every prompt goes in."""
+        one_forward = self.prefill_chunk is not None and bool(self._decoding())
+        while True:
+            pending = [s for s in self._running if s.prefilled < len(s.prompt_ids) and not s.finished]
+            if not pending:
+                return
+            group = prefill_groups(pending, self.prefill_chunk or PREFILL_TOKENS, self._piece)[0]
+            self._guarded(self._prefill, group)
+            if one_forward:
+                return
+
+    def _piece(self, sequence: Sequence) -> int:
+        """Prompt tokens of `sequence` that its next prefill forward takes."""
+        left = len(sequence.prompt_ids) - sequence.prefilled
+        return left if self.prefill_chunk is None else min(left, self.prefill_chunk)
 
     def _guarded(self, work: Callable[[list[Sequence]], None], sequences: list[Sequence]) -> None:
         """Run one forward's work; if it raises, those sequences fail and the engine goes on."""
@@ -366,25 +404,27 @@ class Engine:
         self.selection.ids = (torch.tensor(adapters, device=self.device) if any(adapters) else None)
 
     def _prefill(self, sequences: list[Sequence]) -> None:
-        """Prompts of newly admitted sequences in one forward, right-padded to the longest. Padding writes keys
-        past a row's prompt; its length is set back to the prompt, so decoding overwrites them, and until then
-        the mask (keys up to the query's position) hides them."""
-        first = len(self._running)
-        lengths = [len(s.prompt_ids) for s in sequences]
-        ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, :lengths[row]] = torch.tensor(sequence.prompt_ids)
-            self._running.append(sequence)
-            self.cache.clear(first + row)
-        self.cache.bind(first, len(sequences))
+        """The next piece of each prompt (sequences in consecutive slots) in one forward, right-padded to the
+        longest; a row whose prompt is now whole samples its first token. The cache advances each row by its real
+        tokens only: keys that padding wrote lie past the row's length, where the mask (keys up to the query's
+        position) hides them until decoding overwrites them."""
+        first = self._running.index(sequences[0])
+        pieces = [s.prompt_ids[s.prefilled:s.prefilled + self._piece(s)] for s in sequences]
+        widths = [len(piece) for piece in pieces]
+        ids = torch.zeros(len(sequences), max(widths), dtype=torch.long)
+        for row, piece in enumerate(pieces):
+            ids[row, :widths[row]] = torch.tensor(piece)
+        self.cache.bind(first, len(sequences), widths)
         self._select([s.adapter for s in sequences])
         hidden = self.model(ids.to(self.device), kv_cache=self.cache, return_logits=False, return_hidden=True).hidden
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model.lm_head(hidden[torch.arange(len(sequences), device=self.device), last])
-        for row, length in enumerate(lengths):
-            self.cache.lengths[first + row] = length
-        self.prompt_tokens += sum(lengths)
-        self._accept(logits, sequences)
+        for sequence, width in zip(sequences, widths):
+            sequence.prefilled += width
+        self.prompt_tokens += sum(widths)
+        done = [row for row, s in enumerate(sequences) if s.prefilled == len(s.prompt_ids)]
+        if done:
+            last = torch.tensor([widths[row] - 1 for row in done], device=self.device)
+            logits = self.model.lm_head(hidden[torch.tensor(done, device=self.device), last])
+            self._accept(logits, [sequences[row] for row in done])
 
     def _decode(self, running: list[Sequence]) -> None:
         if len(running) == 1 and self.speculate and not self._waiting:
@@ -476,22 +516,32 @@ class Engine:
             self._emit(sequence, Event(text, token, logprob, finish, len(sequence.output_ids)))
 
     def _retire(self) -> None:
-        """Drop finished and cancelled sequences; the last running one moves into each freed slot."""
+        """Drop finished and cancelled sequences: the last decoding one moves into each slot freed among the
+        decoding ones, and those still prefilling close up behind them in their order."""
         for slot, sequence in enumerate(self._running):
             if sequence.failed:  # before any move copies its keys and values elsewhere
                 self._scrub(slot)
+        decoding = len(self._decoding())
+        sequences, sources = self._running[:decoding], list(range(decoding))
         slot = 0
-        while slot < len(self._running):
-            sequence = self._running[slot]
-            if sequence.finished or sequence.cancelled:
-                last = len(self._running) - 1
-                if slot != last:
-                    self.cache.move(last, slot)
-                    self._running[slot] = self._running[last]
-                self._running.pop()
-                self.cache.clear(last)
+        while slot < len(sequences):
+            if sequences[slot].finished or sequences[slot].cancelled:
+                sequences[slot], sources[slot] = sequences[-1], sources[-1]
+                sequences.pop()
+                sources.pop()
             else:
                 slot += 1
+        for source in range(decoding, len(self._running)):
+            if not (self._running[source].finished or self._running[source].cancelled):
+                sequences.append(self._running[source])
+                sources.append(source)
+        # Ascending targets, each at or below its source and never the slot of a sequence still to move.
+        for target, source in enumerate(sources):
+            if source != target:
+                self.cache.move(source, target)
+        for slot in range(len(sequences), len(self._running)):
+            self.cache.clear(slot)
+        self._running = sequences
 
     def _scrub(self, slot: int) -> None:
         """Zero a failed sequence's keys and values: they may be non-finite, and a later sequence in this slot
@@ -527,16 +577,18 @@ def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) ->
     return []
 
 
-def prefill_groups(sequences: list[Sequence], budget: int) -> list[list[Sequence]]:
-    """Consecutive groups whose padded size (rows x longest prompt) stays within `budget` tokens."""
+def prefill_groups(sequences: list[Sequence], budget: int,
+                   size: Callable[[Sequence], int] = lambda s: len(s.prompt_ids)) -> list[list[Sequence]]:
+    """Consecutive groups whose padded size (rows x the longest `size`, by default the prompt) stays within
+    `budget` tokens."""
     groups: list[list[Sequence]] = []
     current: list[Sequence] = []
     longest = 0
     for sequence in sequences:
-        width = max(longest, len(sequence.prompt_ids))
+        width = max(longest, size(sequence))
         if current and width * (len(current) + 1) > budget:
             groups.append(current)
-            current, width = [], len(sequence.prompt_ids)
+            current, width = [], size(sequence)
         current.append(sequence)
         longest = width
     if current:

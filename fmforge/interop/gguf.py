@@ -61,6 +61,9 @@ def check_exportable(config: ModelConfig) -> None:
                               "(Qwen3-style); export to Hugging Face instead (fmforge export hf)")
     if config.n_shared_experts:
         raise CheckpointError("GGUF export writes llama.cpp's llama architecture, whose MoE has no shared experts")
+    if config.sliding_window is not None:
+        raise CheckpointError("GGUF export writes llama.cpp's llama architecture, which has no sliding-window "
+                              "attention; export to Hugging Face instead (fmforge export hf)")
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type") == "yarn" and (not scaling.get("truncate", True) or "attention_factor" in scaling):
         raise CheckpointError("GGUF export of YaRN RoPE scaling supports the default ramp and attention factor only "

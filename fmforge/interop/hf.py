@@ -274,18 +274,21 @@ def family_for(config: ModelConfig, preferred: str | None = None) -> str:
             return False
         if config.n_experts and config.n_shared_experts:
             return False
+        if config.sliding_window is not None and family.sliding_window != "mistral":  # every layer, one window
+            return False
         return {"none": not config.attention_bias, "always": config.attention_bias, "config": True}[
             family.attention_bias]
 
     if preferred in FAMILIES and fits(preferred):
         return preferred
-    for model_type in ("qwen2", "llama", "qwen3", "mixtral"):  # qwen2 first: biases without a zero o_proj bias
+    for model_type in ("qwen2", "llama", "qwen3", "mixtral", "mistral"):  # qwen2 first: biases, no o_proj bias
         if fits(model_type):
             return model_type
     features = [name for name, on in [("mixture-of-experts", config.n_experts),
                                        ("shared experts", config.n_shared_experts),
                                        ("attention biases", config.attention_bias),
-                                       ("QK-norm", config.qk_norm)] if on]
+                                       ("QK-norm", config.qk_norm),
+                                       ("sliding-window attention", config.sliding_window)] if on]
     raise CheckpointError(f"no Hugging Face family has this combination: {', '.join(features)}; "
                           "transformers cannot load such a model")
 
@@ -326,6 +329,8 @@ def hf_config_from_model_config(config: ModelConfig, model_type: str, dtype: tor
                 hf[key] = original[key]
         if original.get("max_position_embeddings", 0) >= config.context_length:
             hf["max_position_embeddings"] = original["max_position_embeddings"]
+    if config.sliding_window is not None:
+        hf["sliding_window"] = config.sliding_window
     return hf
 
 
