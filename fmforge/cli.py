@@ -504,7 +504,8 @@ def cmd_serve(args) -> None:
         model_name=args.model_name, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("FMFORGE_API_KEY") or None, device=args.device, dtype=args.dtype,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-        max_body_bytes=args.max_body_bytes, speculate=args.speculate, log_level=args.log_level,
+        max_body_bytes=args.max_body_bytes, speculate=args.speculate, prefill_chunk=args.prefill_chunk,
+        log_level=args.log_level,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         drain_timeout=args.drain_timeout, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images))
@@ -704,6 +705,9 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--speculate", type=int, default=4,
                    help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prompt tokens per prefill forward: a long prompt goes in N at a time between the decode "
+                        "steps of running requests, so it does not stall them (0 = whole prompts)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a request head must arrive whole within this, else 408 and the connection closes")
     p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",

@@ -231,3 +231,51 @@ def test_prefill_groups_respect_the_token_budget():
     groups = prefill_groups([S(n) for n in sizes], budget=100)
     assert [[len(s.prompt_ids) for s in g] for g in groups] == [[10, 30, 5], [40], [100], [3]]
     assert all(len(g) * max(len(s.prompt_ids) for s in g) <= 100 for g in groups)
+
+
+def test_chunked_prefill_gives_the_tokens_of_one_shot_prefill(base, adapters):
+    """Prompts longer than the chunk, several at once, on adapters, greedy and seeded sampling: the same tokens
+    whether each prompt goes in whole or in chunks of 5 (and speculation, for the lone one, changes nothing)."""
+    tokenizer = load_model_and_tokenizer(base)[1]
+    loaded = [read_adapter(name, path, base) for name, path in zip("ab", adapters)]
+    prompts = [tokenizer.encode(text, add_bos=True) for text in [
+        "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n", "#",
+        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n"]]
+    assert max(len(p) for p in prompts) > 20
+    requests = [(prompts[0], 0, SamplingParams(max_tokens=20, temperature=0)),
+                (prompts[1], 1, SamplingParams(max_tokens=20, temperature=0.9, seed=4)),
+                (prompts[2], 2, SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=5)),
+                (prompts[2], 0, SamplingParams(max_tokens=20, temperature=0))]
+    outputs = []
+    for prefill_chunk in (None, 5):
+        model = load_model_and_tokenizer(base)[0]  # an engine attaches its adapters to the model it gets
+        engine = Engine(model, tokenizer, loaded, max_batch=3, prefill_chunk=prefill_chunk)
+        outputs.append([c.tokens for c in run_engine(engine, requests)])
+        alone = Engine(load_model_and_tokenizer(base)[0], tokenizer, loaded, max_batch=1, prefill_chunk=prefill_chunk,
+                       speculate=4)
+        outputs[-1] += [c.tokens for c in run_engine(alone, requests[2:])]
+    assert outputs[0] == outputs[1]
+    assert outputs[0][0] == reference(base, prompts[0], 20)
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    short = prompts_of(tokenizer)[:2]
+    long = tokenizer.encode("def f(x):\n    return x\n" * 8, add_bos=True)[:60]
+    assert len(long) == 60
+    for prefill_chunk, steps_to_first_token in ((None, 1), (8, 8)):  # 60 tokens: ceil(60 / 8) chunks
+        engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=prefill_chunk, speculate=0)
+        events = {name: [] for name in ("a", "b", "long")}
+        for name, prompt in zip("ab", short):
+            engine.submit(prompt, SamplingParams(max_tokens=40, temperature=0), events[name].append)
+        engine.step()  # their prefill gives a first token, and the decode step of that step a second
+        engine.submit(long, SamplingParams(max_tokens=5, temperature=0), events["long"].append)
+        for step in range(1, steps_to_first_token + 1):
+            engine.step()
+            # Every step the running streams get their next token, while the long prompt goes in chunk by chunk.
+            assert len(events["a"]) == len(events["b"]) == 2 + step
+            assert len(events["long"]) == (2 if step == steps_to_first_token else 0)  # its first token and a step
+        while engine.step():
+            pass
+        assert [e.token_id for e in events["long"]] == reference(base, long, 5)
+        assert [e.token_id for e in events["a"]] == reference(base, short[0], 40)

@@ -210,6 +210,23 @@ def read_sse(response: httpx.Response) -> list:
     return parsed
 
 
+def test_kv_cache_bytes_in_the_start_up_line_and_metrics(server, base, capsys):
+    from fmforge.checkpoint import read_model_config
+    from fmforge.cli import main
+
+    config = read_model_config(base)
+    per_token = 2 * config.n_layer * config.n_kv_head * config.head_dim * 4  # float32 on the CPU
+    assert metric(server.url, "fmforge_kv_cache_bytes_per_token") == per_token
+    assert metric(server.url, "fmforge_kv_cache_bytes_per_sequence") == per_token * config.context_length
+    line = next(line for line in server.output().splitlines() if "KV cache" in line)
+    assert f"per token (2 x {config.n_layer} layers x {config.n_kv_head} KV heads" in line
+    assert "x float32" in line and "prefill in chunks of 512 tokens" in line
+    capsys.readouterr()
+    assert main(["serve", "--checkpoint", str(base), "--prefill-chunk", "-1"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --max-batch must be at least 1, --max-queue, --speculate and "
+                                               "--prefill-chunk at least 0")
+
+
 def test_sixteen_concurrent_streams(server):
     route = 'route="/v1/chat/completions",status="200"'
     before_requests = metric(server.url, "fmforge_requests_total", route)

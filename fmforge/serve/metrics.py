@@ -35,6 +35,10 @@ class Metrics:
         Gauge("fmforge_running_sequences", "Sequences being decoded", registry=registry).set_function(
             lambda: engine.running)
         Gauge("fmforge_batch_slots", "Sequences decoded together at most", registry=registry).set(engine.max_batch)
+        Gauge("fmforge_kv_cache_bytes_per_token", "KV-cache bytes one token takes: 2 x layers x KV heads x head_dim "
+              "x the dtype's size", registry=registry).set(engine.cache.bytes_per_token)
+        Gauge("fmforge_kv_cache_bytes_per_sequence", "KV-cache bytes one sequence may take at most (its context, or "
+              "a sliding window's ring)", registry=registry).set(engine.cache.bytes_per_token * engine.cache.capacity)
         registry.register(_EngineCounters(engine))
         engine.on_first_token = self.first_token.observe
 

@@ -37,6 +37,7 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 4 << 20
     speculate: int = 4
+    prefill_chunk: int = 512  # prompt tokens per prefill forward while others decode (0 = whole prompts)
     log_level: str = "info"
     header_timeout: float = 10.0  # seconds for a request head to arrive whole (slow clients are cut off: 408)
     body_timeout: float = 60.0  # seconds from the head to the body's last byte (408)
@@ -54,6 +55,28 @@ def parse_adapter_option(value: str) -> tuple[str, str]:
     return name, path
 
 
+def describe_kv_cache(engine) -> str:
+    """One line: the KV cache's bytes per token and what it holds per sequence and in all, and the prefill chunk."""
+    cache, config = engine.cache, engine.model.config
+    dtype = str(engine.dtype).removeprefix("torch.")
+    per_sequence = cache.bytes_per_token * cache.capacity
+    held = (f"at most {_size(per_sequence)} per sequence (sliding window {cache.window} + {engine.speculate} "
+            f"drafted: {cache.capacity} positions, however long it runs)" if cache.window is not None else
+            f"{_size(per_sequence)} per sequence of {cache.capacity} tokens")
+    chunk = f"prefill in chunks of {engine.prefill_chunk} tokens" if engine.prefill_chunk else "prefill unchunked"
+    return (f"KV cache {_size(cache.bytes_per_token)} per token (2 x {config.n_layer} layers x {config.n_kv_head} KV "
+            f"heads x {config.head_dim} x {dtype}), {held}, {_size(per_sequence * cache.slots)} for {cache.slots} "
+            f"slots; {chunk}")
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
+
+
 def build_engine(options: ServeOptions):
     """(engine, base info) — every check a user can trip happens here, before the port is opened."""
     from ..checkpoint import HEAD_FILE, load_model_and_tokenizer
@@ -64,8 +87,8 @@ def build_engine(options: ServeOptions):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
-    if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0:
-        raise ConfigError("--max-batch must be at least 1, --max-queue and --speculate at least 0")
+    if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0 or options.prefill_chunk < 0:
+        raise ConfigError("--max-batch must be at least 1, --max-queue, --speculate and --prefill-chunk at least 0")
     if not (options.header_timeout > 0 and options.body_timeout > 0 and options.drain_timeout >= 0
             and options.max_connections >= 1):
         raise ConfigError("--header-timeout and --body-timeout must be > 0, --drain-timeout >= 0, "
@@ -82,7 +105,8 @@ def build_engine(options: ServeOptions):
     model.to(dtype)
     adapters = [read_adapter(name, path, checkpoint) for name, path in options.adapters]
     engine = Engine(model, tokenizer, adapters, max_batch=options.max_batch, max_queue=options.max_queue,
-                    max_context=options.max_context, speculate=options.speculate)
+                    max_context=options.max_context, speculate=options.speculate,
+                    prefill_chunk=options.prefill_chunk)
     info = {"checkpoint": str(checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     return engine, info
 
@@ -111,6 +135,7 @@ def serve(options: ServeOptions) -> None:
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "
           f"{engine.max_batch} slots x {engine.max_context} tokens; loaded in {time.perf_counter() - started:.1f}s",
           file=sys.stderr, flush=True)
+    print(f"fmforge serve: {describe_kv_cache(engine)}", file=sys.stderr, flush=True)
     print(f"chat page: http://{options.host}:{options.port}/   API: http://{options.host}:{options.port}/v1",
           file=sys.stderr, flush=True)
 
