@@ -7,7 +7,9 @@ A checkpoint is a directory holding
     model.safetensors        weights (a tied lm_head is stored once, as embed_tokens)
     tokenizer.json           + tokenizer_config.json (its "media" entry: each modality's code range)
     image_tokenizer/         the image codec (config.json + codec.safetensors), when the model has images
-    train_state/             optimizer.pt (torch.load(weights_only=True)), state.json, run.yaml (resume only)
+    train_state/             state.json, rng.pt, run.yaml, and optimizer.pt (torch.load(weights_only=True)), or
+                             sharded/ (model + optimizer through torch.distributed.checkpoint, train.parallel
+                             fsdp: resumes on any number of processes) (resume only)
 
 A training run directory keeps several of them:
 
@@ -47,6 +49,7 @@ from .modalities.stream import media_entry, with_media
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
+SHARDED_STATE = "sharded"  # train_state/sharded/: model + optimizer through torch.distributed.checkpoint
 ARCHITECTURE = "fmforge.Transformer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FINETUNE_RECORD = "finetune.json"  # what a specialist was trained for: task, method, base fingerprint, labels
@@ -55,25 +58,28 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model.model."  # PEFT's key prefix for the Hugging Face export of the same model
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied lm_head duplicate, contiguous and detached (what safetensors needs)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def model_state_for_saving(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """State dict (`model`'s, or `state` when given) without the tied lm_head duplicate, contiguous and detached
+    (what safetensors needs)."""
+    state = {k: v.detach().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return state
 
 
 def write_model_files(directory: Path, model: Transformer, tokenizer_dir: Path | None,
-                      modalities: dict | None = None) -> None:
+                      modalities: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
     """config.json + model.safetensors (+ the tokenizer files) of a plain model; `modalities` (format 2) describes
-    the media the model reads and writes (absent = text only)."""
+    the media the model reads and writes (absent = text only); `state`: the weights to write instead of
+    model.state_dict() (a sharded model's, gathered whole)."""
     config = {"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
     if modalities is None and tokenizer_dir is not None:
         modalities = tokenizer_modalities(Path(tokenizer_dir))
     if modalities:
         config["modalities"] = modalities
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(model_state_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(model_state_for_saving(model, state), str(directory / "model.safetensors"), metadata={"format": "pt"})
     copy_tokenizer(tokenizer_dir, directory)
 
 
@@ -103,11 +109,13 @@ def load_tokenizer(directory: str | Path):
 
 def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir: Path | None = None,
                      train_state: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
-                     run_yaml: str | None = None, write_files=None) -> Path:
+                     run_yaml: str | None = None, write_files=None, sharded_state: Path | None = None) -> Path:
     """Write a complete checkpoint directory at `path` atomically (temp dir + rename).
 
     The model files come from `write_files(directory)` when given (adapters, heads), else from
-    write_model_files(model, tokenizer_dir).
+    write_model_files(model, tokenizer_dir). `sharded_state`: a directory that every process has just written
+    through torch.distributed.checkpoint; it is moved (renamed) into train_state/sharded/ inside the temporary
+    directory, so it too appears only with the complete checkpoint.
     """
     path = Path(path)
     try:
@@ -122,6 +130,8 @@ def write_checkpoint(path: Path, model: Transformer | None = None, tokenizer_dir
                 (state_dir / "state.json").write_text(json.dumps(train_state, indent=2) + "\n")
                 if optimizer is not None:
                     _save_torch(optimizer.state_dict(), state_dir / "optimizer.pt")
+                if sharded_state is not None:
+                    Path(sharded_state).rename(state_dir / SHARDED_STATE)
                 _save_torch({"torch": torch.get_rng_state()}, state_dir / "rng.pt")
                 if run_yaml is not None:
                     (state_dir / "run.yaml").write_text(run_yaml)
@@ -260,7 +270,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
 
 
 def read_train_state(checkpoint: Path) -> tuple[dict, dict | None, str | None]:
-    """(state.json contents, optimizer state dict, run.yaml text) of a checkpoint written during training.
+    """(state.json contents, optimizer state dict, run.yaml text) of a checkpoint written during training; the
+    optimizer state is None when there is no optimizer.pt (a sharded train_state/sharded/ holds it instead).
     Torch files are read with weights_only=True: one holding other pickled objects is refused, never run."""
     state_dir = checkpoint / "train_state"
     try:

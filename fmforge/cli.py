@@ -5,6 +5,7 @@
                                        --modality image: the FSQ image codec (config.json + codec.safetensors)
     fmforge prepare SOURCES            token shards + manifest.json (+ a copy of the tokenizer)
     fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
+    fmforge plan --preset NAME         memory per GPU of training a shape with DDP or FSDP2, and how many GPUs
     fmforge generate --checkpoint DIR  sample text with the KV cache, streamed
     fmforge finetune / merge / chat / eval / tasks   grow and measure specialists (LoRA or full)
     fmforge serve --checkpoint DIR     OpenAI-compatible API + chat page, base and LoRA specialists
@@ -170,6 +171,26 @@ def cmd_pretrain(args, overrides: list[str]) -> None:
         if "val_bpb" in result.final_eval:
             summary += f" | val loss {result.final_eval['val_loss']:.4f} | val {result.final_eval['val_bpb']:.4f} bits/byte"
         print(summary + f"\ncheckpoint: {result.checkpoint}\nplot: {result.run_dir / 'loss.png'}", flush=True)
+
+
+def cmd_plan(args) -> None:
+    """Print the memory arithmetic of training a preset's shape on GPUs (fmforge/train/plan.py)."""
+    from .config import PRESETS, model_config_from_preset
+    from .train.plan import format_plan
+
+    for name in ("context", "batch", "gpus", "vocab_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.gpus < 2:
+        raise ConfigError(f"--gpus is the FSDP2 column's GPU count and must be at least 2, got {args.gpus} "
+                          "(the DDP column is one GPU's memory)")
+    if not args.gpu_memory > 0:
+        raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
+    vocab_size = args.vocab_size or PRESETS.get(args.preset, {}).get("vocab_size") or 32000
+    config = model_config_from_preset(args.preset, vocab_size=vocab_size)
+    print(format_plan(args.preset, config, args.context or config.context_length, args.batch, args.gpus,
+                      args.gpu_memory, args.precision))
 
 
 # ---- generate ----------------------------------------------------------------------------------------------
@@ -601,6 +622,17 @@ def add_corpus_commands(sub) -> None:
                                     "extend-context)")
     p.add_argument("--resume", action="store_true", help="continue the run in out_dir from its latest checkpoint")
     p.set_defaults(handler=cmd_pretrain, takes_overrides=True)
+
+    p = sub.add_parser("plan", help="memory per GPU of training a model shape: DDP vs FSDP2, activation "
+                                    "checkpointing, and how many GPUs it fits on")
+    p.add_argument("--preset", required=True, help="a model preset, e.g. llama-3.2-1b, llama-3.1-8b")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the preset's context)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch (default 1)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs for the FSDP2 column (default 8)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--vocab-size", type=int, default=None, help="for presets without one (default 32000)")
+    p.set_defaults(handler=cmd_plan)
 
 
 

@@ -22,12 +22,18 @@ def bits_per_byte(loss_nats_per_token: float, tokens: int, num_bytes: int) -> fl
 
 @torch.no_grad()
 def evaluate_windows(model: torch.nn.Module, dataset: WindowDataset, indices: list[int], batch_size: int,
-                     autocast=None, device: str | torch.device = "cpu") -> tuple[float, int]:
-    """Sum of next-token cross-entropy (nats) and the number of predicted tokens over the given windows."""
+                     autocast=None, device: str | torch.device = "cpu", min_batches: int = 0) -> tuple[float, int]:
+    """Sum of next-token cross-entropy (nats) and the number of predicted tokens over the given windows.
+    min_batches: run at least this many forward passes, the extra ones on window 0 and not counted (under FSDP2
+    every process must run as many forwards as the others: each one all-gathers parameters with them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(indices), batch_size):
+    starts = list(range(0, len(indices), batch_size))
+    for _ in range(len(starts), min_batches):
+        with autocast or nullcontext():
+            model(dataset.batch([0])["input_ids"].to(device))
+    for start in starts:
         batch = dataset.batch(indices[start:start + batch_size])
         x, y = batch["input_ids"].to(device), batch["targets"].to(device)
         with autocast or nullcontext():

@@ -1,5 +1,6 @@
 """The one training loop. Objectives differ only in how batches are made and how evaluation scores them;
-the loop (schedule, accumulation, clipping, precision, compile, DDP, checkpoints, logging) is shared.
+the loop (schedule, accumulation, clipping, precision, compile, DDP/FSDP2, checkpoints, logging) is shared.
+How the model is parallelised is parallel.py's business; sharded train state is sharded_state.py's.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..errors import CheckpointError, SettingsMismatchError, TrainingError
-from . import distributed
-from ..checkpoint import clean_stale_temporaries, commit_run_checkpoint, latest_in_run, load_weights, \
-    read_model_config, read_train_state, write_model_files
+from ..errors import CheckpointError, ConfigError, SettingsMismatchError, TrainingError
+from . import distributed, parallel, sharded_state
+from ..checkpoint import SHARDED_STATE, clean_stale_temporaries, commit_run_checkpoint, latest_in_run, \
+    load_weights, read_model_config, read_train_state, write_model_files
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
 
@@ -87,8 +88,13 @@ class Trainer:
         self.context_length = model.config.context_length
         self.model_has_aux = bool(getattr(model.config, "n_experts", 0))
         self.start_step = 0
+        if self.cfg.parallel == "fsdp" and save_files is not None:
+            raise ConfigError("train.parallel fsdp is for pretraining; fine-tune with train.parallel ddp")
         self.save_files = save_files or (lambda directory: write_model_files(directory, model, tokenizer_dir))
         self.load_files = load_files or self._load_transformer
+        # Parallelise before building the optimizer: FSDP2 replaces the parameters by their shards.
+        self.sharded = parallel.is_sharded(self.cfg, dist)
+        self.train_model = parallel.parallelize(model, self.cfg, dist, device, self.precision)
         self.optimizer = build_optimizer(model, self.cfg, lr_scale)
         if resume:
             self._resume()
@@ -105,12 +111,22 @@ class Trainer:
             self._say(f"--resume: no checkpoint in {self.run_dir} yet, starting from step 0")
             return
         checkpoint = latest_in_run(self.run_dir)
-        self.load_files(checkpoint)
+        shards = checkpoint / "train_state" / SHARDED_STATE
+        if shards.is_dir() or self.sharded:
+            self._check_model_config(checkpoint)
+        else:
+            self.load_files(checkpoint)
         state, optimizer_state, run_yaml = read_train_state(checkpoint)
-        if optimizer_state is None:
+        if shards.is_dir():  # written with train.parallel fsdp: loads into any number of processes
+            sharded_state.load_sharded(self.model, self.optimizer, shards)
+        elif optimizer_state is None:
             raise CheckpointError(f"cannot resume {checkpoint}: train_state/optimizer.pt is missing")
-        self.optimizer.load_state_dict(optimizer_state)
+        elif self.sharded:  # written by one process or DDP, resumed under FSDP2
+            sharded_state.load_full_into_sharded(self.model, self.optimizer, checkpoint, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.start_step = int(state["step"])
+        self._note_layout_change(state, run_yaml)
         self.precision = state.get("precision", self.precision)
         if self.cfg.max_minutes is not None and run_yaml:
             # The time budget was turned into a step count when the run started; keep it, or the
@@ -119,10 +135,27 @@ class Trainer:
         self._say(f"resumed from {checkpoint} at step {self.start_step}")
 
     def _load_transformer(self, checkpoint: Path) -> None:
-        saved = read_model_config(checkpoint)
-        if saved != self.model.config:
-            raise SettingsMismatchError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
+        self._check_model_config(checkpoint)
         load_weights(self.model, checkpoint)
+
+    def _check_model_config(self, checkpoint: Path) -> None:
+        if read_model_config(checkpoint) != self.model.config:
+            raise SettingsMismatchError(f"cannot resume {checkpoint}: its model config differs from this recipe's")
+
+    def _note_layout_change(self, state: dict, run_yaml: str | None) -> None:
+        """Say when a run resumes on another number of processes, and warn when that changed the global batch
+        (then the data order and what a step means change too: keep batch_size x grad_accum x processes)."""
+        saved_world = int(state.get("world_size", 1))
+        if saved_world == self.dist.world_size:
+            return
+        self._say(f"the checkpoint was written by {saved_world} process{'es' * (saved_world > 1)}; continuing on "
+                  f"{self.dist.world_size}")
+        saved = yaml.safe_load(run_yaml)["train"] if run_yaml else {}
+        before = saved.get("batch_size", 0) * saved.get("grad_accum", 0) * saved_world
+        now = self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
+        if before and before != now:
+            self._say(f"warning: the global batch changes from {before} to {now} sequences per step; set "
+                      f"batch_size x grad_accum x processes to {before} to continue the same run")
 
     def _say(self, text: str) -> None:
         if self.dist.is_main and not self.quiet:
@@ -153,7 +186,9 @@ class Trainer:
         train_tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.context_length
         step_seconds *= 1 + eval_tokens_per_step / train_tokens_per_step / 3
         budget = self.cfg.max_minutes * 60 * 0.95  # keep 5% for checkpoints and the final eval
-        steps = max(1, int(budget / step_seconds))
+        # Every process must run the same number of steps (each step's collectives pair them up).
+        steps = max(1, int(distributed.all_reduce_mean(torch.tensor(budget / step_seconds, dtype=torch.float64),
+                                                                   self.dist)))
         self._say(f"time budget {self.cfg.max_minutes:g} min: ~{step_seconds * 1000:.0f} ms/step -> {steps} steps")
         return steps
 
@@ -165,8 +200,8 @@ class Trainer:
         if cfg.max_minutes is not None and self.start_step == 0:
             cfg.max_steps = self.calibrate_max_steps()
         metrics, progress = self._open_run()
-        train_model = self._model_for_training()
-        autocast = autocast_context(self.precision, self.device)
+        train_model = self.train_model
+        autocast = autocast_context(parallel.autocast_precision(self.precision, cfg, self.dist), self.device)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size * self.context_length
         step, loss_value, final_eval = self.start_step, None, {}
         started = time.perf_counter()
@@ -218,18 +253,6 @@ class Trainer:
         progress = ProgressLog(cfg.max_steps, self.start_step, cfg.log_interval, enabled=main and not self.quiet)
         return metrics, progress
 
-    def _model_for_training(self) -> torch.nn.Module:
-        """The model as the loop calls it: compiled and/or wrapped in DistributedDataParallel when asked."""
-        train_model = self.model
-        if self.cfg.compile:
-            train_model = torch.compile(train_model)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-            train_model = DistributedDataParallel(
-                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(self.model, "has_unused_parameters", False))
-        return train_model
-
     @contextlib.contextmanager
     def _stop_signals(self, progress: ProgressLog):
         """While training, SIGINT and SIGTERM ask to stop after the current step (the yielded list becomes
@@ -273,15 +296,14 @@ class Trainer:
         batches = [self.get_batch(step, micro) for micro in range(cfg.grad_accum)]
         n_targets = distributed.all_reduce_sum(
             torch.tensor(float(sum(count_targets(b) for b in batches))), self.dist).item()
-        scale = self.dist.world_size / max(n_targets, 1.0)  # DDP averages gradients over ranks
+        scale = self.dist.world_size / max(n_targets, 1.0)  # DDP and FSDP2 average gradients over ranks
         aux_coef = getattr(getattr(self.model, "config", None), "moe_aux_loss_coef", 0.0)
         loss_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
         for micro, batch in enumerate(batches):
             batch = to_device(batch, device)
             last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else train_model.no_sync()
-            with sync:
+            with parallel.gradient_sync(train_model, last):
                 with autocast:
                     out = train_model(**batch, reduction="sum", return_logits=False)
                     loss = out.loss * scale
@@ -293,7 +315,7 @@ class Trainer:
             loss_sum += (out.loss * scale).detach()
         extra_metrics = {}
         if cfg.grad_clip > 0:
-            extra_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            extra_metrics["grad_norm"] = parallel.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = distributed.all_reduce_mean(loss_sum, self.dist).item()
@@ -311,6 +333,8 @@ class Trainer:
         cfg, result = self.cfg, {}
         if self.evaluate is not None and (step % cfg.eval_interval == 0 or done):
             result = self.evaluate(self.model, None if step == cfg.max_steps else cfg.eval_tokens, autocast)
+            if self.sharded:
+                parallel.release_gathered_parameters(self.model)
             record.update(result)
             progress.message(f"eval step {step} | " + " | ".join(
                 f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
@@ -323,13 +347,30 @@ class Trainer:
         return result
 
     def save(self, step: int) -> None:
-        if self.dist.is_main:
-            state = {"step": step, "precision": self.precision, "world_size": self.dist.world_size,
-                     "tokens": step * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
-                     * self.context_length}
+        state = {"step": step, "precision": self.precision, "world_size": self.dist.world_size,
+                 "tokens": step * self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
+                 * self.context_length}
+        if self.cfg.parallel == "fsdp":
+            self._save_sharded(step, state)
+        elif self.dist.is_main:
             commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, write_files=self.save_files,
                                   train_state=state, optimizer=self.optimizer, run_yaml=self.run_yaml)
         distributed.barrier(self.dist)
+
+    def _save_sharded(self, step: int, state: dict) -> None:
+        """train.parallel fsdp: every process writes its shards of the model and optimizer through DCP into a
+        temporary directory; rank 0 gathers the whole model for model.safetensors and commits the checkpoint,
+        moving the shards into train_state/sharded/ (all of it appears at once, or not at all)."""
+        weights = sharded_state.full_model_state(self.model)  # a collective; {} except on rank 0
+        shards = self.run_dir / "checkpoints" / f".tmp-step-{step:08d}-shards"
+        sharded_state.save_sharded(self.model, self.optimizer, shards)
+        distributed.barrier(self.dist)
+        if self.dist.is_main:
+            commit_run_checkpoint(
+                self.run_dir, step, self.cfg.keep_checkpoints, train_state=state, run_yaml=self.run_yaml,
+                write_files=lambda directory: write_model_files(directory, self.model, self.tokenizer_dir,
+                                                                state=weights),
+                sharded_state=shards)
 
     def _plot(self) -> None:
         try:
