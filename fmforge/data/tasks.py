@@ -50,6 +50,11 @@ def _completion(record, tokenizer, where, train_on_all=False):
     return completion_example(record, tokenizer, where)
 
 
+def _translate(record, tokenizer, where, train_on_all=False):
+    from .translation import translation_example
+    return translation_example(record, tokenizer, where)
+
+
 def _vision(name: str):
     def build(record, tokenizer, where, train_on_all=False):
         from .vision import vision_example
@@ -66,6 +71,9 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          ("text", "label"), CLASSIFIER_HEAD, None, "classify", ("accuracy",), None),
     Task("lm", "plain language modelling on prepared token shards (`fmforge prepare`)", (), LM_HEAD, None,
          "perplexity", ("bits_per_byte", "perplexity"), "completion"),
+    Task("translate", "a sentence -> its translation (JSONL source/target[/source_lang/target_lang], or "
+         "parallel:SOURCE_FILE:TARGET_FILE); chat turns", ("source", "target"), LM_HEAD, _translate, "translate",
+         ("bleu", "chrf"), "chat"),
     Task("mc", "multiple choice by log-likelihood: a prompt, its choices and the answer's index",
          ("prompt", "choices", "answer"), LM_HEAD, None, "mc", ("acc", "acc_norm"), None, trainable=False),
     # Vision (data/vision.py): chat turns whose contents hold image spans; they need a multimodal base.
@@ -152,9 +160,13 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
 
 
 def read_records(task: Task, path: str | Path) -> list[tuple[str, dict]]:
-    """(where, record) pairs of a task's JSONL file; `where` is "file:line" for error messages."""
+    """(where, record) pairs of a task's JSONL file (or, for translate, of two aligned text files given as
+    parallel:SOURCE:TARGET); `where` is "file:line" for error messages."""
     if not task.fields:
         raise DataError(f"task {task.name} reads prepared token shards, not JSONL records")
+    if task.name == "translate" and str(path).startswith("parallel:"):
+        from .translation import read_parallel
+        return read_parallel(str(path))
     from .finetune import read_jsonl
     return [(f"{path}:{number}", record) for number, record in read_jsonl(path, task.fields)]
 

@@ -5,8 +5,8 @@ raw and length-normalised), and held-out perplexity on prepared shards.
 Task specs for `fmforge eval --tasks`: a built-in dataset of the task registry (stdlib-docstring, stdlib-body,
 stdlib-module, and the vision sets mnist-recognise, shapes-answer, glyphs-read, mnist-draw, shapes-edit, ... scored
 by eval/vision.py; its test split), `perplexity` (needs --data PREPARED_DIR), or TASK:FILE.jsonl for any task whose
-registry entry names an evaluator (completion, classify, mc; mc records: {"prompt": ..., "choices": [...],
-"answer": index}).
+registry entry names an evaluator (completion, classify, mc, translate; mc records: {"prompt": ..., "choices": [...],
+"answer": index}; translate also reads translate:parallel:SOURCE_FILE:TARGET_FILE and reports sacrebleu's BLEU and chrF).
 """
 
 from __future__ import annotations
@@ -149,8 +149,29 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
     "classify": evaluate_classify,
     "mc": lambda model, tokenizer, records, labels: evaluate_multiple_choice(language_model(model), tokenizer,
                                                                              records),
+    "translate": lambda model, tokenizer, records, labels: evaluate_translate(model, tokenizer, records),
     **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
 }
+
+
+def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batch: int = 8) -> dict:
+    """Corpus BLEU and chrF (sacrebleu's defaults, on detokenized text) of the greedy translations, asked for
+    through the chat template as the server asks."""
+    import sacrebleu
+
+    from ..data.translation import translation_messages
+
+    stop = tokenizer.chat_stop_ids()
+    greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0)
+    requests = [GenerationRequest(tokenizer.encode_chat(translation_messages(record, where)[:1],
+                                                        add_generation_prompt=True), greedy, stop_ids=stop)
+                for where, record in records]
+    completions = Engine(language_model(model), tokenizer, max_batch=batch).complete(requests)
+    hypotheses = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+                  for c in completions]
+    references = [record["target"].strip() for _, record in records]
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score, "examples": len(records)}
 
 
 def language_model(model):
