@@ -737,9 +737,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--speculate", type=int, default=4,
                    help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
-    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+    p.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens per prefill forward: a long prompt goes in N at a time between the decode "
-                        "steps of running requests, so it does not stall them (0 = whole prompts)")
+                        "steps of running requests, so it does not stall them (0 = whole prompts; default: 64 on "
+                        "a CPU, 512 on a GPU)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a request head must arrive whole within this, else 408 and the connection closes")
     p.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",

@@ -234,28 +234,41 @@ def test_prefill_groups_respect_the_token_budget():
 
 
 def test_chunked_prefill_gives_the_tokens_of_one_shot_prefill(base, adapters):
-    """Prompts longer than the chunk, several at once, on adapters, greedy and seeded sampling: the same tokens
-    whether each prompt goes in whole or in chunks of 5 (and speculation, for the lone one, changes nothing)."""
+    """Prompts that arrive while others decode go in by chunks of 5 tokens: on adapters, greedy and seeded sampling,
+    and with a lone sequence speculating meanwhile, the tokens are those of one-shot prefill."""
+    from fmforge.infer.engine import GenerationRequest
+
     tokenizer = load_model_and_tokenizer(base)[1]
     loaded = [read_adapter(name, path, base) for name, path in zip("ab", adapters)]
-    prompts = [tokenizer.encode(text, add_bos=True) for text in [
-        "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n", "#",
-        "class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, item):\n"]]
-    assert max(len(p) for p in prompts) > 20
-    requests = [(prompts[0], 0, SamplingParams(max_tokens=20, temperature=0)),
-                (prompts[1], 1, SamplingParams(max_tokens=20, temperature=0.9, seed=4)),
-                (prompts[2], 2, SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=5)),
-                (prompts[2], 0, SamplingParams(max_tokens=20, temperature=0))]
-    outputs = []
-    for prefill_chunk in (None, 5):
-        model = load_model_and_tokenizer(base)[0]  # an engine attaches its adapters to the model it gets
-        engine = Engine(model, tokenizer, loaded, max_batch=3, prefill_chunk=prefill_chunk)
-        outputs.append([c.tokens for c in run_engine(engine, requests)])
-        alone = Engine(load_model_and_tokenizer(base)[0], tokenizer, loaded, max_batch=1, prefill_chunk=prefill_chunk,
-                       speculate=4)
-        outputs[-1] += [c.tokens for c in run_engine(alone, requests[2:])]
+    short, long, longer = [tokenizer.encode(text, add_bos=True) for text in [
+        "#", "class Stack:\n    def __init__(self):\n        self.items = []\n",
+        "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"]]
+    assert len(long) > 15 and len(longer) > 20
+    # Two slots: the first two start together (nobody decodes yet: whole prompts); each later one is admitted
+    # when a slot frees, while the other slot decodes, so its prompt goes in 5 tokens a step.
+    batched = [GenerationRequest(short, SamplingParams(max_tokens=3, temperature=0.9, seed=4), adapter=1),
+               GenerationRequest(longer, SamplingParams(max_tokens=24, temperature=0)),
+               GenerationRequest(long, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5), adapter=2),
+               GenerationRequest(longer, SamplingParams(max_tokens=12, temperature=0), adapter=1)]
+    # The first ends at once; the second then decodes alone and speculates while the third's prompt goes in.
+    repetitive = tokenizer.encode("def f(x):\n    return x\n\ndef f(x):\n    return", add_bos=True)
+    speculating = [GenerationRequest(short, SamplingParams(max_tokens=1, temperature=0)),
+                   GenerationRequest(repetitive, SamplingParams(max_tokens=30, temperature=0)),
+                   GenerationRequest(long, SamplingParams(max_tokens=10, temperature=0.7, seed=9), adapter=2)]
+    outputs, forwards = [], []
+    for prefill_chunk in (0, 5):
+        output, count = [], 0
+        for requests, speculate in ((batched, 0), (speculating, 4)):
+            model = load_model_and_tokenizer(base)[0]  # an engine attaches its adapters to the model it gets
+            engine = Engine(model, tokenizer, loaded, max_batch=2, prefill_chunk=prefill_chunk, speculate=speculate)
+            prefill = engine._prefill
+            engine._prefill = lambda *args: (forwards.append(prefill_chunk), prefill(*args))
+            output += [c.token_ids for c in engine.complete(requests)]
+            assert (engine.speculative_steps > 0) == bool(speculate)
+        outputs.append(output)
     assert outputs[0] == outputs[1]
-    assert outputs[0][0] == reference(base, prompts[0], 20)
+    assert outputs[0][1] == reference(base, longer, 24)
+    assert forwards.count(5) >= forwards.count(0) + 8  # the chunked runs did prefill in more, smaller forwards
 
 
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base):
@@ -263,7 +276,7 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base)
     short = prompts_of(tokenizer)[:2]
     long = tokenizer.encode("def f(x):\n    return x\n" * 8, add_bos=True)[:60]
     assert len(long) == 60
-    for prefill_chunk, steps_to_first_token in ((None, 1), (8, 8)):  # 60 tokens: ceil(60 / 8) chunks
+    for prefill_chunk, steps_to_first_token in ((0, 1), (8, 8)):  # 60 tokens: ceil(60 / 8) chunks
         engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=prefill_chunk, speculate=0)
         events = {name: [] for name in ("a", "b", "long")}
         for name, prompt in zip("ab", short):

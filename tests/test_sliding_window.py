@@ -157,11 +157,11 @@ def _naive_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     return sequence[len(prompt):]
 
 
-@pytest.mark.parametrize("prefill_chunk, speculate", [(None, 0), (5, 0), (None, 4), (3, 4)])
+@pytest.mark.parametrize("prefill_chunk, speculate", [(0, 0), (5, 0), (0, 4), (3, 4)])
 def test_engine_generates_past_the_window_with_a_window_sized_cache(prefill_chunk, speculate):
     model = tiny(8, context=64)
-    prompts = [tokens(n, seed=n)[0].tolist() for n in (3, 14, 6)]
-    new = [50, 24, 36]  # past the 8-token window, up to the 64-token context
+    prompts = [tokens(n, seed=n)[0].tolist() for n in (3, 14, 20)]
+    new = [50, 24, 36]  # past the 8-token window, up to the 64-token context; the third arrives while others decode
     engine = Engine(model, None, max_batch=2, speculate=speculate, prefill_chunk=prefill_chunk)
     requests = [GenerationRequest(p, SamplingParams(max_tokens=n, temperature=0), stop_ids=frozenset())
                 for p, n in zip(prompts, new)]
@@ -180,12 +180,12 @@ def test_engine_generates_past_the_window_with_a_window_sized_cache(prefill_chun
 
 def test_seeded_sampling_past_the_window_is_the_same_chunked_or_not():
     model = tiny(8, context=64)
-    prompts = [tokens(n, seed=n)[0].tolist() for n in (30, 7)]
+    prompts = [tokens(n, seed=n)[0].tolist() for n in (5, 30, 20)]
     outputs = []
-    for prefill_chunk in (None, 4):
+    for prefill_chunk in (0, 4):  # the third prompt goes in while the second decodes, 4 tokens a step
         engine = Engine(model, None, max_batch=2, prefill_chunk=prefill_chunk)
-        requests = [GenerationRequest(p, SamplingParams(max_tokens=30, temperature=0.9, seed=7), stop_ids=frozenset())
-                    for p in prompts]
+        requests = [GenerationRequest(p, SamplingParams(max_tokens=n, temperature=0.9, seed=7), stop_ids=frozenset())
+                    for p, n in zip(prompts, (10, 30, 30))]
         outputs.append([c.token_ids for c in engine.complete(requests)])
     assert outputs[0] == outputs[1]
 

@@ -40,7 +40,6 @@ from .lora import AdapterSelection, LoadedAdapter, attach_adapters
 from .sampling import SamplingParams, TextStream, TokenLogprob, sample_rows
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward while other sequences decode (Engine(prefill_chunk=...))
 
 
 class EngineFull(Exception):
@@ -160,7 +159,7 @@ class Generation:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, adapters: list[LoadedAdapter] | None = None, *,
                  max_batch: int = 16, max_queue: int = 64, max_context: int | None = None, speculate: int = 4,
-                 prefill_chunk: int | None = PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapters = list(adapters or [])
@@ -170,7 +169,8 @@ class Engine:
         self.max_context = min(max_context or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.speculate = speculate  # drafted tokens per step when one sequence runs alone (0 = off)
-        self.prefill_chunk = prefill_chunk or None  # prompt tokens per prefill forward (None = whole prompts)
+        # Prompt tokens per prefill forward (0 = whole prompts; None = default_prefill_chunk of the device).
+        self.prefill_chunk = default_prefill_chunk(self.device) if prefill_chunk is None else prefill_chunk
         # A sliding-window model's cache keeps window + speculate positions per slot (see SlotKVCache).
         self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype, speculate)
         self._waiting: list[Sequence] = []
@@ -360,23 +360,24 @@ class Engine:
         return self._running[:count]
 
     def _prefill_pending(self) -> None:
-        """Prefill what the running prompts still lack, in forwards of at most prefill_chunk tokens (PREFILL_TOKENS
-        padded tokens when unchunked). While some sequence decodes, one chunked forward per step: its next token
-        then waits for one chunk, not for a whole long prompt. Nobody decoding, nobody waits: every prompt goes in."""
-        one_forward = self.prefill_chunk is not None and bool(self._decoding())
+        """Prefill what the running prompts still lack. While some sequence decodes: one forward of at most
+        prefill_chunk tokens per step, so that its next token waits for one chunk, not for a whole long prompt.
+        Nobody decoding, nobody waits: the prompts go in whole (forwards of at most PREFILL_TOKENS padded tokens)."""
+        chunk = self.prefill_chunk if self._decoding() else 0
         while True:
             pending = [s for s in self._running if s.prefilled < len(s.prompt_ids) and not s.finished]
             if not pending:
                 return
-            group = prefill_groups(pending, self.prefill_chunk or PREFILL_TOKENS, self._piece)[0]
-            self._guarded(self._prefill, group)
-            if one_forward:
+            group = prefill_groups(pending, chunk or PREFILL_TOKENS, lambda s: self._piece(s, chunk))[0]
+            self._guarded(lambda group: self._prefill(group, chunk), group)
+            if chunk:
                 return
 
-    def _piece(self, sequence: Sequence) -> int:
-        """Prompt tokens of `sequence` that its next prefill forward takes."""
+    @staticmethod
+    def _piece(sequence: Sequence, chunk: int) -> int:
+        """Prompt tokens of `sequence` that its next prefill forward takes (chunk 0: the rest of the prompt)."""
         left = len(sequence.prompt_ids) - sequence.prefilled
-        return left if self.prefill_chunk is None else min(left, self.prefill_chunk)
+        return min(left, chunk) if chunk else left
 
     def _guarded(self, work: Callable[[list[Sequence]], None], sequences: list[Sequence]) -> None:
         """Run one forward's work; if it raises, those sequences fail and the engine goes on."""
@@ -403,13 +404,13 @@ class Engine:
     def _select(self, adapters: list[int]) -> None:
         self.selection.ids = (torch.tensor(adapters, device=self.device) if any(adapters) else None)
 
-    def _prefill(self, sequences: list[Sequence]) -> None:
+    def _prefill(self, sequences: list[Sequence], chunk: int) -> None:
         """The next piece of each prompt (sequences in consecutive slots) in one forward, right-padded to the
         longest; a row whose prompt is now whole samples its first token. The cache advances each row by its real
         tokens only: keys that padding wrote lie past the row's length, where the mask (keys up to the query's
         position) hides them until decoding overwrites them."""
         first = self._running.index(sequences[0])
-        pieces = [s.prompt_ids[s.prefilled:s.prefilled + self._piece(s)] for s in sequences]
+        pieces = [s.prompt_ids[s.prefilled:s.prefilled + self._piece(s, chunk)] for s in sequences]
         widths = [len(piece) for piece in pieces]
         ids = torch.zeros(len(sequences), max(widths), dtype=torch.long)
         for row, piece in enumerate(pieces):
@@ -561,6 +562,14 @@ class Engine:
             job.future.set_result(torch.stack(vectors).cpu())
         except Exception as exc:  # noqa: BLE001 — the waiter gets the error
             job.future.set_exception(exc)
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens per prefill chunk unless told: 64 on a CPU, where a forward of 64 tokens of the quickstart's
+    model costs about two decode steps of 8 streams (benchmarks/prefill_stall.md: their step p99 stays within 2x);
+    512 on a GPU, where a forward stays bound by reading the weights up to hundreds of tokens (Sarathi-Serve's
+    token budget for strict latency)."""
+    return 64 if device.type == "cpu" else 512
 
 
 def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) -> list[int]:

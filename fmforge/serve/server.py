@@ -37,7 +37,8 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 4 << 20
     speculate: int = 4
-    prefill_chunk: int = 512  # prompt tokens per prefill forward while others decode (0 = whole prompts)
+    prefill_chunk: int | None = None  # prompt tokens per prefill forward while others decode (0 = whole prompts;
+    # None = 64 on a CPU, 512 on a GPU: infer.engine.default_prefill_chunk)
     log_level: str = "info"
     header_timeout: float = 10.0  # seconds for a request head to arrive whole (slow clients are cut off: 408)
     body_timeout: float = 60.0  # seconds from the head to the body's last byte (408)
@@ -87,7 +88,8 @@ def build_engine(options: ServeOptions):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"model names must be unique; {duplicates[0]!r} is given twice")
-    if options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0 or options.prefill_chunk < 0:
+    if (options.max_batch < 1 or options.max_queue < 0 or options.speculate < 0
+            or (options.prefill_chunk is not None and options.prefill_chunk < 0)):
         raise ConfigError("--max-batch must be at least 1, --max-queue, --speculate and --prefill-chunk at least 0")
     if not (options.header_timeout > 0 and options.body_timeout > 0 and options.drain_timeout >= 0
             and options.max_connections >= 1):
