@@ -20,6 +20,7 @@ import torch
 
 from conftest import REPO, tiny_overrides
 from fmforge.cli import main
+from fmforge.config import TrainConfig
 
 SHAPE = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, context_length=32, max_steps=6, warmup_steps=2,
              eval_interval=3, eval_tokens=512, checkpoint_interval=3, log_interval=3)
@@ -106,7 +107,7 @@ def test_a_two_process_fsdp_run_continues_on_one_process(runs, data, tmp_path, c
     saved, _ = load_model(checkpoint)
     torch.manual_seed(0)
     model = Transformer(saved.config)
-    optimizer = build_optimizer(model, _train_config(lr=3e-3))
+    optimizer = build_optimizer(model, TrainConfig(lr=3e-3))
     load_sharded(model, optimizer, checkpoint / "train_state" / "sharded")
     for name, tensor in saved.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
@@ -190,6 +191,16 @@ def test_bad_scale_settings_are_one_line_errors(data, tmp_path, capsys, flag, va
     assert main(["pretrain", *overrides(data, tmp_path / "bad"), flag, value]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [f"error: {message}"]
+
+
+def test_fine_tuning_refuses_fsdp_in_one_line(runs, tmp_path, capsys):
+    records = tmp_path / "train.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"def f{i}(x):", "completion": " return x"}) + "\n"
+                               for i in range(8)))
+    assert main(["finetune", "--checkpoint", str(runs["single"]), "--data", str(records), "--task", "completion",
+                 "--out", str(tmp_path / "specialist"), "--train.parallel", "fsdp", "--max_steps", "1"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["error: train.parallel fsdp is for pretraining; fine-tune with train.parallel ddp"]
 
 
 # ---- fmforge plan: the memory arithmetic ------------------------------------------------------------------------
@@ -282,8 +293,3 @@ def test_fmforge_plan_refuses_bad_values_in_one_line(capsys, args, message):
     assert main(["plan", *args]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: {message}")
-
-
-def _train_config(**values):
-    from fmforge.config import TrainConfig
-    return TrainConfig(**values)

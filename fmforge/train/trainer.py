@@ -167,7 +167,7 @@ class Trainer:
         The timing passes do not change the weights or the optimizer (gradients are discarded), so the run
         stays reproducible; the resulting max_steps is recorded in run.yaml and in every checkpoint.
         """
-        autocast = autocast_context(self.precision, self.device)
+        autocast = autocast_context(parallel.autocast_precision(self.precision, self.cfg, self.dist), self.device)
         times = []
         for i in range(4):
             batch = to_device(self.get_batch(0, 0), self.device)
