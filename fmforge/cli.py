@@ -739,7 +739,7 @@ def add_serve_command(sub) -> None:
                    help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
     p.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens per prefill forward: a long prompt goes in N at a time between the decode "
-                        "steps of running requests, so it does not stall them (0 = whole prompts; default: 64 on "
+                        "steps of running requests, so it does not stall them (0 = whole prompts; default: 32 on "
                         "a CPU, 512 on a GPU)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a request head must arrive whole within this, else 408 and the connection closes")

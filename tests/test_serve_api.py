@@ -220,7 +220,7 @@ def test_kv_cache_bytes_in_the_start_up_line_and_metrics(server, base, capsys):
     assert metric(server.url, "fmforge_kv_cache_bytes_per_sequence") == per_token * config.context_length
     line = next(line for line in server.output().splitlines() if "KV cache" in line)
     assert f"per token (2 x {config.n_layer} layers x {config.n_kv_head} KV heads" in line
-    assert "x float32" in line and "prefill in chunks of 64 tokens" in line  # the CPU's default
+    assert "x float32" in line and "prefill in chunks of 32 tokens" in line  # the CPU's default
     capsys.readouterr()
     assert main(["serve", "--checkpoint", str(base), "--prefill-chunk", "-1"]) == 1
     assert capsys.readouterr().err.strip() == ("error: --max-batch must be at least 1, --max-queue, --speculate and "

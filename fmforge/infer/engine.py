@@ -565,11 +565,11 @@ class Engine:
 
 
 def default_prefill_chunk(device: torch.device) -> int:
-    """Prompt tokens per prefill chunk unless told: 64 on a CPU, where a forward of 64 tokens of the quickstart's
-    model costs about two decode steps of 8 streams (benchmarks/prefill_stall.md: their step p99 stays within 2x);
-    512 on a GPU, where a forward stays bound by reading the weights up to hundreds of tokens (Sarathi-Serve's
-    token budget for strict latency)."""
-    return 64 if device.type == "cpu" else 512
+    """Prompt tokens per prefill chunk unless told: 32 on a CPU, where a forward of 32 tokens of the quickstart's
+    model costs about 1.5 decode forwards of 8 streams (benchmarks/prefill_stall.md: their step p99 stays within 2x
+    of what it is without the long prompt; with 64 it is at the edge); 512 on a GPU, where a forward stays bound by reading
+    the weights up to hundreds of tokens (Sarathi-Serve's token budget for strict latency)."""
+    return 32 if device.type == "cpu" else 512
 
 
 def propose_draft(context: list[int], k: int, limit: int, max_ngram: int = 3) -> list[int]:

@@ -38,7 +38,7 @@ class ServeOptions:
     max_body_bytes: int = 4 << 20
     speculate: int = 4
     prefill_chunk: int | None = None  # prompt tokens per prefill forward while others decode (0 = whole prompts;
-    # None = 64 on a CPU, 512 on a GPU: infer.engine.default_prefill_chunk)
+    # None = 32 on a CPU, 512 on a GPU: infer.engine.default_prefill_chunk)
     log_level: str = "info"
     header_timeout: float = 10.0  # seconds for a request head to arrive whole (slow clients are cut off: 408)
     body_timeout: float = 60.0  # seconds from the head to the body's last byte (408)
