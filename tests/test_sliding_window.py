@@ -24,10 +24,11 @@ from fmforge.model import Transformer
 VOCAB = 97
 
 
-def tiny(window: int | None, context: int = 96, n_layer: int = 2, **extra) -> Transformer:
+def tiny(window: int | None, context: int = 96, n_layer: int = 2, init_std: float = 0.1, **extra) -> Transformer:
+    """A random model; init_std 0.3 makes greedy decoding wander (at 0.1 it settles on one token)."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, n_layer=n_layer, n_embd=32, n_head=4, n_kv_head=2, context_length=context,
-                         sliding_window=window, init_std=0.1, **extra)
+                         sliding_window=window, init_std=init_std, **extra)
     return Transformer(config).eval()
 
 
@@ -159,7 +160,7 @@ def _naive_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("prefill_chunk, speculate", [(0, 0), (5, 0), (0, 4), (3, 4)])
 def test_engine_generates_past_the_window_with_a_window_sized_cache(prefill_chunk, speculate):
-    model = tiny(8, context=64)
+    model = tiny(8, context=64, init_std=0.3)
     prompts = [tokens(n, seed=n)[0].tolist() for n in (3, 14, 20)]
     new = [50, 24, 36]  # past the 8-token window, up to the 64-token context; the third arrives while others decode
     engine = Engine(model, None, max_batch=2, speculate=speculate, prefill_chunk=prefill_chunk)
@@ -168,6 +169,7 @@ def test_engine_generates_past_the_window_with_a_window_sized_cache(prefill_chun
     results = engine.complete(requests)
     for prompt, n, result in zip(prompts, new, results):
         assert result.token_ids == naive_greedy(model, prompt, n)
+        assert len(set(result.token_ids[-12:])) > 4  # a test that a wrong cache would fail: the output wanders
     assert engine.cache.capacity == 8 + speculate
     assert engine.cache.keys[0].shape == (2, 2, 8 + speculate, 8)
     # Alone with a repetitive prompt: with speculation, drafts are verified (and some accepted) past the window.
@@ -179,7 +181,7 @@ def test_engine_generates_past_the_window_with_a_window_sized_cache(prefill_chun
 
 
 def test_seeded_sampling_past_the_window_is_the_same_chunked_or_not():
-    model = tiny(8, context=64)
+    model = tiny(8, context=64, init_std=0.3)
     prompts = [tokens(n, seed=n)[0].tolist() for n in (5, 30, 20)]
     outputs = []
     for prefill_chunk in (0, 4):  # the third prompt goes in while the second decodes, 4 tokens a step

@@ -131,11 +131,11 @@ class SlotKVCache:
 
     def move(self, source: int, target: int) -> None:
         """Copy slot `source` (its filled positions) into slot `target`."""
-        n = min(self.lengths[source], self.capacity)
+        n = min(self.lengths[source], self.capacity)  # a ring's slots keep their places: position % capacity
         for layer in range(len(self.keys)):
             self.keys[layer][target, :, :n] = self.keys[layer][source, :, :n]
             self.values[layer][target, :, :n] = self.values[layer][source, :, :n]
-        self.lengths[target] = n
+        self.lengths[target] = self.lengths[source]
 
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
