@@ -3,10 +3,11 @@ run, per RoPE scaling method; and held-out bits per byte as a function of positi
 
     python benchmarks/long_context.py --text ../shared/data/tinyshakespeare.txt [--quick]
 
-1. A BPE tokenizer and two prepared directories: Tiny Shakespeare (split into documents) and passkey documents
+1. A BPE tokenizer and prepared directories: Tiny Shakespeare (split into documents), passkey documents
    (Mohtashami & Jaggi 2023's format: repeated filler sentences, "The pass key is 48213. Remember it." at a random
-   depth, then "What is the pass key? The pass key is 48213").
-2. The base: pretrained at context T on a mixture of both (`train.mixture`).
+   depth, then "What is the pass key? The pass key is 48213") and copy drills (a list of numbers, then the list
+   again: the retrieval skill in its plainest form).
+2. The base: pretrained at context T on a mixture of the three (`train.mixture`, 1:1:1).
 3. Extension (`train.init_from`, the extension recipe fmforge/recipes/extend-context.yaml): continue pretraining at
    4T with each method's `model.rope_scaling` (none, linear, ntk, yarn; factor 4 over the original T), a short
    budget, the same mixture with passkey documents up to 4T long.
@@ -73,6 +74,16 @@ def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int) -> 
             f.write(json.dumps({"text": prompt + answer + "."}) + "\n")
 
 
+def write_copy_jsonl(path: Path, count: int, max_numbers: int, seed: int) -> None:
+    """Copy drills: a list of random 5-digit numbers, then the same list again. Induction heads (Olsson et al. 2022)
+    form from such repeats far sooner than from the passkey documents alone, whose keys are ~2% of their tokens."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(count):
+            numbers = " ".join(str(rng.randrange(10000, 100000)) for _ in range(rng.randint(2, max_numbers)))
+            f.write(json.dumps({"text": f"Numbers: {numbers}. Again: {numbers}."}) + "\n")
+
+
 def split_text(text_file: Path, out: Path, lines_per_part: int = 500) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = text_file.read_text().splitlines(keepends=True)
@@ -132,13 +143,14 @@ def main() -> None:
     parser.add_argument("--text", required=True, help="Tiny Shakespeare (or another long text file)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-long-context"))
     parser.add_argument("--context", type=int, default=256, help="the base's trained context T")
-    parser.add_argument("--base-steps", type=int, default=600)
+    parser.add_argument("--base-steps", type=int, default=1500)
     parser.add_argument("--extend-steps", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     T = args.context
@@ -158,7 +170,8 @@ def main() -> None:
     from fmforge.checkpoint import load_tokenizer
     tokenizer = load_tokenizer(tok)
     per_repeat = len(tokenizer.encode(FILLER * 10)) / 10
-    data = {"text": work / "data-text", "short": work / "data-passkey-short", "long": work / "data-passkey-long"}
+    data = {"text": work / "data-text", "short": work / "data-passkey-short", "long": work / "data-passkey-long",
+            "copy": work / "data-copy"}
     if stage("text data", data["text"] / "manifest.json"):
         cli("prepare", text_parts, "--tokenizer", tok, "--val-fraction", "0.1", "--out", data["text"])
     for name, tokens, count in [("short", T, 6000), ("long", 4 * T, 3000)]:
@@ -168,12 +181,16 @@ def main() -> None:
                                 seed=len(name))
             cli("prepare", jsonl, "--tokenizer", tok, "--val-fraction", "0.02", "--out", data[name])
 
+    if stage("copy drills", data["copy"] / "manifest.json"):
+        write_copy_jsonl(passkey_src / "copy.jsonl", 200 if args.quick else 8000, 20, seed=7)
+        cli("prepare", passkey_src / "copy.jsonl", "--tokenizer", tok, "--val-fraction", "0.02", "--out", data["copy"])
+
     # 2. the base at context T
     base = work / "base"
     common = ["--model.n_layer", 4, "--model.n_embd", 128, "--model.n_head", 4, "--train.batch_size", 16,
               "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", 0]
     if stage(f"base at context {T} ({base_steps} steps)", base / "latest"):
-        mixture = json.dumps({str(data["text"]): 1.0, str(data["short"]): 1.0})
+        mixture = json.dumps({str(data["text"]): 1.0, str(data["short"]): 1.0, str(data["copy"]): 1.0})
         cli("pretrain", *common, "--model.context_length", T, "--train.mixture", mixture, "--train.max_steps",
             base_steps, "--train.lr", 3e-3, "--train.warmup_steps", 30, "--train.checkpoint_interval", base_steps,
             "--train.out_dir", base)
@@ -186,7 +203,7 @@ def main() -> None:
         if scaling and scaling["rope_type"] == "yarn":
             scaling = {**scaling, "original_max_position_embeddings": T}
         if stage(f"extend to {4 * T} with {method} ({extend_steps} steps)", out / "latest"):
-            mixture = json.dumps({str(data["text"]): 1.0, str(data["long"]): 1.0})
+            mixture = json.dumps({str(data["text"]): 1.0, str(data["long"]): 1.0, str(data["copy"]): 0.5})
             cli("pretrain", "--config", "extend-context", "--train.init_from", base, "--model.context_length", 4 * T,
                 "--model.rope_scaling", json.dumps(scaling), "--train.mixture", mixture,
                 "--train.max_steps", extend_steps, "--train.batch_size", 4, "--train.eval_interval", 10_000,
@@ -263,9 +280,9 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
         f"Base: 4 layers, width 128, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
-        f"passkey documents up to {T} tokens, 1:1). Extension: `train.init_from` the base, context {4 * T}, "
+        f"passkey documents up to {T} tokens + copy drills, 1:1:1). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
-        f"tokens on Shakespeare + passkey documents up to {4 * T} tokens. Passkey: {prompts} held-out prompts per "
+        f"tokens on Shakespeare + passkey documents up to {4 * T} tokens + copy drills, 1:1:0.5. Passkey: {prompts} held-out prompts per "
         "length, key at a uniformly random depth; correct = every key token is the greedy choice.",
         "",
         "| model | " + " | ".join(f"{n // T}x ({n})" for n in lengths) + f" | bits/byte, first {T} | "
