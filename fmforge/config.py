@@ -71,7 +71,7 @@ class ModelConfig:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
-        self.rope_scaling = checked_rope_scaling(self.rope_scaling)
+        self.rope_scaling = checked_rope_scaling(self.rope_scaling, self.head_dim)
         self.validate()
 
     def validate(self) -> None:
@@ -95,7 +95,7 @@ class ModelConfig:
                 f"model.n_experts_per_token ({self.n_experts_per_token}) must be between 1 and "
                 f"model.n_experts ({self.n_experts})"
             )
-        checked_rope_scaling(self.rope_scaling)
+        checked_rope_scaling(self.rope_scaling, self.head_dim)
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count computed from the shape (matches the built model)."""
@@ -144,10 +144,9 @@ ROPE_SCALING_KEYS: dict[str, tuple[dict[str, type], dict[str, type]]] = {
     "llama3": ({"factor": float, "low_freq_factor": float, "high_freq_factor": float,
                 "original_max_position_embeddings": int}, {}),
 }
-LLAMA3_ROPE_KEYS = ROPE_SCALING_KEYS["llama3"][0]
 
 
-def checked_rope_scaling(value: Any) -> dict[str, Any] | None:
+def checked_rope_scaling(value: Any, head_dim: int | None = None) -> dict[str, Any] | None:
     """`value` as ModelConfig.rope_scaling stores it (None, or a rope_type of ROPE_SCALING_KEYS with its keys,
     floats as floats), or ConfigError naming what is wrong."""
     if value is None:
@@ -188,6 +187,9 @@ def checked_rope_scaling(value: Any) -> dict[str, Any] | None:
     if kind == "yarn" and not 0 < checked.get("beta_slow", 1.0) <= checked.get("beta_fast", 32.0):
         raise ConfigError("model.rope_scaling needs 0 < beta_slow <= beta_fast, got "
                           f"{checked.get('beta_slow', 1.0)!r} and {checked.get('beta_fast', 32.0)!r}")
+    if kind == "ntk" and isinstance(head_dim, int) and head_dim <= 2:
+        raise ConfigError(f"model.rope_scaling ntk needs head_dim > 2 (its base is theta * factor^(d/(d-2))), got "
+                          f"{head_dim}")
     if checked.get("attention_factor", 1.0) <= 0:
         raise ConfigError(f"model.rope_scaling.attention_factor must be positive, got {checked['attention_factor']!r}")
     return checked

@@ -199,3 +199,21 @@ def test_recipe_field_trains_with_the_scaling(tmp_path):
                              '"original_max_position_embeddings": 64}', "--model.context_length", "256"])
     assert run.model.rope_scaling == {**YARN, "original_max_position_embeddings": 64}
     assert isinstance(run.model.rope_scaling["factor"], float)
+
+
+def test_ntk_on_two_dimensional_heads_is_a_config_error():
+    with pytest.raises(ConfigError, match="ntk needs head_dim > 2"):
+        ModelConfig(n_embd=8, n_head=4, rope_scaling=NTK)
+
+
+def test_yarn_import_may_use_the_scaled_context_on_request(tokenizer, tmp_path):
+    """Qwen2.5-style: max_position_embeddings is the original length; YaRN makes factor x that usable."""
+    from fmforge.interop.hf import model_config_from_hf
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 32,
+          "rope_scaling": dict(YARN)}
+    assert model_config_from_hf(hf)[0].context_length == 32
+    assert model_config_from_hf(hf, context_length=128)[0].context_length == 128
+    with pytest.raises(ConfigError, match="exceeds what the model supports \\(128\\)"):
+        model_config_from_hf(hf, context_length=129)

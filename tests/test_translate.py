@@ -99,3 +99,20 @@ def test_multi30k_test_set_reads_as_1000_pairs():
     records = read_records(TASKS["translate"], f"parallel:{MULTI30K / 'test_2016_flickr.en.gz'}:"
                                                f"{MULTI30K / 'test_2016_flickr.de.gz'}")
     assert len(records) == 1000 and records[0][1]["source_lang"] == "en" and records[0][1]["target_lang"] == "de"
+
+
+def test_line_separators_inside_a_sentence_keep_the_pairs_aligned(tmp_path):
+    (tmp_path / "a.en").write_text("one\u2028still one\ntwo\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("eins\nzwei\n", encoding="utf-8")
+    records = [r for _, r in read_records(TASKS["translate"], f"parallel:{tmp_path / 'a.en'}:{tmp_path / 'b.txt'}")]
+    assert [(r["source"], r["target"]) for r in records] == [("one\u2028still one", "eins"), ("two", "zwei")]
+    assert (records[0]["source_lang"], records[0]["target_lang"]) == ("en", "de")  # .txt names no language
+
+
+def test_a_source_longer_than_the_context_scores_empty_not_an_error(checkpoint):
+    from fmforge.checkpoint import load_model_and_tokenizer
+    from fmforge.eval.tasks import evaluate_translate
+    model, tokenizer = load_model_and_tokenizer(checkpoint)[:2]
+    records = [("r0", {"source": "dog " * 200, "target": "Hund"}), ("r1", toy_pairs(1, seed=4)[0])]
+    scores = evaluate_translate(model, tokenizer, records, max_new_tokens=4)
+    assert scores["examples"] == 2 and scores["prompts_over_context"] == 1

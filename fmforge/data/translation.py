@@ -57,18 +57,23 @@ def translation_example(record: dict, tokenizer, where: str):
 def _read_lines(path: Path) -> list[str]:
     try:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            # Lines end at \n (or \r\n) only: str.splitlines would also split at U+2028, U+0085, ..., shifting
+            # every later pair of one file against the other.
+            lines = f.read().split("\n")
     except FileNotFoundError:
         raise DataError(f"parallel text file not found: {path}") from None
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise DataError(f"cannot read {path} as UTF-8 text: {exc}") from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _language_of(path: Path) -> str:
-    name = path.name.removesuffix(".gz")
-    suffix = Path(name).suffix.lstrip(".")
-    return suffix if suffix.isalpha() and 2 <= len(suffix) <= 3 else ""
+    """The language code a file name ends with (`train.de.gz` -> "de"); "" when it names none we know."""
+    suffix = Path(path.name.removesuffix(".gz")).suffix.lstrip(".")
+    return suffix if suffix in LANGUAGES else ""
 
 
 def read_parallel(spec: str) -> list[tuple[str, dict]]:

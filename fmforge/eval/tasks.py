@@ -161,17 +161,23 @@ def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batc
 
     from ..data.translation import translation_messages
 
-    stop = tokenizer.chat_stop_ids()
-    greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0)
-    requests = [GenerationRequest(tokenizer.encode_chat(translation_messages(record, where)[:1],
-                                                        add_generation_prompt=True), greedy, stop_ids=stop)
-                for where, record in records]
-    completions = Engine(language_model(model), tokenizer, max_batch=batch).complete(requests)
-    hypotheses = [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip().split("\n")[0].strip()
-                  for c in completions]
+    model = language_model(model)
+    stop, limit = tokenizer.chat_stop_ids(), model.config.context_length
+    requests, fitting = [], []
+    for index, (where, record) in enumerate(records):
+        prompt = tokenizer.encode_chat(translation_messages(record, where)[:1], add_generation_prompt=True)
+        if len(prompt) < limit:  # a prompt that leaves no room is scored as an empty translation
+            sampling = SamplingParams(max_tokens=min(max_new_tokens, limit - len(prompt)), temperature=0)
+            requests.append(GenerationRequest(prompt, sampling, stop_ids=stop))
+            fitting.append(index)
+    hypotheses = [""] * len(records)
+    for index, completion in zip(fitting, Engine(model, tokenizer, max_batch=batch).complete(requests)):
+        text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+        hypotheses[index] = text.split("\n")[0].strip()
     references = [record["target"].strip() for _, record in records]
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score, "examples": len(records)}
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score, "examples": len(records),
+            "prompts_over_context": len(records) - len(fitting)}
 
 
 def language_model(model):

@@ -236,11 +236,16 @@ def model_config_from_hf(hf: dict, context_length: int | None = None) -> tuple[M
         # Within one window, sliding-window attention is exactly full causal attention.
         notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings {limit})")
         limit = window
-    if context_length is not None:
-        if context_length > limit:
-            raise ConfigError(f"--context-length {context_length} exceeds what the model supports ({limit})")
-        limit = context_length
     rope_theta, rope_scaling = _rope(hf, family)
+    supported = limit
+    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn" and window is None:
+        # YaRN configs often keep max_position_embeddings at the original length (Qwen2.5: 32768, factor 4): the
+        # scaling is what makes factor x original positions usable, on request (--context-length).
+        supported = max(limit, int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"]))
+    if context_length is not None:
+        if context_length > supported:
+            raise ConfigError(f"--context-length {context_length} exceeds what the model supports ({supported})")
+        limit = context_length
     attention_bias = {"none": False, "always": True, "config": bool(hf.get("attention_bias", False))}
     values = dict(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"], n_head=n_head,

@@ -101,24 +101,31 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 # ---- reading DCP files without running code -----------------------------------------------------------------
 
+_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+}
+
+
+def _torch_constant(name: str) -> bool:
+    """A dtype, layout or memory format of torch (pickled by name, as `torch.float32`)."""
+    value = getattr(torch, name, None) if not name.startswith("_") else None
+    return isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata, allowing only the classes such a file holds."""
+    """Unpickles DCP's .metadata, allowing only the record classes such a file holds. The names are checked before
+    anything is imported, so a crafted file can neither import a module nor build any other object."""
 
     def find_class(self, module: str, name: str):
-        found = super().find_class(module, name) if "." not in name else None
-        allowed = (
-            (isinstance(found, type) and module.startswith("torch.distributed.checkpoint.")
-             and found.__module__.startswith("torch.distributed.checkpoint."))
-            or (module == "torch" and (name == "Size" or isinstance(found, (torch.dtype, torch.layout,
-                                                                           torch.memory_format))))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module.startswith("pathlib") and name in ("PosixPath", "WindowsPath", "PurePosixPath",
-                                                          "PureWindowsPath"))
-            or (module == "collections" and name == "OrderedDict")
-        )
-        if not allowed:
+        if (module, name) not in _METADATA_CLASSES and not (module == "torch" and _torch_constant(name)):
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
-        return found
+        return super().find_class(module, name)
 
 
 class _SafeReader(dcp.FileSystemReader):
