@@ -125,8 +125,12 @@ class KVCache(Protocol):
     """What attention needs from a key/value cache; the model calls these three around each forward.
 
     `LockstepKVCache` (below: a batch whose rows advance together) and the engine's `SlotKVCache` (infer/cache.py:
-    rows at their own lengths) implement it; a sliding-window or paged cache would too.
+    rows at their own lengths) implement it; a sliding-window or paged cache would too. A cache whose `packed` is
+    True holds the tokens of several sequences side by side in the forward's one row; attention then calls its
+    `attend(layer, q, k, v)` instead of `update`, and the cache attends for each sequence over its own keys.
     """
+
+    packed: bool
 
     def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                 T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -161,6 +165,7 @@ class LockstepKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_length = max_length
         self.length = 0  # positions filled so far (advanced by the model after the last layer)
+        self.packed = False
 
     def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor, T: int):
         """Before a forward of T new tokens: their RoPE tables and the attention mask (None = the usual causal
@@ -233,6 +238,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None and kv_cache.packed:  # several sequences' tokens in one row (see KVCache)
+            y = kv_cache.attend(self.layer_index, q, k, v)  # (1, n_head, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, past + T, hd)
         if self.n_kv_head != self.n_head and kv_cache is None:

@@ -234,8 +234,9 @@ def test_prefill_groups_respect_the_token_budget():
 
 
 def test_chunked_prefill_gives_the_tokens_of_one_shot_prefill(base, adapters):
-    """Prompts that arrive while others decode go in by chunks of 5 tokens: on adapters, greedy and seeded sampling,
-    and with a lone sequence speculating meanwhile, the tokens are those of one-shot prefill."""
+    """Prompts that arrive while others decode go in by chunks of 5 tokens, in the decode forward when the rows
+    share an adapter, else in a forward of their own: on adapters, greedy and seeded sampling, and with a lone
+    sequence speculating meanwhile, the tokens are those of one-shot prefill."""
     from fmforge.infer.engine import GenerationRequest
 
     tokenizer = load_model_and_tokenizer(base)[1]
@@ -248,27 +249,29 @@ def test_chunked_prefill_gives_the_tokens_of_one_shot_prefill(base, adapters):
     # when a slot frees, while the other slot decodes, so its prompt goes in 5 tokens a step.
     batched = [GenerationRequest(short, SamplingParams(max_tokens=3, temperature=0.9, seed=4), adapter=1),
                GenerationRequest(longer, SamplingParams(max_tokens=24, temperature=0)),
-               GenerationRequest(long, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5), adapter=2),
+               GenerationRequest(long, SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5)),
                GenerationRequest(longer, SamplingParams(max_tokens=12, temperature=0), adapter=1)]
     # The first ends at once; the second then decodes alone and speculates while the third's prompt goes in.
     repetitive = tokenizer.encode("def f(x):\n    return x\n\ndef f(x):\n    return", add_bos=True)
     speculating = [GenerationRequest(short, SamplingParams(max_tokens=1, temperature=0)),
-                   GenerationRequest(repetitive, SamplingParams(max_tokens=30, temperature=0)),
+                   GenerationRequest(repetitive, SamplingParams(max_tokens=30, temperature=0), adapter=2),
                    GenerationRequest(long, SamplingParams(max_tokens=10, temperature=0.7, seed=9), adapter=2)]
-    outputs, forwards = [], []
+    outputs, forwards, shared = [], [], []
     for prefill_chunk in (0, 5):
         output, count = [], 0
         for requests, speculate in ((batched, 0), (speculating, 4)):
             model = load_model_and_tokenizer(base)[0]  # an engine attaches its adapters to the model it gets
             engine = Engine(model, tokenizer, loaded, max_batch=2, prefill_chunk=prefill_chunk, speculate=speculate)
-            prefill = engine._prefill
+            prefill, together = engine._prefill, engine._decode_with_chunk
             engine._prefill = lambda *args: (forwards.append(prefill_chunk), prefill(*args))
+            engine._decode_with_chunk = lambda *args: (shared.append(args[1][0].adapter), together(*args))
             output += [c.token_ids for c in engine.complete(requests)]
             assert (engine.speculative_steps > 0) == bool(speculate)
         outputs.append(output)
     assert outputs[0] == outputs[1]
     assert outputs[0][1] == reference(base, longer, 24)
-    assert forwards.count(5) >= forwards.count(0) + 8  # the chunked runs did prefill in more, smaller forwards
+    assert forwards.count(5) >= 4  # chunks in forwards of their own (another adapter decoding) ...
+    assert {0, 2} <= set(shared)  # ... and in decode forwards, on the base and on an adapter
 
 
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base):
@@ -276,18 +279,25 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base)
     short = prompts_of(tokenizer)[:2]
     long = tokenizer.encode("def f(x):\n    return x\n" * 8, add_bos=True)[:60]
     assert len(long) == 60
-    for prefill_chunk, steps_to_first_token in ((0, 1), (8, 8)):  # 60 tokens: ceil(60 / 8) chunks
+    # Unchunked: the whole prompt, then a decode step that includes it (2 tokens). Chunked: 60 tokens in 8 chunks,
+    # each in the forward of the others' decode step; the last gives the long prompt's first token.
+    for prefill_chunk, steps_to_first_token, tokens_then in ((0, 1, 2), (8, 8, 1)):
         engine = Engine(model, tokenizer, max_batch=4, prefill_chunk=prefill_chunk, speculate=0)
         events = {name: [] for name in ("a", "b", "long")}
         for name, prompt in zip("ab", short):
             engine.submit(prompt, SamplingParams(max_tokens=40, temperature=0), events[name].append)
         engine.step()  # their prefill gives a first token, and the decode step of that step a second
         engine.submit(long, SamplingParams(max_tokens=5, temperature=0), events["long"].append)
+        prefill_forwards = []
+        prefill = engine._prefill
+        engine._prefill = lambda *args: (prefill_forwards.append(args), prefill(*args))
         for step in range(1, steps_to_first_token + 1):
             engine.step()
             # Every step the running streams get their next token, while the long prompt goes in chunk by chunk.
             assert len(events["a"]) == len(events["b"]) == 2 + step
-            assert len(events["long"]) == (2 if step == steps_to_first_token else 0)  # its first token and a step
+            assert len(events["long"]) == (tokens_then if step == steps_to_first_token else 0)
+        # Chunked, no forward of its own: every chunk rode in a decode forward.
+        assert len(prefill_forwards) == (0 if prefill_chunk else 1)
         while engine.step():
             pass
         assert [e.token_id for e in events["long"]] == reference(base, long, 5)

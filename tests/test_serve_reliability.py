@@ -456,7 +456,8 @@ def test_guard_counts_a_cancelled_request_as_499_not_500():
     from fmforge.serve.middleware import Guard
 
     engine = SimpleNamespace(waiting=0, running=0, max_batch=1, steps=0, speculative_steps=0,
-                             accepted_draft_tokens=0, generated_tokens=0)
+                             accepted_draft_tokens=0, generated_tokens=0,
+                             cache=SimpleNamespace(bytes_per_token=0, capacity=0))
     metrics = Metrics(engine)
 
     async def cancelled_app(scope, receive, send):

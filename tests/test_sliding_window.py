@@ -93,37 +93,45 @@ def test_lockstep_ring_property(window, length, data):
 
 
 @settings(max_examples=20, deadline=None)
-@given(window=st.integers(1, 10), lookahead=st.integers(0, 3), data=st.data())
-def test_slot_ring_property_rows_at_their_own_lengths(window, lookahead, data):
-    """Rows of a SlotKVCache advance by their own (padded) chunks, like the engine's chunked prefill; a row may also
-    feed tokens and give some back (speculation), within the lookahead. Every real position's logits are those of
-    the full forward."""
+@given(window=st.none() | st.integers(1, 10), lookahead=st.integers(0, 3), data=st.data())
+def test_slot_cache_property_rows_at_their_own_lengths(window, lookahead, data):
+    """Rows of a SlotKVCache advance by their own (padded) chunks, like the engine's chunked prefill, or packed side
+    by side in one row; a row may also feed tokens and give some back (speculation), within the lookahead. Every
+    real position's logits are those of the full forward."""
     model = tiny(window, context=64)
     rows = data.draw(st.integers(1, 3), label="rows")
     lengths = data.draw(st.lists(st.integers(1, 30), min_size=rows, max_size=rows), label="lengths")
-    ids = tokens(max(lengths), seed=window, rows=rows)
+    ids = tokens(max(lengths), seed=window or 0, rows=rows)
     with torch.no_grad():
         expected = model(ids).logits
     cache = SlotKVCache(model.config, rows + 1, 64, lookahead=lookahead)
-    assert cache.capacity == min(64, window + lookahead)
+    assert cache.capacity == (64 if window is None else min(64, window + lookahead))  # None: full attention
     done = [0] * rows
     while done != lengths:
         sizes = [data.draw(st.integers(0, min(n - d, 12)), label="chunk") for d, n in zip(done, lengths)]
         if not any(sizes):
             sizes[[d < n for d, n in zip(done, lengths)].index(True)] = 1
         active = [r for r in range(rows) if sizes[r]]
-        first, last = active[0], active[-1]  # bind a consecutive range; a row inside it may feed padding only
-        span = list(range(first, last + 1))
-        T = max(sizes[r] for r in span)
-        batch = torch.zeros(len(span), T, dtype=torch.long)
-        for i, r in enumerate(span):
-            batch[i, :sizes[r]] = ids[r, done[r]:done[r] + sizes[r]]
-        cache.bind(first, len(span), [sizes[r] for r in span])
-        with torch.no_grad():
-            logits = model(batch, kv_cache=cache).logits
-        for i, r in enumerate(span):
-            got = logits[i, :sizes[r]]
-            assert not sizes[r] or (got - expected[r, done[r]:done[r] + sizes[r]]).abs().max().item() <= 1e-5
+        if data.draw(st.booleans(), label="packed"):
+            # The engine's decode step with a prefill chunk: every row's tokens side by side in one row.
+            cache.bind_packed([(r, 1, sizes[r], None) for r in active])
+            packed = torch.cat([ids[r, done[r]:done[r] + sizes[r]] for r in active]).view(1, -1)
+            with torch.no_grad():
+                logits = model(packed, kv_cache=cache).logits[0].split([sizes[r] for r in active])
+            rows_logits = dict(zip(active, logits))
+        else:
+            first, last = active[0], active[-1]  # bind a consecutive range; a row inside it may feed padding only
+            span = list(range(first, last + 1))
+            T = max(sizes[r] for r in span)
+            batch = torch.zeros(len(span), T, dtype=torch.long)
+            for i, r in enumerate(span):
+                batch[i, :sizes[r]] = ids[r, done[r]:done[r] + sizes[r]]
+            cache.bind(first, len(span), [sizes[r] for r in span])
+            with torch.no_grad():
+                logits = model(batch, kv_cache=cache).logits
+            rows_logits = {r: logits[i, :sizes[r]] for i, r in enumerate(span) if sizes[r]}
+        for r, got in rows_logits.items():
+            assert (got - expected[r, done[r]:done[r] + sizes[r]]).abs().max().item() <= 1e-5
             done[r] += sizes[r]
         # Speculation: one row feeds its next real token and `extra` wrong ones, then gives the wrong ones back.
         r = data.draw(st.integers(0, rows - 1), label="speculating row")

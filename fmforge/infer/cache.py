@@ -12,7 +12,10 @@ per sequence is then constant however long the sequence grows (up to the model's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import attention_mask, ring_positions
@@ -26,6 +29,22 @@ def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.n_layer * config.n_kv_head * config.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+@dataclass
+class _Rows:
+    """What the next forward does to a run of consecutive slots, one row each: T tokens per row (the first
+    new_tokens[i] of row i real, the rest padding), at `positions` (rows, T); the keys to attend over are the first
+    `span` of each slot (a ring: as it was, followed by the chunk's own keys, unless `write_first`), as `mask`
+    (rows, 1, T, keys) says; `writes` says where the new keys go."""
+    slots: slice
+    T: int
+    new_tokens: list[int] | None
+    positions: torch.Tensor
+    mask: torch.Tensor
+    span: int
+    write_first: bool
+    writes: tuple[torch.Tensor, ...]
+
+
 class SlotKVCache:
     """Keys and values of `slots` sequences of up to `max_length` positions each.
 
@@ -33,7 +52,7 @@ class SlotKVCache:
     window is shorter, window + `lookahead`: the positions a forward may write beyond the window and then give back
     (drafted tokens that verification rejects) without overwriting keys still in a window. Implements the protocol
     the model's attention calls (the `KVCache` protocol of model.py: `prepare`, `update`, `advance`) for the rows
-    bound with `bind`.
+    bound with `bind`, and `attend` for several runs of rows packed into one row with `bind_packed`.
     """
 
     def __init__(self, config: ModelConfig, slots: int, max_length: int, device=None, dtype=torch.float32,
@@ -47,87 +66,117 @@ class SlotKVCache:
         self.slots, self.max_length = slots, max_length
         self.bytes_per_token = kv_cache_bytes_per_token(config, dtype)
         self.lengths = [0] * slots  # positions filled, per slot
-        self._rows = slice(0, 0)
-        self._new_tokens: list[int] | None = None
-        self._positions: torch.Tensor | None = None
-        self._row_index: torch.Tensor | None = None
-        self._span = 0
-        self._write_first = True
-        self._writes: tuple[torch.Tensor, ...] = ()
+        self.packed = False
+        self._bound: list[tuple[int, int, int | None, list[int] | None]] = []  # (first, count, T, new_tokens)
+        self._runs: list[_Rows] = []
 
     def bind(self, first: int, count: int, new_tokens: list[int] | None = None) -> None:
         """The next forward feeds slots first .. first+count-1 (one row each, in that order); `new_tokens`: how many
         of each row's T tokens are real, the rest right padding (None: all of them)."""
-        self._rows = slice(first, first + count)
-        self._new_tokens = new_tokens
+        self._bound, self.packed = [(first, count, None, new_tokens)], False
+
+    def bind_packed(self, runs: list[tuple[int, int, int, list[int] | None]]) -> None:
+        """The next forward is one row holding, run after run, the tokens of slots first .. first+count-1, T each
+        (row after row; new_tokens as in `bind`). Its attention calls `attend`."""
+        self._bound, self.packed = list(runs), True
 
     def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor, T: int):
-        lengths = self.lengths[self._rows]
+        if not self.packed:
+            first, count, _, new_tokens = self._bound[0]
+            self._runs = [self._plan(slice(first, first + count), T, new_tokens, rope_cos)]
+            positions = self._runs[0].positions
+            return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), self._runs[0].mask
+        self._runs = [self._plan(slice(first, first + count), width, new_tokens, rope_cos)
+                      for first, count, width, new_tokens in self._bound]
+        positions = torch.cat([run.positions.reshape(-1) for run in self._runs])
+        if len(positions) != T:
+            raise ValueError(f"the packed runs hold {len(positions)} tokens but the forward has {T}")
+        return rope_cos[positions], rope_sin[positions], None
+
+    def _plan(self, slots: slice, T: int, new_tokens: list[int] | None, rope_cos: torch.Tensor) -> _Rows:
+        lengths = self.lengths[slots]
         longest = max(lengths) + T
         if longest > min(self.max_length, len(rope_cos)):
             raise ValueError(f"sequence of {longest} tokens exceeds the cache's {self.max_length} positions")
-        if self.window is not None:
-            return self._prepare_ring(rope_cos, rope_sin, T, lengths)
         device = rope_cos.device
-        start = torch.tensor(lengths, device=device).view(-1, 1)
-        positions = start + torch.arange(T, device=device)  # (B, T)
+        starts = torch.tensor(lengths, device=device)
+        positions = starts.view(-1, 1) + torch.arange(T, device=device)  # (B, T)
+        if self.window is not None:
+            return self._plan_ring(slots, T, new_tokens, starts, positions)
         # Attend over a span rounded up to SPAN_STEP keys (the mask hides the extra ones): a handful of distinct
         # shapes instead of a new one every step, which attention backends that plan per shape (cuDNN) need.
         span = min(-(-longest // SPAN_STEP) * SPAN_STEP, self.max_length)
-        self._positions, self._span = positions, span
-        self._row_index = torch.arange(self._rows.start, self._rows.stop, device=device).view(-1, 1)
         keys = torch.arange(span, device=device).view(1, 1, -1)
         mask = keys <= positions.unsqueeze(-1)  # (B, T, span): query t of row b sees keys [0, start_b + t]
-        return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
+        row_index = torch.arange(slots.start, slots.stop, device=device).view(-1, 1)
+        return _Rows(slots, T, new_tokens, positions, mask.unsqueeze(1), span, True, (row_index, positions))
 
-    def _prepare_ring(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor, T: int, lengths: list[int]):
-        """prepare for a sliding-window ring. Writing the new keys first and attending over the ring is exact when
+    def _plan_ring(self, slots: slice, T: int, new_tokens: list[int] | None, starts: torch.Tensor,
+                   positions: torch.Tensor) -> _Rows:
+        """_plan for a sliding-window ring. Writing the new keys first and attending over the ring is exact when
         they overwrite no key still inside a query's window (T <= capacity - window + 1, or the ring has not
         wrapped) and no row is padded; otherwise the chunk attends over the ring as it was plus its own keys."""
-        device = rope_cos.device
-        counts = self._new_tokens or [T] * len(lengths)
-        starts = torch.tensor(lengths, device=device)
-        ends = starts + torch.tensor(counts, device=device)
-        positions = starts.view(-1, 1) + torch.arange(T, device=device)  # (B, T)
-        self._write_first = (all(n == T for n in counts)
-                             and (T <= self.capacity - self.window + 1 or max(lengths) + T <= self.capacity))
-        held = ends if self._write_first else starts
-        self._span = min(-(-int(held.max()) // SPAN_STEP) * SPAN_STEP, self.capacity)
-        keys = ring_positions(held, self.capacity)[:, :self._span]  # (B, span); negative = an empty slot
-        if not self._write_first:
+        counts = new_tokens or [T] * len(starts)
+        ends = starts + torch.tensor(counts, device=starts.device)
+        write_first = (all(n == T for n in counts)
+                       and (T <= self.capacity - self.window + 1 or int(starts.max()) + T <= self.capacity))
+        held = ends if write_first else starts
+        span = min(-(-int(held.max()) // SPAN_STEP) * SPAN_STEP, self.capacity)
+        keys = ring_positions(held, self.capacity)[:, :span]  # (B, span); negative = an empty slot
+        if not write_first:
             keys = torch.cat([keys, positions], dim=1)
         # The real tokens that the ring keeps: padding is never written, nor a position the same chunk overwrites.
-        offsets = torch.arange(T, device=device)
+        offsets = torch.arange(T, device=starts.device)
         keep = (offsets < (ends - starts).view(-1, 1)) & (positions >= (ends - self.capacity).view(-1, 1))
         rows, steps = keep.nonzero(as_tuple=True)
-        self._writes = (rows + self._rows.start, positions[rows, steps] % self.capacity, rows, steps)
-        mask = attention_mask(positions, keys, self.window)  # (B, T, keys)
-        return rope_cos[positions].unsqueeze(1), rope_sin[positions].unsqueeze(1), mask.unsqueeze(1)
+        writes = (rows + slots.start, positions[rows, steps] % self.capacity, rows, steps)
+        mask = attention_mask(positions, keys, self.window).unsqueeze(1)  # (B, 1, T, keys)
+        return _Rows(slots, T, new_tokens, positions, mask, span, write_first, writes)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.window is not None:
-            return self._update_ring(layer, k, v)
-        # Advanced indices on dims 0 and 2 put (B, T) first: write k as (B, T, n_kv, hd).
-        self.keys[layer][self._row_index, :, self._positions] = k.transpose(1, 2)
-        self.values[layer][self._row_index, :, self._positions] = v.transpose(1, 2)
-        return self.keys[layer][self._rows, :, :self._span], self.values[layer][self._rows, :, :self._span]
+        return self._store(self._runs[0], layer, k, v)
 
-    def _update_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sliding-window form of update; the keys come in the order _prepare_ring's mask describes."""
+    def _store(self, run: _Rows, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the run's new keys/values (B, n_kv, T, hd); return the keys/values its queries attend over."""
         keys, values = self.keys[layer], self.values[layer]
-        slots, cells, rows, steps = self._writes
-        if not self._write_first:  # copies of the ring as it was, taken before it is overwritten
-            attend = (torch.cat([keys[self._rows, :, :self._span], k], dim=2),
-                      torch.cat([values[self._rows, :, :self._span], v], dim=2))
+        if self.window is None:
+            row_index, positions = run.writes
+            # Advanced indices on dims 0 and 2 put (B, T) first: write k as (B, T, n_kv, hd).
+            keys[row_index, :, positions] = k.transpose(1, 2)
+            values[row_index, :, positions] = v.transpose(1, 2)
+            return keys[run.slots, :, :run.span], values[run.slots, :, :run.span]
+        slots, cells, rows, steps = run.writes
+        if not run.write_first:  # copies of the ring as it was, taken before it is overwritten
+            attend = (torch.cat([keys[run.slots, :, :run.span], k], dim=2),
+                      torch.cat([values[run.slots, :, :run.span], v], dim=2))
         keys[slots, :, cells] = k.transpose(1, 2)[rows, steps]  # (N, n_kv, hd) each side
         values[slots, :, cells] = v.transpose(1, 2)[rows, steps]
-        if not self._write_first:
+        if not run.write_first:
             return attend
-        return keys[self._rows, :, :self._span], values[self._rows, :, :self._span]
+        return keys[run.slots, :, :run.span], values[run.slots, :, :run.span]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Packed attention: q (1, n_head, N, hd) and k, v (1, n_kv_head, N, hd) hold the runs bound with
+        bind_packed, one after another; each run's rows are stored and attend over their own keys. (1, n_head, N, hd)."""
+        outputs, start = [], 0
+        for run in self._runs:
+            count = run.slots.stop - run.slots.start
+            end = start + count * run.T
+
+            def rows_of(x: torch.Tensor) -> torch.Tensor:  # (1, heads, count*T, hd) -> (count, heads, T, hd)
+                return x[0, :, start:end].unflatten(1, (count, run.T)).transpose(0, 1)
+
+            keys, values = self._store(run, layer, rows_of(k), rows_of(v))
+            y = F.scaled_dot_product_attention(rows_of(q), keys, values, attn_mask=run.mask,
+                                               enable_gqa=q.shape[1] != keys.shape[1])
+            outputs.append(y.transpose(0, 1).flatten(1, 2))  # (n_head, count*T, hd)
+            start = end
+        return torch.cat(outputs, dim=1).unsqueeze(0)
 
     def advance(self, T: int) -> None:
-        for row, slot in enumerate(range(self._rows.start, self._rows.stop)):
-            self.lengths[slot] += T if self._new_tokens is None else self._new_tokens[row]
+        for run in self._runs:
+            for row, slot in enumerate(range(run.slots.start, run.slots.stop)):
+                self.lengths[slot] += run.T if run.new_tokens is None else run.new_tokens[row]
 
     def move(self, source: int, target: int) -> None:
         """Copy slot `source` (its filled positions) into slot `target`."""

@@ -345,12 +345,8 @@ class Engine:
             self.cache.clear(len(self._running))
             self._running.append(sequence)
         if decode:
-            self._prefill_pending()
+            self._forwards()
         self._retire()
-        decoding = self._decoding()
-        if decoding and decode:
-            self._guarded(self._decode, decoding)
-            self._retire()
 
     def _decoding(self) -> list[Sequence]:
         """The sequences whose prompt is in the cache: slots 0 .. n-1."""
@@ -359,19 +355,33 @@ class Engine:
             count += 1
         return self._running[:count]
 
-    def _prefill_pending(self) -> None:
-        """Prefill what the running prompts still lack. While some sequence decodes: one forward of at most
-        prefill_chunk tokens per step, so that its next token waits for one chunk, not for a whole long prompt.
-        Nobody decoding, nobody waits: the prompts go in whole (forwards of at most PREFILL_TOKENS padded tokens)."""
-        chunk = self.prefill_chunk if self._decoding() else 0
-        while True:
-            pending = [s for s in self._running if s.prefilled < len(s.prompt_ids) and not s.finished]
-            if not pending:
-                return
-            group = prefill_groups(pending, chunk or PREFILL_TOKENS, lambda s: self._piece(s, chunk))[0]
+    def _forwards(self) -> None:
+        """This step's forwards. Nobody decoding, nobody waits: the prompts go in whole (forwards of at most
+        PREFILL_TOKENS padded tokens), then the first decode step. While some sequence decodes, at most
+        prefill_chunk prompt tokens per step, so that its next token waits for one chunk, not for a whole long
+        prompt: the chunk rides in the decode forward (one row holding both, `_decode_with_chunk`), or runs just
+        before it where they cannot share one (rows on different adapters, or a lone sequence speculating).
+        Unchunked (prefill_chunk 0), whole prompts go before the decode step."""
+        decoding = self._decoding()
+        chunk = self.prefill_chunk if decoding else 0
+        group = self._next_prefill(chunk)
+        if chunk and group and not self._draft(decoding) and len({s.adapter for s in decoding + group}) == 1:
+            self._guarded(lambda sequences: self._decode_with_chunk(decoding, group, chunk), decoding + group)
+            return
+        while group:
             self._guarded(lambda group: self._prefill(group, chunk), group)
-            if chunk:
-                return
+            group = [] if chunk else self._next_prefill(chunk)
+        self._retire()
+        decoding = self._decoding()
+        if decoding:
+            self._guarded(self._decode, decoding)
+
+    def _next_prefill(self, chunk: int) -> list[Sequence]:
+        """The sequences (consecutive slots) whose prompts the next prefill forward continues; [] if none."""
+        pending = [s for s in self._running if s.prefilled < len(s.prompt_ids) and not s.finished]
+        if not pending:
+            return []
+        return prefill_groups(pending, chunk or PREFILL_TOKENS, lambda s: self._piece(s, chunk))[0]
 
     @staticmethod
     def _piece(sequence: Sequence, chunk: int) -> int:
@@ -427,12 +437,44 @@ class Engine:
             logits = self.model.lm_head(hidden[torch.tensor(done, device=self.device), last])
             self._accept(logits, [sequences[row] for row in done])
 
+    def _decode_with_chunk(self, decoding: list[Sequence], group: list[Sequence], chunk: int) -> None:
+        """One forward for a decode step of `decoding` and the next prompt chunk of `group` (all on one adapter):
+        their tokens side by side in one row, each sequence attending over its own keys (SlotKVCache.bind_packed).
+        A forward costs little more for a few more tokens, so the decoding sequences hardly wait (Agrawal et al.
+        2024, Sarathi-Serve's hybrid batches); the tokens are those of separate forwards."""
+        pieces = [s.prompt_ids[s.prefilled:s.prefilled + self._piece(s, chunk)] for s in group]
+        widths = [len(piece) for piece in pieces]
+        width = max(widths)
+        ids = [s.output_ids[-1] for s in decoding]
+        for piece in pieces:
+            ids += piece + [0] * (width - len(piece))
+        first = self._running.index(group[0])
+        self.cache.bind_packed([(0, len(decoding), 1, None), (first, len(group), width, widths)])
+        self._select([decoding[0].adapter])  # one row
+        hidden = self.model(torch.tensor([ids], device=self.device), kv_cache=self.cache, return_logits=False,
+                            return_hidden=True).hidden[0]  # (N, n_embd)
+        self.steps += 1
+        for sequence, piece_width in zip(group, widths):
+            sequence.prefilled += piece_width
+        self.prompt_tokens += sum(widths)
+        done = [row for row, s in enumerate(group) if s.prefilled == len(s.prompt_ids)]
+        rows = list(range(len(decoding))) + [len(decoding) + row * width + widths[row] - 1 for row in done]
+        logits = self.model.lm_head(hidden[torch.tensor(rows, device=self.device)])
+        self._accept(logits[:len(decoding)], decoding)
+        if done:
+            self._accept(logits[len(decoding):], [group[row] for row in done])
+
+    def _draft(self, running: list[Sequence]) -> list[int]:
+        """Tokens to verify in the next decode forward: a prompt-lookup draft for a sequence decoding alone while
+        nobody waits; [] otherwise."""
+        if len(running) != 1 or not self.speculate or self._waiting:
+            return []
+        return propose_draft(running[0].prompt_ids + running[0].output_ids, self.speculate, self._room(running[0]) - 1)
+
     def _decode(self, running: list[Sequence]) -> None:
-        if len(running) == 1 and self.speculate and not self._waiting:
-            draft = propose_draft(running[0].prompt_ids + running[0].output_ids, self.speculate,
-                                  self._room(running[0]) - 1)
-            if draft:
-                return self._decode_speculative(running[0], draft)
+        draft = self._draft(running)
+        if draft:
+            return self._decode_speculative(running[0], draft)
         self.cache.bind(0, len(running))
         self._select([s.adapter for s in running])
         last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
