@@ -7,7 +7,7 @@ run, per RoPE scaling method; and held-out bits per byte as a function of positi
    (Mohtashami & Jaggi 2023's format: repeated filler sentences, "The pass key is 48213. Remember it." at a random
    depth, then "What is the pass key? The pass key is 48213") and copy drills (a list of numbers, then the list
    again: the retrieval skill in its plainest form).
-2. The base: pretrained at context T on a mixture of the three (`train.mixture`, 1:1:1).
+2. The base: pretrained at context T on a mixture of the three (`train.mixture`, 0.5:1:2).
 3. Extension (`train.init_from`, the extension recipe fmforge/recipes/extend-context.yaml): continue pretraining at
    4T with each method's `model.rope_scaling` (none, linear, ntk, yarn; factor 4 over the original T), a short
    budget, the same mixture with passkey documents up to 4T long.
@@ -57,20 +57,32 @@ def stage(name: str, done: Path) -> bool:
     return not done.exists()
 
 
-def passkey_document(rng: random.Random, repeats: int, key: int | None = None) -> tuple[str, str]:
+# --keys words: the key is one of these words instead of a 5-digit number (see main's help).
+KEY_WORDS = ("apricot", "badger", "cobalt", "dolphin", "emerald", "falcon", "gondola", "harpoon", "iguana", "jasmine",
+             "kettle", "lantern", "mango", "nutmeg", "octopus", "pelican", "quartz", "raccoon", "saffron", "tulip",
+             "umbrella", "violin", "walrus", "xylophone", "yogurt", "zeppelin", "anchor", "biscuit", "cactus",
+             "dragon", "eclipse", "fossil", "giraffe", "hammock", "igloo", "jaguar", "koala", "lobster", "magnet",
+             "napkin", "orchid", "penguin", "quill", "rocket", "scarab", "trumpet", "unicorn", "volcano", "wizard",
+             "yacht", "zucchini", "acorn", "banjo", "comet", "dynamo", "engine", "feather", "glacier", "helmet",
+             "ivory", "juniper", "kayak", "lemur", "marble")
+
+
+def passkey_document(rng: random.Random, repeats: int, key: int | str | None = None,
+                     words: bool = False) -> tuple[str, str]:
     """(prompt ending in "The pass key is", " KEY"): the key sentence after a random number of the filler repeats."""
-    key = rng.randrange(10000, 100000) if key is None else key
+    if key is None:
+        key = rng.choice(KEY_WORDS) if words else rng.randrange(10000, 100000)
     depth = rng.randint(0, repeats)
     prompt = (INTRO + FILLER * depth + f"The pass key is {key}. Remember it. {key} is the pass key. "
               + FILLER * (repeats - depth) + "What is the pass key? The pass key is")
     return prompt, f" {key}"
 
 
-def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int) -> None:
+def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int, words: bool) -> None:
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(count):
-            prompt, answer = passkey_document(rng, rng.randint(0, max_repeats))
+            prompt, answer = passkey_document(rng, rng.randint(0, max_repeats), words=words)
             f.write(json.dumps({"text": prompt + answer + "."}) + "\n")
 
 
@@ -111,13 +123,13 @@ def model_at(checkpoint: Path, length: int, scaling: dict | None):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, length: int, count: int, seed: int) -> float:
+def passkey_accuracy(model, tokenizer, length: int, count: int, seed: int, words: bool = False) -> float:
     """Share of prompts of ~`length` tokens whose key tokens are each the model's greedy choice."""
     rng = random.Random(seed)
     repeats = repeats_for(tokenizer, length)
     correct = 0
     for _ in range(count):
-        prompt, answer = passkey_document(rng, repeats)
+        prompt, answer = passkey_document(rng, repeats, words=words)
         prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
         ids = torch.tensor([prompt_ids + answer_ids])
         logits = model(ids[:, :-1]).logits[0, len(prompt_ids) - 1:]
@@ -141,9 +153,12 @@ def bits_per_byte_by_position(model, windows: torch.Tensor, bytes_per_token: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", required=True, help="Tiny Shakespeare (or another long text file)")
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench-long-context"))
+    parser.add_argument("--work", help="cache directory (default runs/bench-long-context[-words])")
+    parser.add_argument("--keys", choices=["numbers", "words"], default="numbers",
+                        help="numbers: 5-digit keys, copied digit by digit (needs induction heads); words: one of "
+                             f"{len(KEY_WORDS)} words, found by what it is (one attention hop) and completed from memory")
     parser.add_argument("--context", type=int, default=256, help="the base's trained context T")
-    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--extend-steps", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
@@ -151,7 +166,8 @@ def main() -> None:
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    words = args.keys == "words"
+    work = Path(args.work or REPO / "runs" / ("bench-long-context-words" if words else "bench-long-context"))
     work.mkdir(parents=True, exist_ok=True)
     T = args.context
     base_steps, extend_steps = (30, 10) if args.quick else (args.base_steps, args.extend_steps)
@@ -165,7 +181,7 @@ def main() -> None:
     if stage("tokenizer", tok / "tokenizer.json"):
         split_text(Path(args.text), text_parts)
         passkey_src.mkdir(exist_ok=True)
-        write_passkey_jsonl(passkey_src / "sample.jsonl", 200, 40, seed=99)
+        write_passkey_jsonl(passkey_src / "sample.jsonl", 200, 40, seed=99, words=words)
         cli("tokenizer", "train", text_parts, passkey_src / "sample.jsonl", "--vocab-size", "1024", "--out", tok)
     from fmforge.checkpoint import load_tokenizer
     tokenizer = load_tokenizer(tok)
@@ -178,7 +194,7 @@ def main() -> None:
         if stage(f"passkey data ({name}, up to ~{tokens} tokens)", data[name] / "manifest.json"):
             jsonl = passkey_src / f"{name}.jsonl"
             write_passkey_jsonl(jsonl, 200 if args.quick else count, repeats_for(tokenizer, tokens * 0.9),
-                                seed=len(name))
+                                seed=len(name), words=words)
             cli("prepare", jsonl, "--tokenizer", tok, "--val-fraction", "0.02", "--out", data[name])
 
     if stage("copy drills", data["copy"] / "manifest.json"):
@@ -190,7 +206,7 @@ def main() -> None:
     common = ["--model.n_layer", 4, "--model.n_embd", 128, "--model.n_head", 4, "--train.batch_size", 16,
               "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", 0]
     if stage(f"base at context {T} ({base_steps} steps)", base / "latest"):
-        mixture = json.dumps({str(data["text"]): 1.0, str(data["short"]): 1.0, str(data["copy"]): 1.0})
+        mixture = json.dumps({str(data["text"]): 0.5, str(data["short"]): 1.0, str(data["copy"]): 2.0})
         cli("pretrain", *common, "--model.context_length", T, "--train.mixture", mixture, "--train.max_steps",
             base_steps, "--train.lr", 3e-3, "--train.warmup_steps", 30, "--train.checkpoint_interval", base_steps,
             "--train.out_dir", base)
@@ -233,7 +249,7 @@ def main() -> None:
         row = {"method": method}
         for length in lengths:
             model = model_at(checkpoint, length, scaling)
-            row[str(length)] = passkey_accuracy(model, tokenizer, length, prompts, seed=1234 + length)
+            row[str(length)] = passkey_accuracy(model, tokenizer, length, prompts, seed=1234 + length, words=words)
         row["bpb_by_position"] = bits_per_byte_by_position(model_at(checkpoint, L, scaling), windows,
                                                            bytes_per_token, bucket=T // 4)
         scores[name] = row
@@ -276,14 +292,15 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
     lines = [
         "## Long context: passkey retrieval and bits/byte by position",
         "",
-        f"`python benchmarks/long_context.py --text {args.text}` — {minutes:.0f} min, load average "
+        f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}` — {minutes:.0f} min, load average "
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
         f"Base: 4 layers, width 128, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
-        f"passkey documents up to {T} tokens + copy drills, 1:1:1). Extension: `train.init_from` the base, context {4 * T}, "
+        f"passkey documents up to {T} tokens + copy drills, 0.5:1:2). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
         f"tokens on Shakespeare + passkey documents up to {4 * T} tokens + copy drills, 1:1:0.5. Passkey: {prompts} held-out prompts per "
-        "length, key at a uniformly random depth; correct = every key token is the greedy choice.",
+        f"length, key ({'one of ' + str(len(KEY_WORDS)) + ' words' if args.keys == 'words' else 'a 5-digit number'}) "
+        "at a uniformly random depth; correct = every key token is the greedy choice.",
         "",
         "| model | " + " | ".join(f"{n // T}x ({n})" for n in lengths) + f" | bits/byte, first {T} | "
         f"bits/byte, {4 * T - T}-{4 * T} | bits/byte, last {T} |",
