@@ -157,7 +157,8 @@ class SlotKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Packed attention: q (1, n_head, N, hd) and k, v (1, n_kv_head, N, hd) hold the runs bound with
-        bind_packed, one after another; each run's rows are stored and attend over their own keys. (1, n_head, N, hd)."""
+        bind_packed, one after another; each run's rows are stored and attend over their own keys.
+        Returns (1, n_head, N, hd)."""
         outputs, start = [], 0
         for run in self._runs:
             count = run.slots.stop - run.slots.start

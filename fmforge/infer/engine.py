@@ -608,8 +608,8 @@ class Engine:
 
 def default_prefill_chunk(device: torch.device) -> int:
     """Prompt tokens per prefill chunk unless told: 32 on a CPU, where 8 streams' decode forward carrying a 32-token
-    chunk keeps their step p99 within 1.2-1.3x of what it is without a long prompt (64: 1.4-1.8x; 128: 2.1-2.2x;
-    unchunked, a 512-token prompt: 7-8x; benchmarks/prefill_stall.md, the quickstart's model); 512 on a GPU, where
+    chunk keeps their step p99 within 1.2-1.6x of what it is without a long prompt (64: 1.4-1.8x; 128: 2.1-2.5x;
+    unchunked, a 512-token prompt: 7-9.5x; benchmarks/prefill_stall.md, the quickstart's model); 512 on a GPU, where
     a forward stays bound by reading the weights up to hundreds of tokens (Sarathi-Serve's budget for strict
     latency)."""
     return 32 if device.type == "cpu" else 512
