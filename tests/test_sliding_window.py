@@ -56,6 +56,9 @@ def test_a_token_sees_only_its_window():
     full.load_state_dict(tiny(8).state_dict())
     assert torch.equal(full(ids[:, :8]).logits, tiny(8)(ids[:, :8]).logits)
     assert not torch.allclose(full(ids).logits, tiny(8)(ids).logits, atol=1e-3)
+    # A mask of the caller's (packed fine-tuning examples) is combined with the window, not put in its place.
+    causal = torch.ones(30, 30, dtype=torch.bool).tril().view(1, 1, 30, 30)
+    assert torch.equal(model(ids, attn_mask=causal).logits, model(ids).logits)
 
 
 @torch.no_grad()
