@@ -38,12 +38,18 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def ntk_base(theta: float, factor: float, head_dim: int) -> float:
+    """NTK-aware scaling's base (bloc97, 2023): theta * factor^(d/(d-2)) slows the slowest frequency by exactly
+    `factor` and leaves the fastest unchanged."""
+    return theta * factor ** (head_dim / (head_dim - 2))
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """RoPE angular frequencies (radians per position), (head_dim/2,) float64; `scaling` is
     ModelConfig.rope_scaling (None = plain RoPE; the methods are described at config.ROPE_SCALING_KEYS)."""
     kind = None if scaling is None else scaling["rope_type"]
-    if kind == "ntk":  # a larger base: theta * factor^(d/(d-2)) (bloc97's NTK-aware scaling)
-        theta = theta * scaling["factor"] ** (head_dim / (head_dim - 2))
+    if kind == "ntk":
+        theta = ntk_base(theta, scaling["factor"], head_dim)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if kind in (None, "ntk"):
         return inv_freq

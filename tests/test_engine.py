@@ -302,3 +302,28 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_others(base)
             pass
         assert [e.token_id for e in events["long"]] == reference(base, long, 5)
         assert [e.token_id for e in events["a"]] == reference(base, short[0], 40)
+
+
+def test_a_part_prefilled_prompt_and_a_new_one_are_not_padded_past_the_context(base):
+    """A prompt half in the cache (chunks while another sequence decoded) and a new prompt admitted once nobody
+    decodes: padding both rows to the new prompt's width would run the first past the context (64), so they go in
+    separate forwards, and both generate what they would alone."""
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    text = "def f(x):\n    return x\n" * 8
+    a, b = tokenizer.encode(text, add_bos=True)[:40], tokenizer.encode("# " + text, add_bos=True)[:40]
+    engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=5, speculate=0)
+    events = {name: [] for name in ("s", "a", "b")}
+    s = engine.submit(prompts_of(tokenizer)[0], SamplingParams(max_tokens=40, temperature=0), events["s"].append)
+    engine.step()
+    first = engine.submit(a, SamplingParams(max_tokens=8, temperature=0), events["a"].append)
+    while first.prefilled < 30:
+        engine.step()
+    s.cancel()
+    engine.step()  # s leaves; a's next chunk may go in meanwhile
+    assert 30 < first.prefilled < len(a)  # 35: padded to b's 40 it would end at 75
+    engine.submit(b, SamplingParams(max_tokens=8, temperature=0), events["b"].append)
+    while engine.step():
+        pass
+    assert [e.finish_reason for e in events["a"] + events["b"]].count("error") == 0
+    assert [e.token_id for e in events["a"] if e.token_id is not None] == reference(base, a, 8)
+    assert [e.token_id for e in events["b"] if e.token_id is not None] == reference(base, b, 8)

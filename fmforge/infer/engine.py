@@ -81,7 +81,7 @@ class Completion:
     finish_reason: str
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine finds a sequence among the running ones by `is`, not by its fields
 class Sequence:
     prompt_ids: list[int]
     adapter: int
@@ -381,7 +381,15 @@ class Engine:
         pending = [s for s in self._running if s.prefilled < len(s.prompt_ids) and not s.finished]
         if not pending:
             return []
-        return prefill_groups(pending, chunk or PREFILL_TOKENS, lambda s: self._piece(s, chunk))[0]
+        group = prefill_groups(pending, chunk or PREFILL_TOKENS, lambda s: self._piece(s, chunk))[0]
+        # Rows are right-padded to the widest piece: a row already part-way through its prompt must still have room
+        # for the padded width in the cache, so the group ends before a row that would not.
+        width = 0
+        for size, sequence in enumerate(group):
+            width = max(width, self._piece(sequence, chunk))
+            if max(s.prefilled for s in group[:size + 1]) + width > self.max_context:
+                return group[:max(size, 1)]
+        return group
 
     @staticmethod
     def _piece(sequence: Sequence, chunk: int) -> int:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
-from ..model import rope_frequencies
+from ..model import ntk_base, rope_frequencies
 from ..checkpoint import check_text_only, read_model_config, resolve_checkpoint
 from .hf import checkpoint_weights, log
 
@@ -84,7 +84,7 @@ def write_rope_metadata(writer, config: ModelConfig) -> None:
     scaling, theta = config.rope_scaling, config.rope_theta
     kind = scaling_type(config)
     if kind == "ntk":
-        theta = theta * scaling["factor"] ** (config.head_dim / (config.head_dim - 2))
+        theta = ntk_base(theta, scaling["factor"], config.head_dim)
     writer.add_rope_freq_base(theta)
     if kind in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)

@@ -41,7 +41,7 @@ from ..checkpoint import (check_text_only, model_state_for_saving, read_model_co
                           write_checkpoint, write_model_files)
 from ..config import ROPE_SCALING_KEYS, ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..model import Transformer
+from ..model import Transformer, ntk_base
 from .adapters import resolve_adapters, write_peft_adapter
 
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept inside an imported checkpoint
@@ -193,7 +193,7 @@ def _hf_rope(config: ModelConfig) -> tuple[float, dict | None]:
     has no rope_type for, is written as what it is, plain RoPE with a larger base."""
     scaling = config.rope_scaling
     if scaling is not None and scaling["rope_type"] == "ntk":
-        return config.rope_theta * scaling["factor"] ** (config.head_dim / (config.head_dim - 2)), None
+        return ntk_base(config.rope_theta, scaling["factor"], config.head_dim), None
     return config.rope_theta, scaling
 
 
