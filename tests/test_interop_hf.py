@@ -180,20 +180,32 @@ def test_import_refuses_a_nonzero_output_bias(hf_tokenizer, tmp_path, capsys):
     assert "o_proj.bias is not zero" in capsys.readouterr().err
 
 
-def test_sliding_window_shorter_than_context_limits_the_context(hf_tokenizer, tmp_path, capsys):
+def test_a_mistral_sliding_window_imports_as_model_sliding_window(hf_tokenizer, tmp_path, capsys):
     source = tmp_path / "hf"
     reference = make_hf_model("mistral", source, hf_tokenizer, sliding_window=32)
     assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt")]) == 0
-    assert "sliding window of 32" in capsys.readouterr().err
     model, _ = load_model(tmp_path / "ckpt")
-    assert model.config.context_length == 32
-    ids = batch(shape=(2, 32))
+    assert (model.config.context_length, model.config.sliding_window) == (128, 32)
+    ids = batch(shape=(2, 96))  # three windows long: the window is really applied
     with torch.no_grad():
         assert (model(ids).logits - reference(ids).logits).abs().max().item() <= 1e-4
     # Exporting gives back the source's context and window, so transformers behaves as before.
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["sliding_window"]) == (128, 32)
+
+
+def test_a_qwen_window_on_some_layers_limits_the_context(hf_tokenizer, tmp_path, capsys):
+    source = tmp_path / "hf"
+    reference = make_hf_model("qwen2", source, hf_tokenizer, sliding_window=32, use_sliding_window=True,
+                              max_window_layers=1)
+    assert main(["import", "hf", str(source), "--out", str(tmp_path / "ckpt")]) == 0
+    assert "sliding window of 32" in capsys.readouterr().err
+    model, _ = load_model(tmp_path / "ckpt")
+    assert (model.config.context_length, model.config.sliding_window) == (32, None)
+    ids = batch(shape=(2, 32))
+    with torch.no_grad():
+        assert (model(ids).logits - reference(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_import_keeps_bfloat16_and_fmforge_commands_run(hf_tokenizer, tmp_path, capsys):

@@ -232,13 +232,17 @@ def model_config_from_hf(hf: dict, context_length: int | None = None) -> tuple[M
     n_layer, n_head = hf["num_hidden_layers"], hf["num_attention_heads"]
     limit = hf["max_position_embeddings"]
     window = _sliding_window(hf, family, n_layer)
+    sliding_window, cut_to_window = None, False
     if window is not None and window < limit:
-        # Within one window, sliding-window attention is exactly full causal attention.
-        notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings {limit})")
-        limit = window
+        if family.sliding_window == "mistral":  # every layer slides: fmforge's model.sliding_window is the same
+            sliding_window = window
+        else:  # Qwen's window on some layers only; within one window it is exactly full causal attention
+            notes.append(f"context limited to the sliding window of {window} tokens (max_position_embeddings "
+                         f"{limit}): fmforge slides on every layer or none")
+            limit, cut_to_window = window, True
     rope_theta, rope_scaling = _rope(hf, family)
     supported = limit
-    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn" and window is None:
+    if rope_scaling is not None and rope_scaling["rope_type"] == "yarn" and not cut_to_window:
         # YaRN configs often keep max_position_embeddings at the original length (Qwen2.5: 32768, factor 4): the
         # scaling is what makes factor x original positions usable, on request (--context-length).
         supported = max(limit, int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"]))
@@ -250,7 +254,7 @@ def model_config_from_hf(hf: dict, context_length: int | None = None) -> tuple[M
     values = dict(
         vocab_size=hf["vocab_size"], n_layer=n_layer, n_embd=hf["hidden_size"], n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head, intermediate_size=hf["intermediate_size"],
-        context_length=limit, rope_theta=rope_theta, rope_scaling=rope_scaling,
+        context_length=limit, rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=sliding_window,
         norm_eps=float(hf.get("rms_norm_eps", family.norm_eps)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or family.default_head_dim or hf["hidden_size"] // n_head,
