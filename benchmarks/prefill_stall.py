@@ -18,7 +18,8 @@ random (no tokenizer is needed to time steps). The engine is driven by this thre
 
     .venv/bin/python benchmarks/prefill_stall.py --threads 1     # ~40 s; prints the table (1 thread on a shared
                                                                  # machine: 2 threads stall on each other there)
-    .venv/bin/python benchmarks/prefill_stall.py --threads 1 --out benchmarks/prefill_stall.md
+    .venv/bin/python benchmarks/prefill_stall.py --threads 1 --out FILE.md  # the report as a file too (the recorded
+                                                                          # runs are in RESULTS.md, "prefill-stall")
     .venv/bin/python benchmarks/prefill_stall.py --quick         # a smoke test, seconds
 """
 
