@@ -32,7 +32,7 @@ class Metrics:
                                "--max-connections connections were open", registry=registry)
         Gauge("fmforge_queue_depth", "Sequences waiting for a slot", registry=registry).set_function(
             lambda: engine.waiting)
-        Gauge("fmforge_running_sequences", "Sequences being decoded", registry=registry).set_function(
+        Gauge("fmforge_running_sequences", "Sequences in the KV cache (prefilling or decoding)", registry=registry).set_function(
             lambda: engine.running)
         Gauge("fmforge_batch_slots", "Sequences decoded together at most", registry=registry).set(engine.max_batch)
         Gauge("fmforge_kv_cache_bytes_per_token", "KV-cache bytes one token takes: 2 x layers x KV heads x head_dim "
