@@ -73,8 +73,8 @@ def _string(record: dict, name: str, where: str) -> str:
     return value
 
 
-def sft_example(record: dict, tokenizer: Tokenizer, where: str, train_on_all: bool = False) -> Example:
-    """Chat messages rendered with the tokenizer's template; loss on assistant turns (or on everything)."""
+def chat_messages(record: dict, where: str) -> list[dict]:
+    """The record's "messages", checked: a non-empty list of {"role": one of ROLES, "content": a string}."""
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
@@ -85,6 +85,12 @@ def sft_example(record: dict, tokenizer: Tokenizer, where: str, train_on_all: bo
             raise DataError(f"{where}: message {i} has unknown role {message['role']!r}; roles: {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: message {i} content must be a string")
+    return messages
+
+
+def sft_example(record: dict, tokenizer: Tokenizer, where: str, train_on_all: bool = False) -> Example:
+    """Chat messages rendered with the tokenizer's template; loss on assistant turns (or on everything)."""
+    messages = chat_messages(record, where)
     if not train_on_all and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant message to learn from")
     # Special tokens split the text, so the tokens of a rendered prefix are a prefix of the tokens of the

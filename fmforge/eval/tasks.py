@@ -1,16 +1,20 @@
-"""Task evaluation: completion (bits-per-byte of the reference + exact match of greedy output), classification
-(accuracy with a trained head, or zero-shot by log-likelihood of each label), multiple choice (log-likelihood,
-raw and length-normalised), and held-out perplexity on prepared shards.
+"""Task evaluation: completion (bits-per-byte of the reference + exact match of greedy output), chat (the same for
+each conversation's last reply, + character similarity), classification (accuracy with a trained head, or zero-shot
+by log-likelihood of each label), multiple choice (log-likelihood, raw and length-normalised), and held-out perplexity
+on prepared shards.
 
 Task specs for `fmforge eval --tasks`: a built-in dataset of the task registry (stdlib-docstring, stdlib-body,
-stdlib-module, and the vision sets mnist-recognise, shapes-answer, glyphs-read, mnist-draw, shapes-edit, ... scored
-by eval/vision.py; its test split), `perplexity` (needs --data PREPARED_DIR), or TASK:FILE.jsonl for any task whose
-registry entry names an evaluator (completion, classify, mc, translate; mc records: {"prompt": ..., "choices": [...],
-"answer": index}; translate also reads translate:parallel:SOURCE_FILE:TARGET_FILE and reports sacrebleu's BLEU and chrF).
+stdlib-module, stdlib-chat, and the vision sets mnist-recognise, shapes-answer, glyphs-read, mnist-draw,
+shapes-edit, ... scored by eval/vision.py; its test split), `perplexity` (needs --data PREPARED_DIR), or
+TASK:FILE.jsonl for any task whose registry entry names an evaluator (completion, classify, mc, translate, sft; mc
+records: {"prompt": ..., "choices": [...], "answer": index}; translate also reads
+translate:parallel:SOURCE_FILE:TARGET_FILE and reports sacrebleu's BLEU and chrF; sft scores each conversation's last
+reply, see evaluate_chat).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -91,6 +95,59 @@ def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48, bat
             "examples": len(records)}
 
 
+def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int = 8) -> dict:
+    """Each conversation's last message, the assistant's reply, scored after the turns before it (earlier replies
+    are the reference ones, as in training), through the chat template as the server asks:
+    - bits_per_byte of the reference reply and its end-of-turn token (counted as one byte);
+    - exact_match: the greedy reply (generated on the engine, up to the reference's tokens + `extra_tokens`) equals
+      the reference, whitespace aside;
+    - similarity: difflib's ratio of the greedy reply to the reference, 0-1 (2 x matching characters / both lengths).
+    A conversation longer than the context keeps its end (the reply, and the turns nearest it), as completion does;
+    `prompts_truncated` counts them. Records with a "kind" (stdlib-chat's) get the three metrics per kind too."""
+    model = language_model(model)
+    stop, limit = tokenizer.chat_stop_ids(), model.config.context_length
+    kinds, prompts, requests, references = [], [], [], []
+    nats, n_bytes, truncated = [], [], 0
+    for where, record in records:
+        messages = ft.chat_messages(record, where)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's reply (it is what is scored)")
+        prompt = tokenizer.encode_chat(messages[:-1], add_generation_prompt=True)
+        whole = tokenizer.encode_chat(messages)
+        if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
+            raise DataError(f"{where}: the chat template renders the reply's turn differently from its generation "
+                            "prompt, so the reply cannot be scored")
+        reply = whole[len(prompt):]
+        end = next((i for i, token in enumerate(reply) if token in stop), None)
+        reply = reply[:limit - 1] if end is None else reply[:min(end + 1, limit - 1)]
+        truncated += len(prompt) > limit - len(reply)
+        prompt = prompt[-(limit - len(reply)):]  # keep the end, nearest the reply
+        nats.append(-continuation_logprobs(model, prompt, [reply])[0])
+        ends_turn = reply[-1] in stop
+        n_bytes.append(len(tokenizer.decode(reply[:-1] if ends_turn else reply).encode("utf-8")) + ends_turn)
+        sampling = SamplingParams(max_tokens=min(len(reply) + extra_tokens, limit - len(prompt)), temperature=0)
+        requests.append(GenerationRequest(prompt, sampling, stop_ids=stop))
+        references.append(messages[-1]["content"].strip())
+        kinds.append(record.get("kind") if isinstance(record.get("kind"), str) else None)
+    exact, similar = [], []
+    for completion, reference in zip(Engine(model, tokenizer, max_batch=batch).complete(requests), references):
+        reply = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+        exact.append(reply == reference)
+        similar.append(difflib.SequenceMatcher(None, reply, reference, autojunk=False).ratio())
+
+    def scores(rows: list[int]) -> dict:
+        return {"bits_per_byte": sum(nats[i] for i in rows) / max(sum(n_bytes[i] for i in rows), 1) / math.log(2),
+                "exact_match": sum(exact[i] for i in rows) / max(len(rows), 1),
+                "similarity": sum(similar[i] for i in rows) / max(len(rows), 1)}
+
+    result = {**scores(list(range(len(records)))), "examples": len(records), "prompts_truncated": truncated}
+    for kind in sorted({k for k in kinds if k is not None}):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        result.update({f"{kind}.{name}": value for name, value in scores(rows).items()})
+        result[f"{kind}.examples"] = len(rows)
+    return result
+
+
 def evaluate_classify(model, tokenizer, records, labels: list[str] | None = None) -> dict:
     """Accuracy: with the classifier head when the model has one, else zero-shot by label log-likelihood."""
     T = (model.base if isinstance(model, SequenceClassifier) else model).config.context_length
@@ -150,6 +207,7 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
     "mc": lambda model, tokenizer, records, labels: evaluate_multiple_choice(language_model(model), tokenizer,
                                                                              records),
     "translate": lambda model, tokenizer, records, labels: evaluate_translate(model, tokenizer, records),
+    "chat": lambda model, tokenizer, records, labels: evaluate_chat(model, tokenizer, records),
     **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
 }
 

@@ -205,10 +205,13 @@ class OpenAIServing:
         return self.models[name]
 
     def list_models(self) -> dict:
+        """The served models: chat specialists (task sft) first, since the chat page, like most chat clients, opens
+        on the first model listed; then the base and the other specialists, in the order they were given."""
         base = next(iter(self.models))
+        listed = sorted(self.models.values(), key=lambda m: m.info.get("task") != "sft")  # stable
         data = [{"id": m.name, "object": "model", "created": self.created, "owned_by": "fmforge",
                  "root": base, "parent": None if m.adapter == 0 else base, "max_model_len": self.engine.max_context,
-                 **({"task": m.info.get("task")} if m.info.get("task") else {})} for m in self.models.values()]
+                 **({"task": m.info.get("task")} if m.info.get("task") else {})} for m in listed]
         return {"object": "list", "data": data}
 
     def get_model(self, name: str) -> dict:
