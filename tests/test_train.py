@@ -161,6 +161,27 @@ def test_torch_compile_trains_like_eager(prepared, tmp_path):
     load_model(tmp_path / "compiled")  # saved without torch.compile's wrapper prefixes
 
 
+def test_a_time_budget_is_met_even_when_the_first_estimate_is_far_off(prepared, tmp_path, monkeypatch):
+    """The timing run at start only guesses the pace; the trainer re-plans the step count as it goes, so a run
+    whose first plan was 4 steps still trains for (about) its whole budget, and records the final count."""
+    import time
+
+    import yaml
+
+    from fmforge.train.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "calibrate_max_steps", lambda self: 4)
+    out = tmp_path / "budget"
+    options = tiny_overrides(prepared, out, max_steps=1, eval_interval=1000, checkpoint_interval=1000,
+                             schedule="wsd")
+    started = time.perf_counter()
+    assert main(["pretrain", *options, "--max_minutes", "0.15"]) == 0  # 9 s
+    seconds = time.perf_counter() - started
+    steps = yaml.safe_load((out / "run.yaml").read_text())["train"]["max_steps"]
+    assert steps > 4 and len(losses(out)) == steps
+    assert 0.6 * 9 < seconds < 1.25 * 9 + 3  # + the run's set-up, which the budget does not count
+
+
 def test_time_budget_becomes_a_recorded_step_count(prepared, tmp_path):
     import yaml
 

@@ -21,12 +21,15 @@ from ..errors import CheckpointError, ConfigError, SettingsMismatchError, Traini
 from . import distributed, parallel, sharded_state
 from ..checkpoint import SHARDED_STATE, clean_stale_temporaries, commit_run_checkpoint, latest_in_run, \
     load_weights, read_model_config, read_train_state, write_model_files
+from ..fileio import atomic_write_text
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
 
 # (step, micro_step) -> a batch: keyword arguments of the model's forward, at least "input_ids" and
 # "targets" (-100 = no loss), e.g. also "attn_mask" for packed sequences. Tensors on the CPU.
 BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
+
+BUDGET_SHARE = 0.95  # of train.max_minutes for training steps; the rest for the final eval and checkpoint
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -185,7 +188,7 @@ class Trainer:
         eval_tokens_per_step = self.cfg.eval_tokens / self.cfg.eval_interval
         train_tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.context_length
         step_seconds *= 1 + eval_tokens_per_step / train_tokens_per_step / 3
-        budget = self.cfg.max_minutes * 60 * 0.95  # keep 5% for checkpoints and the final eval
+        budget = self.cfg.max_minutes * 60 * BUDGET_SHARE
         # Every process must run the same number of steps (each step's collectives pair them up).
         steps = max(1, int(distributed.all_reduce_mean(torch.tensor(budget / step_seconds, dtype=torch.float64),
                                                                    self.dist)))
@@ -197,7 +200,9 @@ class Trainer:
         """Train from start_step to max_steps: optimizer steps, evaluation, metrics and checkpoints. SIGINT
         (Ctrl-C) or SIGTERM (schedulers, `docker stop`) finishes the current step, saves a checkpoint and returns."""
         cfg = self.cfg
-        if cfg.max_minutes is not None and self.start_step == 0:
+        budget_started = time.perf_counter()
+        rebudget = cfg.max_minutes is not None and self.start_step == 0
+        if rebudget:
             cfg.max_steps = self.calibrate_max_steps()
         metrics, progress = self._open_run()
         train_model = self.train_model
@@ -216,6 +221,8 @@ class Trainer:
                     record = {"step": step, "loss": loss_value, "lr": lr, "tokens": step * tokens_per_step,
                               "tokens_per_s": round(progress.tokens_per_second, 1),
                               "elapsed_s": round(time.perf_counter() - started, 3), **extra_metrics}
+                    if rebudget and self._rebudget_due(step):
+                        self._rebudget(step, budget_started, progress)
                     stopping = self._any_rank_asked_to_stop(stop_requested)
                     done = step == cfg.max_steps or stopping
                     final_eval = self._evaluate_log_and_save(step, record, done, autocast, progress, metrics) \
@@ -233,6 +240,35 @@ class Trainer:
             progress.message(f"stopped at step {step}; continue with the same command plus --resume")
         return TrainResult(self.run_dir, checkpoint, step, (step - self.start_step) * tokens_per_step, seconds,
                            loss_value, final_eval)
+
+    def _rebudget_due(self, step: int) -> bool:
+        """Every 5% of the planned steps, until the learning rate starts its final decay (wsd: the decay phase;
+        cosine: the last 10%), whose length must not move once it has begun."""
+        cfg = self.cfg
+        if step % max(1, cfg.max_steps // 20):
+            return False
+        last = {"wsd": 1 - cfg.decay_fraction, "cosine": 0.9, "constant": 1.0}[cfg.schedule]
+        return step < last * cfg.max_steps
+
+    def _rebudget(self, step: int, started: float, progress: ProgressLog) -> None:
+        """Re-plan max_steps from the pace measured so far (steps, periodic evals and checkpoints; the timing run at
+        start only guessed it), so that a max_minutes run ends on its budget whatever the machine's speed today;
+        a warmup-stable-decay schedule then places its decay by the time that remains. Recorded in run.yaml and
+        in every later checkpoint, like the first plan."""
+        cfg = self.cfg
+        elapsed = time.perf_counter() - started
+        per_step = elapsed / (step - self.start_step)
+        budget = cfg.max_minutes * 60 * BUDGET_SHARE
+        planned = torch.tensor(step + (budget - elapsed) / per_step, dtype=torch.float64)
+        steps = max(step + 1, int(distributed.all_reduce_mean(planned, self.dist)))  # one count on every rank
+        if steps == cfg.max_steps:
+            return
+        cfg.max_steps = progress.max_steps = steps
+        self.run_yaml = yaml.safe_dump(self.run.to_dict(), sort_keys=False)
+        if self.dist.is_main:
+            resolved = yaml.safe_load((self.run_dir / "run.yaml").read_text())
+            resolved["train"]["max_steps"] = steps
+            atomic_write_text(self.run_dir / "run.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     def _open_run(self) -> tuple[MetricsWriter | None, ProgressLog]:
         """Create the run directory (main process), record the resolved config in run.yaml, and open the
