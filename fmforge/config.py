@@ -61,6 +61,10 @@ class ModelConfig:
     n_shared_experts: int = 0
     moe_intermediate_size: int | None = None  # per-expert hidden size; None = intermediate_size
     moe_aux_loss_coef: float = 0.01  # load-balancing loss weight (Switch Transformer, Fedus et al. 2021)
+    # "causal": a decoder (each token sees those before it; next-token loss). "mlm": a bidirectional encoder
+    # (every token sees the whole sequence; masked-language-modelling loss, BERT, Devlin et al. 2019); exported
+    # as transformers' EuroBERT, which is this same Llama block without the causal mask.
+    objective: str = "causal"
 
     def __post_init__(self) -> None:
         if self.head_dim is None and isinstance(self.n_head, int) and self.n_head > 0:
@@ -96,6 +100,14 @@ class ModelConfig:
                 f"model.n_experts ({self.n_experts})"
             )
         checked_rope_scaling(self.rope_scaling, self.head_dim)
+        if self.objective not in ("causal", "mlm"):
+            raise ConfigError(f"model.objective must be causal or mlm, got {self.objective!r}")
+        if self.objective == "mlm" and (self.sliding_window is not None or self.n_experts):
+            raise ConfigError("model.objective mlm (the encoder) supports neither sliding_window nor n_experts")
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == "causal"
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count computed from the shape (matches the built model)."""
@@ -274,6 +286,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    # model.objective mlm: the share of tokens chosen for prediction; of those 80% become <|mask|>, 10% a random
+    # token, 10% stay (BERT's recipe); 0.3 as ModernBERT (Warner et al. 2024) rather than BERT's 0.15
+    mask_rate: float = 0.3
 
     def validate(self) -> None:
         if self.mixture is not None:
@@ -288,6 +303,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"train.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.mask_rate, bool) or not isinstance(self.mask_rate, (int, float)) \
+                or not 0 < self.mask_rate < 1:
+            raise ConfigError(f"train.mask_rate must be a number between 0 and 1, got {self.mask_rate!r}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"train.schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

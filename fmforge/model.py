@@ -235,6 +235,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
+        self.causal = config.causal  # False: an encoder, every position sees every other (model.objective mlm)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
@@ -257,7 +258,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         gqa = self.n_kv_head != self.n_head and kv_cache is not None
         # No mask: causal for a fresh chunk; a single token after a cached prefix sees the whole cache.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=self.causal and attn_mask is None and T > 1,
                                            enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
@@ -337,7 +339,7 @@ class MediaEmbeds:
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab_size); None when only the loss was asked for
-    loss: torch.Tensor | None = None  # cross-entropy + moe_aux_loss_coef * aux_loss
+    loss: torch.Tensor | None = None  # cross-entropy (next token, or masked token for an encoder) + MoE aux
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss, mean over layers
     hidden: torch.Tensor | None = None  # (B, T, n_embd) final normalised hidden state
 
@@ -382,6 +384,7 @@ class Transformer(nn.Module):
         media: MediaEmbeds | None = None,  # embeddings that replace some positions of input_ids
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # (B or 1, 1, T, T_total) bool, True = may attend
+        #   (an encoder: (B, 1, 1, T) to hide padding keys; without it every position sees all T)
         return_logits: bool = True,
         return_hidden: bool = False,
         reduction: str = "mean",  # "sum": loss = summed cross-entropy only (the Trainer normalises, adds aux)
@@ -390,6 +393,8 @@ class Transformer(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids, media) if inputs_embeds is None else inputs_embeds
         T = x.shape[1]
+        if kv_cache is not None and not self.config.causal:
+            raise ValueError("an encoder (model.objective mlm) has no KV cache: it does not generate")
         if kv_cache is not None:
             cos, sin, cache_mask = kv_cache.prepare(self.rope_cos, self.rope_sin, T)
             attn_mask = cache_mask if attn_mask is None else attn_mask

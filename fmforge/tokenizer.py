@@ -49,8 +49,10 @@ SPECIAL_TOKENS: list[str] = [
     "<|/image|>",
     "<|audio|>",
     "<|/audio|>",
-    *[f"<|reserved_{i}|>" for i in range(5)],
+    "<|mask|>",  # the masked-language-modelling input (model.objective mlm); was <|reserved_0|>
+    *[f"<|reserved_{i}|>" for i in range(1, 5)],
 ]
+MASK_TOKEN = "<|mask|>"
 
 CHAT_ROLES = ("system", "user", "assistant")
 

@@ -43,3 +43,27 @@ def evaluate_windows(model: torch.nn.Module, dataset: WindowDataset, indices: li
         count += y.numel()
     model.train(was_training)
     return total, count
+
+
+def evaluate_masked_windows(model: torch.nn.Module, dataset: WindowDataset, indices: list[int], batch_size: int,
+                            autocast=None, device: str | torch.device = "cpu", *, seed: int, mask_rate: float,
+                            mask_id: int, n_special: int, vocab_size: int) -> tuple[float, float]:
+    """An encoder's masked-token cross-entropy (nats per masked token) and accuracy over the given windows,
+    each batch masked with a fixed seed so that evaluations are comparable across steps."""
+    from ..data.masking import masked_batch
+
+    was_training = model.training
+    model.eval()
+    total, correct, count = 0.0, 0, 0
+    for number, start in enumerate(range(0, len(indices), batch_size)):
+        batch = masked_batch(dataset.batch(indices[start:start + batch_size]), mask_rate, mask_id, n_special,
+                             vocab_size, seed=seed + number)
+        x, y = batch["input_ids"].to(device), batch["targets"].to(device)
+        with torch.no_grad(), autocast or nullcontext():
+            logits = model(x).logits.float()
+        chosen = y != -100
+        total += torch.nn.functional.cross_entropy(logits[chosen], y[chosen], reduction="sum").item()
+        correct += int((logits[chosen].argmax(-1) == y[chosen]).sum())
+        count += int(chosen.sum())
+    model.train(was_training)
+    return total / max(count, 1), correct / max(count, 1)

@@ -1,4 +1,5 @@
-"""Pretraining: prepared token shards -> a foundation checkpoint (causal language modelling)."""
+"""Pretraining: prepared token shards -> a foundation checkpoint (causal language modelling, or masked language
+modelling for an encoder: model.objective mlm)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ..checkpoint import load_tokenizer
 from ..data.loader import MixtureDataset, PretrainBatches, WindowDataset, eval_windows
 from ..data.shards import load_split, read_manifest
 from ..errors import ConfigError, TokenizerError
-from .evaluation import bits_per_byte, evaluate_windows
+from ..data.masking import mask_token_id, masked_batch, special_id_count
+from .evaluation import bits_per_byte, evaluate_masked_windows, evaluate_windows
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed
@@ -107,7 +109,22 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
                   f"{sum(m.train.tokens for _, m, _, _ in sources):,} tokens ({len(train_data):,} windows of {T}) | val: {manifest.val.tokens:,} tokens | "
                   f"{cfg.batch_size * cfg.grad_accum * dist.world_size * T:,} tokens/step", flush=True)
 
+        get_batch = batches.get
+        if not run.model.causal:  # an encoder: the same windows, masked (BERT's 80/10/10 at train.mask_rate)
+            text = getattr(tokenizer, "text", tokenizer)
+            masking = dict(mask_rate=cfg.mask_rate, mask_id=mask_token_id(tokenizer),
+                           n_special=special_id_count(tokenizer), vocab_size=text.vocab_size)
+
+            def get_batch(step: int, micro: int) -> dict:
+                seed = hash((cfg.seed, step, micro, dist.rank)) % 2**63  # ints hash alike in every process
+                return masked_batch(batches.get(step, micro), seed=seed, **masking)
+
         def evaluate(m: torch.nn.Module, max_tokens: int | None, autocast) -> dict:
+            if not run.model.causal:
+                indices = eval_windows(val_data, max_tokens)[dist.rank::dist.world_size]
+                loss, accuracy = evaluate_masked_windows(m, val_data, indices, cfg.batch_size, autocast, device,
+                                                         seed=cfg.seed, **masking)
+                return {"val_loss": loss, "val_masked_accuracy": accuracy}
             chosen = eval_windows(val_data, max_tokens)
             indices = chosen[dist.rank::dist.world_size]
             most_batches = -(-len(chosen[::dist.world_size]) // cfg.batch_size)  # rank 0's, the most
@@ -117,7 +134,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
             bpb = bits_per_byte(loss, manifest.val.tokens, manifest.val.bytes)
             return {"val_loss": loss, "val_bpb": bpb}
 
-        trainer = Trainer(model, run, batches.get, evaluate if val_data is not None else None, Path(cfg.out_dir),
+        trainer = Trainer(model, run, get_batch, evaluate if val_data is not None else None, Path(cfg.out_dir),
                           tokenizer_dir, dist, device, resume=resume, quiet=quiet)
         return trainer.fit()
     finally:
