@@ -72,6 +72,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3ForCausalLM", 1e-6, 10000.0, attention_bias="config", qk_norm=True,
                     sliding_window="qwen", default_head_dim=128),
     "mixtral": Family("MixtralForCausalLM", 1e-5, 1e6, attention_bias="none", moe=True, sliding_window="mistral"),
+    # An encoder (model.objective mlm): EuroBERT (Boizard et al. 2025) is the Llama block without the causal mask
+    # (RMSNorm, RoPE, SwiGLU, GQA) and a tied masked-LM head straight on the final norm, which is fmforge's encoder.
+    "eurobert": Family("EuroBertForMaskedLM", 1e-5, 10000.0, attention_bias="config"),
 }
 
 # config.json fields that do not change what the network computes at inference (or that are read below).
@@ -87,6 +90,7 @@ IGNORED_FIELDS = {
     "_name_or_path", "initializer_range", "attention_dropout", "pretraining_tp", "output_router_logits",
     "router_jitter_noise", "tokenizer_class", "return_dict", "output_attentions", "output_hidden_states",
     "torchscript", "use_bfloat16", "is_decoder", "model_name", "name_or_path",
+    "mask_token_id", "classifier_pooling",  # EuroBERT: the masked-LM head and classifiers read these
 }
 # Fields that change the computation in ways fmforge's model does not implement, when set to these values.
 _UNSUPPORTED_CHECKS: list[tuple[str, Callable[[object], bool], str]] = [
@@ -259,6 +263,7 @@ def model_config_from_hf(hf: dict, context_length: int | None = None) -> tuple[M
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head_dim=hf.get("head_dim") or family.default_head_dim or hf["hidden_size"] // n_head,
         attention_bias=attention_bias[family.attention_bias], qk_norm=family.qk_norm,
+        objective="mlm" if model_type == "eurobert" else "causal",
     )
     if family.moe:
         values.update(n_experts=hf.get("num_local_experts", 8), n_experts_per_token=hf.get("num_experts_per_tok", 2),
@@ -279,6 +284,8 @@ def family_for(config: ModelConfig, preferred: str | None = None) -> str:
 
     def fits(model_type: str) -> bool:
         family = FAMILIES[model_type]
+        if (model_type == "eurobert") == config.causal:  # encoders go to EuroBERT, decoders never do
+            return False
         if bool(config.n_experts) != family.moe or config.qk_norm != family.qk_norm:
             return False
         if config.n_experts and config.n_shared_experts:
@@ -290,7 +297,7 @@ def family_for(config: ModelConfig, preferred: str | None = None) -> str:
 
     if preferred in FAMILIES and fits(preferred):
         return preferred
-    for model_type in ("qwen2", "llama", "qwen3", "mixtral", "mistral"):  # qwen2 first: biases, no o_proj bias
+    for model_type in ("qwen2", "llama", "qwen3", "mixtral", "mistral", "eurobert"):  # qwen2 first: biases, no o_proj bias
         if fits(model_type):
             return model_type
     features = [name for name, on in [("mixture-of-experts", config.n_experts),
@@ -320,7 +327,7 @@ def hf_config_from_model_config(config: ModelConfig, model_type: str, dtype: tor
     }
     if family.attention_bias == "config":
         hf["attention_bias"] = config.attention_bias
-    if model_type == "llama":
+    if model_type in ("llama", "eurobert"):
         hf["mlp_bias"] = False
     if family.sliding_window != "none":
         hf["sliding_window"] = None
@@ -610,6 +617,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
     tokenizer = Tokenizer.load(checkpoint)
     token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     hf_config = hf_config_from_model_config(config, model_type, target_dtype, token_ids, original)
+    if model_type == "eurobert":
+        hf_config["mask_token_id"] = tokenizer.token_id("<|mask|>") if "<|mask|>" in tokenizer.special_tokens() else None
     adapter_dirs = resolve_adapters(adapters, checkpoint)
 
     _check_output_dir(out, protect=checkpoint, kind="a Hugging Face model directory")
@@ -626,6 +635,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(checkpoint / name, tmp / name)
         _add_bos_post_processor(tmp / "tokenizer.json", tokenizer)
+        if not config.causal:
+            _write_sentence_transformers_files(tmp, config, tokenizer)
         for name, adapter_dir in adapter_dirs.items():
             write_peft_adapter(adapter_dir, tmp / "adapters" / name, out, lambda n: hf_name(n, model_type))
         _finish_output_dir(tmp, out)
@@ -634,6 +645,33 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str | None = No
         raise
     log(f"exported {checkpoint} as {model_type} ({str(target_dtype).removeprefix('torch.')}) -> {out}")
     return out
+
+
+def _write_sentence_transformers_files(out: Path, config: ModelConfig, tokenizer) -> None:
+    """An encoder's export is also a sentence-transformers model: the transformer, mean pooling over the real
+    tokens, unit length (fmforge's embeddings, adapt/embedding.py), so `SentenceTransformer(out)` gives fmforge's
+    vectors. The tokenizer names its mask token for transformers' fill-mask."""
+    from ..tokenizer import MASK_TOKEN
+
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": config.context_length, "do_lower_case": False}, indent=2) + "\n")
+    (out / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": config.n_embd, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+               "pooling_mode_lasttoken": False, "include_prompt": True}
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (out / "2_Normalize").mkdir()
+    if MASK_TOKEN in tokenizer.special_tokens():
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        tokenizer_config["mask_token"] = MASK_TOKEN
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def _add_bos_post_processor(tokenizer_json: Path, tokenizer) -> None:
