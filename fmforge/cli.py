@@ -309,7 +309,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
     spec = FinetuneSpec(checkpoint=args.checkpoint, data=args.data, task=args.task, method=args.method, out=args.out,
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
                         train_on_all=args.train_on_all, pack=not args.no_packing, pooling=args.pooling,
-                        head_lr_scale=args.head_lr_scale, lora=lora)
+                        head_lr_scale=args.head_lr_scale, temperature=args.temperature, lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
@@ -332,6 +332,24 @@ def cmd_merge(args) -> None:
     write_checkpoint(out, model, tokenizer_dir=base_checkpoint)
     atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, FINETUNE_RECORD])
     print(f"merged {adapter_dir} into {base_checkpoint} -> {out}")
+
+
+def cmd_embed(args) -> None:
+    """One JSON array per text: its embedding (mean-pooled final hidden states, unit length)."""
+    from .adapt.embedding import embed_texts
+    from .adapt.lora import load_adapter
+    import json
+
+    from .checkpoint import load_model_and_tokenizer, resolve_adapter
+
+    texts = args.text if args.text is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts or any(not text.strip() for text in texts):
+        raise ConfigError("give non-empty texts: --text TEXT (repeatable), or one text a line on standard input")
+    model, tokenizer, checkpoint = load_model_and_tokenizer(args.checkpoint)
+    if args.adapter:
+        load_adapter(model, resolve_adapter(args.adapter), checkpoint)
+    for vector in embed_texts(model, tokenizer, texts):
+        print(json.dumps([round(float(x), 7) for x in vector]))
 
 
 def cmd_chat(args) -> None:
@@ -659,6 +677,15 @@ def add_generation_commands(sub) -> None:
     add_sampling_options(p)
     p.set_defaults(handler=cmd_chat)
 
+    p = sub.add_parser("embed", help="embed texts: one JSON vector a line (an encoder's, or a decoder's, mean-pooled "
+                       "final states, unit length)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory (best: an encoder, model.objective "
+                   "mlm, or its embed specialist)")
+    p.add_argument("--adapter", help="a LoRA specialist of this checkpoint, e.g. one trained with --task embed")
+    p.add_argument("--text", action="append", default=None, help="a text to embed; repeatable (default: one text a "
+                   "line on standard input)")
+    p.set_defaults(handler=cmd_embed)
+
 
 
 def add_specialist_commands(sub) -> None:
@@ -688,6 +715,8 @@ def add_specialist_commands(sub) -> None:
     p.add_argument("--pooling", choices=["mean", "last"], default="mean",
                    help="classify: the head reads the mean of every token's final hidden state (default) or the last "
                         "token's (as Hugging Face's *ForSequenceClassification)")
+    p.add_argument("--temperature", type=float, default=0.05,
+                   help="embed: the contrastive softmax temperature over cosine similarities")
     p.add_argument("--head-lr-scale", type=float, default=1.0,
                    help="classify: the new head trains at this multiple of --lr (e.g. 10 with LoRA)")
     p.add_argument("--resume", action="store_true")

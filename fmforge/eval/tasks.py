@@ -208,6 +208,8 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
                                                                              records),
     "translate": lambda model, tokenizer, records, labels: evaluate_translate(model, tokenizer, records),
     "chat": lambda model, tokenizer, records, labels: evaluate_chat(model, tokenizer, records),
+    "retrieval": lambda model, tokenizer, records, labels: evaluate_retrieval(language_model(model), tokenizer,
+                                                                              records),
     **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
 }
 
@@ -236,6 +238,16 @@ def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batc
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
             "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score, "examples": len(records),
             "prompts_over_context": len(records) - len(fitting)}
+
+
+def evaluate_retrieval(model, tokenizer, records) -> dict:
+    """Each record's query searches all the records' positives by embedding (adapt/embedding.py): recall@1,
+    recall@10 and MRR over the whole pool."""
+    from ..adapt.embedding import embed_texts, retrieval_scores
+
+    queries = embed_texts(model, tokenizer, [record["query"] for _, record in records])
+    documents = embed_texts(model, tokenizer, [record["positive"] for _, record in records])
+    return {**retrieval_scores(queries, documents), "pool": len(records)}
 
 
 def language_model(model):

@@ -204,6 +204,14 @@ class OpenAIServing:
                            param="model", code="model_not_found")
         return self.models[name]
 
+    def pick_generator(self, name: str) -> ServedModel:
+        """`pick`, for a request that generates text: an encoder (model.objective mlm) only embeds."""
+        served = self.pick(name)
+        if not self.engine.model.config.causal:
+            raise APIError(400, f"the model '{name}' is an encoder: it serves /v1/embeddings and cannot generate text",
+                           param="model", code="model_not_supported")
+        return served
+
     def list_models(self) -> dict:
         """The served models: chat specialists (task sft) first, since the chat page, like most chat clients, opens
         on the first model listed; then the base and the other specialists, in the order they were given."""
@@ -221,7 +229,7 @@ class OpenAIServing:
     # ---- completions and chat ---------------------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        served = self.pick(body.model)
+        served = self.pick_generator(body.model)
         prompts = self.prompt_ids(body.prompt, "prompt")
         for ids in prompts:
             self.check_length(ids, "prompt")
@@ -230,7 +238,7 @@ class OpenAIServing:
         return await self.respond(job, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        served = self.pick(body.model)
+        served = self.pick_generator(body.model)
         messages, images = self.chat_messages(body)
         if images:  # decoding and encoding images is CPU work: off the event loop
             ids = await asyncio.to_thread(lambda: self.encode_chat(self.with_images(messages)))

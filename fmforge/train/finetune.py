@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapt.embedding import ContrastiveEmbedder, PairDataset
 from ..adapt.heads import SequenceClassifier, head_pooling
 from ..adapt.lora import LoRAConfig, inject_lora, load_adapter_weights, write_adapter
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
-from ..data.tasks import BUILTIN, TASKS, Task, get_task, lm_examples, read_records, trainable_tasks
+from ..data.tasks import BUILTIN, EMBEDDING_HEAD, TASKS, Task, get_task, lm_examples, read_records, trainable_tasks
 from ..errors import ConfigError, DataError, SettingsMismatchError
 from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files,
                           fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
@@ -50,6 +51,7 @@ class FinetuneSpec:
     pack: bool = True
     pooling: str = "mean"  # classify: how the head reads the hidden states (mean of every token, or the last)
     head_lr_scale: float = 1.0  # classify: the fresh head trains at this multiple of the lr
+    temperature: float = 0.05  # embed: InfoNCE's softmax temperature over cosine similarities
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -105,6 +107,9 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
         return TaskData(TASKS["lm"], WindowDataset(load_split(spec.data, "train"), length),
                         WindowDataset(val_shards, length) if sum(len(s) for s in val_shards) > length else None)
     task, train_records, val_records = load_task_records(spec)
+    if task.head == EMBEDDING_HEAD:  # (query, positive) pairs; the rest of the batch is each query's negatives
+        return TaskData(task, PairDataset(train_records, tokenizer, length),
+                        PairDataset(val_records, tokenizer, length) if len(val_records) > 1 else None)
     if task.classifier:
         labels = ft.label_set(train_records)
         return TaskData(task, ft.classification_data(train_records, labels, tokenizer, length),
@@ -126,6 +131,8 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model):
     """The model that trains: the base (LM head) or the base under a new classifier head, with LoRA injected or
     every weight trainable."""
     model = SequenceClassifier(base_model, data.labels, spec.pooling) if data.task.classifier else base_model
+    if data.task.head == EMBEDDING_HEAD:
+        model = ContrastiveEmbedder(base_model, spec.temperature)
     if spec.method == "lora":
         inject_lora(base_model, spec.lora)
         if data.task.classifier:
@@ -151,6 +158,10 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     task = data.task
     if not task.classifier and spec.head_lr_scale != 1.0:
         raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task.name}")
+    if not spec.temperature > 0:
+        raise ConfigError(f"--temperature must be > 0, got {spec.temperature}")
+    if task.head == EMBEDDING_HEAD and cfg.batch_size < 2:
+        raise ConfigError("--task embed needs batch_size >= 2: the other pairs of a batch are the negatives")
 
     device = resolve_device(cfg.device, "train.device")
     dist = distributed.setup(device.type)
@@ -163,6 +174,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
             "train_examples": len(data.train), "trainable_parameters": trainable, "total_parameters": total}
     if task.classifier:
         info.update(pooling=spec.pooling, head_lr_scale=spec.head_lr_scale)
+    if task.head == EMBEDDING_HEAD:
+        info.update(temperature=spec.temperature)
     if dist.is_main and not quiet:
         print(f"{spec.method} fine-tuning for {task.name}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.2f}%) | {len(data.train):,} training rows", flush=True)
@@ -242,7 +255,8 @@ def eval_rows(val_data, max_tokens: int | None) -> list[int]:
 
 
 def make_evaluator(task: Task, val_data, batch_size: int, device, dist):
-    """Validation: loss per target token (and accuracy for classification)."""
+    """Validation: loss per target token (and accuracy for classification; for embed, in-batch top-1)."""
+    scores_choice = task.classifier or task.head == EMBEDDING_HEAD
 
     @torch.no_grad()
     def evaluate(model, max_tokens, autocast) -> dict:
@@ -253,15 +267,15 @@ def make_evaluator(task: Task, val_data, batch_size: int, device, dist):
         for start in range(0, len(indices), batch_size):
             batch = {k: v.to(device) for k, v in val_data.batch(indices[start:start + batch_size]).items()}
             with autocast:
-                out = model(**batch, reduction="sum", return_logits=task.classifier)
+                out = model(**batch, reduction="sum", return_logits=scores_choice)
             loss_sum += float(out.loss)
             count += count_targets(batch)
-            if task.classifier:
+            if scores_choice:
                 correct += float((out.logits.argmax(-1) == batch["targets"]).sum())
         totals = distributed.all_reduce_sum(torch.tensor([loss_sum, correct, count], dtype=torch.float64), dist)
         model.train(was_training)
         result = {"val_loss": float(totals[0] / max(totals[2], 1))}
-        if task.classifier:
+        if scores_choice:
             result["val_accuracy"] = float(totals[1] / max(totals[2], 1))
         return result
 
