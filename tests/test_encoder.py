@@ -117,6 +117,12 @@ def test_export_matches_transformers_and_sentence_transformers(encoder, tmp_path
     theirs = torch.from_numpy(sentence_model.encode(texts))
     assert (theirs - ours).abs().max() < 1e-4
 
+    back = tmp_path / "back"  # and EuroBERT comes back in as an encoder
+    assert main(["import", "hf", str(out), "--out", str(back)]) == 0
+    imported, imported_tokenizer = load_model(back)[0], load_tokenizer(back)
+    assert imported.config.objective == "mlm"
+    assert torch.allclose(embed_texts(imported, imported_tokenizer, texts), ours, atol=1e-5)
+
 
 def test_embed_on_the_command_line_gives_unit_vectors_that_match_the_library(encoder, capsys):
     from fmforge.adapt.embedding import embed_texts
