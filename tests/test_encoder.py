@@ -171,6 +171,12 @@ def test_contrastive_finetune_improves_recall_at_1_on_held_out_pairs(encoder, tm
     assert after["recall@1"] > before["recall@1"] + 0.1, (before, after)
     assert after["mrr"] > before["mrr"]
 
+    report = tmp_path / "report"  # fmforge eval measures the same thing on the built-in set
+    assert main(["eval", "--checkpoint", str(out), "--tasks", "stdlib-search", "--limit", "64",
+                 "--out", str(report)]) == 0
+    scores = json.loads((report / "report.json").read_text())["results"]["stdlib-search"]
+    assert scores["recall@1"] == pytest.approx(after["recall@1"], abs=1e-6)
+
 
 def test_the_server_embeds_with_an_encoder_and_refuses_to_generate(encoder):
     import httpx
