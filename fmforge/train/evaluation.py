@@ -47,9 +47,9 @@ def evaluate_windows(model: torch.nn.Module, dataset: WindowDataset, indices: li
 
 def evaluate_masked_windows(model: torch.nn.Module, dataset: WindowDataset, indices: list[int], batch_size: int,
                             autocast=None, device: str | torch.device = "cpu", *, seed: int, mask_rate: float,
-                            mask_id: int, n_special: int, vocab_size: int) -> tuple[float, float]:
-    """An encoder's masked-token cross-entropy (nats per masked token) and accuracy over the given windows,
-    each batch masked with a fixed seed so that evaluations are comparable across steps."""
+                            mask_id: int, n_special: int, vocab_size: int) -> tuple[float, int, int]:
+    """An encoder's summed masked-token cross-entropy (nats), correct predictions and masked tokens over the given
+    windows, each batch masked with a fixed seed so that evaluations are comparable across steps."""
     from ..data.masking import masked_batch
 
     was_training = model.training
@@ -66,4 +66,4 @@ def evaluate_masked_windows(model: torch.nn.Module, dataset: WindowDataset, indi
         correct += int((logits[chosen].argmax(-1) == y[chosen]).sum())
         count += int(chosen.sum())
     model.train(was_training)
-    return total / max(count, 1), correct / max(count, 1)
+    return total, correct, count

@@ -122,9 +122,10 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         def evaluate(m: torch.nn.Module, max_tokens: int | None, autocast) -> dict:
             if not run.model.causal:
                 indices = eval_windows(val_data, max_tokens)[dist.rank::dist.world_size]
-                loss, accuracy = evaluate_masked_windows(m, val_data, indices, cfg.batch_size, autocast, device,
-                                                         seed=cfg.seed, **masking)
-                return {"val_loss": loss, "val_masked_accuracy": accuracy}
+                sums = torch.tensor(evaluate_masked_windows(m, val_data, indices, cfg.batch_size, autocast, device,
+                                                            seed=cfg.seed, **masking), dtype=torch.float64)
+                total, correct, count = distributed.all_reduce_sum(sums, dist).tolist()
+                return {"val_loss": total / max(count, 1), "val_masked_accuracy": correct / max(count, 1)}
             chosen = eval_windows(val_data, max_tokens)
             indices = chosen[dist.rank::dist.world_size]
             most_batches = -(-len(chosen[::dist.world_size]) // cfg.batch_size)  # rank 0's, the most
