@@ -213,3 +213,10 @@ def test_embed_finetune_bad_inputs_are_one_line_errors(encoder, tmp_path, capsys
                  "--out", str(tmp_path / "out"), *flags]) != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_gguf_export_of_an_encoder_is_a_one_line_error(encoder, tmp_path, capsys):
+    assert main(["export", "gguf", str(encoder), "--out", str(tmp_path / "e.gguf")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "this is an encoder" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "e.gguf").exists()

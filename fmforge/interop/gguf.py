@@ -56,6 +56,9 @@ def permute_for_gguf(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def check_exportable(config: ModelConfig) -> None:
     """Raise CheckpointError when the model has something llama.cpp's `llama` architecture lacks."""
+    if not config.causal:
+        raise CheckpointError("GGUF export writes llama.cpp's llama architecture, a decoder; this is an encoder "
+                              "(model.objective mlm): export it to Hugging Face instead (fmforge export hf)")
     if config.qk_norm:
         raise CheckpointError("GGUF export writes llama.cpp's llama architecture, which has no QK-norm "
                               "(Qwen3-style); export to Hugging Face instead (fmforge export hf)")
