@@ -483,20 +483,25 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
           f"try:        fmforge generate --checkpoint {model_dir} --prompt 'def '")
 
 
-QUICKSTART_SPECIALISTS = {"stdlib-docstring": "bits_per_byte", "stdlib-module": "accuracy"}
+QUICKSTART_SPECIALISTS = {"stdlib-docstring": "bits_per_byte", "stdlib-module": "accuracy",
+                          "stdlib-chat": "bits_per_byte"}
+# The chat specialist's column: the dedicated sets' test functions asked through chat, and which of its scores stands
+# for the dedicated metric (a module reply is one fixed sentence around the name, so its exact match is the accuracy).
+CHAT_COLUMN = {("stdlib-docstring", "bits_per_byte"): "bits_per_byte",
+               ("stdlib-docstring", "exact_match"): "exact_match", ("stdlib-module", "accuracy"): "exact_match"}
 
 
 def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
-    """Grow two LoRA specialists from the foundation model and score them next to the base."""
+    """Grow three LoRA specialists from the foundation model (docstrings, modules, chat) and score them next to the
+    base; the chat specialist also answers the other two's test functions through chat."""
     from .adapt.lora import LoRAConfig
     from .data.tasks import BUILTIN, TASKS
     from .errors import SettingsMismatchError
-    from .eval.tasks import run_tasks
     from .adapt.specialist import load_specialist
     from .train.finetune import FinetuneSpec, finetune
 
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
-    banner("5/6 specialists: LoRA adapters on two built-in tasks")
+    banner("5/6 specialists: LoRA adapters on three built-in tasks")
     for task in QUICKSTART_SPECIALISTS:
         # The classifier also adapts the token embedding (benchmarks/RESULTS.md, "transfer", says why).
         targets = "all-linear,embed_tokens" if TASKS[BUILTIN[task].task].classifier else "all-linear"
@@ -515,22 +520,40 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
 
     banner("6/6 base vs specialists (test split)")
     base, tokenizer, _, _ = load_specialist(model_dir)
-    rows = []
-    for task, metric in QUICKSTART_SPECIALISTS.items():
-        before = run_tasks(base, tokenizer, [task], limit=args.eval_limit)[task]
-        specialist, _, _, _ = load_specialist(model_dir, out / task)
-        after = run_tasks(specialist, tokenizer, [task], limit=args.eval_limit)[task]
-        rows.append((task, metric, before, after))
-    print(f"{'task':18s} {'metric':28s} {'base':>8s} {'specialist':>11s}")
-    for task, metric, before, after in rows:
-        label = metric + (" (lower is better)" if metric == "bits_per_byte" else "")
-        print(f"{task:18s} {label:28s} {before[metric]:8.4f} {after[metric]:11.4f}")
-        if "exact_match" in before:
-            print(f"{'':18s} {'exact_match':28s} {before['exact_match']:8.4f} {after['exact_match']:11.4f}")
-    print("(stdlib-module base = zero-shot, picking the module name with the highest likelihood; "
-          "specialist = LoRA + classification head)")
-    print(f"\nserve the base and its text specialist (OpenAI API + chat page at http://127.0.0.1:8000/):\n"
-          f"  fmforge serve --checkpoint {model_dir} --adapter docstring={out / 'stdlib-docstring'}")
+    chat, _, _, _ = load_specialist(model_dir, out / "stdlib-chat")
+    print(f"{'task':18s} {'metric':32s} {'base':>8s} {'specialist':>11s} {'chat':>8s}")
+    for task, before, after, through_chat in quickstart_scores(base, chat, model_dir, out, tokenizer,
+                                                                args.eval_limit):
+        metric = QUICKSTART_SPECIALISTS[task]
+        for name in [metric] + [m for m in ("exact_match", "similarity") if m in before and m != metric]:
+            label = name + (" (lower is better)" if name == "bits_per_byte" else "")
+            asked = CHAT_COLUMN.get((task, name))
+            shown = f"{through_chat[asked]:8.4f}" if asked else f"{'-':>8s}"
+            print(f"{task if name == metric else '':18s} {label:32s} {before[name]:8.4f} {after[name]:11.4f} {shown}")
+    print("(stdlib-module: base = zero-shot, the module name with the highest likelihood; specialist = LoRA + a "
+          "classification head.\n chat = the stdlib-chat specialist asked the same test functions through chat: "
+          "\"explain this function\" (its reply\n scored against the docstring's first line) and \"which module is "
+          "this from?\" (free text, any stdlib module, not\n one of 16; exact match = accuracy). stdlib-chat: the "
+          "last reply of each held-out conversation, through the chat\n template; similarity = difflib's character "
+          "ratio, 0-1)")
+    print(f"\nserve the base and its specialists (OpenAI API + a chat page that opens on the chat specialist, at "
+          f"http://127.0.0.1:8000/):\n  fmforge serve --checkpoint {model_dir} --adapter chat={out / 'stdlib-chat'} "
+          f"--adapter docstring={out / 'stdlib-docstring'}")
+
+
+def quickstart_scores(base, chat, model_dir: Path, out: Path, tokenizer, limit: int):
+    """(task, base scores, specialist scores, chat specialist's scores through chat or None) per quickstart task."""
+    from .adapt.specialist import load_specialist
+    from .data.stdlib_tasks import chat_questions
+    from .eval.tasks import evaluate_chat, run_tasks
+
+    for task in QUICKSTART_SPECIALISTS:
+        before = run_tasks(base, tokenizer, [task], limit=limit)[task]
+        specialist = chat if task == "stdlib-chat" else load_specialist(model_dir, out / task)[0]
+        after = run_tasks(specialist, tokenizer, [task], limit=limit)[task]
+        asked = any(key[0] == task for key in CHAT_COLUMN)
+        through_chat = evaluate_chat(chat, tokenizer, chat_questions(task, "test", limit)) if asked else None
+        yield task, before, after, through_chat
 
 
 # ---- serve -------------------------------------------------------------------------------------------------

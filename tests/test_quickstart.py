@@ -1,5 +1,5 @@
 """The README's main job, end to end at a tiny budget: the real stdlib corpus, tokenizer, shards, pretraining,
-samples, two LoRA specialists and their scores."""
+samples, three LoRA specialists (docstrings, modules, chat) and their scores."""
 
 import json
 
@@ -21,8 +21,17 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["sources"]["specs"] == ["stdlib"] and manifest["splits"]["train"]["tokens"] > 1_000_000
     assert (out / "model" / "loss.png").exists()
-    for task in ["stdlib-docstring", "stdlib-module"]:
+    for task in ["stdlib-docstring", "stdlib-module", "stdlib-chat"]:
         assert (out / "specialists" / task / "adapter_config.json").exists()
+    # the scores table: base, specialist and, for the dedicated tasks, the chat specialist asked through chat
+    table = first.stdout.split("== 6/6")[1].splitlines()
+    assert table[1].split() == ["task", "metric", "base", "specialist", "chat"]
+    rows = {line.split()[0]: line.split() for line in table[2:] if line.startswith("stdlib-")}
+    assert set(rows) == {"stdlib-docstring", "stdlib-module", "stdlib-chat"}
+    for task in ("stdlib-docstring", "stdlib-module"):
+        assert all(0 <= float(value) for value in rows[task][-3:])  # base, specialist, chat
+    assert rows["stdlib-chat"][-1] == "-" and float(rows["stdlib-chat"][-2]) > 0
+    assert f"--adapter chat={out / 'specialists' / 'stdlib-chat'} --adapter docstring=" in first.stdout
     # Make the module specialist look like one of an earlier fmforge (no embedding LoRA): running again reuses
     # everything else and trains nothing new, but moves that specialist aside and trains it again.
     module = out / "specialists" / "stdlib-module"
