@@ -220,3 +220,19 @@ def test_gguf_export_of_an_encoder_is_a_one_line_error(encoder, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "this is an encoder" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "e.gguf").exists()
+
+
+def test_a_resumed_mlm_run_masks_and_learns_as_the_uninterrupted_one(prepared, tmp_path):
+    """The masking is a function of (seed, step, micro-batch, rank), so steps after a resume see the same masks."""
+    options = dict(schedule="constant", warmup_steps=1, log_interval=1, eval_interval=100, checkpoint_interval=5)
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["pretrain", *tiny_overrides(prepared, whole, max_steps=10, **options), "--model.objective", "mlm"]) == 0
+    assert main(["pretrain", *tiny_overrides(prepared, split, max_steps=5, **options), "--model.objective", "mlm"]) == 0
+    assert main(["pretrain", "--resume", *tiny_overrides(prepared, split, max_steps=10, **options),
+                 "--model.objective", "mlm"]) == 0
+    assert losses(split)[-5:] == pytest.approx(losses(whole)[-5:], abs=1e-6)
