@@ -236,3 +236,21 @@ def test_a_resumed_mlm_run_masks_and_learns_as_the_uninterrupted_one(prepared, t
     assert main(["pretrain", "--resume", *tiny_overrides(prepared, split, max_steps=10, **options),
                  "--model.objective", "mlm"]) == 0
     assert losses(split)[-5:] == pytest.approx(losses(whole)[-5:], abs=1e-6)
+
+
+def test_embed_trains_on_parallel_files_and_misaligned_ones_are_one_line_errors(encoder, tmp_path, capsys):
+    english = ["a dog runs", "two men sit", "a red car", "the child laughs", "a cat sleeps", "people walk"]
+    german = ["ein hund rennt", "zwei manner sitzen", "ein rotes auto", "das kind lacht", "eine katze schlaft",
+              "leute gehen"]
+    (tmp_path / "pairs.en").write_text("\n".join(english) + "\n")
+    (tmp_path / "pairs.de").write_text("\n".join(german) + "\n")
+    (tmp_path / "short.de").write_text("\n".join(german[:4]) + "\n")
+    data = f"parallel:{tmp_path / 'pairs.en'}:{tmp_path / 'pairs.de'}"
+    assert main(["finetune", "--checkpoint", str(encoder), "--task", "embed", "--data", data, "--val-data", data,
+                 "--out", str(tmp_path / "xling"), "--train.max_steps", "2", "--train.batch_size", "4"]) == 0
+    assert (tmp_path / "xling" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["finetune", "--checkpoint", str(encoder), "--task", "embed", "--out", str(tmp_path / "bad"),
+                 "--data", f"parallel:{tmp_path / 'pairs.en'}:{tmp_path / 'short.de'}"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "not aligned" in err and len(err.splitlines()) == 1, err

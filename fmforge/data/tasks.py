@@ -169,13 +169,16 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
 
 
 def read_records(task: Task, path: str | Path) -> list[tuple[str, dict]]:
-    """(where, record) pairs of a task's JSONL file (or, for translate, of two aligned text files given as
+    """(where, record) pairs of a task's JSONL file (or, for translate and embed, of two aligned text files given as
     parallel:SOURCE:TARGET); `where` is "file:line" for error messages."""
     if not task.fields:
         raise DataError(f"task {task.name} reads prepared token shards, not JSONL records")
-    if task.name == "translate" and str(path).startswith("parallel:"):
+    if task.name in ("translate", "embed") and str(path).startswith("parallel:"):
         from .translation import read_parallel
-        return read_parallel(str(path))
+        records = read_parallel(str(path))
+        if task.name == "embed":  # cross-lingual retrieval: a sentence finds its translation
+            return [(where, {"query": r["source"], "positive": r["target"]}) for where, r in records]
+        return records
     from .finetune import read_jsonl
     return [(f"{path}:{number}", record) for number, record in read_jsonl(path, task.fields)]
 
