@@ -162,11 +162,13 @@ def main() -> None:
     parser.add_argument("--extend-steps", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     words = args.keys == "words"
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     work = Path(args.work or REPO / "runs" / ("bench-long-context-words" if words else "bench-long-context"))
     work.mkdir(parents=True, exist_ok=True)
     T = args.context
@@ -213,7 +215,7 @@ def main() -> None:
 
     # 3. extension to 4T, per method (the recipe fmforge/recipes/extend-context.yaml with its fields overridden)
     extended = {}
-    for method, scaling in METHODS.items():
+    for method, scaling in methods.items():
         out = work / f"extend-{method}"
         extended[method] = out
         if scaling and scaling["rope_type"] == "yarn":
@@ -238,8 +240,8 @@ def main() -> None:
     n_windows = min(len(val) // (L + 1), 2 if args.quick else 6)
     windows = val[:n_windows * (L + 1)].view(n_windows, L + 1)
     print(f"held-out: {len(val):,} val tokens, {n_windows} windows of {L} for bits/byte by position", flush=True)
-    variants = [(f"base, {m}" + (" (no training)" if m != "none" else ""), base, METHODS[m], m) for m in METHODS] + \
-               [(f"extended, {m}", extended[m], "trained", m) for m in METHODS]
+    variants = [(f"base, {m}" + (" (no training)" if m != "none" else ""), base, METHODS[m], m) for m in methods] + \
+               [(f"extended, {m}", extended[m], "trained", m) for m in methods]
     for name, run, scaling, method in variants:
         if name in scores:
             continue
