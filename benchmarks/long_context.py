@@ -168,6 +168,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     words = args.keys == "words"
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     methods = {m: METHODS[m] for m in args.methods.split(",")}
     work = Path(args.work or REPO / "runs" / ("bench-long-context-words" if words else "bench-long-context"))
     work.mkdir(parents=True, exist_ok=True)
