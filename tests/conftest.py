@@ -88,6 +88,35 @@ def checkpoint(tmp_path_factory, prepared) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mlm_encoder(prepared, tmp_path_factory) -> Path:
+    """A run directory holding a tiny encoder pretrained with masked-language modelling for 10 steps."""
+    from fmforge.cli import main
+
+    out = tmp_path_factory.mktemp("encoder")
+    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=10, eval_interval=10),
+                 "--model.objective", "mlm"]) == 0
+    return out
+
+
+def write_tiny_checkpoint(directory: Path, tokenizer, **shape):
+    """A seeded random 2-layer model (3 ids beyond the tokenizer's, init_std 0.1 so that logits differ clearly)
+    saved with `tokenizer` as DIRECTORY/ckpt; returns the model."""
+    import torch
+
+    from fmforge.checkpoint import write_checkpoint
+    from fmforge.config import ModelConfig
+    from fmforge.model import Transformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size + 3, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                         context_length=64, init_std=0.1, **shape)
+    model = Transformer(config).eval()
+    tokenizer.save(directory / "tok")
+    write_checkpoint(directory / "ckpt", model, directory / "tok")
+    return model
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

@@ -8,16 +8,12 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from fmforge.cli import main
 
 
 @pytest.fixture(scope="module")
-def encoder(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encoder")
-    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=10, eval_interval=10),
-                 "--model.objective", "mlm"]) == 0
-    return out
+def encoder(mlm_encoder):
+    return mlm_encoder
 
 
 def test_embed_on_the_command_line_gives_unit_vectors_that_match_the_library(encoder, capsys):

@@ -76,11 +76,8 @@ def test_bad_encoder_settings_are_one_line_errors(prepared, tmp_path, capsys, fl
 
 
 @pytest.fixture(scope="module")
-def encoder(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("encoder")
-    assert main(["pretrain", *tiny_overrides(prepared, out, max_steps=10, eval_interval=10),
-                 "--model.objective", "mlm"]) == 0
-    return out
+def encoder(mlm_encoder):
+    return mlm_encoder
 
 
 def test_export_matches_transformers_and_sentence_transformers(encoder, tmp_path):

@@ -14,13 +14,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import write_tiny_checkpoint  # noqa: E402
 from fmforge.cli import main  # noqa: E402
-from fmforge.config import ModelConfig  # noqa: E402
 from fmforge.infer.engine import generate_once  # noqa: E402
 from fmforge.infer.sampling import SamplingParams  # noqa: E402
-from fmforge.model import Transformer  # noqa: E402
 from fmforge.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from fmforge.checkpoint import load_model, write_checkpoint  # noqa: E402
+from fmforge.checkpoint import load_model  # noqa: E402
 
 VOCAB = 320
 MULTILINGUAL = "Hello wörld — 你好, мир! 🙂 ¿Qué tal? नमस्ते <s> def f(x):\n\treturn x ** 2"
@@ -221,16 +220,6 @@ def test_import_keeps_bfloat16_and_fmforge_commands_run(hf_tokenizer, tmp_path, 
     assert capsys.readouterr().out.startswith("def wrap(")
 
 
-def _fmforge_checkpoint(directory: Path, tokenizer: Tokenizer, **shape) -> Transformer:
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size + 3, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
-                         context_length=64, init_std=0.1, **shape)
-    model = Transformer(config).eval()
-    tokenizer.save(directory / "tok")
-    write_checkpoint(directory / "ckpt", model, directory / "tok")
-    return model
-
-
 @pytest.fixture(scope="module")
 def fmforge_tokenizer() -> Tokenizer:
     text = Path(sysconfig.get_paths()["stdlib"], "textwrap.py").read_text()
@@ -244,7 +233,7 @@ def fmforge_tokenizer() -> Tokenizer:
     (dict(n_experts=4, n_experts_per_token=2, moe_intermediate_size=64, tie_embeddings=False), "mixtral"),
 ])
 def test_export_fmforge_model(shape, family, fmforge_tokenizer, tmp_path):
-    model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)
+    model = write_tiny_checkpoint(tmp_path, fmforge_tokenizer, **shape)
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert hf.config.model_type == family
@@ -259,14 +248,14 @@ def test_export_fmforge_model(shape, family, fmforge_tokenizer, tmp_path):
 
 
 def test_export_bfloat16_and_refuse_shared_experts(fmforge_tokenizer, tmp_path, capsys):
-    _fmforge_checkpoint(tmp_path, fmforge_tokenizer)
+    write_tiny_checkpoint(tmp_path, fmforge_tokenizer)
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
 
     moe = tmp_path / "moe"
     moe.mkdir()
-    _fmforge_checkpoint(moe, fmforge_tokenizer, n_experts=4, n_shared_experts=1, moe_intermediate_size=64)
+    write_tiny_checkpoint(moe, fmforge_tokenizer, n_experts=4, n_shared_experts=1, moe_intermediate_size=64)
     assert main(["export", "hf", str(moe / "ckpt"), "--out", str(tmp_path / "out2")]) == 1
     assert "shared experts" in capsys.readouterr().err
 
@@ -320,7 +309,7 @@ def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_pa
     from fmforge.adapt.lora import (LoRAConfig, LoRAEmbedding, inject_lora, lora_modules,
                                     write_adapter)
 
-    model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer, **shape)
+    model = write_tiny_checkpoint(tmp_path, fmforge_tokenizer, **shape)
     lora = LoRAConfig(rank=4, alpha=8.0, target_modules=targets)
     inject_lora(model, lora)
     with torch.no_grad():  # as if trained: the zero-initialised factor moves away from zero
@@ -359,7 +348,7 @@ def test_lora_adapter_exports_for_peft(shape, targets, fmforge_tokenizer, tmp_pa
 def test_adapter_of_another_base_is_refused(fmforge_tokenizer, tmp_path, capsys):
     from fmforge.adapt.lora import LoRAConfig, inject_lora, write_adapter
 
-    model = _fmforge_checkpoint(tmp_path, fmforge_tokenizer)
+    model = write_tiny_checkpoint(tmp_path, fmforge_tokenizer)
     inject_lora(model, LoRAConfig(rank=2))
     write_adapter(tmp_path / "adapter", model, LoRAConfig(rank=2), tmp_path / "ckpt", "0" * 64)
     capsys.readouterr()

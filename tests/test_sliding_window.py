@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import write_tiny_checkpoint
 from fmforge.config import ModelConfig
 from fmforge.errors import ConfigError
 from fmforge.infer.cache import SlotKVCache, kv_cache_bytes_per_token
@@ -222,18 +223,6 @@ def exported_tokenizer():
     return train_tokenizer([text], vocab_size=360)
 
 
-def _checkpoint(directory: Path, tokenizer, **shape) -> Transformer:
-    from fmforge.checkpoint import write_checkpoint
-
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size + 3, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
-                         context_length=64, init_std=0.1, **shape)
-    model = Transformer(config).eval()
-    tokenizer.save(directory / "tok")
-    write_checkpoint(directory / "ckpt", model, directory / "tok")
-    return model
-
-
 @pytest.mark.parametrize("shape, family", [
     (dict(), "mistral"),
     (dict(n_experts=4, n_experts_per_token=2, moe_intermediate_size=64, tie_embeddings=False), "mixtral"),
@@ -242,7 +231,7 @@ def test_export_as_mistral_matches_transformers(shape, family, exported_tokenize
     transformers = pytest.importorskip("transformers")
     from fmforge.cli import main
 
-    model = _checkpoint(tmp_path, exported_tokenizer, sliding_window=8, **shape)
+    model = write_tiny_checkpoint(tmp_path, exported_tokenizer, sliding_window=8, **shape)
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] == 8
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -257,13 +246,13 @@ def test_export_as_mistral_matches_transformers(shape, family, exported_tokenize
 def test_what_cannot_express_a_window_refuses_in_one_line(exported_tokenizer, tmp_path, capsys):
     from fmforge.cli import main
 
-    _checkpoint(tmp_path, exported_tokenizer, sliding_window=8, attention_bias=True)
+    write_tiny_checkpoint(tmp_path, exported_tokenizer, sliding_window=8, attention_bias=True)
     assert main(["export", "hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip()
     assert "attention biases, sliding-window attention" in err and len(err.splitlines()) == 1
     plain = tmp_path / "plain"
     plain.mkdir()
-    _checkpoint(plain, exported_tokenizer, sliding_window=8)
+    write_tiny_checkpoint(plain, exported_tokenizer, sliding_window=8)
     assert main(["export", "gguf", str(plain / "ckpt"), "--out", str(tmp_path / "m.gguf")]) == 1
     err = capsys.readouterr().err.strip()
     assert "no sliding-window attention" in err and len(err.splitlines()) == 1
