@@ -95,6 +95,16 @@ def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48, bat
             "examples": len(records)}
 
 
+def greedy_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], batch: int = 8) -> list[str]:
+    """The greedy chat reply to each prompt (ids ending in the assistant's generation prompt), up to its
+    `max_tokens`, generated on the engine `batch` at a time; decoded without special tokens and stripped."""
+    stop = tokenizer.chat_stop_ids()
+    requests = [GenerationRequest(prompt, SamplingParams(max_tokens=n, temperature=0), stop_ids=stop)
+                for prompt, n in zip(prompts, max_tokens)]
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
+            for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
+
+
 def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int = 8) -> dict:
     """Each conversation's last message, the assistant's reply, scored after the turns before it (earlier replies
     are the reference ones, as in training), through the chat template as the server asks:
@@ -106,7 +116,7 @@ def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int 
     `prompts_truncated` counts them. Records with a "kind" (stdlib-chat's) get the three metrics per kind too."""
     model = language_model(model)
     stop, limit = tokenizer.chat_stop_ids(), model.config.context_length
-    kinds, prompts, requests, references = [], [], [], []
+    kinds, prompts, budgets, references = [], [], [], []
     nats, n_bytes, truncated = [], [], 0
     for where, record in records:
         messages = ft.chat_messages(record, where)
@@ -125,13 +135,12 @@ def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int 
         nats.append(-continuation_logprobs(model, prompt, [reply])[0])
         ends_turn = reply[-1] in stop
         n_bytes.append(len(tokenizer.decode(reply[:-1] if ends_turn else reply).encode("utf-8")) + ends_turn)
-        sampling = SamplingParams(max_tokens=min(len(reply) + extra_tokens, limit - len(prompt)), temperature=0)
-        requests.append(GenerationRequest(prompt, sampling, stop_ids=stop))
+        prompts.append(prompt)
+        budgets.append(min(len(reply) + extra_tokens, limit - len(prompt)))
         references.append(messages[-1]["content"].strip())
         kinds.append(record.get("kind") if isinstance(record.get("kind"), str) else None)
     exact, similar = [], []
-    for completion, reference in zip(Engine(model, tokenizer, max_batch=batch).complete(requests), references):
-        reply = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    for reply, reference in zip(greedy_replies(model, tokenizer, prompts, budgets, batch), references):
         exact.append(reply == reference)
         similar.append(difflib.SequenceMatcher(None, reply, reference, autojunk=False).ratio())
 
@@ -222,17 +231,16 @@ def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batc
     from ..data.translation import translation_messages
 
     model = language_model(model)
-    stop, limit = tokenizer.chat_stop_ids(), model.config.context_length
-    requests, fitting = [], []
+    limit = model.config.context_length
+    prompts, budgets, fitting = [], [], []
     for index, (where, record) in enumerate(records):
         prompt = tokenizer.encode_chat(translation_messages(record, where)[:1], add_generation_prompt=True)
         if len(prompt) < limit:  # a prompt that leaves no room is scored as an empty translation
-            sampling = SamplingParams(max_tokens=min(max_new_tokens, limit - len(prompt)), temperature=0)
-            requests.append(GenerationRequest(prompt, sampling, stop_ids=stop))
+            prompts.append(prompt)
+            budgets.append(min(max_new_tokens, limit - len(prompt)))
             fitting.append(index)
     hypotheses = [""] * len(records)
-    for index, completion in zip(fitting, Engine(model, tokenizer, max_batch=batch).complete(requests)):
-        text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+    for index, text in zip(fitting, greedy_replies(model, tokenizer, prompts, budgets, batch)):
         hypotheses[index] = text.split("\n")[0].strip()
     references = [record["target"].strip() for _, record in records]
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
