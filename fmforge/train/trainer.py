@@ -266,9 +266,12 @@ class Trainer:
         cfg.max_steps = progress.max_steps = steps
         self.run_yaml = yaml.safe_dump(self.run.to_dict(), sort_keys=False)
         if self.dist.is_main:
-            resolved = yaml.safe_load((self.run_dir / "run.yaml").read_text())
-            resolved["train"]["max_steps"] = steps
-            atomic_write_text(self.run_dir / "run.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_text(self.run_dir / "run.yaml", self._resolved_yaml())
+
+    def _resolved_yaml(self) -> str:
+        """run.yaml of the run directory: the config as it runs, and what was resolved at start."""
+        resolved = {"precision": self.precision, "world_size": self.dist.world_size}
+        return yaml.safe_dump({**self.run.to_dict(), "resolved": resolved}, sort_keys=False)
 
     def _open_run(self) -> tuple[MetricsWriter | None, ProgressLog]:
         """Create the run directory (main process), record the resolved config in run.yaml, and open the
@@ -276,12 +279,10 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         self.run_yaml = yaml.safe_dump(self.run.to_dict(), sort_keys=False)
         if main:
-            resolved = {**self.run.to_dict(), "resolved": {"precision": self.precision,
-                                                          "world_size": self.dist.world_size}}
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 clean_stale_temporaries(self.run_dir)
-                (self.run_dir / "run.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+                (self.run_dir / "run.yaml").write_text(self._resolved_yaml())
             except OSError as exc:
                 raise TrainingError(f"cannot write the run directory {self.run_dir}: {exc.strerror or exc} — "
                                     "free disk space or choose a writable --out_dir") from None
