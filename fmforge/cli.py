@@ -259,9 +259,10 @@ def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
     from .data.vision import fit_image, image_grid
     from .fileio import atomic_write_bytes
     from .modalities import MODALITIES
+    from .modalities.stream import has_modality
     from .infer.engine import GenerationRequest
 
-    if not hasattr(tokenizer, "encode_image"):
+    if not has_modality(tokenizer, "image"):
         raise ConfigError(f"{args.checkpoint} reads and writes text only (it has no image tokenizer); use a "
                           "multimodal checkpoint for --image and --output-image")
     if args.output_image and Path(args.output_image).suffix.lower() != ".png":

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..modalities.stream import has_modality
 from . import images as image_data
 from .finetune import Example
 
@@ -83,7 +84,7 @@ def prepare_images(specs: list[str], tokenizer, out_dir, *, limit: int | None = 
     """Token shards of image sources' caption <-> image documents (train split -> train, val -> val)."""
     from .shards import write_token_documents
 
-    if not hasattr(tokenizer, "encode_images"):
+    if not has_modality(tokenizer, "image"):
         raise ConfigError("image sources need a tokenizer with an image tokenizer: train one with `fmforge "
                           "tokenizer train --modality image SOURCE --tokenizer TEXT_TOKENIZER_DIR`")
     sources = image_sources(specs)
@@ -196,7 +197,7 @@ def vision_prompt(task: str, record: dict, where: str, tokenizer) -> list[int]:
 
 def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text or image span and <|end|>)."""
-    if not hasattr(tokenizer, "encode_image"):
+    if not has_modality(tokenizer, "image"):
         raise DataError(f"{where}: task {task} needs a model with an image tokenizer (a multimodal base)")
     user, assistant = turns(task, record, where, tokenizer)
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]

@@ -21,6 +21,7 @@ import torch
 
 from ..data.vision import record_image, vision_prompt
 from ..errors import DataError
+from ..modalities.stream import has_modality
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
 
@@ -30,7 +31,7 @@ DRAW_SAMPLES = 4  # samples per distinct prompt for `distinct`
 
 
 def _require_images(tokenizer) -> None:
-    if not hasattr(tokenizer, "encode_image"):
+    if not has_modality(tokenizer, "image"):
         raise DataError("vision tasks need a multimodal model (a checkpoint with an image tokenizer)")
 
 

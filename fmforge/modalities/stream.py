@@ -6,14 +6,14 @@ vocabulary, in the registry's order:
 
     ids [0, text_vocab)                          text (BPE + special tokens, the span markers among them)
     ids [text_vocab, text_vocab + image codes)   image codes (grid sizes are written in this range too)
-    ...                                          the next modality's codes
+    ... + audio codes                            audio codes (a span's rows and row length likewise)
 
 On disk a media tokenizer is a text tokenizer directory whose tokenizer_config.json has a "media" entry
 ({"image": {"offset", "size", "directory": "image_tokenizer"}}) and the codec directories beside it.
 
 Generation follows the span grammar (`allowed`): outside a span no code id may be written; after a span's marker
-come its header (an image: height and width), then exactly the codes the header announces, then the end marker.
-So every span a model writes decodes.
+come its header (an image: height and width; audio: rows and codes per row), then exactly the codes the header
+announces, then the end marker. So every span a model writes decodes.
 """
 
 from __future__ import annotations
@@ -35,11 +35,29 @@ MAX_GRID = 64  # the largest header value (grid side) generation may write; sour
 MEDIA_MARK = "\ue002"  # stands for a media part while a chat template renders
 
 
-SPAN_CACHE_SIZE = 50_000  # remembered image spans (int32: ~600 bytes each for a 12x12 grid)
+SPAN_CACHE_SIZE = 50_000  # remembered media spans (int32: ~600 bytes for a 12x12 image grid)
 
 
-def _image_key(image: np.ndarray) -> bytes:
-    return hashlib.sha1(repr(image.shape).encode() + image.tobytes()).digest()
+def _media_key(media: np.ndarray) -> bytes:
+    return hashlib.sha1(repr((media.shape, media.dtype.str)).encode() + media.tobytes()).digest()
+
+
+def media_kind(media: np.ndarray, strict: bool = True) -> str | None:
+    """"image" for an (H, W, C) uint8 array, "audio" for a 1-D float waveform; otherwise DataError (None when not
+    `strict`)."""
+    if media.ndim == 3 and media.dtype == np.uint8:
+        return "image"
+    if media.ndim == 1 and np.issubdtype(media.dtype, np.floating):
+        return "audio"
+    if not strict:
+        return None
+    raise DataError(f"media must be an (H, W, 3) uint8 image or a 1-D float waveform, got {media.dtype} "
+                    f"{media.shape}")
+
+
+def has_modality(tokenizer, modality: str) -> bool:
+    """Whether `tokenizer` (a text or media tokenizer) has a codec for `modality`."""
+    return modality in (getattr(tokenizer, "codecs", None) or {})
 
 
 def codec_directory(modality: str) -> str:
@@ -89,6 +107,9 @@ class MediaTokenizer:
     def modalities(self) -> list[str]:
         return list(self.codecs)
 
+    def has(self, modality: str) -> bool:
+        return modality in self.codecs
+
     def code_offset(self, modality: str) -> int:
         if modality not in self.ranges:
             raise DataError(f"this model has no {modality} tokenizer (it has: {', '.join(self.ranges)})")
@@ -104,39 +125,67 @@ class MediaTokenizer:
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    # ---- images ----------------------------------------------------------------------------------------
+    # ---- media -> spans ---------------------------------------------------------------------------------
 
     def encode_image(self, image: np.ndarray) -> list[int]:
         """An (H, W, 3) uint8 image -> its span of ids (remembered: a record's image is encoded once however many
         questions ask about it, and a prompt and its example share the work)."""
-        image = np.ascontiguousarray(image)
-        key = _image_key(image)
+        return self._remembered("image", image)
+
+    def encode_audio(self, wave: np.ndarray) -> list[int]:
+        """A 1-D float32 waveform at the audio codec's sample rate -> its span of ids (remembered like images)."""
+        return self._remembered("audio", wave)
+
+    def _remembered(self, modality: str, media: np.ndarray) -> list[int]:
+        self.code_offset(modality)  # DataError when this tokenizer has no codec for it
+        media = np.ascontiguousarray(media)
+        key = _media_key(media)
         if key not in self._span_cache:
-            self.prime([image])
+            self.prime([media])
         return self._span_cache[key].tolist()
 
-    def prime(self, images) -> None:
-        """Encode the images not yet remembered, in batches (much faster than one at a time), grouped by size."""
-        by_shape: dict[tuple, dict[bytes, np.ndarray]] = {}
-        for image in images:
-            image = np.ascontiguousarray(image)
-            key = _image_key(image)
+    def prime(self, media) -> None:
+        """Encode the media not yet remembered, in batches (much faster than one at a time): images (uint8, 3-D)
+        grouped by size, waveforms (float, 1-D) together. Arrays of a modality this tokenizer lacks are skipped
+        (encoding one alone says why)."""
+        groups: dict[tuple, dict[bytes, np.ndarray]] = {}
+        for item in media:
+            item = np.ascontiguousarray(item)
+            modality = media_kind(item, strict=False)
+            if modality not in self.codecs:
+                continue
+            key = _media_key(item)
             if key not in self._span_cache:
-                by_shape.setdefault(image.shape, {})[key] = image
-        for group in by_shape.values():
+                group = (modality, item.shape) if modality == "image" else (modality,)
+                groups.setdefault(group, {})[key] = item
+        for (modality, *_), group in groups.items():
             if len(self._span_cache) + len(group) > SPAN_CACHE_SIZE:
                 self._span_cache.clear()
-            spans = self.encode_images(np.stack(list(group.values())))
+            spans = (self.encode_images(np.stack(list(group.values()))) if modality == "image"
+                     else self.encode_audios(list(group.values())))
             self._span_cache.update({key: np.array(span, dtype=np.int32) for key, span in zip(group, spans)})
 
     def encode_images(self, images: np.ndarray, batch_size: int = 256) -> list[list[int]]:
         """(N, H, W, 3) uint8 images of one size -> one span of ids each."""
-        codec, offset = self.codecs.get("image"), self.code_offset("image")
+        offset = self.code_offset("image")
+        codec = self.codecs["image"]
         images = np.asarray(images)
         spans = []
         for start in range(0, len(images), batch_size):
             codes = codec.encode(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])))
             spans += [MODALITIES["image"].span(grid, offset) for grid in codes.numpy()]
+        return spans
+
+    def encode_audios(self, waves: list[np.ndarray], batch_size: int = 64) -> list[list[int]]:
+        """1-D float32 waveforms (any lengths) -> one span of ids each; similar lengths are batched together."""
+        offset = self.code_offset("audio")
+        codec = self.codecs["audio"]
+        order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+        spans: list = [None] * len(waves)
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            for index, grid in zip(chosen, codec.encode_batch([waves[i] for i in chosen])):
+                spans[index] = MODALITIES["audio"].span(grid, offset)
         return spans
 
     def spans(self, ids) -> list[tuple[str, int, int]]:
@@ -152,18 +201,26 @@ class MediaTokenizer:
                 start = None
         return found
 
+    def _codes(self, modality: str, ids) -> list[torch.Tensor]:
+        """The code grid of every complete span of `modality` in ids; a malformed span raises DataError."""
+        ids = [int(i) for i in ids]
+        offset, size = self.code_offset(modality), self.ranges[modality][1]
+        grids = []
+        for name, start, end in self.spans(ids):
+            if name == modality:
+                grid = MODALITIES[modality].parse_span(ids[start:end], offset)
+                if grid.max() >= size:
+                    raise DataError(f"an {modality} span holds ids past the {modality} codes")
+                grids.append(grid)
+        return grids
+
     def decode_images(self, ids) -> list[np.ndarray]:
         """Every complete image span in ids, decoded to (H, W, 3) uint8; a malformed span raises DataError."""
-        ids = [int(i) for i in ids]
-        codec, offset = self.codecs.get("image"), self.code_offset("image")
-        images = []
-        for modality, start, end in self.spans(ids):
-            if modality == "image":
-                grid = MODALITIES["image"].parse_span(ids[start:end], offset)
-                if grid.max() >= self.ranges["image"][1]:
-                    raise DataError("an image span holds ids past the image codes")
-                images.append(codec.decode(grid[None])[0].numpy())
-        return images
+        return [self.codecs["image"].decode(grid[None])[0].numpy() for grid in self._codes("image", ids)]
+
+    def decode_audio(self, ids) -> list[np.ndarray]:
+        """Every complete audio span in ids, decoded to a float32 waveform at the codec's sample rate."""
+        return [self.codecs["audio"].decode(grid) for grid in self._codes("audio", ids)]
 
     # ---- text ------------------------------------------------------------------------------------------
 
@@ -174,8 +231,9 @@ class MediaTokenizer:
         return self.text.decode([int(i) for i in ids if int(i) < limit], skip_special_tokens=skip_special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """The text tokenizer's encode_chat, where a message's content may also be a list of parts: strings and
-        {"type": "image", "image": (H, W, 3) uint8} (each becomes its span)."""
+        """The text tokenizer's encode_chat, where a message's content may also be a list of parts: strings,
+        {"type": "image", "image": (H, W, 3) uint8} and {"type": "audio", "audio": 1-D float32} (each becomes its
+        span)."""
         return self.text.encode_chat([{**m, "content": self.content_ids(m.get("content"))}
                                       if isinstance(m, dict) and isinstance(m.get("content"), list) else m
                                       for m in messages], add_generation_prompt)
@@ -188,8 +246,11 @@ class MediaTokenizer:
                 out.append(part)
             elif isinstance(part, dict) and part.get("type") == "image":
                 out.append(self.encode_image(part["image"]))
+            elif isinstance(part, dict) and part.get("type") == "audio":
+                out.append(self.encode_audio(part["audio"]))
             else:
-                raise TokenizerError("a message content part must be a string or {'type': 'image', 'image': array}")
+                raise TokenizerError("a message content part must be a string, {'type': 'image', 'image': array} "
+                                     "or {'type': 'audio', 'audio': waveform}")
         return out
 
     # ---- generation grammar ----------------------------------------------------------------------------

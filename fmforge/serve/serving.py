@@ -40,7 +40,7 @@ from ..data.vision import fit_image
 from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
 from ..modalities import MODALITIES
-from ..modalities.stream import MAX_GRID
+from ..modalities.stream import MAX_GRID, has_modality
 from .metrics import Metrics
 from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                        ImageGenerationRequest, image_url_bytes)
@@ -176,7 +176,7 @@ class OpenAIServing:
                  image_limits: ImageLimits | None = None):
         self.engine, self.models, self.metrics = engine, models, metrics
         self.tokenizer = engine.tokenizer
-        self.sees_images = hasattr(self.tokenizer, "encode_image")  # a media tokenizer with an image codec
+        self.sees_images = has_modality(self.tokenizer, "image")
         self.image_limits = image_limits or ImageLimits()
         self.vocab_size = engine.model.config.vocab_size
         self.chat_stops = self.tokenizer.chat_stop_ids()
