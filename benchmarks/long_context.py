@@ -163,6 +163,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--factor", type=float, default=4.0,
+                        help="the scaling factor of linear/ntk/yarn (default 4: the extension's length over T; a larger "
+                             "one leaves headroom past it)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
@@ -171,7 +174,10 @@ def main() -> None:
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"unknown --methods {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
-    methods = {m: METHODS[m] for m in args.methods.split(",")}
+    if args.factor < 1:
+        parser.error(f"--factor must be >= 1, got {args.factor}")
+    methods = {m: METHODS[m] and {**METHODS[m], "factor": args.factor} for m in args.methods.split(",")}
+    tag = "" if args.factor == 4 else f" x{args.factor:g}"  # runs and rows of another factor are kept apart
     work = Path(args.work or REPO / "runs" / ("bench-long-context-words" if words else "bench-long-context"))
     work.mkdir(parents=True, exist_ok=True)
     T = args.context
@@ -219,7 +225,7 @@ def main() -> None:
     # 3. extension to 4T, per method (the recipe fmforge/recipes/extend-context.yaml with its fields overridden)
     extended = {}
     for method, scaling in methods.items():
-        out = work / f"extend-{method}"
+        out = work / (f"extend-{method}" + tag.replace(" ", "-"))
         extended[method] = out
         if scaling and scaling["rope_type"] == "yarn":
             scaling = {**scaling, "original_max_position_embeddings": T}
@@ -243,8 +249,9 @@ def main() -> None:
     n_windows = min(len(val) // (L + 1), 2 if args.quick else 6)
     windows = val[:n_windows * (L + 1)].view(n_windows, L + 1)
     print(f"held-out: {len(val):,} val tokens, {n_windows} windows of {L} for bits/byte by position", flush=True)
-    variants = [(f"base, {m}" + (" (no training)" if m != "none" else ""), base, METHODS[m], m) for m in methods] + \
-               [(f"extended, {m}", extended[m], "trained", m) for m in methods]
+    variants = [(f"base, {m}" + (tag + " (no training)" if m != "none" else ""), base, methods[m], m)
+                for m in methods] + [(f"extended, {m}" + (tag if m != "none" else ""), extended[m], "trained", m)
+                                     for m in methods]
     for name, run, scaling, method in variants:
         if name in scores:
             continue
