@@ -254,3 +254,38 @@ def multimodal_base(tmp_path_factory, prepared, media_tokenizer) -> Path:
                                              checkpoint_interval=40, context_length=352),
                  "--train.mixture", f"{{{text}: 1, {images}: 2}}"]) == 0
     return out
+
+
+# ---- audio: the tiny multimodal base with speech too ------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def speech_tokenizer(tmp_path_factory, media_tokenizer) -> Path:
+    """The vision media tokenizer (text + image codes) extended by an audio tokenizer (FSQ levels 5,5,5: 125
+    codes) trained for a few steps on synthetic spoken digits (espeak, through the espeakng-loader wheel)."""
+    from fmforge.cli import main
+
+    pytest.importorskip("espeakng_loader", reason="synthetic speech needs espeakng-loader (the dev extras)")
+    out = tmp_path_factory.mktemp("speech-tokenizer") / "tokenizer"
+    assert main(["tokenizer", "train", "--modality", "audio", "espeak:digits:300", "--steps", "150", "--lr", "0.005",
+                 "--width", "32", "--levels", "5,5,5", "--tokenizer", str(media_tokenizer), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech_base(tmp_path_factory, prepared, speech_tokenizer) -> Path:
+    """A run directory: a tiny model pretrained 40 steps on stdlib text, MNIST caption <-> image and spoken digit
+    transcript <-> speech documents (context 352)."""
+    from fmforge.cli import main
+
+    root = tmp_path_factory.mktemp("speech")
+    text, images, audio = root / "text", root / "images", root / "audio"
+    assert main(["prepare", str(STDLIB / "json"), "--tokenizer", str(speech_tokenizer), "--out", str(text),
+                 "--workers", "1", "--val-fraction", "0.2"]) == 0
+    assert main(["prepare", "image:mnist", "--image-limit", "60", "--tokenizer", str(speech_tokenizer),
+                 "--out", str(images)]) == 0
+    assert main(["prepare", "audio:espeak:digits:300", "--tokenizer", str(speech_tokenizer), "--out", str(audio)]) == 0
+    out = root / "run"
+    assert main(["pretrain", *tiny_overrides(text, out, max_steps=40, lr=1e-2, eval_interval=40,
+                                             checkpoint_interval=40, context_length=352),
+                 "--train.mixture", f"{{{text}: 1, {images}: 1, {audio}: 2}}"]) == 0
+    return out
