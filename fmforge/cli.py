@@ -2,7 +2,8 @@
 
     fmforge quickstart                 corpus -> tokenizer -> shards -> pretrain -> bits-per-byte -> samples
     fmforge tokenizer train SOURCES    byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json);
-                                       --modality image: the FSQ image codec (config.json + codec.safetensors)
+                                       --modality image / audio: the FSQ image or audio codec
+                                       (config.json + codec.safetensors)
     fmforge prepare SOURCES            token shards + manifest.json (+ a copy of the tokenizer)
     fmforge pretrain --config RECIPE   train a foundation model; --key value overrides any config field
     fmforge plan --preset NAME         memory per GPU of training a shape with DDP or FSDP2, and how many GPUs
@@ -61,6 +62,9 @@ def train_tokenizer_from_sources(sources: list[str], vocab_size: int, jsonl_fiel
 
 IMAGE_TOKENIZER_FLAGS = {"steps": 1000, "levels": "8,5,5,5", "downsample": 4, "width": 64, "size": None,
                          "limit": None, "seed": 0, "lr": 2e-3, "batch_size": 32}
+AUDIO_TOKENIZER_FLAGS = {"steps": 2000, "levels": "8,5,5,5", "downsample": 4, "width": 128, "row_length": 16,
+                         "limit": None, "seed": 0, "lr": 2e-3, "batch_size": 16}
+MEDIA_TOKENIZER_FLAGS = {"image": IMAGE_TOKENIZER_FLAGS, "audio": AUDIO_TOKENIZER_FLAGS}
 
 
 def load_tokenizer(path):
@@ -70,20 +74,26 @@ def load_tokenizer(path):
 
 
 def cmd_tokenizer_train(args) -> None:
-    """`--modality text` (default): BPE on text sources; `--modality image`: the FSQ image codec on an image source."""
-    given = [name for name in IMAGE_TOKENIZER_FLAGS if getattr(args, name) is not None]
-    if args.modality == "image":
-        if args.vocab_size is not None:
-            raise ConfigError("--vocab-size is for --modality text; an image tokenizer's codebook is the product of "
-                              "--levels")
-        for name, default in IMAGE_TOKENIZER_FLAGS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, default)
-        return train_image_tokenizer(args)
-    if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} is for --modality image")
-    vocab_size = 8192 if args.vocab_size is None else args.vocab_size
-    train_tokenizer_from_sources(args.sources, vocab_size, args.jsonl_field, args.parquet_column, Path(args.out))
+    """`--modality text` (default): BPE on text sources; `--modality image` / `audio`: the FSQ image codec on image
+    sources, the FSQ audio codec on speech sources."""
+    given = [name for name in dict.fromkeys(name for flags in MEDIA_TOKENIZER_FLAGS.values() for name in flags)
+             if getattr(args, name) is not None]
+    flags = MEDIA_TOKENIZER_FLAGS.get(args.modality, {})
+    foreign = [name for name in given if name not in flags]
+    if foreign:
+        owners = " or ".join(modality for modality, table in MEDIA_TOKENIZER_FLAGS.items() if foreign[0] in table)
+        raise ConfigError(f"--{foreign[0].replace('_', '-')} is for --modality {owners}")
+    if args.modality == "text":
+        vocab_size = 8192 if args.vocab_size is None else args.vocab_size
+        train_tokenizer_from_sources(args.sources, vocab_size, args.jsonl_field, args.parquet_column, Path(args.out))
+        return
+    if args.vocab_size is not None:
+        raise ConfigError(f"--vocab-size is for --modality text; the {args.modality} tokenizer's codebook is the "
+                          f"product of --levels")
+    for name, default in flags.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return train_image_tokenizer(args) if args.modality == "image" else train_audio_tokenizer(args)
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
@@ -119,14 +129,7 @@ def train_image_tokenizer(args) -> None:
     codec, report = train_image_codec(images, config, steps=args.steps, lr=args.lr, seed=args.seed,
                                       batch_size=args.batch_size, device=device)
     if text_tokenizer is not None:
-        from .modalities.stream import MediaTokenizer
-
-        media = MediaTokenizer(getattr(text_tokenizer, "text", text_tokenizer), {"image": codec})
-        media.save(Path(args.out))
-        save_image_codec(codec, Path(args.out) / "image_tokenizer", report)
-        offset, size = media.ranges["image"]
-        print(f"tokenizer: {media.text_vocab_size} text ids + {size} image codes (ids {offset}-{offset + size - 1})"
-              f" = {media.vocab_size} ids -> {args.out}")
+        save_media_tokenizer(text_tokenizer, "image", codec, report, Path(args.out))
     else:
         save_image_codec(codec, Path(args.out), report)
     height, width = report["grid"]
@@ -138,6 +141,57 @@ def train_image_tokenizer(args) -> None:
           f"{report['untrained_psnr']:.1f} dB), "
           f"codes used {report['codes_used']}/{config.codebook_size} ({report['code_usage']:.0%}), "
           f"perplexity {report['perplexity']:.0f}")
+
+
+def train_audio_tokenizer(args) -> None:
+    """Train the FSQ audio codec on speech sources (fsdd:DIR, espeak:KIND, a folder, a .jsonl) and save it in --out
+    (config.json + codec.safetensors)."""
+    from .device import resolve_device
+    from .modalities import AudioCodecConfig, save_audio_codec, train_audio_codec
+
+    levels = parse_levels(args.levels)
+    for name in ("steps", "downsample", "width", "batch_size", "row_length", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be positive, got {args.lr}")
+    device = resolve_device(args.device)
+    config = AudioCodecConfig(levels=levels, downsample=args.downsample, width=args.width,
+                              row_length=args.row_length)  # checks the flags before any audio is read
+    from .data.audio import load_audio
+
+    text_tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    waves = [wave for source in args.sources
+             for wave in load_audio(source, split="train", limit=args.limit, rate=config.sample_rate).waves]
+    codec, report = train_audio_codec(waves, config, steps=args.steps, lr=args.lr, seed=args.seed,
+                                      batch_size=args.batch_size, device=device)
+    if text_tokenizer is not None:
+        save_media_tokenizer(text_tokenizer, "audio", codec, report, Path(args.out))
+    else:
+        save_audio_codec(codec, Path(args.out), report)
+    print(f"audio tokenizer: {config.codebook_size} codes (levels {'x'.join(map(str, levels))}), "
+          f"{config.codes_per_second:g} codes/s in rows of {config.row_length} (a span holds up to "
+          f"{config.max_seconds:.1f}s); trained {args.steps} steps on {report['train_waves']} utterances "
+          f"({report['train_seconds_of_audio'] / 60:.1f} min) in {report['seconds']:.1f}s -> {args.out}")
+    print(f"held-out ({report['held_out_waves']} utterances): log-mel MSE {report['mse']:.4f} (normalised; "
+          f"untrained {report['untrained_mse']:.4f}), codes used {report['codes_used']}/{config.codebook_size} "
+          f"({report['code_usage']:.0%}), perplexity {report['perplexity']:.0f}")
+
+
+def save_media_tokenizer(text_tokenizer, modality: str, codec, report: dict, out: Path) -> None:
+    """`--tokenizer DIR`: write one tokenizer in `out` whose `modality` codes follow the text ids, keeping the
+    codecs DIR already has (an image tokenizer extended by audio keeps its image codes)."""
+    from .modalities import MODALITIES
+    from .modalities.stream import MediaTokenizer, codec_directory
+
+    codecs = {**(getattr(text_tokenizer, "codecs", None) or {}), modality: codec}
+    media = MediaTokenizer(getattr(text_tokenizer, "text", text_tokenizer), codecs)
+    media.save(out)
+    MODALITIES[modality].save(codec, out / codec_directory(modality), report)  # again, with its report
+    ranges = " + ".join(f"{size} {name} codes (ids {offset}-{offset + size - 1})"
+                        for name, (offset, size) in media.ranges.items())
+    print(f"tokenizer: {media.text_vocab_size} text ids + {ranges} = {media.vocab_size} ids -> {out}")
 
 
 def cmd_prepare(args) -> None:
@@ -618,28 +672,36 @@ def add_corpus_commands(sub) -> None:
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer, or an image tokenizer (--modality image)")
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer, or an image or audio tokenizer "
+                                      "(--modality image / audio)")
     add_source_options(t)
-    t.add_argument("--modality", choices=["text", "image"], default="text",
-                   help="text: BPE on text sources; image: FSQ image codec on an image source (digits, mnist)")
+    t.add_argument("--modality", choices=["text", "image", "audio"], default="text",
+                   help="text: BPE on text sources; image: FSQ image codec on an image source (digits, mnist); "
+                        "audio: FSQ audio codec on speech sources (fsdd:DIR, espeak:digits, a folder, a .jsonl)")
     t.add_argument("--vocab-size", type=int, default=None, help="text: vocabulary size (default 8192)")
     t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json "
-                                                "(image: config.json + codec.safetensors + report.json)")
-    image = t.add_argument_group("--modality image")
-    image.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+                                                "(image, audio: config.json + codec.safetensors + report.json)")
+    image = t.add_argument_group("--modality image / audio")
+    image.add_argument("--steps", type=int, default=None, help="training steps (default: image 1000, audio 2000)")
     image.add_argument("--levels", default=None, help="FSQ levels per latent channel; codebook = their product "
                                                       "(default 8,5,5,5 = 1000 codes)")
-    image.add_argument("--downsample", type=int, default=None, help="pixels per code side, a power of two (default 4)")
-    image.add_argument("--width", type=int, default=None, help="conv channels (default 64)")
-    image.add_argument("--size", type=int, default=None, help="train on SIZE x SIZE crops (smaller images are "
-                       "resized up; default: the smallest source's size); the codec then takes any size")
-    image.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+    image.add_argument("--downsample", type=int, default=None, help="image: pixels per code side; audio: mel "
+                       "frames (10 ms) per code; a power of two (default 4: audio 25 codes/s)")
+    image.add_argument("--width", type=int, default=None, help="conv channels (default: image 64, audio 128)")
+    image.add_argument("--size", type=int, default=None, help="image: train on SIZE x SIZE crops (smaller images "
+                       "are resized up; default: the smallest source's size); the codec then takes any size")
+    image.add_argument("--row-length", type=int, default=None, help="audio: codes per row of an audio span's grid "
+                       "(default 16; at most 64 rows per span)")
+    image.add_argument("--limit", type=int, default=None, help="use at most this many training images or "
+                       "utterances per source")
     image.add_argument("--seed", type=int, default=None, help="seed of the split, init and batches (default 0)")
     image.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
-    image.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
+    image.add_argument("--batch-size", type=int, default=None, help="images per step (default 32); audio: 1 s "
+                       "crops per step (default 16)")
     image.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
-    image.add_argument("--tokenizer", default=None, help="a text tokenizer directory to extend: --out becomes one "
-                       "tokenizer whose image codes follow the text ids (for `fmforge prepare image:SOURCE`)")
+    image.add_argument("--tokenizer", default=None, help="a text (or media) tokenizer directory to extend: --out "
+                       "becomes one tokenizer whose image or audio codes follow the text ids, keeping the codecs it "
+                       "has (for `fmforge prepare image:SOURCE` / `audio:SOURCE`)")
     t.set_defaults(handler=cmd_tokenizer_train)
 
 
