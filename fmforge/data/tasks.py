@@ -64,6 +64,13 @@ def _vision(name: str):
     return build
 
 
+def _audio(name: str):
+    def build(record, tokenizer, where, train_on_all=False):
+        from .speech import audio_example
+        return audio_example(name, record, tokenizer, where)
+    return build
+
+
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("sft", "chat turns; the loss is on the assistant's turns", ("messages",), LM_HEAD, _sft,
          "chat", ("bits_per_byte", "exact_match", "similarity"), "chat"),
@@ -94,9 +101,18 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          ("valid", "distinct", "pixel_error"), "images"),
     Task("edit", "an image and an instruction -> the edited image", ("image", "instruction", "output"), LM_HEAD,
          _vision("edit"), "edit", ("exact_edit", "pixel_error"), "chat"),
+    # Audio (data/speech.py): chat turns whose contents hold audio spans; they need a base with an audio tokenizer.
+    # Their data may also be an audio source: --data fsdd:DIR, espeak:numbers, ... (data/audio.py).
+    Task("transcribe", "speech -> its transcript", ("audio", "text"), LM_HEAD, _audio("transcribe"), "transcribe",
+         ("wer", "exact_match"), "chat"),
+    Task("speak", "a text -> speech saying it", ("text", "audio"), LM_HEAD, _audio("speak"), "speak",
+         ("valid", "seconds", "mel_error"), "chat"),
+    Task("say", "an image -> what it shows, written then spoken (the cross-modal chain)", ("image", "text", "audio"),
+         LM_HEAD, _audio("say"), "say", ("accuracy", "valid"), "chat"),
 ]}
 
 VISION_TASKS = ("recognise", "describe", "answer", "read", "draw", "edit")
+AUDIO_TASKS = ("transcribe", "speak", "say")
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,11 @@ def _vision_builtin(name: str):
         from .vision import builtin_records
         return builtin_records(name, split, limit)
     return records
+
+
+def _say(split: str, limit: int | None = None) -> list[tuple[str, dict]]:
+    from .speech import say_records
+    return say_records(split, limit)
 
 
 BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
@@ -146,6 +167,8 @@ BUILTIN: dict[str, BuiltinDataset] = {d.name: d for d in [
                    _vision_builtin("mnist-draw")),
     BuiltinDataset("shapes-edit", "edit", "a scene and an instruction (invert, rotate, flip, recolour, move, "
                    "remove) -> the edited scene", _vision_builtin("shapes-edit")),
+    BuiltinDataset("mnist-say", "say", "an MNIST digit -> its name, written then spoken (espeak; needs "
+                   "espeakng-loader)", _say),
 ]}
 
 
@@ -166,6 +189,15 @@ def task_records(name: str, split: str, limit: int | None = None) -> list[tuple[
     if name not in BUILTIN:
         raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {', '.join(BUILTIN)}")
     return BUILTIN[name].records(split, limit)
+
+
+def split_records(task: Task, spec: str, split: str, limit: int | None = None) -> list[tuple[str, dict]] | None:
+    """One split of a source that has its own splits (an audio source for transcribe and speak: fsdd:DIR,
+    espeak:numbers, ...), or None when `spec` is not such a source (a JSONL file)."""
+    from .speech import is_audio_source, source_records
+    if task.name in AUDIO_TASKS and is_audio_source(spec):
+        return source_records(task.name, str(spec), split, limit)
+    return None
 
 
 def read_records(task: Task, path: str | Path) -> list[tuple[str, dict]]:

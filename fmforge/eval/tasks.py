@@ -9,7 +9,8 @@ shapes-edit, ... scored by eval/vision.py; its test split), `perplexity` (needs 
 TASK:FILE.jsonl for any task whose registry entry names an evaluator (completion, classify, mc, translate, sft; mc
 records: {"prompt": ..., "choices": [...], "answer": index}; translate also reads
 translate:parallel:SOURCE_FILE:TARGET_FILE and reports sacrebleu's BLEU and chrF; sft scores each conversation's last
-reply, see evaluate_chat).
+reply, see evaluate_chat). The audio tasks (eval/speech.py) also take an audio source after the colon and score its
+test split: transcribe:fsdd:DIR, transcribe:espeak:numbers, speak:espeak:numbers; mnist-say is built in.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 
 from ..adapt.heads import SequenceClassifier
 from ..data import finetune as ft
-from ..data.tasks import BUILTIN, TASKS, Task, read_records
+from ..data.tasks import BUILTIN, TASKS, Task, read_records, split_records
 from ..errors import ConfigError, DataError, GenerationError
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
+from .speech import EVALUATORS as SPEECH_EVALUATORS
 from .vision import EVALUATORS as VISION_EVALUATORS
 
 ZERO_SHOT_SUFFIX = "\n# module:"  # how a plain LM is asked which label fits a text (zero-shot classification)
@@ -220,6 +222,7 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
     "retrieval": lambda model, tokenizer, records, labels: evaluate_retrieval(language_model(model), tokenizer,
                                                                               records),
     **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
+    **SPEECH_EVALUATORS,  # transcribe, speak, say (eval/speech.py)
 }
 
 
@@ -275,6 +278,9 @@ def resolve_eval_task(spec: str, limit: int | None) -> tuple[Task, list, list[st
         name, path = spec.split(":", 1)
         if name not in measurable:
             raise ConfigError(f"unknown task {name!r} in {spec!r}; use one of {', '.join(measurable)} before ':'")
+        own_splits = split_records(TASKS[name], path, "test", limit)  # an audio source: its test split
+        if own_splits is not None:
+            return TASKS[name], own_splits, None
         return TASKS[name], read_records(TASKS[name], path)[:limit], None
     raise ConfigError(f"unknown task {spec!r}; use perplexity, {', '.join(BUILTIN)}, "
                       f"or {'/'.join(n + ':' for n in measurable)}FILE.jsonl")

@@ -22,7 +22,8 @@ from ..adapt.lora import LoRAConfig, inject_lora, load_adapter_weights, write_ad
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
-from ..data.tasks import BUILTIN, EMBEDDING_HEAD, TASKS, Task, get_task, lm_examples, read_records, trainable_tasks
+from ..data.tasks import (BUILTIN, EMBEDDING_HEAD, TASKS, Task, get_task, lm_examples, read_records, split_records,
+                          trainable_tasks)
 from ..errors import ConfigError, DataError, SettingsMismatchError
 from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files,
                           fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
@@ -81,6 +82,9 @@ def load_task_records(spec: FinetuneSpec) -> tuple[Task, list, list]:
     if spec.task is None:
         raise ConfigError(f"give --task ({', '.join(trainable_tasks())}) for {spec.data}")
     task = get_task(spec.task, trainable=True)
+    own_splits = split_records(task, spec.data, "train", spec.limit)
+    if own_splits is not None:  # a source with its own splits (an audio source): its train and val
+        return task, own_splits, split_records(task, spec.data, "val", BUILTIN_VAL_LIMIT)
     records = read_records(task, spec.data)
     if spec.val_data:
         train, val = records, read_records(task, spec.val_data)
