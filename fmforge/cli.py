@@ -208,6 +208,10 @@ def cmd_prepare(args) -> None:
         from .data.vision import prepare_images
         prepare_images(args.sources, tokenizer, Path(args.out), limit=args.image_limit, size=args.image_size)
         return
+    if any(str(source).startswith("audio:") for source in args.sources):
+        from .data.speech import prepare_audio
+        prepare_audio(args.sources, tokenizer, Path(args.out), limit=args.audio_limit)
+        return
     prepare(args.sources, tokenizer, Path(args.out), val_fraction=args.val_fraction, workers=args.workers,
             jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
 
@@ -293,8 +297,8 @@ def cmd_generate(args) -> None:
     prompt = args.prompt
     if prompt is None:
         prompt = sys.stdin.read()
-    if args.image or args.output_image:
-        return generate_with_images(args, engine, tokenizer, params, prompt)
+    if args.image or args.output_image or args.audio or args.output_audio:
+        return generate_with_media(args, engine, tokenizer, params, prompt)
     out = sys.stdout
     out.write(prompt)
     out.flush()
@@ -304,24 +308,30 @@ def cmd_generate(args) -> None:
     out.write("\n")
 
 
-def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
-    """`generate --image X --output-image Y`: one chat turn (the vision tasks' format) whose user content is the
-    images then the prompt; the reply's text goes to stdout, its images to --output-image (PNG)."""
-    from .data.images import encode_png, read_image
+def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
+    """`generate --image X --audio A --output-image Y --output-audio Z`: one chat turn (the media tasks' format)
+    whose user content is the images, the audio, then the prompt; the reply's text goes to stdout, its images to
+    --output-image (PNG), its speech to --output-audio (WAV)."""
     import dataclasses
 
+    from .data.images import encode_png, read_image
     from .data.vision import fit_image, image_grid
     from .fileio import atomic_write_bytes
+    from .infer.engine import GenerationRequest
     from .modalities import MODALITIES
     from .modalities.stream import has_modality
-    from .infer.engine import GenerationRequest
 
-    if not has_modality(tokenizer, "image"):
-        raise ConfigError(f"{args.checkpoint} reads and writes text only (it has no image tokenizer); use a "
-                          "multimodal checkpoint for --image and --output-image")
+    for modality, wanted in (("image", args.image or args.output_image), ("audio", args.audio or args.output_audio)):
+        if wanted and not has_modality(tokenizer, modality):
+            raise ConfigError(f"{args.checkpoint} has no {modality} tokenizer; use a multimodal checkpoint with "
+                              f"{modality} for --{modality} and --output-{modality}")
     if args.output_image and Path(args.output_image).suffix.lower() != ".png":
         raise ConfigError(f"--output-image {args.output_image}: write a .png file")
-    forced = []  # --output-image: the reply opens an image span (with --output-size, its header too)
+    if args.output_audio and Path(args.output_audio).suffix.lower() != ".wav":
+        raise ConfigError(f"--output-audio {args.output_audio}: write a .wav file")
+    if args.output_image and args.output_audio:
+        raise ConfigError("give one of --output-image and --output-audio: the reply opens one span")
+    forced = []  # --output-image/--output-audio: the reply opens that span (with --output-size, its header too)
     if args.output_image:
         forced = [MODALITIES["image"].begin_id]
         if args.output_size:
@@ -331,26 +341,43 @@ def generate_with_images(args, engine, tokenizer, params, prompt: str) -> None:
             params = dataclasses.replace(params, max_tokens=max(params.max_tokens, height * width + 2))
     elif args.output_size:
         raise ConfigError("--output-size goes with --output-image")
+    if args.output_audio:
+        forced = [MODALITIES["audio"].begin_id]
     parts = [{"type": "image", "image": fit_image(read_image(path), tokenizer)} for path in args.image or []]
+    if args.audio:
+        from .data.audio import read_audio
+        rate = tokenizer.codecs["audio"].config.sample_rate
+        parts += [{"type": "audio", "audio": read_audio(path, rate=rate)} for path in args.audio]
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": parts + [prompt]}], add_generation_prompt=True)
     completion = engine.complete([GenerationRequest(prompt_ids + forced, params,
                                                     stop_ids=tokenizer.chat_stop_ids())])[0]
     reply = forced + completion.token_ids
-    images = tokenizer.decode_images(reply)
     text = tokenizer.decode(reply, skip_special_tokens=True).strip()
     if text:
         print(text)
-    if args.output_image:
-        if not images:
-            raise FmforgeError(f"the model's image did not finish in {len(completion.token_ids)} tokens "
-                               f"({completion.finish_reason}); raise --max-new-tokens or give --output-size")
-        target = Path(args.output_image)
-        for index, image in enumerate(images):
+    for modality, target, suffix in (("image", args.output_image, ".png"), ("audio", args.output_audio, ".wav")):
+        outputs = (tokenizer.decode_images(reply) if modality == "image" else tokenizer.decode_audio(reply)) \
+            if has_modality(tokenizer, modality) else []
+        if not target:
+            if outputs:
+                print(f"(the reply holds {len(outputs)} {modality} span(s); save them with --output-{modality} "
+                      f"FILE{suffix})", file=sys.stderr)
+            continue
+        if not outputs:
+            raise FmforgeError(f"the model's {modality} did not finish in {len(completion.token_ids)} tokens "
+                               f"({completion.finish_reason}); raise --max-new-tokens"
+                               + (" or give --output-size" if modality == "image" else ""))
+        target = Path(target)
+        for index, output in enumerate(outputs):
             path = target if index == 0 else target.with_name(f"{target.stem}-{index + 1}{target.suffix}")
-            atomic_write_bytes(path, encode_png(image))
-            print(f"image {image.shape[1]}x{image.shape[0]} -> {path}", file=sys.stderr)
-    elif images:
-        print(f"(the reply holds {len(images)} image(s); save them with --output-image FILE.png)", file=sys.stderr)
+            if modality == "image":
+                atomic_write_bytes(path, encode_png(output))
+                print(f"image {output.shape[1]}x{output.shape[0]} -> {path}", file=sys.stderr)
+            else:
+                from .data.audio import encode_wav
+                rate = tokenizer.codecs["audio"].config.sample_rate
+                atomic_write_bytes(path, encode_wav(output, rate))
+                print(f"audio {len(output) / rate:.2f}s at {rate} Hz -> {path}", file=sys.stderr)
 
 
 # ---- specialise: finetune, merge, chat, eval, tasks ---------------------------------------------------------
@@ -714,6 +741,8 @@ def add_corpus_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--image-limit", type=int, default=None, help="image:SOURCE: at most this many images per split")
+    p.add_argument("--audio-limit", type=int, default=None, help="audio:SOURCE: at most this many utterances per "
+                   "split")
     p.add_argument("--image-size", type=int, default=None, help="image:SOURCE: resize to SIZE x SIZE (default: "
                    "the source's own size; 32 for user images)")
     p.set_defaults(handler=cmd_prepare)
@@ -750,6 +779,10 @@ def add_generation_commands(sub) -> None:
                    "opens with an image")
     p.add_argument("--output-size", default=None, metavar="WIDTHxHEIGHT", help="with --output-image: the image's "
                    "size in pixels (multiples of the image tokenizer's 4); default: the model chooses")
+    p.add_argument("--audio", action="append", default=None, help="an audio file (WAV, FLAC, OGG, MP3; any rate, "
+                   "mono or stereo) the prompt is about; repeatable. Asks as a chat turn, like --image")
+    p.add_argument("--output-audio", default=None, help="save the speech the model writes here (WAV); the reply "
+                   "opens with audio")
     p.add_argument("--adapter", help="a LoRA specialist of this checkpoint (its directory or run)")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
