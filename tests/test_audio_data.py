@@ -327,6 +327,20 @@ def test_espeak_counts_and_bad_names():
     assert "integer from 1 to 100,000" in one_line_error(load_audio, "espeak:digits:lots")
 
 
+def test_espeak_at_a_voice_says_the_same_texts_in_that_one_voice_in_every_split():
+    for split in ("train", "test"):
+        many = load_audio("espeak:numbers:50", split, limit=6)
+        one = load_audio("espeak:numbers:50@en-us", split, limit=6)
+        assert [r["text"] for r in one.records] == [r["text"] for r in many.records]
+        assert [(r["words_per_minute"], r["pitch"]) for r in one.records] == \
+            [(r["words_per_minute"], r["pitch"]) for r in many.records]  # speed and pitch still seeded
+        assert {r["voice"] for r in one.records} == {"en-us"} and one.records[0]["source"] == "espeak:numbers@en-us"
+    again = load_audio("espeak:numbers:50@en-us", "test", limit=6)
+    assert all(np.array_equal(a, b) for a, b in zip(one.waves, again.waves))  # deterministic
+    assert "@VOICE" in one_line_error(load_audio, "espeak:digits@EN US")
+    assert "'xx-nowhere'" in one_line_error(load_audio, "espeak:digits@xx-nowhere", limit=1)
+
+
 def test_espeak_without_the_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # import fails as if it were not installed
     assert "pip install espeakng-loader" in one_line_error(load_audio, "espeak:digits", limit=1)

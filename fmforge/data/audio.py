@@ -25,6 +25,10 @@ infinite samples.
     espeak:sentences  short sentences from a fixed grammar (SENTENCE_TEMPLATES over a ~200-word vocabulary,
                       `sentence_vocabulary()`), e.g. "the red ball is behind the small box". 5,000 / 500 / 500.
     espeak:KIND:N     the same with N utterances in train and max(1, N // 10) in val and test (N <= 100,000).
+    espeak:KIND[:N]@VOICE
+                      the same texts, speeds and pitches, every utterance of every split said by the one espeak
+                      VOICE ("en-us", "en-gb-x-rp+f3"): one way to say a text, e.g. for a speak specialist whose
+                      replies a listener should hear in one voice. Its test split is then no new-voice test.
 
 espeak utterances are synthesised on demand by the libespeak-ng that ships in the espeakng-loader wheel (about
 1000x faster than real time; nothing is cached). Each gets a seeded random voice (an English accent plus a voice
@@ -408,10 +412,14 @@ def _fsdd_metadata(root: Path, folder: Path) -> dict[str, dict]:
 
 
 def _espeak(spec: str, split: str, limit: int | None, rate: int):
-    kind, _, count_text = spec.partition(":")
+    body, at, single_voice = spec.partition("@")
+    kind, _, count_text = body.partition(":")
     if kind not in ESPEAK_KINDS:
         raise DataError(f"espeak:{spec}: unknown espeak source; use espeak:numbers, espeak:digits or "
-                        "espeak:sentences (optionally :N for N training utterances)")
+                        "espeak:sentences (optionally :N for N training utterances, @VOICE for one voice)")
+    if at and not _is_voice(single_voice):
+        raise DataError(f"espeak:{spec}: @VOICE names an espeak voice as accent or accent+variant (e.g. @en-us, "
+                        f"@en-gb-x-rp+f3); the voices here: {', '.join(TRAIN_VOICES[:3])}, ...")
     train_count = ESPEAK_COUNTS[kind]
     if count_text:
         if not count_text.isdigit() or not 1 <= int(count_text) <= MAX_ESPEAK_COUNT:
@@ -422,10 +430,19 @@ def _espeak(spec: str, split: str, limit: int | None, rate: int):
     count = min(count, limit or count)
     voices = HELD_OUT_VOICES if split == "test" else TRAIN_VOICES
     utterances = [_espeak_utterance(kind, split, i, voices) for i in range(count)]
+    if single_voice:  # the same texts, speeds and pitches as the many-voice form; one voice for every split
+        for utterance in utterances:
+            utterance.update(voice=single_voice, source=f"espeak:{kind}@{single_voice}")
     with _ESPEAK_LOCK, Espeak() as engine:
         waves = [resample(engine.say(u["text"], u["voice"], u["words_per_minute"], u["pitch"], seed=i), engine.rate,
                           rate) for i, u in enumerate(utterances)]
     return waves, utterances
+
+
+def _is_voice(voice: str) -> bool:
+    """Whether `voice` is written as an espeak voice: accent[+variant], lower-case letters, digits and dashes (the
+    library itself says whether it has it, at the first utterance)."""
+    return re.fullmatch(r"[a-z][a-z0-9-]*(\+[a-z][a-z0-9]*)?", voice) is not None
 
 
 def _espeak_utterance(kind: str, split: str, index: int, voices: tuple[str, ...]) -> dict:
