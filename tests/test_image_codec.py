@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fmforge.errors import DataError
 from fmforge.modalities import (MODALITIES, ImageCodec, ImageCodecConfig, image_span, load_image_codec,
@@ -163,3 +165,21 @@ def test_loading_a_missing_or_truncated_image_tokenizer_is_a_clear_error(trained
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(TokenizerError, match="cannot load"):
         load_image_codec(out)
+
+
+@given(steps=st.integers(1, 400))
+@settings(max_examples=60, deadline=None)
+def test_the_codec_schedule_runs_any_number_of_steps(steps):
+    """Warmup then cosine for every step count (torch's OneCycleLR divided by zero at exactly 20 steps)."""
+    from fmforge.modalities.image import warmup_cosine
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    schedule = warmup_cosine(optimizer, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(0 <= rate <= 1 for rate in rates) and max(rates) == pytest.approx(1.0)
+    assert rates[-1] <= rates[len(rates) // 2] + 1e-12  # decaying by the end

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, TokenizerError
 from ..fileio import atomic_directory
-from .image import FSQ
+from .image import FSQ, warmup_cosine
 
 AUDIO_BEGIN_ID = 9   # "<|audio|>" in tokenizer.SPECIAL_TOKENS (tests check they agree)
 AUDIO_END_ID = 10    # "<|/audio|>"
@@ -394,7 +394,7 @@ def train_audio_codec(waves: list, config: AudioCodecConfig, steps: int = 1500, 
     mels = [codec.normalised_mel(wave) for wave in train]  # (n_mels, T_i) each, computed once
     crop = -(-round(crop_seconds * config.frames_per_second) // config.downsample) * config.downsample
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = warmup_cosine(optimizer, steps)
     started = time.perf_counter()
     codec.train()
     for _ in range(steps):

@@ -188,6 +188,19 @@ def evaluate_image_codec(codec: ImageCodec, images: np.ndarray, batch_size: int 
             "perplexity": math.exp(entropy)}
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup_share: float = 0.05):
+    """The codecs' schedule: linear warmup over ~5% of the steps (at least one), then cosine decay to 0. (torch's
+    OneCycleLR divides by zero at exactly 20 steps with a 5% warmup.)"""
+    warmup = max(1, round(warmup_share * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup + 1) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_image_codec(images: np.ndarray, config: ImageCodecConfig, steps: int = 500, lr: float = 2e-3,
                       seed: int = 0, batch_size: int = 32, held_out: float = 0.1,
                       device: str | torch.device = "cpu") -> tuple[ImageCodec, dict]:
@@ -215,7 +228,7 @@ def train_image_codec(images: np.ndarray, config: ImageCodecConfig, steps: int =
     before = evaluate_image_codec(codec, held)
     train_pixels = _as_pixels(train).to(device)
     optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    schedule = warmup_cosine(optimizer, steps)
     sampler = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     codec.train()
