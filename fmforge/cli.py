@@ -652,7 +652,8 @@ def cmd_serve(args) -> None:
         log_level=args.log_level,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         drain_timeout=args.drain_timeout, max_image_bytes=args.max_image_bytes,
-        max_image_pixels=args.max_image_pixels, max_images=args.max_images))
+        max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_audio_bytes=args.max_audio_bytes,
+        max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios))
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -903,6 +904,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="one image's width x height, read from its header before decoding; more is a 400")
     p.add_argument("--max-images", type=int, default=8, help="images in one chat request; more is a 400")
+    p.add_argument("--max-audio-bytes", type=int, default=25 << 20,
+                   help="one audio clip's encoded bytes (chat input_audio, transcription upload); more is a 400")
+    p.add_argument("--max-audio-seconds", type=float, default=30.0,
+                   help="one audio clip's duration, read from its header before decoding; longer is a 400")
+    p.add_argument("--max-audios", type=int, default=8, help="audio clips in one chat request; more is a 400")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 

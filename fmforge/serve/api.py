@@ -1,10 +1,12 @@
-"""The HTTP routes: OpenAI's API (models, completions, chat completions, embeddings, image generations), health,
-metrics, the chat page. Each handler parses its body with the protocol models and hands it to `OpenAIServing`.
+"""The HTTP routes: OpenAI's API (models, completions, chat completions, embeddings, image generations, speech and
+transcriptions), health, metrics, the chat page. Each handler parses its body with the protocol models (the
+transcription upload with `parse_form`) and hands it to `OpenAIServing`.
 
 Every error is OpenAI's JSON ({"error": {"message", "type", "param", "code"}}): malformed JSON 400, fields of the
 wrong type or out of range 422, unsupported features and over-long prompts 400, an image that is not a PNG, JPEG or
-WebP data URL within the caps (or sent to a text-only model) 400, a drawing request the model answered without a
-complete image 422, unknown model 404, missing or
+WebP data URL within the caps (or sent to a text-only model) 400, audio that is not wav/flac/mp3/ogg within the
+caps (or sent to a model without an audio tokenizer) 400, a drawing or speech request the model answered without a
+complete image or audio span 422, unknown model 404, missing or
 wrong API key 401 (every route but /health), a body slower than the read deadline 408, bodies over the limit 413,
 a full queue 429, a server that is shutting down 503, a sequence that failed while generating 500 (the others are
 unaffected). GET /openapi.json describes it all (request bodies included), behind the API key like the rest.
@@ -27,9 +29,10 @@ from starlette.requests import ClientDisconnect
 from ..infer.engine import Engine
 from .metrics import Metrics
 from .middleware import BodyTimeout, BodyTooLarge, Guard, body_timed_out, error_response, too_large
-from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                       ErrorResponse, ImageGenerationRequest, check_unsupported, parse_json_body, validation_error)
-from .serving import ImageLimits, OpenAIServing, ServedModel
+from .protocol import (CLIENT_CLOSED, TRANSCRIPTION_FORMATS, APIError, ChatCompletionRequest, CompletionRequest,
+                       EmbeddingRequest, ErrorResponse, ImageGenerationRequest, SpeechRequest, TranscriptionRequest,
+                       check_unsupported, parse_form, parse_json_body, validation_error)
+from .serving import AudioLimits, ImageLimits, OpenAIServing, ServedModel
 
 ENGINE_WATCH_SECONDS = 0.5
 
@@ -37,16 +40,17 @@ ENGINE_WATCH_SECONDS = 0.5
 def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str] | None = None, *,
                api_key: str | None = None, max_body_bytes: int = 4 << 20, body_timeout: float | None = None,
                base_info: dict | None = None, on_engine_death: Callable[[], None] | None = None,
-               image_limits: ImageLimits | None = None):
+               image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None):
     """The ASGI app (FastAPI inside the Guard middleware); it starts the engine at startup and stops it, after
     the last response, at shutdown. A request body must arrive within `body_timeout` seconds (else 408). If the
     engine's loop dies, /health answers 503 and `on_engine_death` is called (`serve` then exits non-zero, so
-    that a process manager restarts it). `image_limits` caps the images a request may send (vision models)."""
+    that a process manager restarts it). `image_limits` and `audio_limits` cap the images and audio a request may
+    send (multimodal models)."""
     models = {base_name: ServedModel(base_name, 0, base_info or {})}
     for index, name in enumerate(adapter_names or [], start=1):
         models[name] = ServedModel(name, index, engine.adapters[index - 1].info)
     metrics = Metrics(engine)
-    serving = OpenAIServing(engine, models, metrics, image_limits)
+    serving = OpenAIServing(engine, models, metrics, image_limits, audio_limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -102,7 +106,10 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int, body_timeout: float | 
 
 async def parse(request: Request, schema: type[BaseModel]):
     """The body as `schema`: strict JSON, then the protocol model's own validation, then unsupported fields."""
-    body = parse_json_body(await request.body())
+    return validated(schema, parse_json_body(await request.body()))
+
+
+def validated(schema: type[BaseModel], body: dict):
     try:
         parsed = schema.model_validate(body)
     except ValidationError as exc:
@@ -111,11 +118,20 @@ async def parse(request: Request, schema: type[BaseModel]):
     return parsed
 
 
+async def parse_upload(request: Request) -> tuple[TranscriptionRequest, tuple[str, bytes] | None]:
+    """A transcription upload: its form fields as a TranscriptionRequest, and its 'file' part (filename, bytes)."""
+    fields, files = parse_form(request.headers.get("content-type", ""), await request.body())
+    if "model" not in fields and "model" in files:  # a client that sends every field as a file part
+        fields["model"] = files["model"][1].decode("utf-8", "replace")
+    return validated(TranscriptionRequest, fields), files.get("file")
+
+
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
     400: "Malformed JSON, an unsupported feature or value, a prompt that does not fit, a bad or too large image",
     401: "Missing or wrong API key", 404: "Unknown model", 408: "The body did not arrive in time",
     413: "Body too large", 429: "The queue is full",
-    422: "A field of the wrong type or out of range; or a drawing the model ended without a complete image",
+    422: "A field of the wrong type or out of range; or a drawing or speech the model ended without a complete "
+         "image or audio span",
     500: "A sequence failed while generating", 503: "Shutting down, too many connections, or the engine stopped",
 }.items()}
 
@@ -126,6 +142,16 @@ def json_body(model: type[BaseModel]) -> dict:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
+def transcription_body(model_names: list[str]) -> dict:
+    """The multipart request body of /v1/audio/transcriptions (the route reads the raw body itself)."""
+    properties = {name: prop for name, prop in TranscriptionRequest.model_json_schema()["properties"].items()}
+    properties["model"]["enum"] = model_names
+    properties["response_format"]["enum"] = list(TRANSCRIPTION_FORMATS)
+    properties["file"] = {"type": "string", "format": "binary", "description": "the audio: wav, flac, mp3 or ogg"}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": ["file", "model"]}}}}}
+
+
 def openapi_schema(app: FastAPI, model_names: list[str], needs_key: bool) -> dict:
     """FastAPI's schema of the routes, plus the request models (with their nested models, `model` naming the
     served models) and the bearer key."""
@@ -134,11 +160,13 @@ def openapi_schema(app: FastAPI, model_names: list[str], needs_key: bool) -> dic
                              description="OpenAI-compatible API of fmforge serve")
         components = schema.setdefault("components", {})
         models = components.setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ImageGenerationRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ImageGenerationRequest,
+                      SpeechRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             models.update(model_schema.pop("$defs", {}))
             model_schema["properties"]["model"]["enum"] = model_names
             models[model.__name__] = model_schema
+        schema["paths"]["/v1/audio/transcriptions"]["post"].update(transcription_body(model_names))
         if needs_key:
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
@@ -183,6 +211,20 @@ def add_routes(app: FastAPI, serving: OpenAIServing, metrics: Metrics) -> None:
     @app.post("/v1/images/generations", openapi_extra=json_body(ImageGenerationRequest), responses=ERRORS)
     async def image_generations(request: Request):
         return await serving.images(await parse(request, ImageGenerationRequest), request)
+
+    speech_answer = {200: {"description": "The speech: WAV, or raw 16-bit little-endian PCM at X-Sample-Rate Hz",
+                           "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                                       "audio/pcm": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/v1/audio/speech", openapi_extra=json_body(SpeechRequest), responses={**ERRORS, **speech_answer},
+              response_class=Response)
+    async def audio_speech(request: Request):
+        return await serving.speech(await parse(request, SpeechRequest), request)
+
+    @app.post("/v1/audio/transcriptions", responses=ERRORS)
+    async def audio_transcriptions(request: Request):
+        body, file = await parse_upload(request)
+        return await serving.transcriptions(body, file, request)
 
     page = resources.files("fmforge.serve").joinpath("static/chat.html").read_text("utf-8")
 

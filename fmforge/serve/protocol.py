@@ -10,16 +10,25 @@ Images come in as chat content parts {"type": "image_url", "image_url": {"url": 
 `image_url_bytes` takes PNG, JPEG and WebP data URLs only (no URL is ever fetched) and refuses, with a 400 naming
 the part, anything else, bad base64, and data over the byte cap, before the image is decoded. The Images API
 (`ImageGenerationRequest`) answers b64_json only.
+
+Audio comes in as chat content parts {"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}
+(wav, flac, mp3 or ogg; `audio_data_bytes` checks the size from the base64 length before decoding it) and as the
+Audio API's multipart upload (`TranscriptionRequest`, read by `parse_form`). A chat request may set OpenAI's
+`modalities` (["text"], ["text", "audio"]) and `audio` ({"voice", "format": "wav" | "pcm16"}): the format is that of
+the reply's audio; `voice` is accepted and ignored (a model speaks with the one voice it learned), as in
+`SpeechRequest`, whose response_format is "wav" (the default here) or "pcm".
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import email.parser
+import email.policy
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,20 +125,46 @@ class ImageURL(BaseModel):
     detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is fit to the image tokenizer
 
 
+class InputAudio(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    data: str  # base64 of the encoded clip
+    format: str  # wav, flac, mp3 or ogg (checked by the server: a 400 naming the part, not a 422)
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    input_audio: InputAudio | None = None
+
+
+class AssistantAudio(BaseModel):
+    """An assistant message's `audio`, as this server answered it: its `data` goes back in as the reply's audio
+    (this server keeps no audio, so an `id` alone cannot be looked up)."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    id: str | None = None
+    data: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None  # null only beside an assistant's audio
     name: str | None = None
+    audio: AssistantAudio | None = None
+
+
+class AudioOutput(BaseModel):
+    """A chat request's `audio`: the format of the reply's audio; the voice is accepted and ignored."""
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    voice: str | dict[str, Any] | None = None
+    format: str = "wav"  # "wav" or "pcm16" (checked in check_unsupported: a 400)
 
 
 class ChatCompletionRequest(_Request):
@@ -137,6 +172,8 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    modalities: list[str] | None = None  # "text" and "audio"; the model decides whether a reply speaks
+    audio: AudioOutput | None = None
 
 
 class CompletionRequest(_Request):
@@ -184,6 +221,60 @@ class ImageGenerationRequest(BaseModel):
             raise APIError(400, str(exc)) from None
 
 
+class SpeechRequest(BaseModel):
+    """OpenAI's speech body (POST /v1/audio/speech). `voice` is required, as by OpenAI, and ignored; `speed` must be
+    1; `seed` and `temperature` are extensions, as in chat."""
+    model_config = ConfigDict(extra="allow", strict=True)
+    n: ClassVar[int] = 1
+
+    model: str
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | dict[str, Any]
+    response_format: str = "wav"  # "wav" or "pcm" (checked in check_unsupported: a 400, not a 422)
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = None
+    stream_format: str | None = None
+    seed: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+
+    def to_sampling_params(self, vocab_size: int, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+        return _seeded_params(self, vocab_size, max_tokens, logprobs)
+
+
+TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json")
+
+
+class TranscriptionRequest(BaseModel):
+    """The fields of OpenAI's transcription upload (POST /v1/audio/transcriptions, multipart/form-data) besides the
+    file. Form fields arrive as text: numbers are parsed (lax), everything else must be the declared type. `prompt`
+    replaces the transcribe task's instruction; `seed` is an extension."""
+    model_config = ConfigDict(extra="allow")
+    n: ClassVar[int] = 1
+
+    model: str
+    prompt: str | None = None
+    response_format: str = "json"  # json, text or verbose_json (checked in check_unsupported: a 400)
+    temperature: float | None = Field(None, ge=0, le=1)
+    language: str | None = None
+    seed: int | None = None
+
+    def to_sampling_params(self, vocab_size: int, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+        return _seeded_params(self, vocab_size, max_tokens, logprobs, default_temperature=0.0)
+
+
+def _seeded_params(request, vocab_size: int, max_tokens: int, logprobs: int | None,
+                   default_temperature: float = 1.0) -> SamplingParams:
+    """Sampling of the Audio API's requests: temperature and seed only."""
+    if request.seed is not None and not INT64[0] <= request.seed <= INT64[1]:
+        raise APIError(400, f"seed must be a 64-bit signed integer ({INT64[0]} .. {INT64[1]})", param="seed")
+    params = SamplingParams(max_tokens=max_tokens, temperature=default_temperature if request.temperature is None
+                            else request.temperature, seed=request.seed, logprobs=logprobs)
+    try:
+        return params.validate(vocab_size)
+    except GenerationError as exc:
+        raise APIError(400, str(exc)) from None
+
+
 # Data URLs of these media types are accepted, and the bytes must start with one of these formats' signatures.
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 
@@ -229,6 +320,58 @@ def image_url_bytes(url: str, param: str, max_bytes: int) -> bytes:
     return raw
 
 
+def audio_data_bytes(data: str, param: str, max_bytes: int) -> bytes:
+    """The encoded clip of an input_audio part's base64 `data`, at most `max_bytes` (known from the base64 length
+    before decoding). APIError 400 naming `param` for bad base64 or too many bytes; the audio is not looked at."""
+    if len(data) // 4 * 3 > max_bytes + 3:
+        raise APIError(400, f"the audio is about {len(data) // 4 * 3:,} bytes, over this server's {max_bytes:,}-byte "
+                       "limit (--max-audio-bytes)", param=param, code="audio_too_large")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "the audio data is not valid base64", param=param, code="invalid_audio") from None
+    if len(raw) > max_bytes:
+        raise APIError(400, f"the audio is {len(raw):,} bytes, over this server's {max_bytes:,}-byte limit "
+                       "(--max-audio-bytes)", param=param, code="audio_too_large")
+    return raw
+
+
+def parse_form(content_type: str, raw: bytes) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
+    """A multipart/form-data body -> (text fields, files: name -> (filename, bytes)), read with the standard
+    library's MIME parser. A field named twice keeps its last value; names ending in "[]" (OpenAI's list fields)
+    are kept as they are. APIError 400 for another content type or a malformed body."""
+    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type.lower():
+        raise APIError(400, "send the upload as multipart/form-data (a 'file' part and the other fields), not "
+                       f"{content_type.split(';')[0][:60] or 'a body without a Content-Type'}", code="invalid_form")
+    try:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+        parts = list(message.iter_parts()) if message.is_multipart() else []
+    except (ValueError, TypeError, UnicodeError, LookupError) as exc:
+        raise APIError(400, f"the multipart body is malformed: {exc}", code="invalid_form") from None
+    if not parts or message.defects:
+        raise APIError(400, "the multipart body is malformed (no parts, or parts not closed by its boundary)",
+                       code="invalid_form")
+    fields, files = {}, {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "every part of the multipart body needs Content-Disposition: form-data; name=...",
+                           code="invalid_form")
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            files[name] = (str(filename), payload)
+            continue
+        try:
+            fields[name] = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(400, f"the form field '{name[:40]}' is not UTF-8 text", param=name[:40],
+                           code="invalid_value") from None
+        _check_text(fields[name], name)
+    return fields, files
+
+
 # Fields that would change the answer if honoured, with the value that means "not used".
 UNSUPPORTED = {"suffix": None, "echo": False, "tools": None, "functions": None, "tool_choice": None,
                "parallel_tool_calls": None, "audio": None, "modalities": None, "prediction": None,
@@ -239,7 +382,15 @@ def check_unsupported(request: BaseModel) -> None:
     values = {**request.model_dump(exclude_unset=True), **(request.model_extra or {})}
     if isinstance(request, ImageGenerationRequest):
         return _check_image_request(values)
+    if isinstance(request, SpeechRequest):
+        return _check_speech_request(values)
+    if isinstance(request, TranscriptionRequest):
+        return _check_transcription_request(values)
+    if isinstance(request, ChatCompletionRequest):
+        _check_audio_output(values)
     for name, default in UNSUPPORTED.items():
+        if isinstance(request, ChatCompletionRequest) and name in ("audio", "modalities"):
+            continue
         if name in values and values[name] not in (default, None, [], {}):
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
     fmt = values.get("response_format")
@@ -263,6 +414,54 @@ def _check_image_request(values: dict) -> None:
     if values.get("background") not in (None, "auto", "opaque"):
         raise APIError(400, "transparent backgrounds are not supported", param="background",
                        code="unsupported_parameter")
+
+
+def _check_audio_output(values: dict) -> None:
+    modalities = values.get("modalities") or []
+    if any(m not in ("text", "audio") for m in modalities):
+        raise APIError(400, "modalities may hold 'text' and 'audio'", param="modalities", code="invalid_value")
+    fmt = (values.get("audio") or {}).get("format", "wav")
+    if fmt not in ("wav", "pcm16"):
+        raise APIError(400, f"audio.format {str(fmt)[:20]!r} is not supported: this server answers audio as 'wav' or "
+                       "'pcm16'", param="audio.format", code="unsupported_parameter")
+
+
+SPEECH_FORMATS = ("wav", "pcm")
+
+
+def _check_speech_request(values: dict) -> None:
+    fmt = values.get("response_format", "wav")
+    if fmt not in SPEECH_FORMATS:
+        raise APIError(400, f"response_format {str(fmt)[:20]!r} is not supported: this server answers speech as "
+                       f"{' or '.join(repr(f) for f in SPEECH_FORMATS)} (16-bit PCM at the model's sample rate)",
+                       param="response_format", code="unsupported_parameter")
+    if values.get("speed", 1.0) != 1.0:
+        raise APIError(400, "speed other than 1 is not supported (the model speaks at the pace it learned)",
+                       param="speed", code="unsupported_parameter")
+    if values.get("instructions"):
+        raise APIError(400, "'instructions' is not supported by this server", param="instructions",
+                       code="unsupported_parameter")
+    if values.get("stream_format") not in (None, "audio"):
+        raise APIError(400, "streaming speech as server-sent events is not supported", param="stream_format",
+                       code="unsupported_parameter")
+
+
+def _check_transcription_request(values: dict) -> None:
+    fmt = values.get("response_format", "json")
+    if fmt not in TRANSCRIPTION_FORMATS:
+        raise APIError(400, f"response_format {str(fmt)[:20]!r} is not supported: use "
+                       f"{', '.join(repr(f) for f in TRANSCRIPTION_FORMATS)} (this model writes no timestamps, so no "
+                       "'srt' or 'vtt')", param="response_format", code="unsupported_parameter")
+    if values.get("language") not in (None, "", "en"):
+        raise APIError(400, f"language {str(values['language'])[:20]!r} is not supported: the model transcribes "
+                       "English ('en')", param="language", code="unsupported_parameter")
+    if values.get("timestamp_granularities[]", "segment") != "segment":
+        raise APIError(400, "word timestamps are not supported (segment only)", param="timestamp_granularities",
+                       code="unsupported_parameter")
+    for name in ("stream", "include[]", "chunking_strategy"):
+        if values.get(name) not in (None, "", "false"):
+            raise APIError(400, f"'{name.rstrip('[]')}' is not supported by this server", param=name.rstrip("[]"),
+                           code="unsupported_parameter")
 
 
 def validation_error(errors: list[dict]) -> APIError:

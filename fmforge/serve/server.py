@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 
+from ..data.audio import MAX_AUDIO_BYTES, MAX_AUDIO_SECONDS
 from ..errors import CheckpointError, ConfigError, ServingError
 
 
@@ -47,6 +48,9 @@ class ServeOptions:
     max_image_bytes: int = 4 << 20  # one image's encoded bytes (a chat image_url part); more is a 400
     max_image_pixels: int = 4096 * 4096  # one image's width x height, read from its header before decoding
     max_images: int = 8  # images in one chat request
+    max_audio_bytes: int = MAX_AUDIO_BYTES  # one clip's encoded bytes (chat input_audio, transcription upload)
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # one clip's duration, read from its header before decoding
+    max_audios: int = 8  # audio clips in one chat request
 
 
 def parse_adapter_option(value: str) -> tuple[str, str]:
@@ -97,6 +101,8 @@ def build_engine(options: ServeOptions):
                           "--max-connections at least 1")
     if options.max_image_bytes < 1 or options.max_image_pixels < 1 or options.max_images < 0:
         raise ConfigError("--max-image-bytes and --max-image-pixels must be at least 1, --max-images at least 0")
+    if options.max_audio_bytes < 1 or not options.max_audio_seconds > 0 or options.max_audios < 0:
+        raise ConfigError("--max-audio-bytes must be at least 1, --max-audio-seconds > 0, --max-audios at least 0")
     from ..device import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
@@ -118,7 +124,7 @@ def serve(options: ServeOptions) -> None:
 
     from .api import create_app
     from .connections import RepeatFilter, limit_repeated_logs, protocol_class
-    from .serving import ImageLimits
+    from .serving import AudioLimits, ImageLimits
 
     started = time.perf_counter()
     engine, info = build_engine(options)
@@ -131,7 +137,8 @@ def serve(options: ServeOptions) -> None:
     app = create_app(engine, options.model_name, [name for name, _ in options.adapters], api_key=options.api_key,
                      max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout, base_info=info,
                      on_engine_death=on_engine_death,
-                     image_limits=ImageLimits(options.max_image_bytes, options.max_image_pixels, options.max_images))
+                     image_limits=ImageLimits(options.max_image_bytes, options.max_image_pixels, options.max_images),
+                     audio_limits=AudioLimits(options.max_audio_bytes, options.max_audio_seconds, options.max_audios))
     serving, metrics = app.app.state.serving, app.metrics
     models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "

@@ -17,6 +17,22 @@ keeps serving. An assistant's text may carry images as markdown data URLs (what 
 they go back in as images. A reply's image span becomes `![image](data:image/png;base64,...)` in its text the
 moment its end marker is sampled (streamed or not). POST /v1/images/generations draws with the chat format: the
 user turn is the prompt, the reply is forced to open an image span (with the asked size's header, if any).
+
+Audio (a checkpoint whose tokenizer has an audio tokenizer): chat input_audio parts ({"data": base64, "format": "wav"
+| "flac" | "mp3" | "ogg"}, caps from `AudioLimits`: bytes checked from the base64 length, the format against the
+bytes, the duration from the header, all before decoding) are decoded to mono at the codec's rate and encoded as
+audio spans in the worker thread too. A reply's audio spans are answered the way OpenAI's audio-output chat answers:
+`message.content` is the reply's text without the spans (never null), and `message.audio` = {"id", "data": base64,
+"expires_at", "transcript"} holds every span of the reply, joined in order, as one WAV file (or raw 16-bit PCM at
+the codec's rate for `audio: {"format": "pcm16"}`); `transcript` is the reply's text (the model writes no separate
+transcript of its speech). A stream sends each span as `delta.audio` {"id", "data", "expires_at"} the moment its end
+marker is sampled, in the same format (pcm16 pieces join into the whole reply; each wav piece is a whole file),
+while text deltas carry the text only. This server keeps no audio: `expires_at` is the reply's own time, and an
+assistant message sent back carries its audio in `audio.data` (as answered, wav) or as input_audio parts.
+POST /v1/audio/transcriptions answers with the transcribe task's chat format (user: [audio, "Transcribe the
+audio."]; `prompt` replaces the instruction), greedy unless `temperature` is given; POST /v1/audio/speech with the
+speak task's (user: "Say: TEXT"), its reply forced to open an audio span; a reply that ends without a complete span
+is a 422, as for drawings.
 """
 
 from __future__ import annotations
@@ -27,15 +43,19 @@ import contextlib
 import json
 import logging
 import re
+import math
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..data.audio import AUDIO_FORMATS, MAX_AUDIO_BYTES, MAX_AUDIO_SECONDS, decode_audio_bytes, encode_pcm16, encode_wav
 from ..data.images import decode_image_bytes, encode_png
+from ..data.speech import PROMPTS, speak_prompt
 from ..data.vision import fit_image
 from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
@@ -43,7 +63,7 @@ from ..modalities import MODALITIES
 from ..modalities.stream import MAX_GRID, has_modality
 from .metrics import Metrics
 from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                       ImageGenerationRequest, image_url_bytes)
+                       ImageGenerationRequest, SpeechRequest, TranscriptionRequest, audio_data_bytes, image_url_bytes)
 
 logger = logging.getLogger("uvicorn.error")  # the server's error log (uvicorn's handler, level and repeat filter)
 
@@ -64,9 +84,26 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
+class AudioLimits:
+    """What one request may send as audio (serve's --max-audio-bytes, --max-audio-seconds, --max-audios)."""
+    max_bytes: int = MAX_AUDIO_BYTES  # encoded bytes of one clip (the request body's own limit comes first)
+    max_seconds: float = MAX_AUDIO_SECONDS  # one clip's duration, read from its header before it is decoded
+    max_audios: int = 8  # clips in one chat request (every message together)
+
+
+@dataclass(frozen=True)
 class ImageInput:
     """An image of a chat request, not yet decoded: its data URL and the request field it came from."""
     url: str
+    param: str
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """A clip of a request, not yet decoded: its bytes (base64 for a chat part), its declared format (None: any
+    AUDIO_FORMATS container) and the request field it came from."""
+    data: str | bytes
+    format: str | None
     param: str
 
 
@@ -90,8 +127,8 @@ class DrainDeadline(Exception):
 @dataclass
 class _Job:
     """The sequences of one request and the queue their events arrive on (index = prompt x n + choice)."""
-    kind: str  # "chat" | "completion" | "image"
-    body: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest
+    kind: str  # "chat" | "completion" | "image" | "speech" | "transcription"
+    body: ChatCompletionRequest | CompletionRequest | ImageGenerationRequest | SpeechRequest | TranscriptionRequest
     prompts: list[list[int]]
     sequences: list[Sequence]
     events: asyncio.Queue
@@ -112,28 +149,31 @@ class _Output:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    waves: list[np.ndarray] = field(default_factory=list)  # a chat reply's audio spans, decoded
 
 
 class _Reply:
-    """A chat choice of a vision model as it grows: the engine's text without the image markers' own text, and each
-    image span as markdown once its end marker arrives. Text that could be the start of a marker is held back (a
-    stop string can make the engine hand a marker's text over in two pieces)."""
+    """A chat choice of a multimodal model as it grows: the engine's text without the span markers' own text, each
+    image span as markdown once its end marker arrives, each audio span as nothing (its audio goes beside the
+    text). Text that could be the start of a marker is held back (a stop string can make the engine hand a marker's
+    text over in two pieces)."""
 
-    def __init__(self):
-        image = MODALITIES["image"]
-        self.begin_id, self.end_id = image.begin_id, image.end_id
-        self.begin_text, self.end_text = image.begin_token, image.end_token
-        self.span: list[int] | None = None  # the ids of the image span being written
-        self.images: list[str] = []  # markdown of finished spans whose end marker text has not been fed yet
+    def __init__(self, modalities: tuple[str, ...] = tuple(MODALITIES)):
+        kinds = [MODALITIES[name] for name in modalities]
+        self.end_ids = {kind.begin_id: kind.end_id for kind in kinds}
+        self.markers = [marker for kind in kinds for marker in (kind.begin_token, kind.end_token)]
+        self.image_end = MODALITIES["image"].end_token if "image" in modalities else None
+        self.span: list[int] | None = None  # the ids of the span being written
+        self.images: list[str] = []  # markdown of finished image spans whose end marker text has not been fed yet
         self.pending = ""
 
     def track(self, token_id: int | None) -> list[int] | None:
-        """Follow the span grammar; the whole span's ids when `token_id` ends one."""
-        if token_id == self.begin_id:
+        """Follow the span grammar; the whole span's ids when `token_id` ends one (span[0] says its modality)."""
+        if token_id in self.end_ids:
             self.span = [token_id]
         elif self.span is not None and token_id is not None:
             self.span.append(token_id)
-            if token_id == self.end_id:
+            if token_id == self.end_ids[self.span[0]]:
                 span, self.span = self.span, None
                 return span
         return None
@@ -143,18 +183,17 @@ class _Reply:
         self.pending += text
         out = []
         while True:
-            found = [(at, marker) for marker in (self.begin_text, self.end_text)
-                     if (at := self.pending.find(marker)) != -1]
+            found = [(at, marker) for marker in self.markers if (at := self.pending.find(marker)) != -1]
             if not found:
                 break
             at, marker = min(found)
             out.append(self.pending[:at])
-            if marker == self.end_text and self.images:
+            if marker == self.image_end and self.images:
                 out.append(self.images.pop(0))
             self.pending = self.pending[at + len(marker):]
         keep = 0
         if not final:  # the longest tail that could grow into a marker
-            keep = max((k for marker in (self.begin_text, self.end_text) for k in range(1, len(marker))
+            keep = max((k for marker in self.markers for k in range(1, len(marker))
                         if self.pending.endswith(marker[:k])), default=0)
         out.append(self.pending[:len(self.pending) - keep])
         self.pending = self.pending[len(self.pending) - keep:]
@@ -173,11 +212,14 @@ def cancel_all(sequences: list[Sequence]) -> int:
 
 class OpenAIServing:
     def __init__(self, engine: Engine, models: dict[str, ServedModel], metrics: Metrics,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None):
         self.engine, self.models, self.metrics = engine, models, metrics
         self.tokenizer = engine.tokenizer
         self.sees_images = has_modality(self.tokenizer, "image")
+        self.hears_audio = has_modality(self.tokenizer, "audio")
+        self.media = tuple(name for name in MODALITIES if has_modality(self.tokenizer, name))
         self.image_limits = image_limits or ImageLimits()
+        self.audio_limits = audio_limits or AudioLimits()
         self.vocab_size = engine.model.config.vocab_size
         self.chat_stops = self.tokenizer.chat_stop_ids()
         self.created = int(time.time())
@@ -239,9 +281,12 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self.pick_generator(body.model)
-        messages, images = self.chat_messages(body)
-        if images:  # decoding and encoding images is CPU work: off the event loop
-            ids = await asyncio.to_thread(lambda: self.encode_chat(self.with_images(messages)))
+        messages, media = self.chat_messages(body)
+        if "audio" in (body.modalities or []) and not self.hears_audio:
+            raise APIError(400, f"the model '{body.model}' cannot answer with audio: it has no audio tokenizer",
+                           param="modalities", code="unsupported_model")
+        if media:  # decoding and encoding images and audio is CPU work: off the event loop
+            ids = await asyncio.to_thread(lambda: self.encode_chat(self.with_media(messages)))
         else:
             ids = self.encode_chat(messages)
         self.check_length(ids, "messages")
@@ -253,35 +298,24 @@ class OpenAIServing:
         return await self.respond(job, request)
 
     def chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict], int]:
-        """The messages as encode_chat takes them (content: a string, or a list of strings and ImageInput, which
-        `with_images` decodes), and how many images they hold. APIError 400 naming the part for a part this model
-        cannot read, or too many images."""
-        messages, images = [], 0
+        """The messages as encode_chat takes them (content: a string, or a list of strings, ImageInput and
+        AudioInput, which `with_media` decodes), and how many images and clips they hold. APIError 400 naming the
+        part for a part this model cannot read, or too many images or clips."""
+        messages, images, clips = [], 0, 0
         for i, m in enumerate(body.messages):
             parts: list = [m.content] if isinstance(m.content, str) else []
-            for j, part in enumerate([] if isinstance(m.content, str) else m.content):
-                where = f"messages.{i}.content.{j}"
-                if part.type == "text":
-                    if part.text is None:
-                        raise APIError(400, "a text content part needs 'text'", param=f"{where}.text")
-                    parts.append(part.text)
-                elif part.type == "image_url" and not self.sees_images:
-                    raise APIError(400, f"the model '{body.model}' does not accept images (content parts of type "
-                                   "'image_url'): it reads text only", param=f"{where}.type",
-                                   code="unsupported_content_type")
-                elif part.type == "image_url":
-                    if part.image_url is None:
-                        raise APIError(400, "an image_url content part needs 'image_url': {'url': ...}",
-                                       param=f"{where}.image_url")
-                    parts.append(ImageInput(part.image_url.url, f"{where}.image_url.url"))
-                else:
-                    reads = "text and images" if self.sees_images else "text only"
-                    raise APIError(400, f"content parts of type '{part.type}' are not supported by this model "
-                                   f"(it reads {reads})", param=f"{where}.type", code="unsupported_content_type")
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                parts.append(self.content_part(body.model, part, f"messages.{i}.content.{j}"))
             if self.sees_images and m.role == "assistant":  # images this server answered with, sent back
                 parts = [piece for part in parts for piece in
                          (_markdown_images(part, f"messages.{i}.content") if isinstance(part, str) else [part])]
+            if m.audio is not None:
+                parts.append(self.assistant_audio(body.model, m.role, m.audio, f"messages.{i}.audio"))
+            elif m.content is None:
+                raise APIError(400, "a message's content may be null only beside an assistant's audio",
+                               param=f"messages.{i}.content")
             images += sum(isinstance(part, ImageInput) for part in parts)
+            clips += sum(isinstance(part, AudioInput) for part in parts)
             if all(isinstance(part, str) for part in parts):
                 parts = "".join(parts)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": parts})
@@ -289,14 +323,73 @@ class OpenAIServing:
             raise APIError(400, f"this request holds {images} images; this server takes at most "
                            f"{self.image_limits.max_images} per request (--max-images)", param="messages",
                            code="too_many_images")
-        return messages, images
+        if clips > self.audio_limits.max_audios:
+            raise APIError(400, f"this request holds {clips} audio clips; this server takes at most "
+                           f"{self.audio_limits.max_audios} per request (--max-audios)", param="messages",
+                           code="too_many_audio_clips")
+        return messages, images + clips
 
-    def with_images(self, messages: list[dict]) -> list[dict]:
-        """The messages with every ImageInput decoded (caps checked before decoding) and fit to the image
-        tokenizer, as {"type": "image", "image": (H, W, 3) uint8} parts. Runs in a worker thread."""
+    def content_part(self, model: str, part, where: str):
+        """A chat content part as text, ImageInput or AudioInput; APIError 400 naming it if this model cannot read
+        it or it lacks its field."""
+        kinds = {"image_url": ("image", "images"), "input_audio": ("audio", "audio")}
+        if part.type == "text":
+            if part.text is None:
+                raise APIError(400, "a text content part needs 'text'", param=f"{where}.text")
+            return part.text
+        if part.type not in kinds:
+            raise APIError(400, f"content parts of type '{part.type}' are not supported by this model (it reads "
+                           f"{self.reads()})", param=f"{where}.type", code="unsupported_content_type")
+        modality, plural = kinds[part.type]
+        if modality not in self.media:
+            raise APIError(400, f"the model '{model}' does not accept {plural} (content parts of type "
+                           f"'{part.type}'): it reads {self.reads()}", param=f"{where}.type",
+                           code="unsupported_content_type")
+        if part.type == "image_url":
+            if part.image_url is None:
+                raise APIError(400, "an image_url content part needs 'image_url': {'url': ...}",
+                               param=f"{where}.image_url")
+            return ImageInput(part.image_url.url, f"{where}.image_url.url")
+        if part.input_audio is None:
+            raise APIError(400, "an input_audio content part needs 'input_audio': {'data': BASE64, 'format': "
+                           "'wav'}", param=f"{where}.input_audio")
+        return AudioInput(part.input_audio.data, self.audio_format(part.input_audio.format,
+                                                                   f"{where}.input_audio.format"),
+                          f"{where}.input_audio.data")
+
+    def assistant_audio(self, model: str, role: str, audio, where: str) -> AudioInput:
+        """An assistant message's `audio` (as this server answered it) as the reply's audio, after its text."""
+        if role != "assistant":
+            raise APIError(400, "only an assistant message carries 'audio' (send a user's audio as an input_audio "
+                           "content part)", param=where)
+        if not self.hears_audio:
+            raise APIError(400, f"the model '{model}' does not accept audio: it reads {self.reads()}", param=where,
+                           code="unsupported_content_type")
+        if audio.data is None:
+            raise APIError(400, "this server keeps no audio between requests: send the reply's audio back with its "
+                           "'data' (as answered), or as an input_audio content part", param=f"{where}.data")
+        return AudioInput(audio.data, "wav", f"{where}.data")
+
+    def reads(self) -> str:
+        return {(): "text only", ("image",): "text and images", ("audio",): "text and audio",
+                ("image", "audio"): "text, images and audio"}[self.media]
+
+    @staticmethod
+    def audio_format(format: str, param: str) -> str:
+        if format.lower() not in AUDIO_FORMATS:
+            raise APIError(400, f"audio format {format[:20]!r} is not supported; use one of "
+                           f"{', '.join(AUDIO_FORMATS)}", param=param, code="unsupported_audio_format")
+        return format.lower()
+
+    def with_media(self, messages: list[dict]) -> list[dict]:
+        """The messages with every ImageInput and AudioInput decoded (caps checked before decoding): images fit to
+        the image tokenizer, {"type": "image", "image": (H, W, 3) uint8}; audio at the codec's rate, {"type":
+        "audio", "audio": (samples,) float32}. Runs in a worker thread."""
         limits = self.image_limits
 
         def decoded(part):
+            if isinstance(part, AudioInput):
+                return {"type": "audio", "audio": self.decode_audio(part)}
             if not isinstance(part, ImageInput):
                 return part
             data = image_url_bytes(part.url, part.param, limits.max_bytes)
@@ -310,12 +403,29 @@ class OpenAIServing:
         return [{**m, "content": [decoded(part) for part in m["content"]]} if isinstance(m["content"], list) else m
                 for m in messages]
 
+    def decode_audio(self, clip: AudioInput) -> np.ndarray:
+        """A clip as (samples,) float32 mono at the codec's rate: at most --max-audio-bytes and --max-audio-seconds
+        (and what one audio span holds), checked before decoding. APIError 400 naming its field otherwise."""
+        limits, codec = self.audio_limits, self.tokenizer.codecs["audio"].config
+        data = clip.data if isinstance(clip.data, bytes) else audio_data_bytes(clip.data, clip.param, limits.max_bytes)
+        if len(data) > limits.max_bytes:  # an upload
+            raise APIError(400, f"the audio is {len(data):,} bytes, over this server's {limits.max_bytes:,}-byte limit "
+                           "(--max-audio-bytes)", param=clip.param, code="audio_too_large")
+        try:
+            return decode_audio_bytes(data, codec.sample_rate, where=clip.param, format=clip.format,
+                                      max_bytes=limits.max_bytes,
+                                      max_seconds=min(limits.max_seconds, codec.max_seconds))  # what a span holds
+        except DataError as exc:
+            too_long = "second limit" in str(exc)
+            raise APIError(400, str(exc), param=clip.param, code="audio_too_long" if too_long else "invalid_audio"
+                           ) from None
+
     def encode_chat(self, messages: list[dict], param: str = "messages") -> list[int]:
         """The conversation's ids, ready for the assistant's reply; APIError 400 naming `param` if the chat
         template cannot take it."""
         try:
             return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        except TokenizerError as exc:
+        except (TokenizerError, DataError) as exc:
             raise APIError(400, f"'{param}' does not fit this model's chat template: {exc}", param=param) from None
 
     def submit(self, kind: str, body, prompts: list[list[int]], adapter: int, stop_ids: frozenset[int],
@@ -366,7 +476,7 @@ class OpenAIServing:
 
     async def respond(self, job: _Job, request: Request, answer=None) -> Response:
         """Stream the job, or wait for it whole and answer with `answer(job, outputs)` (default: `collect`)."""
-        if job.kind != "image" and job.body.stream:
+        if job.kind in ("chat", "completion") and job.body.stream:
             return _Stream(self.stream(job), job.sequences, self.metrics)
         watcher = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
@@ -393,7 +503,10 @@ class OpenAIServing:
                 self.log_failure(job, event)
                 raise APIError(500, f"generation failed: {event.error}", type="server_error", code="generation_failed")
             output = outputs[index]
-            output.pieces.append(await self.piece(replies, index, event))
+            text, wave = await self.piece(replies, index, event)
+            output.pieces.append(text)
+            if wave is not None:
+                output.waves.append(wave)
             if event.token_id is not None:
                 output.token_ids.append(event.token_id)
             if event.logprob is not None:
@@ -405,18 +518,21 @@ class OpenAIServing:
         return outputs
 
     def replies(self, job: _Job) -> list[_Reply] | None:
-        """A _Reply per choice when a chat reply may hold images, else None (the engine's text as it is)."""
-        return [_Reply() for _ in job.sequences] if self.sees_images and job.kind == "chat" else None
+        """A _Reply per choice when a chat reply may hold media spans, else None (the engine's text as it is)."""
+        return [_Reply(self.media) for _ in job.sequences] if self.media and job.kind == "chat" else None
 
-    async def piece(self, replies: list[_Reply] | None, index: int, event: Event) -> str:
-        """The text to show for an event: the engine's text, or for a vision model's chat, with images rendered."""
+    async def piece(self, replies: list[_Reply] | None, index: int, event: Event) -> tuple[str, np.ndarray | None]:
+        """The text to show for an event (the engine's text, or for a multimodal model's chat, with images
+        rendered and audio spans left out), and the audio of the span the event ends, if it ends one."""
         if replies is None:
-            return event.text
-        reply = replies[index]
+            return event.text, None
+        reply, wave = replies[index], None
         span = reply.track(event.token_id)
-        if span is not None:
+        if span is not None and span[0] == MODALITIES["image"].begin_id:
             reply.images.append(await asyncio.to_thread(self.span_markdown, span))
-        return reply.feed(event.text, final=event.finish_reason is not None)
+        elif span is not None:
+            wave = await asyncio.to_thread(self.span_audio, span)
+        return reply.feed(event.text, final=event.finish_reason is not None), wave
 
     def span_markdown(self, span: list[int]) -> str:
         """A complete image span as a markdown image (a PNG data URL); "" if it does not decode."""
@@ -426,12 +542,33 @@ class OpenAIServing:
             logger.error("An image span of %d ids did not decode: %s", len(span), exc)
             return ""
 
+    def span_audio(self, span: list[int]) -> np.ndarray | None:
+        """A complete audio span as a waveform at the codec's rate; None if it does not decode."""
+        try:
+            return self.tokenizer.decode_audio(span)[0]
+        except (DataError, IndexError) as exc:  # as for images: logged, and the reply goes on without it
+            logger.error("An audio span of %d ids did not decode: %s", len(span), exc)
+            return None
+
+    def audio_message(self, waves: list[np.ndarray], transcript: str | None, format: str) -> dict:
+        """OpenAI's `message.audio` (or, without a transcript, a stream's `delta.audio`): the waves joined, as a
+        base64 WAV file or raw 16-bit PCM at the codec's rate."""
+        wave = np.concatenate(waves)
+        rate = self.tokenizer.codecs["audio"].config.sample_rate
+        data = encode_pcm16(wave) if format == "pcm16" else encode_wav(wave, rate)
+        audio = {"id": "audio_" + uuid.uuid4().hex, "data": base64.b64encode(data).decode("ascii"),
+                 "expires_at": int(time.time())}
+        return audio if transcript is None else {**audio, "transcript": transcript}
+
     async def collect(self, job: _Job, outputs: list[_Output]) -> JSONResponse:
         choices = []
         for i, output in enumerate(outputs):
             text = "".join(output.pieces)
             if job.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                message = {"role": "assistant", "content": text}
+                if output.waves:
+                    message["audio"] = self.audio_message(output.waves, text, self.audio_format_of(job.body))
+                choices.append({"index": i, "message": message,
                                 "logprobs": chat_logprobs(output.logprobs) if job.logprobs is not None else None,
                                 "finish_reason": output.finish_reason})
             else:
@@ -469,12 +606,14 @@ class OpenAIServing:
             counts[index] = event.completion_tokens
             if event.finish_reason:
                 done += 1
-            text = await self.piece(replies, index, event)
-            if not text and event.finish_reason is None and event.logprob is None:
+            text, wave = await self.piece(replies, index, event)
+            if not text and wave is None and event.finish_reason is None and event.logprob is None:
                 continue
             entries = [event.logprob] if event.logprob is not None else []
             if job.kind == "chat":
                 delta = {"content": text} if text or event.finish_reason is None else {}
+                if wave is not None:
+                    delta["audio"] = self.audio_message([wave], None, self.audio_format_of(job.body))
                 choice = {"index": index, "delta": delta,
                           "logprobs": chat_logprobs(entries) if job.logprobs is not None else None,
                           "finish_reason": event.finish_reason}
@@ -514,6 +653,10 @@ class OpenAIServing:
         if self.draining_deadline is None:
             return None
         return max(0.0, self.draining_deadline - time.monotonic())
+
+    @staticmethod
+    def audio_format_of(body: ChatCompletionRequest) -> str:
+        return body.audio.format if body.audio is not None else "wav"
 
     def log_failure(self, job: _Job, event: Event) -> None:
         logger.error("A %s request for model '%s' failed while generating: %s", job.kind, job.body.model,
@@ -631,6 +774,88 @@ class OpenAIServing:
                 images = []
             drawn.append(encode_png(images[0]) if images else None)
         return drawn
+
+    # ---- audio ----------------------------------------------------------------------------------------------------
+
+    def pick_listener(self, name: str) -> ServedModel:
+        """`pick`, for the Audio API: the checkpoint must have an audio tokenizer."""
+        served = self.pick_generator(name)
+        if not self.hears_audio:
+            raise APIError(400, f"the model '{name}' does not accept audio: it has no audio tokenizer", param="model",
+                           code="unsupported_model")
+        return served
+
+    async def speech(self, body: SpeechRequest, request: Request) -> Response:
+        """POST /v1/audio/speech: the input spoken, as WAV bytes or raw 16-bit PCM (X-Sample-Rate says the rate)."""
+        served = self.pick_listener(body.model)
+        audio = MODALITIES["audio"]
+        # The chat format the speak task trains: the user turn is "Say: TEXT", and the reply is an audio span.
+        forced = [audio.begin_id]
+        prompt = self.encode_chat([{"role": "user", "content": speak_prompt(body.input)}], "input") + forced
+        self.check_length(prompt, "input")
+        # rows and codes per row, then at most MAX_GRID x MAX_GRID codes and the end marker
+        max_tokens = min(self.engine.max_context - len(prompt), 2 + MAX_GRID * MAX_GRID + 1)
+        job = self.submit("speech", body, [prompt], served.adapter, self.chat_stops | {audio.end_id}, max_tokens,
+                          None)
+
+        async def answer(job: _Job, outputs: list[_Output]) -> Response:
+            (output,) = outputs
+            wave = await asyncio.to_thread(self.span_audio, forced + output.token_ids) \
+                if output.token_ids and output.token_ids[-1] == audio.end_id else None
+            if wave is None:
+                raise APIError(422, f"the model spoke no complete audio span ({output.completion_tokens} tokens, "
+                               f"finish_reason {output.finish_reason!r}, the context left room for {max_tokens}); "
+                               "shorten the input", param="input", code="no_audio_generated")
+            rate = self.tokenizer.codecs["audio"].config.sample_rate
+            headers = {"X-Sample-Rate": str(rate), "X-Usage-Input-Tokens": str(len(prompt)),
+                       "X-Usage-Output-Tokens": str(output.completion_tokens)}
+            if body.response_format == "pcm":
+                return Response(encode_pcm16(wave), media_type="audio/pcm", headers=headers)
+            return Response(encode_wav(wave, rate), media_type="audio/wav", headers=headers)
+
+        return await self.respond(job, request, answer)
+
+    async def transcriptions(self, body: TranscriptionRequest, file: tuple[str, bytes] | None,
+                             request: Request) -> Response:
+        """POST /v1/audio/transcriptions: the uploaded clip's transcript, as json, text or verbose_json."""
+        served = self.pick_listener(body.model)
+        if file is None:
+            raise APIError(400, "the upload needs a 'file' part holding the audio (wav, flac, mp3 or ogg)",
+                           param="file", code="invalid_value")
+        clip = AudioInput(file[1], None, "file")
+        wave = await asyncio.to_thread(self.decode_audio, clip)
+        rate = self.tokenizer.codecs["audio"].config.sample_rate
+        # The chat format the transcribe task trains: the user turn is the audio and the instruction.
+        content = [{"type": "audio", "audio": wave}, body.prompt or PROMPTS["transcribe"]]
+        prompt = await asyncio.to_thread(self.encode_chat, [{"role": "user", "content": content}], "file")
+        self.check_length(prompt, "file")
+        verbose = body.response_format == "verbose_json"
+        job = self.submit("transcription", body, [prompt], served.adapter, self.chat_stops, None,
+                          0 if verbose else None)
+
+        async def answer(job: _Job, outputs: list[_Output]) -> Response:
+            (output,) = outputs
+            text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True).strip()
+            if body.response_format == "text":
+                return Response(text, media_type="text/plain; charset=utf-8")
+            if not verbose:
+                audio_tokens = sum(end - start for name, start, end in self.tokenizer.spans(prompt) if name == "audio")
+                return JSONResponse({"text": text, "usage": {
+                    "type": "tokens", "input_tokens": len(prompt), "output_tokens": output.completion_tokens,
+                    "total_tokens": len(prompt) + output.completion_tokens,
+                    "input_token_details": {"text_tokens": len(prompt) - audio_tokens, "audio_tokens": audio_tokens}}})
+            duration = len(wave) / rate
+            logprobs = [entry.logprob for entry in output.logprobs]
+            encoded = text.encode("utf-8")
+            segment = {"id": 0, "seek": 0, "start": 0.0, "end": duration, "text": text, "tokens": output.token_ids,
+                       "temperature": body.temperature or 0.0,
+                       "avg_logprob": sum(logprobs) / len(logprobs) if logprobs else 0.0,
+                       "compression_ratio": len(encoded) / len(zlib.compress(encoded)) if encoded else 0.0}
+            return JSONResponse({"task": "transcribe", "language": "english", "duration": duration, "text": text,
+                                 "segments": [segment] if text else [],
+                                 "usage": {"type": "duration", "seconds": math.ceil(duration)}})
+
+        return await self.respond(job, request, answer)
 
     # ---- prompts -------------------------------------------------------------------------------------------------
 
