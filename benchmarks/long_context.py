@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--layers", type=int, default=4, help="the base's layers (default 4)")
+    parser.add_argument("--width", type=int, default=128, help="the base's width (default 128; heads of 32)")
     parser.add_argument("--factor", type=float, default=4.0,
                         help="the scaling factor of linear/ntk/yarn (default 4: the extension's length over T; a larger "
                              "one leaves headroom past it)")
@@ -174,6 +176,9 @@ def main() -> None:
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         parser.error(f"unknown --methods {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    if args.width < 32 or args.width % 32 or args.layers < 1:
+        parser.error(f"--width must be a multiple of 32 (heads of 32) and --layers >= 1, got {args.width}, "
+                     f"{args.layers}")
     if args.factor < 1:
         parser.error(f"--factor must be >= 1, got {args.factor}")
     methods = {m: METHODS[m] and {**METHODS[m], "factor": args.factor} for m in args.methods.split(",")}
@@ -214,7 +219,8 @@ def main() -> None:
 
     # 2. the base at context T
     base = work / "base"
-    common = ["--model.n_layer", 4, "--model.n_embd", 128, "--model.n_head", 4, "--train.batch_size", 16,
+    common = ["--model.n_layer", args.layers, "--model.n_embd", args.width, "--model.n_head", args.width // 32,
+              "--train.batch_size", 16,
               "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", 0]
     if stage(f"base at context {T} ({base_steps} steps)", base / "latest"):
         mixture = json.dumps({str(data["text"]): 0.5, str(data["short"]): 1.0, str(data["copy"]): 2.0})
@@ -307,7 +313,7 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
         f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}` — {minutes:.0f} min, load average "
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
-        f"Base: 4 layers, width 128, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
+        f"Base: {args.layers} layers, width {args.width}, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
         f"passkey documents up to {T} tokens + copy drills, 0.5:1:2). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
         f"tokens on Shakespeare + passkey documents up to {4 * T} tokens + copy drills, 1:1:0.5. Passkey: {prompts} held-out prompts per "
