@@ -550,13 +550,14 @@ class OpenAIServing:
             logger.error("An audio span of %d ids did not decode: %s", len(span), exc)
             return None
 
-    def audio_message(self, waves: list[np.ndarray], transcript: str | None, format: str) -> dict:
+    def audio_message(self, waves: list[np.ndarray], transcript: str | None, format: str,
+                      audio_id: str | None = None) -> dict:
         """OpenAI's `message.audio` (or, without a transcript, a stream's `delta.audio`): the waves joined, as a
         base64 WAV file or raw 16-bit PCM at the codec's rate."""
         wave = np.concatenate(waves)
         rate = self.tokenizer.codecs["audio"].config.sample_rate
         data = encode_pcm16(wave) if format == "pcm16" else encode_wav(wave, rate)
-        audio = {"id": "audio_" + uuid.uuid4().hex, "data": base64.b64encode(data).decode("ascii"),
+        audio = {"id": audio_id or "audio_" + uuid.uuid4().hex, "data": base64.b64encode(data).decode("ascii"),
                  "expires_at": int(time.time())}
         return audio if transcript is None else {**audio, "transcript": transcript}
 
@@ -585,6 +586,7 @@ class OpenAIServing:
         include_usage = bool((job.body.stream_options or {}).get("include_usage"))
         counts, offsets, done = [0] * total, [0] * total, 0
         replies = self.replies(job)
+        audio_ids = ["audio_" + uuid.uuid4().hex for _ in range(total)]  # one per choice, as OpenAI streams it
         if job.kind == "chat":
             for i in range(total):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -613,7 +615,7 @@ class OpenAIServing:
             if job.kind == "chat":
                 delta = {"content": text} if text or event.finish_reason is None else {}
                 if wave is not None:
-                    delta["audio"] = self.audio_message([wave], None, self.audio_format_of(job.body))
+                    delta["audio"] = self.audio_message([wave], None, self.audio_format_of(job.body), audio_ids[index])
                 choice = {"index": index, "delta": delta,
                           "logprobs": chat_logprobs(entries) if job.logprobs is not None else None,
                           "finish_reason": event.finish_reason}
