@@ -323,7 +323,10 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
 
     for modality, wanted in (("image", args.image or args.output_image), ("audio", args.audio or args.output_audio)):
         if wanted and not has_modality(tokenizer, modality):
-            raise ConfigError(f"{args.checkpoint} has no {modality} tokenizer; use a multimodal checkpoint with "
+            has = getattr(tokenizer, "modalities", [])
+            raise ConfigError(f"{args.checkpoint} " + (f"has no {modality} tokenizer (only {', '.join(has)})" if has
+                                                       else f"reads and writes text only (it has no {modality} "
+                                                       "tokenizer)") + f"; use a multimodal checkpoint with "
                               f"{modality} for --{modality} and --output-{modality}")
     if args.output_image and Path(args.output_image).suffix.lower() != ".png":
         raise ConfigError(f"--output-image {args.output_image}: write a .png file")
@@ -679,7 +682,8 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
     text_tok, media_tok = out / "tokenizer-text", out / "tokenizer"
     data = {"text": out / "data-text", "images": out / "data-images", "audio": out / "data-audio"}
     model_dir = out / "model"
-    banner = lambda text: print(f"\n== {text} [{(time.perf_counter() - started) / 60:.1f} min]", flush=True)  # noqa: E731
+    def banner(text: str) -> None:
+        print(f"\n== {text} [{(time.perf_counter() - started) / 60:.1f} min]", flush=True)
 
     banner("1/6 tokenizers: BPE on the Python standard library, FSQ codecs for images and speech")
     if not (media_tok / "tokenizer_config.json").exists():
@@ -699,7 +703,8 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
                  "--out", str(data["audio"])])
 
     banner("3/6 pretraining one base on the mixture")
-    budget = ["--max_steps", str(args.max_steps)] if args.max_steps is not None else ["--max_minutes", str(args.minutes)]
+    budget = ["--max_steps", str(args.max_steps)] if args.max_steps is not None else \
+        ["--max_minutes", str(args.minutes)]
     mixture = json.dumps({str(data["text"]): 1.0, str(data["images"]): 1.0, str(data["audio"]): 1.0})
     run_command(["pretrain", "--config", "quickstart", "--out_dir", str(model_dir),
                  "--mixture", mixture, *budget, *overrides, "--resume"])

@@ -140,8 +140,8 @@ def test_generate_reads_and_writes_audio(speech_base, tmp_path, capsys):
     clip = tmp_path / "seven.wav"
     soundfile.write(clip, np.stack([spoken("seven")] * 2, axis=1), 16000)  # stereo: downmixed
     out = tmp_path / "reply.wav"
-    assert main(["generate", "--checkpoint", str(speech_base), "--audio", str(clip), "--prompt", "Transcribe the audio.",
-                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert main(["generate", "--checkpoint", str(speech_base), "--audio", str(clip), "--prompt",
+                 "Transcribe the audio.", "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert main(["generate", "--checkpoint", str(speech_base), "--prompt", "Say: seven", "--output-audio", str(out),
                  "--max-new-tokens", "80", "--temperature", "0"]) == 0
     wave, rate = soundfile.read(out)
@@ -152,7 +152,8 @@ def test_generate_reads_and_writes_audio(speech_base, tmp_path, capsys):
     broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     for args in (["--audio", str(broken)], ["--audio", str(tmp_path / "missing.wav")],
                  ["--output-audio", str(tmp_path / "x.mp4")]):
-        assert main(["generate", "--checkpoint", str(speech_base), "--prompt", "hi", "--max-new-tokens", "4", *args]) != 0
+        assert main(["generate", "--checkpoint", str(speech_base), "--prompt", "hi", "--max-new-tokens", "4",
+                     *args]) != 0
     assert not (tmp_path / "x.mp4").exists()
 
 

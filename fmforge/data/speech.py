@@ -180,16 +180,12 @@ def audio_prompt(task: str, record: dict, where: str, tokenizer) -> list[int]:
 
 def audio_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text and/or audio span, <|end|>)."""
+    from .vision import chat_turn_example
+
     _require_audio(tokenizer, where)
     if task == "say" and not has_modality(tokenizer, "image"):
         raise DataError(f"{where}: task say needs a model with an image tokenizer too")
-    user, assistant = turns(task, record, where, tokenizer)
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    prompt = tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
-    tokens = tokenizer.encode_chat(messages)
-    if tokens[:len(prompt)] != prompt:
-        raise DataError(f"{where}: the chat template is not prefix-stable")
-    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)))
+    return chat_turn_example(*turns(task, record, where, tokenizer), tokenizer, where)
 
 
 # ---- built-in: the chain ----------------------------------------------------------------------------------

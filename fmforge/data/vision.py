@@ -199,7 +199,12 @@ def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text or image span and <|end|>)."""
     if not has_modality(tokenizer, "image"):
         raise DataError(f"{where}: task {task} needs a model with an image tokenizer (a multimodal base)")
-    user, assistant = turns(task, record, where, tokenizer)
+    return chat_turn_example(*turns(task, record, where, tokenizer), tokenizer, where)
+
+
+def chat_turn_example(user: list, assistant: list, tokenizer, where: str) -> Example:
+    """One user turn and the assistant's reply (content parts: text and media) as an Example whose loss is on the
+    reply (its text and spans, and <|end|>)."""
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     prompt = tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
     tokens = tokenizer.encode_chat(messages)

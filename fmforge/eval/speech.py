@@ -16,9 +16,8 @@ import numpy as np
 
 from ..data.speech import audio_prompt, codec_rate, record_audio
 from ..errors import DataError
-from ..infer.engine import Engine, GenerationRequest
-from ..infer.sampling import SamplingParams
 from ..modalities.stream import has_modality
+from .vision import record_replies
 
 TEXT_REPLY_TOKENS = 48
 SPEECH_MARGIN = 1.5  # a spoken reply may run this much longer than its reference
@@ -48,14 +47,8 @@ def _require_audio(tokenizer) -> None:
 def replies(model, tokenizer, task: str, records, max_tokens, batch: int = 8) -> list[list[int]]:
     """The greedy reply ids of each record (`max_tokens` an int or one per record)."""
     _require_audio(tokenizer)
-    stop = tokenizer.chat_stop_ids()
-    tokenizer.prime([v for _, record in records for v in record.values() if isinstance(v, np.ndarray)])
-    requests = []
-    for index, (where, record) in enumerate(records):
-        limit = max_tokens[index] if isinstance(max_tokens, list) else max_tokens
-        requests.append(GenerationRequest(audio_prompt(task, record, where, tokenizer),
-                                          SamplingParams(max_tokens=limit, temperature=0), stop_ids=stop))
-    return [c.token_ids for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
+    return record_replies(model, tokenizer, records,
+                          lambda where, record: audio_prompt(task, record, where, tokenizer), max_tokens, batch=batch)
 
 
 def _text(tokenizer, ids) -> str:

@@ -38,6 +38,16 @@ def _require_images(tokenizer) -> None:
 def replies(model, tokenizer, task: str, records, max_tokens, params=None, batch: int = 8) -> list[list[int]]:
     """The generated ids of each record's reply (greedy unless `params`; `max_tokens` an int or one per record)."""
     _require_images(tokenizer)
+
+    def prompt_of(where, record):
+        return vision_prompt(task, record, where, tokenizer)
+
+    return record_replies(model, tokenizer, records, prompt_of, max_tokens, params, batch)
+
+
+def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None, batch: int = 8) -> list[list[int]]:
+    """Replies of a media task's records (the audio tasks' too): their media encoded in batches first, then each
+    prompt_of(where, record) run on the engine to the chat's stop ids."""
     stop = tokenizer.chat_stop_ids()
     tokenizer.prime([v for _, record in records for v in record.values() if isinstance(v, np.ndarray)])
     requests = []
@@ -45,7 +55,7 @@ def replies(model, tokenizer, task: str, records, max_tokens, params=None, batch
         limit = max_tokens[index] if isinstance(max_tokens, list) else max_tokens
         sampling = params[index] if isinstance(params, list) else params or SamplingParams(max_tokens=limit,
                                                                                            temperature=0)
-        requests.append(GenerationRequest(vision_prompt(task, record, where, tokenizer), sampling, stop_ids=stop))
+        requests.append(GenerationRequest(prompt_of(where, record), sampling, stop_ids=stop))
     return [c.token_ids for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
 
 

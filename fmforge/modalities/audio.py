@@ -18,10 +18,9 @@ most `config.max_seconds` of audio (41 s by default: 64 rows of 16 codes at 25 c
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError, TokenizerError
-from ..fileio import atomic_directory
+from ..errors import ConfigError, DataError
+from .codec_files import load_codec, save_codec
 from .image import FSQ, warmup_cosine
 
 AUDIO_BEGIN_ID = 9   # "<|audio|>" in tokenizer.SPECIAL_TOKENS (tests check they agree)
 AUDIO_END_ID = 10    # "<|/audio|>"
 MAX_ROWS = 64        # = stream.MAX_GRID: header values generation may write (tests check they agree)
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "codec.safetensors"
-FORMAT = 1
 
 LOG_FLOOR = math.log(1e-5)  # mel magnitudes are clamped at 1e-5 before the log (as in HiFi-GAN): -11.5 = silence
 LOG_SCALE = 7.0             # normalised = (log_mel - LOG_FLOOR) / LOG_SCALE - 1: silence -1, loud speech ~ +1
@@ -430,49 +426,14 @@ def random_crop(mel: torch.Tensor, frames: int, generator: np.random.Generator) 
 # ---- save / load ---------------------------------------------------------------------------------------------
 
 def save_audio_codec(codec: AudioCodec, path: Path, report: dict | None = None) -> Path:
-    """Write `path/` = config.json + codec.safetensors (+ report.json) atomically: temp dir, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    try:
-        with atomic_directory(path) as tmp:
-            config = {"modality": "audio", "format": FORMAT, **asdict(codec.config),
-                      "levels": list(codec.config.levels), "codebook_size": codec.config.codebook_size,
-                      "codes_per_second": codec.config.codes_per_second}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            state = {name: tensor.detach().cpu().contiguous() for name, tensor in codec.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE))
-            if report is not None:
-                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as exc:
-        raise TokenizerError(f"cannot write audio tokenizer {path}: {exc.strerror or exc}") from None
-    return path
+    """Write `path/` = config.json + codec.safetensors (+ report.json) atomically."""
+    return save_codec(codec, path, "audio", report, codebook_size=codec.config.codebook_size,
+                      codes_per_second=codec.config.codes_per_second)
 
 
 def load_audio_codec(path: Path, device: str | torch.device = "cpu") -> AudioCodec:
     """An AudioCodec from a directory written by save_audio_codec (weights through safetensors only)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise TokenizerError(f"{path} is not an audio tokenizer (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                             f"make one with `fmforge tokenizer train --modality audio`")
-    try:
-        saved = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(saved, dict) or saved.get("modality") != "audio" or saved.get("format") != FORMAT:
-        raise TokenizerError(f"{path / CONFIG_FILE} is not an audio tokenizer of format {FORMAT}")
-    try:
-        config = AudioCodecConfig(**{field.name: saved[field.name] for field in fields(AudioCodecConfig)})
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise TokenizerError(f"{path / CONFIG_FILE} has a bad or missing setting: {exc}") from None
-    codec = AudioCodec(config)
-    try:
-        codec.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-    except Exception as exc:  # a truncated file (SafetensorError) or other shapes (RuntimeError)
-        raise TokenizerError(f"cannot load {path / WEIGHTS_FILE}: {str(exc).splitlines()[0]}") from None
-    return codec.to(device).eval()
+    return load_codec(path, "audio", AudioCodecConfig, AudioCodec, device)
 
 
 # ---- token stream --------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ side is at most the codebook size (1000 for the default levels). Codes follow in
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError, TokenizerError
-from ..fileio import atomic_directory
+from ..errors import ConfigError, DataError
+from .codec_files import load_codec, save_codec
 
 IMAGE_BEGIN_ID = 7  # "<|image|>" in tokenizer.SPECIAL_TOKENS (tests check they agree)
 IMAGE_END_ID = 8    # "<|/image|>"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "codec.safetensors"
-FORMAT = 1
 
 
 @dataclass
@@ -253,45 +249,13 @@ def train_image_codec(images: np.ndarray, config: ImageCodecConfig, steps: int =
 # ---- save / load ------------------------------------------------------------------------------------------
 
 def save_image_codec(codec: ImageCodec, path: Path, report: dict | None = None) -> Path:
-    """Write `path/` = config.json + codec.safetensors (+ report.json) atomically: temp dir, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    try:
-        with atomic_directory(path) as tmp:
-            config = {"modality": "image", "format": FORMAT, **asdict(codec.config),
-                      "levels": list(codec.config.levels), "codebook_size": codec.config.codebook_size}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            state = {name: tensor.detach().cpu().contiguous() for name, tensor in codec.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE))
-            if report is not None:
-                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as exc:
-        raise TokenizerError(f"cannot write image tokenizer {path}: {exc.strerror or exc}") from None
-    return path
+    """Write `path/` = config.json + codec.safetensors (+ report.json) atomically."""
+    return save_codec(codec, path, "image", report, codebook_size=codec.config.codebook_size)
 
 
 def load_image_codec(path: Path, device: str | torch.device = "cpu") -> ImageCodec:
     """An ImageCodec from a directory written by save_image_codec (weights through safetensors only)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise TokenizerError(f"{path} is not an image tokenizer (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                             f"make one with `fmforge tokenizer train --modality image`")
-    try:
-        saved = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
-    if saved.get("modality") != "image" or saved.get("format") != FORMAT:
-        raise TokenizerError(f"{path / CONFIG_FILE} is not an image tokenizer of format {FORMAT}")
-    config = ImageCodecConfig(**{field.name: saved[field.name] for field in fields(ImageCodecConfig)})
-    codec = ImageCodec(config)
-    try:
-        codec.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-    except Exception as exc:  # a truncated file (SafetensorError) or other shapes (RuntimeError)
-        raise TokenizerError(f"cannot load {path / WEIGHTS_FILE}: {str(exc).splitlines()[0]}") from None
-    return codec.to(device).eval()
+    return load_codec(path, "image", ImageCodecConfig, ImageCodec, device)
 
 
 # ---- token stream -----------------------------------------------------------------------------------------
