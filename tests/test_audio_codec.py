@@ -190,7 +190,7 @@ def test_short_training_on_speech_lowers_log_mel_error_and_uses_many_codes(train
     _, report = trained
     assert report["held_out_waves"] == 60 and report["train_waves"] == 540 and report["codes_per_second"] == 25
     assert report["untrained_mse"] > 0.2 and report["mse"] < report["untrained_mse"] / 10
-    assert report["codes_used"] > 50 and report["perplexity"] > 20 and report["untrained_codes_used"] < 10
+    assert report["codes_used"] > 30 and report["perplexity"] > 20 and report["untrained_codes_used"] < 10
     assert report["seconds"] < 30
 
 

@@ -257,7 +257,8 @@ def test_each_vision_task_trains_and_improves_its_metric(multimodal_base, tmp_pa
         task = ["--task", "answer", "--val-fraction", "0"]
     before = _eval(multimodal_base, None, spec, 20, tmp_path, "before")
     out = tmp_path / "specialist"
-    steps = "20" if method == "lora" else "100"
+    # (20 LoRA steps left the edit specialist drawing no image on one CI machine)
+    steps = "60" if method == "lora" else "100"
     assert main(["finetune", "--checkpoint", str(multimodal_base), "--data", data, *task, "--limit", "64",
                  "--method", method, "--out", str(out), "--max_steps", steps, "--batch_size", "8", "--lr", "1e-2",
                  "--eval_interval", steps, "--log_interval", steps, "--eval_tokens", "4096"]) == 0
@@ -265,8 +266,20 @@ def test_each_vision_task_trains_and_improves_its_metric(multimodal_base, tmp_pa
         _eval(out, None, spec, 20, tmp_path, "after")
     assert (after[metric] > before[metric]) if better == "higher" else (after[metric] < before[metric]), \
         (before, after)
-    if dataset == "yes-no":
-        assert after[metric] >= 0.4  # it answers yes or no now (the base answers anything but)
+    if dataset == "yes-no":  # it answers yes or no now (the base answers anything but); which one is a coin flip
+        assert _answers(out, spec.split(":", 1)[1]) <= {"yes", "no"}
+
+
+def _answers(checkpoint: Path, path: str) -> set[str]:
+    """The distinct replies of a specialist to an answer JSONL's questions."""
+    from fmforge.adapt.specialist import load_specialist
+    from fmforge.data.tasks import TASKS, read_records
+    from fmforge.eval.vision import TEXT_REPLY_TOKENS, replies
+
+    model, tokenizer, _, _ = load_specialist(str(checkpoint))
+    records = read_records(TASKS["answer"], path)
+    outputs = replies(model, tokenizer, "answer", records, TEXT_REPLY_TOKENS)
+    return {tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs}
 
 
 def test_vision_task_on_a_text_model_is_one_error_line(checkpoint, tmp_path):

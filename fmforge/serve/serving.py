@@ -312,7 +312,7 @@ class OpenAIServing:
             if m.audio is not None:
                 parts.append(self.assistant_audio(body.model, m.role, m.audio, f"messages.{i}.audio"))
             elif m.content is None:
-                raise APIError(400, "a message's content may be null only beside an assistant's audio",
+                raise APIError(422, "a message's content may be null (or missing) only beside an assistant's audio",
                                param=f"messages.{i}.content")
             images += sum(isinstance(part, ImageInput) for part in parts)
             clips += sum(isinstance(part, AudioInput) for part in parts)
