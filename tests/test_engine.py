@@ -172,6 +172,28 @@ def test_stop_strings_and_queue_limit(base):
         engine.submit(prompt, SamplingParams(max_tokens=2), lambda e: None)
 
 
+def test_stop_ids_may_be_any_collection_of_ids(base):
+    from fmforge.infer.engine import generate_once
+
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompt = prompts_of(tokenizer)[1]
+    full = reference(base, prompt, 12)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    for stops in ([full[3]], (full[3],), {full[3]}):  # a list used to raise TypeError inside the engine
+        result = generate_once(model, tokenizer, prompt, params, stop_ids=stops)
+        assert result.token_ids == full[:full.index(full[3]) + 1] and result.finish_reason == "stop"
+
+
+def test_an_adapter_or_adapter_run_is_not_taken_for_a_model(adapters, tmp_path):
+    with pytest.raises(CheckpointError, match="is a LoRA adapter, not a model"):
+        resolve_checkpoint(adapters[0])
+    run = tmp_path / "lora-run"  # what `fmforge finetune --method lora` leaves: checkpoints/step-N + latest
+    shutil.copytree(adapters[0], run / "checkpoints" / "step-00000002")
+    (run / "latest").write_text("step-00000002")
+    with pytest.raises(CheckpointError, match="is an adapter run"):
+        resolve_checkpoint(run)
+
+
 def test_embeddings_are_unit_vectors_that_depend_on_text_and_adapter(base, adapters):
     model, tokenizer, _ = load_model_and_tokenizer(base)
     engine = Engine(model, tokenizer, [read_adapter("a", adapters[0], base)])

@@ -252,7 +252,7 @@ class Engine:
                                   "shorten the prompt")
         if stop_ids is None:
             stop_ids = frozenset() if self.tokenizer is None else frozenset({self.tokenizer.eos_id})
-        stops = stop_ids | set(params.stop_token_ids)
+        stops = frozenset(stop_ids) | set(params.stop_token_ids)  # any iterable of ids (a list too)
         sequence = Sequence(list(prompt_ids), adapter, params, on_event, stops,
                             TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset))
         with self._cond:
