@@ -263,8 +263,9 @@ def report(quickstart: dict, bpb: dict, judges: dict, served: dict, serve_comman
         "",
         f"The checkpoint: `{quickstart['command']}`"
         + (" (tiny budgets)" if args.quick else " (its defaults: a 10-minute pretraining budget, 600 codec steps, "
-           "150 LoRA steps per skill)") + f", {bpb['steps']} pretraining steps on stdlib code + MNIST/shapes caption<->image "
-        "+ espeak transcript<->speech (1:1:1). Served as one process: "
+           "150 LoRA steps per skill)")
+        + f", {bpb['steps']} pretraining steps on stdlib code + MNIST/shapes caption<->image + espeak "
+        "transcript<->speech (1:1:1). Served as one process: "
         f"`{serve_command.split(' --port')[0]} --adapter ...` ({', '.join(served['models'])}). "
         f"{count} test examples per skill (digits: {max(1, count // 10)} per digit); judges trained here: MNIST CNN "
         f"{judges['image']:.3f} on MNIST test, log-mel digit CNN {judges['audio']['fsdd_test']:.3f} on FSDD test / "
