@@ -53,6 +53,43 @@ def git_state() -> str:
     return commit + (" + uncommitted changes in fmforge/" if dirty else "")
 
 
+# ---- stages: the CLI in this process, cached outputs ------------------------------------------------------------
+
+def cli(*args) -> None:
+    """`fmforge ARGS` in this process; a failure stops the benchmark. Prints how long it took."""
+    from fmforge.cli import main
+    started = time.perf_counter()
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed ({code})")
+    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
+
+
+def stage(name: str, done: Path) -> bool:
+    """Print the stage; whether it still has to run (its output `done` does not exist yet)."""
+    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
+    return not done.exists()
+
+
+def cached_json(path: Path, compute):
+    """The JSON at `path`, or compute() written there first (atomically: a stopped run leaves no half file)."""
+    import json
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
+    return value
+
+
+def latest(run: Path) -> Path:
+    """The newest complete checkpoint of a run directory (or the checkpoint directory itself)."""
+    from fmforge.checkpoint import resolve_checkpoint
+    return resolve_checkpoint(run)
+
+
 # ---- the machine --------------------------------------------------------------------------------------------
 
 def cpu_model() -> str:

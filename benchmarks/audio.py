@@ -35,41 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import HERE, REPO, describe_machine, git_state, write_section
+from _common import HERE, REPO, describe_machine, git_state, write_section, cached_json, cli, latest, stage
 
 BASE_SHAPE = ["--n_layer", "4", "--n_embd", "192", "--n_head", "4", "--n_kv_head", "4", "--context_length", "256"]
 SPEAK_VOICE = "en-us"  # the one voice the speak specialists learn (espeak:KIND@VOICE); the judges heard it in training
 CLAIM_SIZES = (100, 1000)
-
-
-def cli(*args) -> None:
-    """`fmforge ARGS` in this process; a failure stops the benchmark."""
-    from fmforge.cli import main
-    started = time.perf_counter()
-    code = main([str(a) for a in args])
-    if code != 0:
-        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed ({code})")
-    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
-
-
-def stage(name: str, done: Path) -> bool:
-    """Print the stage; whether it still has to run (its output `done` does not exist yet)."""
-    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
-    return not done.exists()
-
-
-def cached_json(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-    return value
-
-
-def latest(run: Path) -> Path:
-    from fmforge.checkpoint import resolve_checkpoint
-    return resolve_checkpoint(run)
 
 
 # ---- features shared by the judges ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, describe_machine, git_state, write_section
+from _common import REPO, describe_machine, git_state, write_section, cli, stage
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -42,19 +42,6 @@ METHODS = {
     "ntk": {"rope_type": "ntk", "factor": 4.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0},  # + original_max_position_embeddings = T
 }
-
-
-def cli(*args) -> None:
-    from fmforge.cli import main
-    started = time.perf_counter()
-    if main([str(a) for a in args]) != 0:
-        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed")
-    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
-
-
-def stage(name: str, done: Path) -> bool:
-    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
-    return not done.exists()
 
 
 # --keys words: the key is one of these words instead of a 5-digit number (see main's help).

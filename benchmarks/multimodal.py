@@ -37,23 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, describe_machine, git_state, write_section
+from _common import REPO, describe_machine, git_state, write_section, cached_json, stage
 
 SKILLS = ("chat", "recognise", "draw", "transcribe", "speak", "say")  # the quickstart's adapters
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def cached_json(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.write_text(json.dumps(value, indent=2) + "\n")
-    return value
-
-
-def stage(name: str, done: Path) -> bool:
-    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
-    return not done.exists()
 
 
 # ---- 1. the quickstart ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, describe_machine, git_state, write_section
+from _common import REPO, describe_machine, git_state, write_section, cached_json, cli, latest
 
 BASE_SHAPE = ["--n_layer", "4", "--n_embd", "256", "--n_head", "4", "--n_kv_head", "4", "--context_length", "128"]
 QUICK_SHAPE = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--n_kv_head", "2", "--context_length", "128"]
@@ -49,30 +49,6 @@ PRETRAIN_LR = 3e-3
 FINETUNE_LR = {"full": 1e-3, "lora": 3e-3}
 LORA_RANK = 32
 BATCH_SIZE = 16  # packed rows of 128 tokens: ~29 sentence pairs a step (29,000 pairs pack into ~16,000 rows)
-
-
-def cli(*args) -> None:
-    """`fmforge ARGS` in this process; a failure stops the benchmark."""
-    from fmforge.cli import main
-    started = time.perf_counter()
-    code = main([str(a) for a in args])
-    if code != 0:
-        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed ({code})")
-    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
-
-
-def cached_json(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-    return value
-
-
-def latest(run: Path) -> Path:
-    from fmforge.checkpoint import resolve_checkpoint
-    return resolve_checkpoint(run)
 
 
 def run_steps(run: Path) -> tuple[int, int] | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import HERE, REPO, describe_machine, git_state, write_section
+from _common import HERE, REPO, describe_machine, git_state, write_section, cached_json, cli, latest, stage
 
 BASE_SHAPE = ["--n_layer", "4", "--n_embd", "256", "--n_head", "4", "--n_kv_head", "4", "--context_length", "352"]
 SPECIALISTS = {  # name -> (built-in dataset, train limit)
@@ -41,21 +41,6 @@ SPECIALISTS = {  # name -> (built-in dataset, train limit)
     "answer": ("shapes-answer", 30000), "read": ("glyphs-read", None), "draw": ("mnist-draw", None),
     "edit": ("shapes-edit", None),
 }
-
-
-def cli(*args: str) -> None:
-    from fmforge.cli import main
-    started = time.perf_counter()
-    code = main([str(a) for a in args])
-    if code != 0:
-        raise SystemExit(f"fmforge {' '.join(map(str, args[:3]))} ... failed ({code})")
-    print(f"  [{time.perf_counter() - started:.0f}s] fmforge {' '.join(map(str, args[:2]))}", flush=True)
-
-
-def stage(name: str, done: Path):
-    """Decorator-free helper: prints the stage and tells whether it still has to run."""
-    print(f"== {name}" + (" (cached)" if done.exists() else ""), flush=True)
-    return not done.exists()
 
 
 # ---- 1. the judge -----------------------------------------------------------------------------------------------
@@ -115,25 +100,11 @@ def load_judge(path: Path):
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
-def latest(run: Path) -> Path:
-    from fmforge.checkpoint import resolve_checkpoint
-    return resolve_checkpoint(run)
-
-
 def scores(checkpoint: Path, adapter: Path | None, dataset: str, limit: int | None) -> dict:
     from fmforge.adapt.specialist import load_specialist
     from fmforge.eval.tasks import run_tasks
     model, tokenizer, _, _ = load_specialist(str(checkpoint), str(adapter) if adapter else None)
     return run_tasks(model, tokenizer, [dataset], limit=limit)[dataset]
-
-
-def cached_json(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-    return value
 
 
 def save_grid(rows: list[list[np.ndarray]], path: Path, scale: int = 3, labels: list[str] | None = None) -> None:
