@@ -165,10 +165,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if (path / "latest").exists():
         target = latest_in_run(path)
-        if not (target / "config.json").exists() and (target / "adapter_config.json").exists():
-            raise CheckpointError(f"{path} is an adapter run ({target.name} holds a LoRA adapter, not a model); "
-                                  "load it on its base checkpoint as an adapter (--adapter)")
         if not (target / "config.json").exists():
+            if (target / "adapter_config.json").exists():
+                raise CheckpointError(f"{path} is an adapter run ({target.name} holds a LoRA adapter, not a model); "
+                                      "load it on its base checkpoint as an adapter (--adapter)")
             raise CheckpointError(f"{path / 'latest'} names {target.name}, which is missing or incomplete")
         return target
     if (path / "adapter_config.json").exists():

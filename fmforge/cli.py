@@ -324,10 +324,10 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
     for modality, wanted in (("image", args.image or args.output_image), ("audio", args.audio or args.output_audio)):
         if wanted and not has_modality(tokenizer, modality):
             has = getattr(tokenizer, "modalities", [])
-            raise ConfigError(f"{args.checkpoint} " + (f"has no {modality} tokenizer (only {', '.join(has)})" if has
-                                                       else f"reads and writes text only (it has no {modality} "
-                                                       "tokenizer)") + f"; use a multimodal checkpoint with "
-                              f"{modality} for --{modality} and --output-{modality}")
+            what = f"has no {modality} tokenizer (only {', '.join(has)})" if has else \
+                f"reads and writes text only (it has no {modality} tokenizer)"
+            raise ConfigError(f"{args.checkpoint} {what}; use a multimodal checkpoint with {modality} for "
+                              f"--{modality} and --output-{modality}")
     if args.output_image and Path(args.output_image).suffix.lower() != ".png":
         raise ConfigError(f"--output-image {args.output_image}: write a .png file")
     if args.output_audio and Path(args.output_audio).suffix.lower() != ".wav":
