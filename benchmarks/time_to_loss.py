@@ -1,29 +1,26 @@
-"""Time to a held-out loss on Tiny Shakespeare: a BPE tokenizer against a byte-level one, same model, same
-wall-clock budget, through the real CLI pipeline (`fmforge prepare`, then `fmforge pretrain`).
+"""Time to quality on Tiny Shakespeare: fmforge's shipped `shakespeare` recipe against nanoGPT's README CPU
+command, side by side in one script, on nanoGPT's split (the first 90% of the file trains, the last 10% scores).
 
-Loss is reported as bits per byte (bpb = nats/token x tokens/bytes / ln 2, from the shard manifest), so that a
-byte-level model and a BPE model of the same text compare. Tiny Shakespeare is ASCII: bits/byte = bits/char.
+nanoGPT is a checkout kept out of this repository (`git clone https://github.com/karpathy/nanoGPT DIR`) passed as
+`--nanogpt DIR`; its files are copied into the work directory, its own `data/shakespeare_char/prepare.py` reads
+our copy of the text (no download) and its `train.py` runs the README's CPU command. Without a checkout the
+nanoGPT column is skipped with a message and fmforge runs alone.
 
-Held-out split. `fmforge prepare` splits by document, and a text file is one document, so the file is first
-cut into ~8 KB documents at blank lines (their concatenation is the file, byte for byte) and written as
-.jsonl; `--val-fraction 0.1` then holds out ~10% of them. Both tokenizers see the same documents and the
-same seed, so the split is identical. The BPE tokenizer is trained on all documents (val included); that
-leaks merge statistics only, as nanoGPT's character vocabulary does.
+fmforge runs as a user does: `fmforge prepare train.txt --val-data val.txt --vocab-size V`, then `fmforge
+pretrain --config shakespeare --max_minutes M` for each budget M (and each --variant: extra recipe overrides,
+for ablations).
 
-Setups (both: recipe `shakespeare` = preset `small`, 6 layers, width 256, context 256 tokens, batch 16,
-lr 3e-3 cosine, precision auto; `--max_minutes` budget; eval every --eval-interval steps on 8k val tokens (the same windows each time),
-the final eval on the whole val split):
-    bpe-2048    byte-level BPE with 2048 ids (the recipe's tokenizer)
-    byte-272    the smallest vocabulary fmforge allows: 16 special tokens + 256 bytes (no merges), i.e. bytes
+Quality is bits per byte on the whole held-out 10% (Tiny Shakespeare is ASCII: bits/byte = bits/char). nanoGPT's
+log estimates its val loss on 20 random 64-character blocks; the script also scores its saved checkpoint on every
+64-character block of the val split with nanoGPT's own model code, so that its final number is not a sample.
+fmforge's final eval covers the whole val split in windows of the recipe's context.
 
-On a shared machine two runs one after the other meet different loads, and `--max_minutes` is turned into a
-step count from a few timed passes at the start, so a load change mid-run stretches one run and not the
-other. By default both runs therefore train at the same time, on half the cores each (one thread each on
-2 cores); `--sequential` gives each run all cores in turn, which is fair only on an idle machine.
+Time: training seconds from the first optimizer step (nanoGPT: from its step-0 eval line; fmforge: metrics.jsonl's
+elapsed_s), evals included, and each process's wall time. The runs go one after the other with the same threads
+(default: all cores), so time this on a quiet machine; the load average is recorded.
 
-    .venv/bin/python benchmarks/time_to_loss.py               # 3 minutes of training (~4 minutes in all)
-    .venv/bin/python benchmarks/time_to_loss.py --quick       # 1 minute
-    .venv/bin/python benchmarks/time_to_loss.py --sequential  # 2 x 3 minutes, all cores each
+    python benchmarks/time_to_loss.py --data ../shared/data/tinyshakespeare.txt --nanogpt ~/nanoGPT
+    python benchmarks/time_to_loss.py --data ... --budgets 1 --variant muon="--optimizer muon" --no-write
 """
 
 from __future__ import annotations
@@ -32,95 +29,147 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import HERE, REPO, RESULTS, cpu_sample, describe_machine, git_state, other_cpu_share, write_section
+import yaml
+from _common import HERE, REPO, RESULTS, describe_machine, git_state, load_average, write_section
 
-DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PLOT = HERE / "time_to_loss.png"
 SECTION = "time_to_loss"
 FMFORGE = [sys.executable, "-m", "fmforge.cli"]
-EVAL_TOKENS = 8192  # val tokens per periodic eval: 32 windows, ~7% of the training time at eval_interval 10
-THRESHOLDS = [4.0, 3.5, 3.0, 2.75, 2.5, 2.25, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5]
-NANOGPT_CHAR_BPB = 1.47 / 0.6931  # nanoGPT shakespeare_char: val loss ~1.47 nats/char on a GPU, ~10M params
+EVAL_TOKENS = 8192  # val tokens per periodic eval of fmforge (the final eval reads the whole val split)
+# nanoGPT README, "I only have a macbook" / CPU: the command a new user runs.
+NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                   "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+                   "--n_head=4", "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+LN2 = 0.6931471805599453
 
 
-def split_into_documents(text: str, target_bytes: int) -> list[str]:
-    """Cut `text` after blank lines into pieces of at least `target_bytes` (the last may be shorter);
-    "".join(pieces) == text."""
-    pieces, start = [], 0
-    while start < len(text):
-        cut = text.find("\n\n", start + target_bytes)
-        end = len(text) if cut == -1 else cut + 2
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+def split_like_nanogpt(text: str) -> tuple[str, str]:
+    """nanoGPT's data/shakespeare_char/prepare.py: the first int(0.9 n) characters train, the rest is val."""
+    cut = int(len(text) * 0.9)
+    return text[:cut], text[cut:]
 
 
-def run_together(commands: list[tuple[list[str], Path]], env: dict) -> tuple[list[float], float]:
-    """Start all `commands` at once (output to each one's log), wait for all; return each one's wall seconds
-    and the share of the CPUs we use that other processes took while all of ours were running."""
-    threads = int(env.get("OMP_NUM_THREADS", os.cpu_count())) * len(commands)
+def run_logged(command: list[str], log: Path, env: dict, cwd: Path) -> tuple[float, list[tuple[float, str]]]:
+    """Run `command`, keep its output in `log`; return its wall seconds and each output line with the seconds
+    since start at which it arrived."""
     start = time.perf_counter()
-    logs = [open(log, "w") for _, log in commands]
-    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-             for (cmd, _), log in zip(commands, logs)]
-    walls: list[float | None] = [None] * len(procs)
-    first = last = None  # CPU samples taken while every process still ran
-    while any(w is None for w in walls):
-        time.sleep(1.0)
-        if all(p.poll() is None for p in procs):
-            try:
-                last = cpu_sample([p.pid for p in procs])
-                first = first or last
-            except (FileNotFoundError, ProcessLookupError):  # one ended meanwhile
-                pass
-        for i, p in enumerate(procs):
-            if walls[i] is None and p.poll() is not None:
-                walls[i] = time.perf_counter() - start
-    for log in logs:
-        log.close()
-    for (cmd, log), p in zip(commands, procs):
-        if p.returncode != 0:
-            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n--- {log}:\n{log.read_text()[-3000:]}")
-    return walls, other_cpu_share(first, last, threads) if first else 0.0
+    lines = []
+    with open(log, "w") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                  text=True, cwd=cwd, env=env, bufsize=1) as proc:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            sink.write(line)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {shlex.join(command)}\n--- {log}:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start, lines
 
 
-def read_evals(metrics: Path) -> list[dict]:
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [r for r in records if "val_bpb" in r]
+# ---- nanoGPT ------------------------------------------------------------------------------------------------
+
+def run_nanogpt(checkout: Path, text: str, work: Path, env: dict) -> dict:
+    here = work / "nanoGPT"
+    shutil.copytree(checkout, here, ignore=shutil.ignore_patterns(".git", "assets", "out-*", "*.bin", "*.pkl"))
+    data = here / "data" / "shakespeare_char"
+    (data / "input.txt").write_text(text, encoding="utf-8")  # present, so prepare.py downloads nothing
+    run_logged([sys.executable, "data/shakespeare_char/prepare.py"], work / "nanogpt-prepare.log", env, here)
+    print(f"nanoGPT: {shlex.join(['python', *NANOGPT_COMMAND])} ...", flush=True)
+    wall, lines = run_logged([sys.executable, *NANOGPT_COMMAND], work / "nanogpt.log", env, here)
+    evals = [(at, NANOGPT_EVAL.match(line)) for at, line in lines if NANOGPT_EVAL.match(line)]
+    origin = evals[0][0]  # the step-0 eval is printed just before the first optimizer step
+    curve = [{"step": int(m[1]), "elapsed_s": at - origin, "val_bpb": float(m[3]) / LN2} for at, m in evals]
+    checkpoint = here / "out-shakespeare-char" / "ckpt.pt"
+    full = score_nanogpt(here, checkpoint, data / "val.bin")
+    return {"name": "nanoGPT", "setting": "README CPU command (4 x 128, block 64, 2000 iters)", "wall_s": wall,
+            "train_s": curve[-1]["elapsed_s"], "steps": curve[-1]["step"], "evals": curve,
+            "final_bpb": full["bpb"], "logged_bpb": curve[-1]["val_bpb"], "scored_step": full["step"]}
+
+
+def score_nanogpt(here: Path, checkpoint: Path, val_bin: Path, block: int = 64) -> dict:
+    """Mean loss of nanoGPT's checkpoint over every `block`-character block of the val split (its estimator's
+    blocks, all of them instead of 20 x 12 random ones), with nanoGPT's own model code."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(here))
+    try:
+        from model import GPT, GPTConfig  # nanoGPT's model.py
+    finally:
+        sys.path.remove(str(here))
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**saved["model_args"]))
+    model.load_state_dict(saved["model"])
+    model.eval()
+    ids = torch.from_numpy(np.fromfile(val_bin, dtype=np.uint16).astype(np.int64))
+    n = (len(ids) - 1) // block
+    x, y = ids[:n * block].view(n, block), ids[1:n * block + 1].view(n, block)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, 64):
+            logits, _ = model(x[i:i + 64], y[i:i + 64])  # with targets: logits at every position
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 64].flatten(),
+                                                       reduction="sum").item()
+    return {"bpb": total / (n * block) / LN2, "step": int(saved["iter_num"])}
+
+
+# ---- fmforge ------------------------------------------------------------------------------------------------
+
+def prepare_fmforge(work: Path, vocab: int, env: dict) -> tuple[Path, dict]:
+    data = work / "fmforge-data"
+    command = FMFORGE + ["prepare", str(work / "train.txt"), "--val-data", str(work / "val.txt"),
+                         "--vocab-size", str(vocab), "--out", str(data)]
+    run_logged(command, work / "fmforge-prepare.log", env, REPO)
+    return data, json.loads((data / "manifest.json").read_text())
+
+
+def run_fmforge(data: Path, out: Path, minutes: float, eval_interval: int, extra: list[str], env: dict) -> dict:
+    command = FMFORGE + ["pretrain", "--config", "shakespeare", "--data_dir", str(data), "--out_dir", str(out),
+                         "--max_minutes", f"{minutes:g}", "--eval_interval", str(eval_interval),
+                         "--eval_tokens", str(EVAL_TOKENS), "--checkpoint_interval", "100000", *extra]
+    wall, _ = run_logged(command, out.parent / f"{out.name}.log", env, REPO)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "val_bpb" in r]
+    shape = yaml.safe_load((out / "run.yaml").read_text())["model"]
+    return {"wall_s": wall, "train_s": evals[-1]["elapsed_s"], "steps": evals[-1]["step"], "evals": evals,
+            "final_bpb": evals[-1]["val_bpb"], "tokens": evals[-1]["tokens"],
+            "shape": f"{shape.get('n_layer')} x {shape.get('n_embd')}, context {shape.get('context_length')}"}
 
 
 def crossing_time(evals: list[dict], threshold: float) -> float | None:
-    """Wall seconds (from the first training step) of the first eval at or below `threshold` bpb."""
+    """Training seconds of the first eval at or below `threshold` bits/byte."""
     return next((r["elapsed_s"] for r in evals if r["val_bpb"] <= threshold), None)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], target: float | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for run in runs:
+        label = f"{run['name']}: {run['final_bpb']:.3f} bits/byte in {run['train_s']:.0f}s"
         ax.plot([r["elapsed_s"] for r in run["evals"]], [r["val_bpb"] for r in run["evals"]], marker="o",
-                markersize=3, label=f"{run['name']} ({run['vocab']} ids): {run['final_bpb']:.3f} bpb")
-    ax.axhline(NANOGPT_CHAR_BPB, color="grey", linestyle="--", linewidth=1)
-    ax.text(0.01, NANOGPT_CHAR_BPB, "nanoGPT char baseline on a GPU (~1.47 nats/char)", va="bottom", fontsize=8,
-            color="grey", transform=ax.get_yaxis_transform())
-    ax.set_xlabel("wall seconds of training (evals included)")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("Tiny Shakespeare, fmforge preset small, same wall-clock budget")
-    top = max(r["val_bpb"] for run in runs for r in run["evals"])
-    ax.set_ylim(min(NANOGPT_CHAR_BPB, min(run["final_bpb"] for run in runs)) - 0.1, min(top, 5.0) + 0.1)
+                markersize=3, label=label, linestyle="--" if run["name"] == "nanoGPT" else "-")
+    if target is not None:
+        ax.axhline(target, color="grey", linewidth=1)
+        ax.text(0.99, target, "nanoGPT's final quality", ha="right", va="bottom", fontsize=8, color="grey",
+                transform=ax.get_yaxis_transform())
+    ax.set_xlabel("training seconds (from the first step, evals included)")
+    ax.set_ylabel("held-out bits per byte (last 10% of the file)")
+    ax.set_title("Tiny Shakespeare on the CPU: time to quality")
+    ax.set_ylim(top=min(4.5, max(r["val_bpb"] for run in runs for r in run["evals"]) + 0.1))
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,135 +177,113 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 minute per setup instead of 3")
-    parser.add_argument("--minutes", type=float, default=None, help="training budget per setup (default 3)")
-    parser.add_argument("--bpe-vocab", type=int, default=2048)
-    parser.add_argument("--eval-interval", type=int, default=None, help="steps between evals (default 10; quick 5)")
-    parser.add_argument("--document-bytes", type=int, default=8192)
+    parser.add_argument("--data", required=True, help="tinyshakespeare.txt")
+    parser.add_argument("--nanogpt", help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0], help="fmforge --max_minutes runs")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="also run the recipe with these overrides, e.g. muon='--optimizer muon' (repeatable)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="BPE ids (default: the recipe's comment, 1024)")
+    parser.add_argument("--eval-interval", type=int, default=20, help="fmforge steps between periodic evals")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP_NUM_THREADS for every run")
     parser.add_argument("--work-dir", default="/tmp/fmforge-time-to-loss", help="data and runs (rewritten)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="train the two setups one after the other on all cores (default: at the same time, "
-                             "half the cores each)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS per training run (default: cores / 2; --sequential: all cores)")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
     args = parser.parse_args()
-    minutes = args.minutes or (1.0 if args.quick else 3.0)
-    eval_interval = args.eval_interval or (5 if args.quick else 10)
-    if not DATA.is_file():
-        print(f"skipped: {DATA} not found (Tiny Shakespeare, 1.1 MB; put it there to run this benchmark)")
-        return
 
-    from fmforge.tokenizer import SPECIAL_TOKENS
-
-    # Default: both setups train at the same time, one thread each, so that whatever else the machine does
-    # hits both alike; --sequential gives each run all cores in turn (fair only on an otherwise idle machine).
-    threads = args.threads or (os.cpu_count() if args.sequential else max(1, os.cpu_count() // 2))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    text = DATA.read_text(encoding="utf-8")
-    documents = split_into_documents(text, args.document_bytes)
-    assert "".join(documents) == text
-    corpus = work / "tinyshakespeare.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    text = Path(args.data).read_text(encoding="utf-8")
+    train, val = split_like_nanogpt(text)
+    (work / "train.txt").write_text(train, encoding="utf-8")
+    (work / "val.txt").write_text(val, encoding="utf-8")
+    load_before = load_average()
 
-    setups = [("bpe", args.bpe_vocab), ("byte", len(SPECIAL_TOKENS) + 256)]
     runs = []
-    for name, vocab in setups:
-        name = f"{name}-{vocab}"
-        data_dir, out_dir = work / name / "data", work / name / "model"
-        prepare_cmd = FMFORGE + ["prepare", str(corpus), "--vocab-size", str(vocab), "--out", str(data_dir),
-                                 "--val-fraction", "0.1", "--seed", "0"]
-        (work / name).mkdir()
-        (prepare_s,), _ = run_together([(prepare_cmd, work / name / "prepare.log")], dict(os.environ))
-        manifest = json.loads((data_dir / "manifest.json").read_text())
-        runs.append({"name": name, "vocab": manifest["vocab_size"], "data_dir": data_dir, "out_dir": out_dir,
-                     "manifest": manifest, "prepare_s": prepare_s})
-        split = manifest["splits"]
-        print(f"{name}: prepared in {prepare_s:.1f}s | train {split['train']['tokens']:,} tokens "
-              f"({split['train']['bytes'] / split['train']['tokens']:.2f} bytes/token) | val {split['val']['tokens']:,} "
-              f"tokens, {split['val']['documents']} documents, {split['val']['bytes']:,} bytes", flush=True)
-
-    def pretrain_command(run: dict) -> tuple[list[str], Path]:
-        return (FMFORGE + ["pretrain", "--config", "shakespeare", "--data_dir", str(run["data_dir"]),
-                           "--out_dir", str(run["out_dir"]), "--max_minutes", f"{minutes:g}",
-                           "--eval_interval", str(eval_interval), "--eval_tokens", str(EVAL_TOKENS),
-                           "--checkpoint_interval", "100000", "--log_interval", "10"],
-                run["out_dir"].parent / "pretrain.log")
-
-    if args.sequential:
-        for run in runs:
-            print(f"{run['name']}: training for {minutes:g} min on {threads} thread(s) ...", flush=True)
-            (run["wall_s"],), run["interference"] = run_together([pretrain_command(run)], env)
+    checkout = Path(args.nanogpt).expanduser() if args.nanogpt else None
+    if checkout is None or not (checkout / "train.py").is_file():
+        print(f"nanoGPT skipped: {'no --nanogpt given' if checkout is None else f'{checkout}/train.py not found'} "
+              "(git clone https://github.com/karpathy/nanoGPT DIR, then --nanogpt DIR)", flush=True)
     else:
-        print(f"{' and '.join(r['name'] for r in runs)}: training at the same time, {minutes:g} min, "
-              f"{threads} thread(s) each ...", flush=True)
-        walls, interference = run_together([pretrain_command(r) for r in runs], env)
-        for run, wall in zip(runs, walls):
-            run.update(wall_s=wall, interference=interference)
-    for run in runs:
-        run["evals"] = read_evals(run["out_dir"] / "metrics.jsonl")
-        last = run["evals"][-1]
-        run.update(final_bpb=last["val_bpb"], final_loss=last["val_loss"], steps=last["step"],
-                   train_s=last["elapsed_s"], tokens=last["tokens"])
-        print(f"{run['name']}: {run['steps']} steps in {run['train_s']:.0f}s -> val {run['final_bpb']:.3f} bpb "
-              f"({run['final_loss']:.3f} nats/token); other processes took {100 * run['interference']:.0f}% "
-              f"of our CPUs meanwhile", flush=True)
+        runs.append(run_nanogpt(checkout, text, work, env))
+        print(f"nanoGPT: {runs[0]['steps']} iters in {runs[0]['train_s']:.0f}s -> {runs[0]['final_bpb']:.3f} "
+              f"bits/byte on the whole val split (its own estimate: {runs[0]['logged_bpb']:.3f})", flush=True)
 
+    vocab = args.vocab_size or recipe_vocab()
+    data, manifest = prepare_fmforge(work, vocab, env)
+    split = manifest["splits"]
+    assert split["val"]["bytes"] == len(val.encode()), "fmforge's val split must be nanoGPT's last 10%"
+    variants = [("recipe", [])] + [(v.split("=", 1)[0], shlex.split(v.split("=", 1)[1])) for v in args.variant]
+    for name, extra in variants:
+        for minutes in args.budgets:
+            label = f"fmforge {name}, {minutes:g} min"
+            print(f"{label}: training ...", flush=True)
+            out = work / f"fmforge-{name}-{minutes:g}min"
+            run = run_fmforge(data, out, minutes, args.eval_interval, extra, env)
+            run.update(name=label, setting=" ".join(extra) or "as shipped", minutes=minutes)
+            runs.append(run)
+            print(f"{label}: {run['steps']} steps in {run['train_s']:.0f}s ({run['shape']}) -> "
+                  f"{run['final_bpb']:.3f} bits/byte", flush=True)
+    load_after = load_average()
+
+    nanogpt = next((r for r in runs if r["name"] == "nanoGPT"), None)
+    target = nanogpt["final_bpb"] if nanogpt else None
     plot_path = work / PLOT.name if args.no_write else PLOT
-    plot(runs, plot_path)
+    plot(runs, target, plot_path)
+    report = format_report(args, runs, nanogpt, manifest, vocab, load_before, load_after, plot_path)
+    print(report)
+    if not args.no_write:
+        write_section(SECTION, report)
 
-    # ---- report
-    lines = ["| setup | ids | bytes/token | steps | train s | train tokens (epochs) | tokens/s | bytes/s "
-             "| final val nats/token | final val bpb | CPU used by others |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+def recipe_vocab() -> int:
+    """The vocabulary size the shipped recipe's comment prepares with (`--vocab-size N`)."""
+    recipe = (REPO / "fmforge" / "recipes" / "shakespeare.yaml").read_text()
+    return int(re.search(r"--vocab-size (\d+)", recipe)[1])
+
+
+def format_report(args, runs, nanogpt, manifest, vocab, load_before, load_after, plot_path) -> str:
+    train = manifest["splits"]["train"]
+    lines = ["| run | setting | shape | steps | training s | process s | held-out bits/byte |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for run in runs:
-        train = run["manifest"]["splits"]["train"]
-        bytes_per_token = train["bytes"] / train["tokens"]
-        tps = run["tokens"] / run["train_s"]
-        lines.append(f"| {run['name']} | {run['vocab']} | {bytes_per_token:.2f} | {run['steps']} | {run['train_s']:.0f} | "
-                     f"{run['tokens']:,} ({run['tokens'] / train['tokens']:.2f}) | {tps:,.0f} | "
-                     f"{tps * bytes_per_token:,.0f} | {run['final_loss']:.3f} | **{run['final_bpb']:.3f}** | "
-                     f"{100 * run['interference']:.0f}% |")
-    result_table = "\n".join(lines)
-    crossed = [t for t in THRESHOLDS if any(crossing_time(r["evals"], t) is not None for r in runs)]
-    lines = ["| val bpb <= | " + " | ".join(r["name"] for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    for t in crossed:
-        cells = [crossing_time(r["evals"], t) for r in runs]
-        lines.append(f"| {t:g} | " + " | ".join("-" if c is None else f"{c:.0f}s" for c in cells) + " |")
-    crossing_table = "\n".join(lines)
-
-    command = "benchmarks/time_to_loss.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        "## Time to loss: Tiny Shakespeare, BPE vs bytes",
+        lines.append(f"| {run['name']} | {run['setting']} | {run.get('shape', '4 x 128, context 64')} | "
+                     f"{run['steps']} | {run['train_s']:.0f} | {run['wall_s']:.0f} | **{run['final_bpb']:.3f}** |")
+    verdict = []
+    if nanogpt:
+        target = nanogpt["final_bpb"]
+        verdict.append(f"nanoGPT: {nanogpt['final_bpb']:.3f} bits/byte on the whole val split after "
+                       f"{nanogpt['train_s']:.0f}s of training (checkpoint of iter {nanogpt['scored_step']}; its "
+                       f"own 20-batch estimate at the end: {nanogpt['logged_bpb']:.3f}).")
+        for run in runs:
+            if run is nanogpt:
+                continue
+            crossed = crossing_time(run["evals"], target)
+            reached = "reaches" if run["final_bpb"] <= target else "does not reach"
+            verdict.append(f"{run['name']} {reached} it: {run['final_bpb']:.3f} after {run['train_s']:.0f}s of "
+                           f"training ({run['train_s'] / nanogpt['train_s']:.2f}x nanoGPT's time)"
+                           + (f"; its periodic eval (8k tokens) first at or below it at {crossed:.0f}s" if crossed
+                              else "") + ".")
+    command = "benchmarks/time_to_loss.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "\n".join([
+        "## Time to quality: Tiny Shakespeare, fmforge's shipped recipe vs nanoGPT's README CPU command",
         "",
         f"Command: `.venv/bin/python {command.strip()}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; fmforge at {git_state()}  ",
-        f"Machine: {describe_machine()}; shared with other jobs (run-to-run 10-20%). "
-        f"{'The runs were sequential' if args.sequential else 'Both runs trained at the same time'}, "
-        f"{threads} thread(s) each; the last column is the share of our CPUs other processes took meanwhile  ",
-        f"Pipeline: `fmforge prepare tinyshakespeare.jsonl --vocab-size N --val-fraction 0.1` "
-        f"({len(documents)} documents of ~{args.document_bytes // 1024} KB cut at blank lines), then "
-        f"`fmforge pretrain --config shakespeare --max_minutes {minutes:g} --eval_interval {eval_interval} "
-        f"--eval_tokens {EVAL_TOKENS}` (preset small, 6 x 256, context 256, batch 16, lr 3e-3 cosine, precision auto "
-        f"= bf16 here). Val split: {runs[0]['manifest']['splits']['val']['bytes']:,} bytes. Wall seconds count from "
-        f"the first step and include periodic evals; the last point is the full-val-split final eval.",
+        f"Machine: {describe_machine(args.threads)}; runs one after the other, {args.threads} thread(s) each; "
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)  ",
+        f"Split: nanoGPT's (first 90% of the file trains, last 10% = {manifest['splits']['val']['bytes']:,} bytes "
+        f"scores). fmforge: `fmforge prepare train.txt --val-data val.txt --vocab-size {vocab}` "
+        f"({train['bytes'] / train['tokens']:.2f} bytes/token), then `fmforge pretrain --config shakespeare "
+        f"--max_minutes M --eval_interval {args.eval_interval} --eval_tokens {EVAL_TOKENS}`; its final eval covers "
+        f"the whole val split. Training seconds count from the first step, evals included.",
         "",
-        result_table,
+        *lines,
         "",
-        "Wall seconds until the first eval at or below each bits-per-byte threshold:",
+        *verdict,
         "",
-        crossing_table,
-        "",
-        f"Plot: `{plot_path.relative_to(REPO) if plot_path == PLOT else plot_path}`. Reference: nanoGPT's char-level Shakespeare baseline reaches ~1.47 "
-        f"nats/char = {NANOGPT_CHAR_BPB:.2f} bpb after a few minutes on a GPU with a 10.7M-parameter model.",
+        f"Plot: `{plot_path.relative_to(REPO) if plot_path == PLOT else plot_path}`.",
     ])
-    print("\n" + report)
-    if not args.no_write:
-        write_section(SECTION, report)
-        print(f"\nwritten to {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,10 @@ def cmd_prepare(args) -> None:
     """Token shards; the output directory appears only when complete, with a copy of the tokenizer inside."""
     from .data.shards import prepare
 
+    media = any(str(source).startswith(("image:", "audio:")) for source in args.sources)
+    if args.val_data and (args.val_fraction is not None or media):
+        raise ConfigError("--val-data is the val split of text sources: leave out --val-fraction"
+                          + (" and the image:/audio: sources (they come with their own splits)" if media else ""))
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     elif args.vocab_size:
@@ -212,8 +216,10 @@ def cmd_prepare(args) -> None:
         from .data.speech import prepare_audio
         prepare_audio(args.sources, tokenizer, Path(args.out), limit=args.audio_limit)
         return
-    prepare(args.sources, tokenizer, Path(args.out), val_fraction=args.val_fraction, workers=args.workers,
-            jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed)
+    val_fraction = 0.0 if args.val_data else 0.01 if args.val_fraction is None else args.val_fraction
+    prepare(args.sources, tokenizer, Path(args.out), val_fraction=val_fraction, workers=args.workers,
+            jsonl_field=args.jsonl_field, parquet_column=args.parquet_column, seed=args.seed,
+            val_specs=args.val_data)
 
 
 # ---- pretrain ----------------------------------------------------------------------------------------------
@@ -850,7 +856,11 @@ def add_corpus_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (shards, manifest.json, tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer directory (from `fmforge tokenizer train`)")
     p.add_argument("--vocab-size", type=int, help="train a tokenizer of this size on the sources instead")
-    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of documents held out for validation, by a seeded hash (default 0.01)")
+    p.add_argument("--val-data", nargs="+", metavar="SOURCE", default=None,
+                   help="held-out text: these sources are the val split, and every document of the sources is "
+                        "training data (instead of --val-fraction)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--image-limit", type=int, default=None, help="image:SOURCE: at most this many images per split")

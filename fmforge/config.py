@@ -270,6 +270,9 @@ class TrainConfig:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
     weight_decay: float = 0.1
+    # adamw | muon: Muon (orthogonalised momentum) on the blocks' matrices, AdamW on embeddings, norms and biases
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
@@ -314,6 +317,14 @@ class TrainConfig:
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer muon orthogonalises whole matrices, which FSDP2 shards: use "
+                              "train.parallel ddp with muon, or adamw with fsdp")
+        if isinstance(self.muon_momentum, bool) or not isinstance(self.muon_momentum, (int, float)) \
+                or not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:

@@ -13,7 +13,7 @@ import pytest
 import fmforge.data.shards as shards
 from fmforge.data.shards import load_split, prepare, read_manifest, token_dtype
 from fmforge.data.sources import SourceReport, iter_documents, resolve_sources, stdlib_files
-from fmforge.errors import DataError
+from fmforge.errors import ConfigError, DataError
 from fmforge.tokenizer import train_tokenizer
 
 TEXTS = [
@@ -216,6 +216,44 @@ def test_split_is_deterministic_and_by_content(tokenizer, tmp_path):
                          workers=1)
     assert all_tokens(tmp_path / "c", "val").tobytes() != all_tokens(tmp_path / "a", "val").tobytes()
     assert other_seed.train.tokens + other_seed.val.tokens == first.train.tokens + first.val.tokens
+
+
+def test_val_sources_are_the_whole_val_split(tokenizer, tmp_path):
+    """--val-data: a held-out file of one's own is val, every document of the sources is train (the split nanoGPT
+    makes of Tiny Shakespeare: the first 90% and the last 10%)."""
+    corpus = text_corpus(tmp_path / "corpus", n=5)
+    held = write(tmp_path / "held" / "tail.txt", "the last tenth of the text\n")
+    manifest = prepare([str(corpus)], tokenizer, tmp_path / "out", val_fraction=0.0, val_specs=[str(held)],
+                       progress=False, workers=1)
+    assert (manifest.train.documents, manifest.val.documents) == (5, 1)
+    assert tokenizer.decode(all_tokens(tmp_path / "out", "val")[1:-1]) == held.read_text()
+    assert manifest.sources["val_specs"] == [str(held)] and read_manifest(tmp_path / "out") == manifest
+    write(held, "another tail\n")  # the val file changed: the shards are rebuilt, not reused
+    again = prepare([str(corpus)], tokenizer, tmp_path / "out", val_fraction=0.0, val_specs=[str(held)],
+                    progress=False, workers=1)
+    assert again.input_fingerprint != manifest.input_fingerprint and again.val.bytes == len("another tail\n")
+    with pytest.raises(ConfigError, match="not both"):
+        prepare([str(corpus)], tokenizer, tmp_path / "x", val_fraction=0.1, val_specs=[str(held)], progress=False)
+    with pytest.raises(ConfigError, match="both a training and a val source"):
+        prepare([str(corpus)], tokenizer, tmp_path / "x", val_fraction=0.0, val_specs=[str(corpus / "doc01.txt")],
+                progress=False)
+
+
+def test_cli_val_data_trains_the_tokenizer_on_the_training_text_only(tmp_path):
+    from conftest import run_cli
+
+    write(tmp_path / "train.txt", "alpha beta gamma delta\n" * 200)
+    write(tmp_path / "val.txt", "zebra quokka\n" * 50)
+    done = run_cli("prepare", str(tmp_path / "train.txt"), "--val-data", str(tmp_path / "val.txt"), "--vocab-size",
+                   "300", "--out", str(tmp_path / "out"), "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "out")
+    assert (manifest.train.documents, manifest.val.documents) == (1, 1) and manifest.val_fraction == 0.0
+    vocab = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert any("alpha" in piece for piece in vocab) and not any("zebra" in piece for piece in vocab)
+    both = run_cli("prepare", str(tmp_path / "train.txt"), "--val-data", str(tmp_path / "val.txt"),
+                   "--val-fraction", "0.1", "--vocab-size", "300", "--out", str(tmp_path / "out2"))
+    assert both.returncode != 0 and "leave out --val-fraction" in both.stderr and "Traceback" not in both.stderr
 
 
 def test_tiny_corpus_still_gets_a_val_document(tokenizer, tmp_path):

@@ -93,6 +93,39 @@ def test_killed_run_resumes_with_exactly_the_same_losses(prepared, tmp_path):
     assert losses(killed) == losses(reference)  # bit-identical, every step
 
 
+def test_muon_trains_and_resumes_exactly(prepared, tmp_path, capsys):
+    """train.optimizer muon: Muon on the blocks' matrices, AdamW on the rest; the loss falls, and a run stopped
+    at a checkpoint continues with exactly the losses of the uninterrupted one (both optimizers' state saved)."""
+    options = dict(max_steps=12, checkpoint_interval=6, eval_interval=6, optimizer="muon", lr=1e-2)
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "whole", **options)]) == 0
+    whole = losses(tmp_path / "whole")
+    assert whole[12] < whole[1] - 0.5, whole
+    adamw = tmp_path / "adamw"
+    assert main(["pretrain", *tiny_overrides(prepared, adamw, **{**options, "optimizer": "adamw"})]) == 0
+    assert losses(adamw)[12] != whole[12]  # the option changes the run
+    halves = tmp_path / "halves"
+    assert main(["pretrain", *tiny_overrides(prepared, halves, **{**options, "max_steps": 6})]) == 0
+    state = (halves / "checkpoints" / "step-00000006" / "train_state" / "optimizer.pt")
+    import torch
+    saved = torch.load(state, weights_only=True)
+    assert any("momentum_buffer" in s for s in saved["state"].values())  # Muon's state is in the checkpoint
+    assert any("exp_avg" in s for s in saved["state"].values())  # and AdamW's
+    # max_steps is part of the schedule: resume the 6-step run as the 12-step one would have been at step 6
+    import shutil
+    shutil.rmtree(halves)
+    assert main(["pretrain", *tiny_overrides(prepared, halves, **options)]) == 0
+    shutil.rmtree(halves / "checkpoints" / "step-00000012")
+    (halves / "latest").write_text("step-00000006\n")
+    (halves / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (halves / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] <= 6))
+    assert main(["pretrain", "--resume", *tiny_overrides(prepared, halves, **options)]) == 0
+    assert losses(halves) == whole
+    capsys.readouterr()
+    assert main(["pretrain", *tiny_overrides(prepared, tmp_path / "fsdp", optimizer="muon", parallel="fsdp")]) == 1
+    assert "use train.parallel ddp with muon" in capsys.readouterr().err
+
+
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch, capsys):
     import fmforge.checkpoint as checkpoint_module
 

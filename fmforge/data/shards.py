@@ -15,7 +15,9 @@ Each document becomes `[bos_id] + tokenizer.encode(text) + [eos_id]` (no bos whe
 without one, see Tokenizer.add_bos_token), appended to its split's stream; a new
 shard starts every `shard_tokens` tokens (a document may continue into the next shard).
 
-Train/val split: each document goes to val when a hash of (seed, document text) falls below `val_fraction`,
+Train/val split: with `val_specs`, the documents of those sources are the val split and every document of the
+sources is train (a held-out file of one's own, e.g. the last 10% of Tiny Shakespeare as nanoGPT splits it).
+Otherwise each document goes to val when a hash of (seed, document text) falls below `val_fraction`,
 so the split does not depend on file order or worker count, and identical documents always share a split
 (no verbatim leakage from train into val). When that puts no document into val (small corpora) the one
 with the lowest hash moves there, so with >= 2 documents and val_fraction > 0 val is never empty (and
@@ -183,8 +185,10 @@ def prepare(
     seed: int = 0,
     shard_tokens: int = 100_000_000,
     progress: bool = True,
+    val_specs: list[str] | None = None,
 ) -> Manifest:
     """Tokenize the documents of `specs` into train/val shards in `out_dir` and return the manifest.
+    `val_specs`: sources whose documents are the val split (then val_fraction must be 0).
 
     `workers` tokenizer processes (default: all CPUs; 1 = in this process). The output bytes do not depend
     on `workers`. Summaries go to stderr when `progress` is true.
@@ -197,13 +201,23 @@ def prepare(
     if workers < 1:
         raise ConfigError(f"workers {workers} must be at least 1")
     specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
+    val_specs = [str(s) for s in val_specs or []]
+    if val_specs and val_fraction:
+        raise ConfigError("give either a val fraction or val sources, not both: with val sources every document "
+                          "of the other sources is training data")
     out_dir = Path(out_dir)
     sources = resolve_sources(specs)
+    val_sources = resolve_sources(val_specs) if val_specs else []
+    both = {s.path.resolve() for s in sources} & {s.path.resolve() for s in val_sources}
+    if both:
+        raise ConfigError(f"{sorted(both)[0]} is both a training and a val source — a file goes to one split")
     options = {"val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "jsonl_field": jsonl_field, "parquet_column": parquet_column}
+    if val_specs:  # only then, so that shards prepared before val sources existed are still reused
+        options["val_specs"] = val_specs
     # The same tokenizer.json without bos at the start of documents makes other shards.
     tokenizer_identity = tokenizer.fingerprint() + ("" if tokenizer.add_bos_token else ":no-bos")
-    input_fingerprint = _input_fingerprint(sources, options, tokenizer_identity)
+    input_fingerprint = _input_fingerprint(sources + val_sources, options, tokenizer_identity)
 
     existing = _reusable_manifest(out_dir, input_fingerprint)
     if existing is not None:
@@ -226,7 +240,7 @@ def prepare(
     try:
         splits, report = _write_shards(building, sources, tokenizer, val_fraction=val_fraction, workers=workers,
                                        seed=seed, shard_tokens=shard_tokens, jsonl_field=jsonl_field,
-                                       parquet_column=parquet_column, progress=progress)
+                                       parquet_column=parquet_column, progress=progress, val_sources=val_sources)
         if report.documents == 0:
             skipped = f"{len(report.files_skipped)} of {len(sources)} files skipped" if report.files_skipped \
                 else "every document is empty"
@@ -238,10 +252,11 @@ def prepare(
             dtype=token_dtype(tokenizer.vocab_size).name,
             eos_id=tokenizer.eos_id,
             input_fingerprint=input_fingerprint,
-            sources={"specs": [str(s) for s in specs], "files": len(sources)},
+            sources={"specs": [str(s) for s in specs], "files": len(sources),
+                     **({"val_specs": val_specs, "val_files": len(val_sources)} if val_specs else {})},
             splits=splits,
             skipped_files=[{"path": path, "reason": reason} for path, reason in report.files_skipped],
-            **options,
+            **{k: v for k, v in options.items() if k != "val_specs"},
         )
         tokenizer.save(building)  # the directory is self-contained
         _write_json_atomically(building / MANIFEST_FILE, manifest.to_dict())
@@ -307,23 +322,30 @@ def write_token_documents(out_dir: str | os.PathLike, tokenizer, splits: dict[st
 
 def _write_shards(directory: Path, sources: list[SourceFile], tokenizer: Tokenizer, *, val_fraction: float,
                   workers: int, seed: int, shard_tokens: int, jsonl_field: str, parquet_column: str,
-                  progress: bool) -> tuple[dict[str, SplitInfo], SourceReport]:
-    """Tokenize every document of `sources` into train/val shard files in `directory`, flushed to disk.
-    Returns each split's shards and counts, and what was read."""
+                  progress: bool, val_sources: list[SourceFile] = ()) -> tuple[dict[str, SplitInfo], SourceReport]:
+    """Tokenize every document of `sources` (and of `val_sources`, all into val) into train/val shard files in
+    `directory`, flushed to disk. Returns each split's shards and counts, and what was read."""
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: _ShardWriter(directory, split, dtype, shard_tokens) for split in SPLITS}
     report = SourceReport()
     try:
-        documents = iter_documents(sources, jsonl_field=jsonl_field, parquet_column=parquet_column, report=report)
-        total_bytes = sum(s.path.stat().st_size for s in sources) if all(s.kind == "text" for s in sources) else None
+        everything = [*sources, *val_sources]
+        total_bytes = sum(s.path.stat().st_size for s in everything) if all(s.kind == "text" for s in everything) \
+            else None
         splitter = _Splitter(writers, val_fraction)
+        passes = [(sources, splitter.add)]
+        if val_sources:
+            passes.append((val_sources, lambda tokens, n_bytes, _hash: writers["val"].write(tokens, n_bytes)))
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
                   file=sys.stderr) as bar:
-            for tokens, lengths, byte_counts, hashes in _encode_all(documents, tokenizer, seed, dtype, workers):
-                per_document = np.split(tokens, np.cumsum(lengths)[:-1])
-                for document_tokens, n_bytes, hash_value in zip(per_document, byte_counts, hashes, strict=True):
-                    splitter.add(document_tokens, int(n_bytes), float(hash_value))
-                bar.update(int(byte_counts.sum()))
+            for pass_sources, add in passes:
+                documents = iter_documents(pass_sources, jsonl_field=jsonl_field, parquet_column=parquet_column,
+                                           report=report)
+                for tokens, lengths, byte_counts, hashes in _encode_all(documents, tokenizer, seed, dtype, workers):
+                    per_document = np.split(tokens, np.cumsum(lengths)[:-1])
+                    for document_tokens, n_bytes, hash_value in zip(per_document, byte_counts, hashes, strict=True):
+                        add(document_tokens, int(n_bytes), float(hash_value))
+                    bar.update(int(byte_counts.sum()))
         splitter.finish()
     finally:
         for writer in writers.values():
