@@ -126,6 +126,44 @@ def test_muon_trains_and_resumes_exactly(prepared, tmp_path, capsys):
     assert "use train.parallel ddp with muon" in capsys.readouterr().err
 
 
+def test_muon_half_is_torch_muons_update():
+    """With bf16 Newton-Schulz (what a GPU uses), the Muon half of MuonAdamW steps exactly as torch.optim.Muon with
+    match_rms_adamw, and the rest exactly as AdamW; the CPU's fp32 iteration stays within bf16 rounding of it."""
+    import torch
+
+    from fmforge.train.optim import MuonAdamW
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(48, 32)), torch.nn.Parameter(torch.randn(32, 80))]
+    norm = torch.nn.Parameter(torch.randn(32))
+    grads = [torch.randn_like(w) for w in weights] + [torch.randn_like(norm)]
+
+    def stepped(make):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in (*weights, norm)]
+        optimizers = make(params)
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            for optimizer in optimizers:
+                optimizer.step()
+        return params
+
+    adamw = dict(lr=0.01, betas=(0.9, 0.95), fused=False)
+    reference = stepped(lambda p: [torch.optim.Muon(p[:2], lr=0.01, weight_decay=0.1, momentum=0.95,
+                                                    adjust_lr_fn="match_rms_adamw"),
+                                   torch.optim.AdamW([{"params": p[2:], "weight_decay": 0.0}], **adamw)])
+    ours = stepped(lambda p: [MuonAdamW([{"params": p[:2], "weight_decay": 0.1}],
+                                        [{"params": p[2:], "weight_decay": 0.0}], lr=0.01, momentum=0.95,
+                                        adamw=adamw, ns_dtype=torch.bfloat16)])
+    for a, b in zip(reference, ours):
+        assert torch.equal(a, b)
+    fp32 = stepped(lambda p: [MuonAdamW([{"params": p[:2], "weight_decay": 0.1}],
+                                        [{"params": p[2:], "weight_decay": 0.0}], lr=0.01, momentum=0.95,
+                                        adamw=adamw)])
+    for a, b in zip(reference, fp32):
+        assert torch.allclose(a, b, atol=1e-3)
+
+
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(prepared, tmp_path, monkeypatch, capsys):
     import fmforge.checkpoint as checkpoint_module
 
@@ -213,6 +251,25 @@ def test_a_time_budget_is_met_even_when_the_first_estimate_is_far_off(prepared, 
     steps = yaml.safe_load((out / "run.yaml").read_text())["train"]["max_steps"]
     assert steps > 4 and len(losses(out)) == steps
     assert 0.6 * 9 < seconds < 1.25 * 9 + 3  # + the run's set-up, which the budget does not count
+
+
+def test_a_slow_timing_run_does_not_shrink_the_budgeted_run(prepared, tmp_path, monkeypatch):
+    """The timing run at start spends budget but is not a step: re-planning must not count it in the pace (it did,
+    and a 30 s budget of the 6 x 256 model trained 2 steps in 3 s)."""
+    import time
+
+    from fmforge.train.trainer import Trainer
+
+    def slow_calibration(self):
+        time.sleep(3)
+        return 4
+
+    monkeypatch.setattr(Trainer, "calibrate_max_steps", slow_calibration)
+    out = tmp_path / "budget"
+    options = tiny_overrides(prepared, out, max_steps=1, eval_interval=1000, checkpoint_interval=1000)
+    started = time.perf_counter()
+    assert main(["pretrain", *options, "--max_minutes", "0.15"]) == 0  # 9 s, 3 of them the timing run
+    assert time.perf_counter() - started > 0.6 * 9 and len(losses(out)) > 4
 
 
 def test_time_budget_becomes_a_recorded_step_count(prepared, tmp_path):

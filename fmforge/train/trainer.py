@@ -222,7 +222,7 @@ class Trainer:
                               "tokens_per_s": round(progress.tokens_per_second, 1),
                               "elapsed_s": round(time.perf_counter() - started, 3), **extra_metrics}
                     if rebudget and self._rebudget_due(step):
-                        self._rebudget(step, budget_started, progress)
+                        self._rebudget(step, budget_started, started, progress)
                     stopping = self._any_rank_asked_to_stop(stop_requested)
                     done = step == cfg.max_steps or stopping
                     final_eval = self._evaluate_log_and_save(step, record, done, autocast, progress, metrics) \
@@ -250,16 +250,18 @@ class Trainer:
         last = {"wsd": 1 - cfg.decay_fraction, "cosine": 0.9, "constant": 1.0}[cfg.schedule]
         return step < last * cfg.max_steps
 
-    def _rebudget(self, step: int, started: float, progress: ProgressLog) -> None:
+    def _rebudget(self, step: int, budget_started: float, steps_started: float, progress: ProgressLog) -> None:
         """Re-plan max_steps from the pace measured so far (steps, periodic evals and checkpoints; the timing run at
         start only guessed it), so that a max_minutes run ends on its budget whatever the machine's speed today;
         a warmup-stable-decay schedule then places its decay by the time that remains. Recorded in run.yaml and
-        in every later checkpoint, like the first plan."""
+        in every later checkpoint, like the first plan. The pace counts from the first step: the timing run at start
+        spends budget (`budget_started` is before it) but is not a step, and with a budget of a few steps counting it
+        in the pace cut the run to a fraction of its time."""
         cfg = self.cfg
-        elapsed = time.perf_counter() - started
-        per_step = elapsed / (step - self.start_step)
-        budget = cfg.max_minutes * 60 * BUDGET_SHARE
-        planned = torch.tensor(step + (budget - elapsed) / per_step, dtype=torch.float64)
+        now = time.perf_counter()
+        per_step = (now - steps_started) / (step - self.start_step)
+        planned = torch.tensor(step + (cfg.max_minutes * 60 * BUDGET_SHARE - (now - budget_started)) / per_step,
+                               dtype=torch.float64)
         steps = max(step + 1, int(distributed.all_reduce_mean(planned, self.dist)))  # one count on every rank
         if steps == cfg.max_steps:
             return
