@@ -395,12 +395,15 @@ def cmd_finetune(args, overrides: list[str]) -> None:
     from .adapt.lora import LoRAConfig
     from .train.finetune import FinetuneSpec, finetune
 
+    if args.val_limit < 1:
+        raise ConfigError(f"--val-limit must be a positive number of examples, got {args.val_limit}")
     lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank,
                       dropout=args.lora_dropout, target_modules=args.lora_targets)
     spec = FinetuneSpec(checkpoint=args.checkpoint, data=args.data, task=args.task, method=args.method, out=args.out,
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
-                        train_on_all=args.train_on_all, pack=not args.no_packing, pooling=args.pooling,
-                        head_lr_scale=args.head_lr_scale, temperature=args.temperature, lora=lora)
+                        val_limit=args.val_limit, train_on_all=args.train_on_all, pack=not args.no_packing,
+                        pooling=args.pooling, head_lr_scale=args.head_lr_scale, temperature=args.temperature,
+                        lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
@@ -526,6 +529,8 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     from .tokenizer import Tokenizer
     from .train.pretrain import pretrain
 
+    if args.eval_limit < 1:
+        raise ConfigError(f"--eval-limit must be a positive number of examples, got {args.eval_limit}")
     if args.multimodal:
         args.out = args.out or "runs/quickstart-multimodal"
         return multimodal_quickstart(args, overrides)
@@ -600,6 +605,7 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
         # The classifier also adapts the token embedding (benchmarks/RESULTS.md, "transfer", says why).
         targets = "all-linear,embed_tokens" if TASKS[BUILTIN[task].task].classifier else "all-linear"
         spec = FinetuneSpec(checkpoint=str(model_dir), data=task, method="lora", out=str(out / task),
+                            val_limit=args.eval_limit,
                             lora=LoRAConfig(rank=8, alpha=16.0, target_modules=targets))
         overrides = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
                      "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"]
@@ -729,7 +735,7 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
         run_command(["finetune", "--checkpoint", str(model_dir), "--data", source, *(["--task", task] if task else []),
                      "--out", str(specialists / name), "--max_steps", str(args.specialist_steps), "--eval_interval",
                      str(args.specialist_steps), "--checkpoint_interval", str(args.specialist_steps),
-                     "--lr", "3e-3", "--limit", limit])
+                     "--lr", "3e-3", "--limit", limit, "--val-limit", str(args.eval_limit)])
 
     banner("6/6 scorecard (test splits; the base is asked in each task's format, untuned)")
     rows = []
@@ -805,7 +811,8 @@ def add_corpus_commands(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--sample-tokens", type=int, default=150)
     p.add_argument("--specialist-steps", type=int, default=150, help="LoRA steps per specialist (0 = skip)")
-    p.add_argument("--eval-limit", type=int, default=60, help="test examples per task when scoring specialists")
+    p.add_argument("--eval-limit", type=int, default=60,
+                   help="test examples per task when scoring specialists, and validation examples while they train")
     p.add_argument("--multimodal", action="store_true", help="one base that also sees, draws, hears and speaks "
                    "(images, synthetic speech), a LoRA specialist per skill and a scorecard of every skill; "
                    "default --out runs/quickstart-multimodal")
@@ -946,6 +953,8 @@ def add_specialist_commands(sub) -> None:
     p.add_argument("--val-data", help="validation JSONL (default: a seeded --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--limit", type=int, help="use only the first N training examples")
+    p.add_argument("--val-limit", type=int, default=500, help="validate on the first N examples of a built-in "
+                   "dataset's (or an audio source's) val split")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--lora-dropout", type=float, default=0.0)

@@ -71,3 +71,14 @@ def test_multimodal_quickstart_builds_one_base_with_every_skill(tmp_path):
     second = run_cli(*args, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "$ fmforge tokenizer train" not in second.stdout and second.stdout.count("reusing") >= 6
+
+
+def test_example_limits_must_be_positive(tmp_path):
+    """--eval-limit (quickstart: test and validation examples per task) and --val-limit (finetune) of 0 are one
+    error line, before anything is built."""
+    done = run_cli("quickstart", "--out", str(tmp_path / "qs"), "--eval-limit", "0")
+    assert done.returncode == 1 and done.stderr.strip() == "error: --eval-limit must be a positive number of " \
+        "examples, got 0" and not (tmp_path / "qs").exists()
+    done = run_cli("finetune", "--checkpoint", str(tmp_path / "none"), "--data", "stdlib-chat", "--out",
+                   str(tmp_path / "ft"), "--val-limit", "0")
+    assert done.returncode == 1 and "--val-limit must be a positive number" in done.stderr

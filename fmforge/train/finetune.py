@@ -48,6 +48,7 @@ class FinetuneSpec:
     val_data: str | None = None
     val_fraction: float = 0.1
     limit: int | None = None  # use only the first N training records
+    val_limit: int = 500  # validation records of a built-in dataset or a source with its own splits (the first ones)
     train_on_all: bool = False  # sft: loss on every token, not only assistant turns
     pack: bool = True
     pooling: str = "mean"  # classify: how the head reads the hidden states (mean of every token, or the last)
@@ -58,9 +59,6 @@ class FinetuneSpec:
 
 def default_lr(method: str) -> float:
     return 1e-3 if method == "lora" else 3e-4
-
-
-BUILTIN_VAL_LIMIT = 500  # validation records of a built-in dataset (its val split's first ones)
 
 
 @dataclass
@@ -78,13 +76,13 @@ def load_task_records(spec: FinetuneSpec) -> tuple[Task, list, list]:
         builtin = BUILTIN[spec.data]
         if spec.task not in (None, builtin.task):
             raise ConfigError(f"built-in dataset {spec.data} is a {builtin.task} task, not {spec.task}")
-        return TASKS[builtin.task], builtin.records("train", spec.limit), builtin.records("val", BUILTIN_VAL_LIMIT)
+        return TASKS[builtin.task], builtin.records("train", spec.limit), builtin.records("val", spec.val_limit)
     if spec.task is None:
         raise ConfigError(f"give --task ({', '.join(trainable_tasks())}) for {spec.data}")
     task = get_task(spec.task, trainable=True)
     own_splits = split_records(task, spec.data, "train", spec.limit)
     if own_splits is not None:  # a source with its own splits (an audio source): its train and val
-        return task, own_splits, split_records(task, spec.data, "val", BUILTIN_VAL_LIMIT)
+        return task, own_splits, split_records(task, spec.data, "val", spec.val_limit)
     records = read_records(task, spec.data)
     if spec.val_data:
         train, val = records, read_records(task, spec.val_data)
