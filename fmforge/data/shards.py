@@ -213,11 +213,11 @@ def prepare(
         raise ConfigError(f"{sorted(both)[0]} is both a training and a val source — a file goes to one split")
     options = {"val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "jsonl_field": jsonl_field, "parquet_column": parquet_column}
-    if val_specs:  # only then, so that shards prepared before val sources existed are still reused
-        options["val_specs"] = val_specs
-    # The same tokenizer.json without bos at the start of documents makes other shards.
+    # The same tokenizer.json without bos at the start of documents makes other shards. Val sources join the
+    # fingerprint only when given, so that shards prepared before they existed are still reused.
     tokenizer_identity = tokenizer.fingerprint() + ("" if tokenizer.add_bos_token else ":no-bos")
-    input_fingerprint = _input_fingerprint(sources + val_sources, options, tokenizer_identity)
+    input_fingerprint = _input_fingerprint(sources + val_sources, {**options, "val_specs": val_specs} if val_specs
+                                           else options, tokenizer_identity)
 
     existing = _reusable_manifest(out_dir, input_fingerprint)
     if existing is not None:
@@ -256,7 +256,7 @@ def prepare(
                      **({"val_specs": val_specs, "val_files": len(val_sources)} if val_specs else {})},
             splits=splits,
             skipped_files=[{"path": path, "reason": reason} for path, reason in report.files_skipped],
-            **{k: v for k, v in options.items() if k != "val_specs"},
+            **options,
         )
         tokenizer.save(building)  # the directory is self-contained
         _write_json_atomically(building / MANIFEST_FILE, manifest.to_dict())

@@ -20,7 +20,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon = {id(p) for name, p in named if cfg.optimizer == "muon" and is_hidden_matrix(name, p)}
     params = [p for _, p in named]
-    groups = []
+    groups, muon_groups = [], []
     for scale in sorted({1.0} | {lr_scale.get(p, 1.0) for p in params}):
         scaled = [p for p in params if lr_scale.get(p, 1.0) == scale]
         extra = {} if scale == 1.0 else {"lr_scale": scale}
@@ -29,16 +29,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                 {"params": [p for p in scaled if p.dim() < 2], "weight_decay": 0.0, **extra}]
         # The unscaled pair stays even when empty, so optimizer states saved before lr_scale existed still load.
         groups += pair if scale == 1.0 else [g for g in pair if g["params"]]
+        if any(id(p) in muon for p in scaled):
+            muon_groups.append({"params": [p for p in scaled if id(p) in muon], "weight_decay": cfg.weight_decay,
+                                **extra})
     device_type = params[0].device.type
     # The fused kernel is the fastest path on both CPU and CUDA in torch >= 2.4.
     adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cpu", "cuda"))
     if not muon:
         return torch.optim.AdamW(groups, **adamw)
-    muon_groups = []
-    for scale in sorted({lr_scale.get(p, 1.0) for p in params if id(p) in muon}):
-        extra = {} if scale == 1.0 else {"lr_scale": scale}
-        muon_groups.append({"params": [p for p in params if id(p) in muon and lr_scale.get(p, 1.0) == scale],
-                            "weight_decay": cfg.weight_decay, **extra})
     return MuonAdamW(muon_groups, groups, lr=cfg.lr, momentum=cfg.muon_momentum, adamw=adamw)
 
 
