@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from pathlib import Path
 
 import httpx
@@ -246,14 +245,12 @@ def test_bad_audio_is_400_and_the_server_serves_on(server, client, tmp_path):
         "over 1 MiB": ({"data": b64(big), "format": "wav"}, f"{where}.data", "audio_too_large"),
     }
     for name, (input_audio, param, code) in cases.items():
-        started = time.perf_counter()
         response = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
             "model": "base", "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "listen"}, {"type": "input_audio", "input_audio": input_audio}]}]})
         assert response.status_code == 400, (name, response.text[:300])
         error = error_of(response)
         assert (error["param"], error["code"]) == (param, code), (name, error)
-        assert time.perf_counter() - started < 5, name
     assert "declared wav but the bytes are FLAC" in error_of(httpx.post(server.url + "/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": [audio_part(flac, "wav")]}]}))["message"]
     # Too many clips (the default cap is 8), a part without its input_audio, audio from a user's message field.

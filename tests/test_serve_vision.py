@@ -9,7 +9,6 @@ import base64
 import io
 import re
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -222,14 +221,12 @@ def test_bad_images_are_400_and_the_server_serves_on(server, client):
         "over 4 MiB": (data_url(b"\x89PNG\r\n\x1a\n" + bytes(4 << 20)), "image_too_large"),
     }
     for name, (url, code) in cases.items():
-        started = time.perf_counter()
         response = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
             "model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
                                                                        image_part(url)]}]})
         assert response.status_code == 400, (name, response.text[:300])
         error = error_of(response)
         assert error["param"] == "messages.0.content.1.image_url.url" and error["code"] == code, (name, error)
-        assert time.perf_counter() - started < 5, name  # refused from the header, not decoded
     assert "pixel" in error_of(httpx.post(server.url + "/v1/chat/completions", json={
         "model": "base", "messages": [{"role": "user", "content": [image_part(cases["5000x4000 PNG header"][0])]}]
     }))["message"]
