@@ -1,7 +1,7 @@
 """Configuration: the model shape (ModelConfig), the training run (TrainConfig), named presets,
 and loading a YAML recipe with `--key value` overrides from the command line.
 
-A recipe is YAML with two sections:
+A recipe is YAML with two sections, and optionally a third:
 
     model:               # a preset name plus any field of ModelConfig
       preset: small
@@ -9,6 +9,8 @@ A recipe is YAML with two sections:
     train:               # any field of TrainConfig
       data_dir: runs/quickstart/data
       max_steps: 2000
+    sizes:               # named alternatives (model or train fields) for train.size NAME or auto
+      3x128: {n_layer: 3, n_embd: 128}
 
 Overrides are `--model.n_layer 4`, `--train.lr 1e-3`, or the bare `--lr 1e-3` when the name belongs to
 exactly one section. Unknown keys and presets raise ConfigError with a suggestion.
@@ -264,6 +266,11 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
     max_minutes: float | None = None  # if set, max_steps is derived from a short timing run at start
+    # A name of the recipe's `sizes` section: that entry's fields over the recipe's; "auto" with max_minutes: the
+    # largest entry that the budget trains on at least tokens_per_param tokens per parameter, on step times measured
+    # at start (fmforge/train/sizing.py), recorded in run.yaml; auto without a budget, or None: the model section.
+    size: str | None = None
+    tokens_per_param: float = 20.0  # size auto's target (Hoffmann et al. 2022 found ~20 compute-optimal at scale)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
@@ -329,6 +336,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ConfigError(f"train.max_minutes must be positive, got {self.max_minutes!r}")
+        if not 0 < self.tokens_per_param < float("inf"):
+            raise ConfigError(f"train.tokens_per_param must be a positive number, got {self.tokens_per_param!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -342,14 +351,67 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str | None = None
     model_fields: tuple[str, ...] = ()  # the model fields the recipe or the command line set (train.init_from)
+    # The recipe's `sizes` section, {name: {"model": {...}, "train": {...}}}, and what train.size auto needs to apply
+    # one of them later: the model section as written (preset included) and the keys the command line set, which
+    # win over a size's.
+    sizes: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    model_section: dict[str, Any] = field(default_factory=dict)
+    command_line: frozenset[tuple[str, str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": {"preset": self.preset, **self.model.to_dict()}, "train": self.train.to_dict()}
+
+    def with_size(self, name: str) -> RunConfig:
+        """This run with the `sizes` entry `name` applied: its model fields over the recipe's model section (derived
+        fields such as head_dim follow the new shape), its train fields over this run's; keys given on the
+        command line keep their values. train.size becomes `name`."""
+        if name not in self.sizes:
+            raise ConfigError(f"unknown size {name!r}{_suggest(name, self.sizes)}; the recipe's sizes: "
+                              f"{', '.join(self.sizes) or 'none'}")
+        picked = {section: {key: value for key, value in values.items() if (section, key) not in self.command_line}
+                  for section, values in self.sizes[name].items()}
+        section = {**self.model_section, **picked["model"]}
+        if self.model.vocab_size is not None:
+            section.setdefault("vocab_size", self.model.vocab_size)
+        model = _model_from_section(section)
+        train = dataclasses.replace(self.train, **picked["train"], size=name)
+        train.validate()
+        return dataclasses.replace(self, model=model, train=train,
+                                   model_fields=tuple(dict.fromkeys(self.model_fields + tuple(picked["model"]))))
+
+
+def _model_from_section(section: dict[str, Any]) -> ModelConfig:
+    values = dict(section)
+    preset = values.pop("preset", None)
+    return model_config_from_preset(preset, **values) if preset else _build(ModelConfig, values, "model")
+
+
+def _read_sizes(raw: Any, where: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """The recipe's `sizes` section: {name: {field: value}} with model and train fields (bare names, or model.NAME /
+    train.NAME where a name is in both); each entry is checked by building it."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"recipe section 'sizes' in {where} must map size names to fields, e.g. "
+                          "{small: {n_layer: 4, n_embd: 128}}")
+    sizes = {}
+    for name, values in raw.items():
+        if not isinstance(values, dict) or not values:
+            raise ConfigError(f"size {name!r} in {where} must be a mapping of model or train fields")
+        entry: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+        for key, value in values.items():
+            section, field_name = _locate(str(key))
+            if field_name in ("preset", "size"):
+                raise ConfigError(f"size {name!r} in {where}: {field_name} cannot be set by a size")
+            entry[section][field_name] = value
+        sizes[str(name)] = entry
+    if "auto" in sizes:
+        raise ConfigError(f"a size in {where} cannot be named 'auto' (that name picks one by the time budget)")
+    return sizes
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or start from defaults when path is None) and apply `--key value` overrides."""
     raw: dict[str, Any] = {"model": {}, "train": {}}
+    sizes: dict[str, dict[str, dict[str, Any]]] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -361,21 +423,34 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must be a mapping with 'model' and 'train' sections")
         for section, values in loaded.items():
+            if section == "sizes":
+                sizes = _read_sizes(values, str(path))
+                continue
             if section not in raw:
-                raise ConfigError(f"unknown recipe section {section!r} in {path}; sections: model, train")
+                raise ConfigError(f"unknown recipe section {section!r} in {path}; sections: model, train, sizes")
             if not isinstance(values, dict):
                 raise ConfigError(f"recipe section {section!r} in {path} must be a mapping")
             raw[section].update(values)
+    command_line = set()
     for key, value in parse_overrides(overrides or []):
         section, name = _locate(key)
         raw[section][name] = value
-    preset = raw["model"].pop("preset", None)
-    model = model_config_from_preset(preset, **raw["model"]) if preset else _build(ModelConfig, raw["model"], "model")
-    train = _build(TrainConfig, raw["train"], "train")
-    train.validate()
-    if preset and train.init_from:
+        command_line.add((section, name))
+    run = RunConfig(model=_model_from_section(raw["model"]), train=_build(TrainConfig, raw["train"], "train"),
+                    preset=raw["model"].get("preset"), model_fields=tuple(k for k in raw["model"] if k != "preset"),
+                    sizes=sizes, model_section=raw["model"], command_line=frozenset(command_line))
+    run.train.validate()
+    if run.preset and run.train.init_from:
         raise ConfigError("train.init_from takes the model's shape from its checkpoint; remove model.preset")
-    return RunConfig(model=model, train=train, preset=preset, model_fields=tuple(raw["model"]))
+    if run.train.size is not None and run.train.init_from:
+        raise ConfigError("train.init_from takes the model's shape from its checkpoint; remove train.size")
+    for name in sizes:  # each size must make a valid run with this recipe
+        run.with_size(name)
+    if run.train.size not in (None, "auto"):
+        run = run.with_size(run.train.size)
+    elif run.train.size == "auto" and not sizes:
+        raise ConfigError("train.size auto picks one of the recipe's sizes, and this recipe has no 'sizes' section")
+    return run
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:

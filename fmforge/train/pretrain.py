@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import RunConfig
 from ..checkpoint import load_tokenizer
@@ -18,9 +20,10 @@ from ..data.masking import mask_token_id, masked_batch, special_id_count
 from .evaluation import bits_per_byte, evaluate_masked_windows, evaluate_windows
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from . import distributed
+from . import distributed, parallel
 from ..device import resolve_device
-from .trainer import Trainer, TrainResult
+from .sizing import measure_step_seconds, pick_size
+from .trainer import BUDGET_SHARE, Trainer, TrainResult, autocast_context, resolve_precision
 
 
 def check_vocab(model_vocab: int | None, tokenizer: Tokenizer, where: str) -> int:
@@ -77,6 +80,39 @@ def model_from_checkpoint(run: RunConfig, tokenizer) -> Transformer:
     return model
 
 
+def auto_size(run: RunConfig, resume: bool, device: torch.device, dist, quiet: bool) -> tuple[RunConfig, dict, float]:
+    """train.size auto: (the run with the size chosen for its budget, what to record in run.yaml, seconds spent
+    choosing). A resumed run keeps the size recorded when it started; without max_minutes nothing is chosen."""
+    def say(text: str) -> None:
+        if dist.is_main and not quiet:
+            print(text, flush=True)
+
+    if run.train.max_minutes is None:
+        say("size auto picks a size for a time budget and none was given (--max_minutes): training the recipe's "
+            "model section as written")
+        return run, {}, 0.0
+    run_yaml = Path(run.train.out_dir) / "run.yaml"
+    if resume and run_yaml.is_file():
+        recorded = yaml.safe_load(run_yaml.read_text()) or {}
+        size = recorded.get("train", {}).get("size")
+        if size in run.sizes:
+            say(f"size auto: continuing with {size}, chosen when the run started")
+            sizing = recorded.get("resolved", {}).get("sizing")
+            return run.with_size(size), ({"sizing": sizing} if sizing else {}), 0.0
+    started = time.perf_counter()
+    precision = resolve_precision(run.train.precision, device)
+    autocast = autocast_context(parallel.autocast_precision(precision, run.train, dist), device)
+
+    def step_seconds(candidate: RunConfig) -> float:  # every process must choose alike: their mean
+        seconds = measure_step_seconds(candidate, device, autocast)
+        return float(distributed.all_reduce_mean(torch.tensor(seconds, dtype=torch.float64), dist))
+
+    sized, record = pick_size(run, run.train.max_minutes * 60 * BUDGET_SHARE, step_seconds, say)
+    spent = time.perf_counter() - started
+    say(f"  (choosing took {spent:.1f} s of the budget)")
+    return sized, {"sizing": {**record, "seconds_spent": round(spent, 1)}}, spent
+
+
 def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
     cfg = run.train
@@ -92,6 +128,10 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     try:
+        budget_spent, resolved = 0.0, {}
+        if cfg.size == "auto":
+            run, resolved, budget_spent = auto_size(run, resume, device, dist, quiet)
+            cfg = run.train
         torch.manual_seed(cfg.seed)
         model = (model_from_checkpoint(run, tokenizer) if cfg.init_from else Transformer(run.model)).to(device)
         T = run.model.context_length
@@ -136,7 +176,8 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
             return {"val_loss": loss, "val_bpb": bpb}
 
         trainer = Trainer(model, run, get_batch, evaluate if val_data is not None else None, Path(cfg.out_dir),
-                          tokenizer_dir, dist, device, resume=resume, quiet=quiet)
+                          tokenizer_dir, dist, device, resume=resume, quiet=quiet, budget_spent=budget_spent,
+                          resolved=resolved)
         return trainer.fit()
     finally:
         distributed.teardown(dist)

@@ -24,6 +24,7 @@ from ..checkpoint import SHARDED_STATE, clean_stale_temporaries, commit_run_chec
 from ..fileio import atomic_write_text
 from .optim import build_optimizer, lr_at
 from .progress import MetricsWriter, ProgressLog, plot_losses
+from .sizing import eval_overhead
 
 # (step, micro_step) -> a batch: keyword arguments of the model's forward, at least "input_ids" and
 # "targets" (-100 = no loss), e.g. also "attn_mask" for packed sequences. Tensors on the CPU.
@@ -79,10 +80,13 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, run: RunConfig, get_batch: BatchFn, evaluate: EvalFn | None,
                  run_dir: Path, tokenizer_dir: Path | None, dist: distributed.DistInfo, device: torch.device,
-                 resume: bool = False, quiet: bool = False, save_files=None, load_files=None, lr_scale=None):
+                 resume: bool = False, quiet: bool = False, save_files=None, load_files=None, lr_scale=None,
+                 budget_spent: float = 0.0, resolved: dict | None = None):
         """save_files(directory) writes the model's files into a checkpoint directory and
         load_files(checkpoint) restores them on resume; both default to a plain Transformer checkpoint.
-        lr_scale: {parameter: factor} for parameters that train at factor x the scheduled lr."""
+        lr_scale: {parameter: factor} for parameters that train at factor x the scheduled lr. budget_spent: seconds
+        of train.max_minutes already used before (choosing a size); resolved: more to record in run.yaml."""
+        self.budget_spent, self.resolved = budget_spent, resolved or {}
         self.run, self.cfg = run, run.train
         self.model, self.get_batch, self.evaluate = model, get_batch, evaluate
         self.run_dir, self.tokenizer_dir = Path(run_dir), tokenizer_dir
@@ -184,11 +188,8 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         micro = sorted(times[1:])[1]  # median of the timed passes (the first one warms up)
         step_seconds = micro * self.cfg.grad_accum * 1.08  # + optimizer and data (~8% measured)
-        # Periodic eval costs about a third of a training step per token read (forward only).
-        eval_tokens_per_step = self.cfg.eval_tokens / self.cfg.eval_interval
-        train_tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.context_length
-        step_seconds *= 1 + eval_tokens_per_step / train_tokens_per_step / 3
-        budget = self.cfg.max_minutes * 60 * BUDGET_SHARE
+        step_seconds *= eval_overhead(self.cfg, self.context_length)
+        budget = self.cfg.max_minutes * 60 * BUDGET_SHARE - self.budget_spent
         # Every process must run the same number of steps (each step's collectives pair them up).
         steps = max(1, int(distributed.all_reduce_mean(torch.tensor(budget / step_seconds, dtype=torch.float64),
                                                                    self.dist)))
@@ -200,7 +201,7 @@ class Trainer:
         """Train from start_step to max_steps: optimizer steps, evaluation, metrics and checkpoints. SIGINT
         (Ctrl-C) or SIGTERM (schedulers, `docker stop`) finishes the current step, saves a checkpoint and returns."""
         cfg = self.cfg
-        budget_started = time.perf_counter()
+        budget_started = time.perf_counter() - self.budget_spent
         rebudget = cfg.max_minutes is not None and self.start_step == 0
         if rebudget:
             cfg.max_steps = self.calibrate_max_steps()
@@ -272,7 +273,7 @@ class Trainer:
 
     def _resolved_yaml(self) -> str:
         """run.yaml of the run directory: the config as it runs, and what was resolved at start."""
-        resolved = {"precision": self.precision, "world_size": self.dist.world_size}
+        resolved = {"precision": self.precision, "world_size": self.dist.world_size, **self.resolved}
         return yaml.safe_dump({**self.run.to_dict(), "resolved": resolved}, sort_keys=False)
 
     def _open_run(self) -> tuple[MetricsWriter | None, ProgressLog]:
