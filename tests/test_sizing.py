@@ -131,3 +131,16 @@ def test_size_auto_without_a_budget_trains_the_model_section(prepared, tmp_path,
     assert main(["pretrain", "--config", str(recipe(tmp_path, size="auto")), *options]) == 0
     assert "none was given (--max_minutes)" in capsys.readouterr().out
     assert yaml.safe_load((out / "run.yaml").read_text())["model"]["n_embd"] == 64
+
+
+def test_the_shakespeare_recipe_picks_among_sizes_that_grow():
+    from fmforge.cli import builtin_recipe
+
+    run = load_recipe(builtin_recipe("shakespeare"), ["--max_minutes", "1"])
+    assert run.train.size == "auto" and run.train.tokens_per_param == 0.3
+    counts = []
+    for name in run.sizes:
+        sized = run.with_size(name)
+        sized.model.vocab_size = 2048
+        counts.append(sized.model.num_parameters())
+    assert counts == sorted(counts) and len(set(counts)) == len(counts) == 6
