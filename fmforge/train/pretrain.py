@@ -110,7 +110,7 @@ def auto_size(run: RunConfig, resume: bool, device: torch.device, dist, quiet: b
     sized, record = pick_size(run, run.train.max_minutes * 60 * BUDGET_SHARE, step_seconds, say)
     spent = time.perf_counter() - started
     say(f"  (choosing took {spent:.1f} s of the budget)")
-    return sized, {"sizing": {**record, "seconds_spent": round(spent, 1)}}, spent
+    return sized, {"sizing": {**record, "seconds_spent": round(spent, 3)}}, spent
 
 
 def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
