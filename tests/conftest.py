@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-# Keep runs reproducible and light on the 2-core CI machine.
+# Keep runs reproducible and light on the 2-core CI machine: 2 threads, or 1 in each of pytest-xdist's workers
+# (`-n 2`), whose processes would otherwise fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = Path(__file__).resolve().parents[1]
