@@ -11,6 +11,7 @@ Every stage runs through the CLI and is cached in --out (delete a stage's direct
 
     python benchmarks/embeddings.py --quick      # tiny models, ~5 minutes on 2 cores; prints, writes OUT/results.json
     python benchmarks/embeddings.py              # the quickstart's shape; also writes RESULTS.md's section
+    python benchmarks/embeddings.py --pretrain-steps 800 --finetune-steps 300   # shorter runs (a cache per --out)
 """
 
 from __future__ import annotations
@@ -120,8 +121,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run, not a result")
     parser.add_argument("--out", default=None, help="cache directory (default runs/bench-embeddings[-quick])")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="steps of each base (default: the plan's)")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="steps of the specialist (default: the "
+                        "plan's)")
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    for key in ("pretrain_steps", "finetune_steps"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
     out = Path(args.out or f"runs/bench-embeddings{'-quick' if args.quick else ''}")
     started = time.time()
     paths = build(out, plan)
@@ -143,7 +150,7 @@ def main() -> None:
     body = "\n".join([
         f"## Embeddings: code search on held-out stdlib functions{' (quick)' if args.quick else ''}",
         "",
-        f"`python benchmarks/embeddings.py{' --quick' if args.quick else ''}` — docstring line -> function source "
+        f"`python {' '.join(sys.argv)}` — docstring line -> function source "
         f"(docstring removed), the whole stdlib-search test pool of {len(pool)} functions; models "
         f"{' '.join(plan['model'])}, {plan['pretrain_steps']} pretraining steps each, the specialist "
         f"{plan['finetune_steps']} LoRA steps on the train split. {_common.git_state()}, "
