@@ -292,3 +292,16 @@ def speech_base(tmp_path_factory, prepared, speech_tokenizer) -> Path:
                                              checkpoint_interval=40, context_length=352),
                  "--train.mixture", f"{{{text}: 1, {images}: 1, {audio}: 2}}"]) == 0
     return out
+
+
+# The slowest modules, started first: pytest-xdist (scripts/test.sh) hands out modules in collection order, and one of
+# these begun last would leave a worker running it alone at the end.
+SLOWEST_MODULES = ("tests/test_quickstart_multimodal.py", "tests/test_quickstart.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:  # the slowest first; a stable sort keeps the rest in their order
+        module = item.nodeid.split("::")[0]
+        return SLOWEST_MODULES.index(module) if module in SLOWEST_MODULES else len(SLOWEST_MODULES)
+
+    items.sort(key=rank)

@@ -47,32 +47,6 @@ def test_quickstart_runs_end_to_end_and_resumes(tmp_path):
     assert any("embed_tokens" in k for k in load_file(str(latest_in_run(module) / "adapter_model.safetensors")))
 
 
-def test_multimodal_quickstart_builds_one_base_with_every_skill(tmp_path):
-    """`quickstart --multimodal` at a tiny budget: text, image and audio tokenizers, one base pretrained on the
-    mixture, a specialist per skill and the scorecard; a second run reuses every step."""
-    import pytest
-    pytest.importorskip("espeakng_loader", reason="synthetic speech needs espeakng-loader (the dev extras)")
-    out = tmp_path / "mm"
-    args = ["quickstart", "--multimodal", "--out", str(out), "--max-steps", "4", "--specialist-steps", "2",
-            "--eval-limit", "2", "--media-limit", "60", "--codec-steps", "10", "--vocab-size", "600",
-            "--batch_size", "4"]
-    first = run_cli(*args, timeout=900)
-    assert first.returncode == 0, first.stderr[-2000:]
-    config = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
-    assert set(config["media"]) == {"image", "audio"}
-    recipe = (out / "model" / "run.yaml").read_text()  # the base was pretrained on the three prepared directories
-    assert all(f"data-{kind}" in recipe for kind in ("text", "images", "audio"))
-    card = first.stdout.split("== 6/6")[1].splitlines()
-    rows = {line[:16].strip(): line.split() for line in card if line[:16].strip()}
-    assert {"writes code", "converses", "sees", "draws", "hears", "speaks", "sees -> speaks"} <= set(rows)
-    for skill in ("sees", "hears", "speaks", "sees -> speaks"):
-        assert all(0 <= float(value) <= 1 for value in rows[skill][-2:])
-    assert "--adapter transcribe=" in first.stdout and "--adapter say=" in first.stdout
-    second = run_cli(*args, timeout=900)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "$ fmforge tokenizer train" not in second.stdout and second.stdout.count("reusing") >= 6
-
-
 def test_example_limits_must_be_positive(tmp_path):
     """--eval-limit (quickstart: test and validation examples per task) and --val-limit (finetune) of 0 are one
     error line, before anything is built."""

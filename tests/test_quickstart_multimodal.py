@@ -1,0 +1,32 @@
+"""`fmforge quickstart --multimodal` end to end at a tiny budget (its own module, so that pytest-xdist runs it beside
+the text quickstart rather than after it)."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_multimodal_quickstart_builds_one_base_with_every_skill(tmp_path):
+    """`quickstart --multimodal` at a tiny budget: text, image and audio tokenizers, one base pretrained on the
+    mixture, a specialist per skill and the scorecard; a second run reuses every step."""
+    import pytest
+    pytest.importorskip("espeakng_loader", reason="synthetic speech needs espeakng-loader (the dev extras)")
+    out = tmp_path / "mm"
+    args = ["quickstart", "--multimodal", "--out", str(out), "--max-steps", "4", "--specialist-steps", "2",
+            "--eval-limit", "2", "--media-limit", "60", "--codec-steps", "10", "--vocab-size", "600",
+            "--batch_size", "4"]
+    first = run_cli(*args, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
+    assert set(config["media"]) == {"image", "audio"}
+    recipe = (out / "model" / "run.yaml").read_text()  # the base was pretrained on the three prepared directories
+    assert all(f"data-{kind}" in recipe for kind in ("text", "images", "audio"))
+    card = first.stdout.split("== 6/6")[1].splitlines()
+    rows = {line[:16].strip(): line.split() for line in card if line[:16].strip()}
+    assert {"writes code", "converses", "sees", "draws", "hears", "speaks", "sees -> speaks"} <= set(rows)
+    for skill in ("sees", "hears", "speaks", "sees -> speaks"):
+        assert all(0 <= float(value) <= 1 for value in rows[skill][-2:])
+    assert "--adapter transcribe=" in first.stdout and "--adapter say=" in first.stdout
+    second = run_cli(*args, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "$ fmforge tokenizer train" not in second.stdout and second.stdout.count("reusing") >= 6
