@@ -388,7 +388,7 @@ def _model_from_section(section: dict[str, Any]) -> ModelConfig:
 
 def _read_sizes(raw: Any, where: str) -> dict[str, dict[str, dict[str, Any]]]:
     """The recipe's `sizes` section: {name: {field: value}} with model and train fields (bare names, or model.NAME /
-    train.NAME where a name is in both); each entry is checked by building it."""
+    train.NAME where a name is in both). load_recipe then checks each by applying it to the recipe."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"recipe section 'sizes' in {where} must map size names to fields, e.g. "
                           "{small: {n_layer: 4, n_embd: 128}}")
