@@ -65,11 +65,12 @@ def passkey_document(rng: random.Random, repeats: int, key: int | str | None = N
     return prompt, f" {key}"
 
 
-def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int, words: bool) -> None:
+def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int, words: bool,
+                        min_repeats: int = 0) -> None:
     rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(count):
-            prompt, answer = passkey_document(rng, rng.randint(0, max_repeats), words=words)
+            prompt, answer = passkey_document(rng, rng.randint(min_repeats, max_repeats), words=words)
             f.write(json.dumps({"text": prompt + answer + "."}) + "\n")
 
 
@@ -155,6 +156,10 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=4.0,
                         help="the scaling factor of linear/ntk/yarn (default 4: the extension's length over T; a larger "
                              "one leaves headroom past it)")
+    parser.add_argument("--long-from", type=float, default=0.0,
+                        help="the extension's passkey documents are between this share of 4T and ~0.9 x 4T long "
+                             "(default 0: any length up to it; 0.5 puts every key further than T from its question "
+                             "more often, the distances a 4T prompt asks for)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
@@ -166,6 +171,8 @@ def main() -> None:
     if args.width < 32 or args.width % 32 or args.layers < 1:
         parser.error(f"--width must be a multiple of 32 (heads of 32) and --layers >= 1, got {args.width}, "
                      f"{args.layers}")
+    if not 0 <= args.long_from < 0.9:
+        parser.error(f"--long-from must be in [0, 0.9), got {args.long_from}")
     if args.factor < 1:
         parser.error(f"--factor must be >= 1, got {args.factor}")
     methods = {m: METHODS[m] and {**METHODS[m], "factor": args.factor} for m in args.methods.split(",")}
@@ -196,8 +203,9 @@ def main() -> None:
     for name, tokens, count in [("short", T, 6000), ("long", 4 * T, 3000)]:
         if stage(f"passkey data ({name}, up to ~{tokens} tokens)", data[name] / "manifest.json"):
             jsonl = passkey_src / f"{name}.jsonl"
+            shortest = args.long_from * tokens if name == "long" else 0
             write_passkey_jsonl(jsonl, 200 if args.quick else count, repeats_for(tokenizer, tokens * 0.9),
-                                seed=len(name), words=words)
+                                seed=len(name), words=words, min_repeats=repeats_for(tokenizer, shortest))
             cli("prepare", jsonl, "--tokenizer", tok, "--val-fraction", "0.02", "--out", data[name])
 
     if stage("copy drills", data["copy"] / "manifest.json"):
@@ -297,13 +305,16 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
     lines = [
         "## Long context: passkey retrieval and bits/byte by position",
         "",
-        f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}` — {minutes:.0f} min, load average "
+        f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}"
+        + (f" --long-from {args.long_from:g}" if args.long_from else "") + f"` — {minutes:.0f} min, load average "
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
         f"Base: {args.layers} layers, width {args.width}, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
         f"passkey documents up to {T} tokens + copy drills, 0.5:1:2). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
-        f"tokens on Shakespeare + passkey documents up to {4 * T} tokens + copy drills, 1:1:0.5. Passkey: {prompts} held-out prompts per "
+        f"tokens on Shakespeare + passkey documents of {int(args.long_from * 4 * T)} to {4 * T} tokens + copy drills, "
+        "1:1:0.5. "
+        f"Passkey: {prompts} held-out prompts per "
         f"length, key ({'one of ' + str(len(KEY_WORDS)) + ' words' if args.keys == 'words' else 'a 5-digit number'}) "
         "at a uniformly random depth; correct = every key token is the greedy choice.",
         "",

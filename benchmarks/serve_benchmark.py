@@ -1,9 +1,12 @@
 """Serving benchmark: fmforge's engine against `transformers` generate, and the server under concurrent load.
 
 1. Single-stream decode (in process, greedy, same weights): fmforge's Engine (one request, driven by this thread
-   through `Engine.complete`, with its default prompt-lookup speculation and with `speculate=0`) vs Hugging Face
-   `LlamaForCausalLM.generate` (sdpa, KV cache, greedy). Every contender generates exactly the same number of tokens
-   (no stop ids for the engine, `min_new_tokens` for transformers). Rounds interleave the contenders; reported:
+   through `Engine.complete`, with its default prompt-lookup speculation and with `speculate=0`, each eager and
+   with the compiled decode step, `compile=True`) vs Hugging Face `LlamaForCausalLM.generate` (sdpa, KV cache,
+   greedy) and, when `llama_cpp` is importable (a throwaway venv's site-packages on PYTHONPATH, see
+   benchmarks/llama_cpp_check.py), llama.cpp on the checkpoint exported to GGUF f32. Every contender generates
+   exactly the same number of tokens (no stop ids for the engine, `min_new_tokens` for transformers, no end-of-text
+   stop in the llama.cpp loop). Rounds interleave the contenders; reported:
    median tokens/s of each and the median of the per-round ratios. The greedy outputs are compared token for token
    (a check that the models are the same).
 2. The real server (`fmforge serve` in its own process) with 1, 4 and 16 concurrent streaming clients (threads,
@@ -53,7 +56,39 @@ def random_checkpoint(work: Path, context: int) -> Path:
     return save_checkpoint(work, random_model(config), tokenizer)
 
 
-def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int) -> dict:
+def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, threads: int):
+    """llama.cpp (llama-cpp-python, kept out of the project: a throwaway venv's site-packages on PYTHONPATH, as
+    benchmarks/llama_cpp_check.py says) decoding the checkpoint exported to GGUF f32, greedy, `threads` threads,
+    its default KV cache; None (with a line saying so) when llama_cpp is not importable."""
+    import importlib.util
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("  llama.cpp: skipped (llama_cpp is not importable; see benchmarks/llama_cpp_check.py)", flush=True)
+        return None
+    import numpy as np
+    from llama_cpp import Llama
+    from fmforge.cli import main as fmforge_main
+    from fmforge.checkpoint import read_model_config
+
+    gguf = Path(tempfile.mkdtemp()) / "model-f32.gguf"
+    if fmforge_main(["export", "gguf", str(checkpoint), "--out", str(gguf), "--outtype", "f32"]) != 0:
+        raise SystemExit("fmforge export gguf failed")
+    llm = Llama(model_path=str(gguf), n_ctx=read_model_config(checkpoint).context_length, n_threads=threads,
+                n_threads_batch=threads, verbose=False, seed=0)
+
+    def run() -> tuple[float, list[int]]:
+        started = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt)
+        generated = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, every token (no end-of-text stop)
+            generated.append(token)
+            llm.eval([token])
+        return time.perf_counter() - started, generated
+    return run
+
+
+def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int, threads: int) -> dict:
     """Greedy decoding of one prompt by fmforge's engine (with and without speculation, driven synchronously by
     this thread) and by transformers' generate (plain and with its own prompt lookup), in rotating order."""
     from fmforge.checkpoint import load_model_and_tokenizer
@@ -66,7 +101,9 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
     prompt = tokenizer.encode(prompt_text, add_bos=True)
     new_tokens = min(new_tokens, model.config.context_length - len(prompt))
     engines = {"fmforge": Engine(model, tokenizer, max_batch=1, speculate=4),
-               "fmforge-nospec": Engine(model, tokenizer, max_batch=1, speculate=0)}
+               "fmforge-nospec": Engine(model, tokenizer, max_batch=1, speculate=0),
+               "fmforge-compiled": Engine(model, tokenizer, max_batch=1, speculate=4, compile=True),
+               "fmforge-compiled-nospec": Engine(model, tokenizer, max_batch=1, speculate=0, compile=True)}
     # No stop ids: every contender generates exactly new_tokens (transformers gets min_new_tokens for the same).
     request = GenerationRequest(prompt, SamplingParams(max_tokens=new_tokens, temperature=0), stop_ids=frozenset())
 
@@ -84,8 +121,11 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
                               min_new_tokens=new_tokens, do_sample=False, use_cache=True, **extra)
         return time.perf_counter() - started, out[0, len(prompt):].tolist()
 
-    contenders = {"fmforge": lambda: ours(engines["fmforge"]), "fmforge-nospec": lambda: ours(engines["fmforge-nospec"]),
-                  "hf": lambda: theirs(None), "hf-lookup": lambda: theirs(4)}
+    contenders = {name: (lambda engine=engine: ours(engine)) for name, engine in engines.items()}
+    contenders |= {"hf": lambda: theirs(None), "hf-lookup": lambda: theirs(4)}
+    llama = llama_cpp_contender(checkpoint, prompt, new_tokens, threads)
+    if llama is not None:
+        contenders["llama.cpp"] = llama
     for run in contenders.values():
         run()  # warm-up
     rows = []
@@ -101,6 +141,8 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
         result[n] = {"tok_s": statistics.median(new_tokens / row[n][0] for row in rows),
                      "vs_hf": statistics.median(row["hf"][0] / row[n][0] for row in rows),
                      "same_tokens": sum(a == b for a, b in zip(rows[0][n][1], reference))}
+        if "llama.cpp" in names:
+            result[n]["vs_llama"] = statistics.median(row["llama.cpp"][0] / row[n][0] for row in rows)
     return result
 
 
@@ -177,6 +219,13 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
 
 
 PROMPT = 'def parse_args(argv):\n    """Parse the command line."""\n'
+LABELS = {"fmforge": "fmforge Engine (default: prompt-lookup speculation, 4 drafted tokens)",
+          "fmforge-nospec": "fmforge Engine, `--speculate 0`",
+          "fmforge-compiled": "fmforge Engine, `--compile` (speculation on)",
+          "fmforge-compiled-nospec": "fmforge Engine, `--compile --speculate 0`",
+          "hf": "transformers `generate` (greedy, KV cache)",
+          "hf-lookup": "transformers `generate(prompt_lookup_num_tokens=4)`",
+          "llama.cpp": "llama.cpp (llama-cpp-python 0.3.36, GGUF f32, greedy)"}
 
 
 def main() -> None:
@@ -202,20 +251,19 @@ def main() -> None:
                  f"{'trained: ' + str(args.checkpoint) if trained else 'random weights'}")
         print(f"model: {shape}", flush=True)
         print(f"single stream: greedy, {rounds} rounds", flush=True)
-        single = single_stream(checkpoint, rounds, PROMPT, new_tokens)
-        for name in ("fmforge", "fmforge-nospec", "hf", "hf-lookup"):
+        single = single_stream(checkpoint, rounds, PROMPT, new_tokens, args.threads)
+        for name in LABELS:
+            if name not in single:
+                continue
             row = single[name]
-            print(f"  {name:15s} {row['tok_s']:6.0f} tok/s  {row['vs_hf']:.2f}x hf  same tokens "
-                  f"{row['same_tokens']}/{single['new_tokens']}", flush=True)
+            print(f"  {name:24s} {row['tok_s']:6.0f} tok/s  {row['vs_hf']:.2f}x hf  "
+                  + (f"{row['vs_llama']:.2f}x llama.cpp  " if "vs_llama" in row else "")
+                  + f"same tokens {row['same_tokens']}/{single['new_tokens']}", flush=True)
         n = min(new_tokens, config.context_length - 16)
         print(f"server: {n} tokens per request, concurrency 1/4/16, {waves} wave(s) each", flush=True)
         load = concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
     if args.quick or args.no_write:
         return
-    labels = {"fmforge": "fmforge Engine (default: prompt-lookup speculation, 4 drafted tokens)",
-              "fmforge-nospec": "fmforge Engine, `--speculate 0`",
-              "hf": "transformers `generate` (greedy, KV cache)",
-              "hf-lookup": "transformers `generate(prompt_lookup_num_tokens=4)`"}
     lines = [
         f"## Serving: fmforge engine vs transformers generate; the server under concurrent streams "
         f"({args.threads} thread{'s' if args.threads > 1 else ''})",
@@ -227,12 +275,16 @@ def main() -> None:
         f"**Single stream** (in process; prompt {single['prompt_tokens']} tokens, {single['new_tokens']} new tokens, "
         f"greedy; {rounds} rounds, contenders in rotating order; medians; ratio = median of per-round ratios):",
         "",
-        "| engine | tokens/s | vs transformers generate | same greedy tokens as generate |",
-        "|---|---:|---:|---:|",
+        "| engine | tokens/s | vs transformers generate | vs llama.cpp | same greedy tokens as generate |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, label in labels.items():
+    for name, label in LABELS.items():
+        if name not in single:
+            continue
         row = single[name]
-        lines.append(f"| {label} | {row['tok_s']:.0f} | {row['vs_hf']:.2f}x | {row['same_tokens']}/{single['new_tokens']} |")
+        vs_llama = f"{row['vs_llama']:.2f}x" if "vs_llama" in row else "–"
+        lines.append(f"| {label} | {row['tok_s']:.0f} | {row['vs_hf']:.2f}x | {vs_llama} | "
+                     f"{row['same_tokens']}/{single['new_tokens']} |")
     lines += [
         "",
         f"**Server** (`fmforge serve`, 16 slots, a separate process; each request streams {n} tokens from "

@@ -291,7 +291,7 @@ def load_for_generation(args):
     model, tokenizer, _, _ = load_specialist(args.checkpoint, args.adapter, device)
     if isinstance(model, SequenceClassifier):
         raise ConfigError("this specialist is a classifier; use `fmforge eval` for it, not generation")
-    return Engine(model.to(dtype), tokenizer, max_batch=1, speculate=args.speculate), tokenizer
+    return Engine(model.to(dtype), tokenizer, max_batch=1, speculate=args.speculate, compile=args.compile), tokenizer
 
 
 def cmd_generate(args) -> None:
@@ -765,7 +765,8 @@ def cmd_serve(args) -> None:
         model_name=args.model_name, host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get("FMFORGE_API_KEY") or None, device=args.device, dtype=args.dtype,
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-        max_body_bytes=args.max_body_bytes, speculate=args.speculate, prefill_chunk=args.prefill_chunk,
+        max_body_bytes=args.max_body_bytes, speculate=args.speculate, compile=args.compile,
+        prefill_chunk=args.prefill_chunk,
         log_level=args.log_level,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         drain_timeout=args.drain_timeout, max_image_bytes=args.max_image_bytes,
@@ -779,6 +780,10 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", help=SOURCES_HELP)
     p.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl files")
     p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
+
+
+COMPILE_HELP = ("compile the decode step of a request running alone with torch.compile (needs a C++ compiler; "
+                "~20-40 s at start on a CPU; the same tokens; batched steps stay eager)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -799,6 +804,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--speculate", type=int, default=4,
                    help="prompt-lookup draft tokens per step (exact: the same tokens, faster; 0 = off)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def add_corpus_commands(sub) -> None:
@@ -1017,6 +1023,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     p.add_argument("--speculate", type=int, default=4,
                    help="prompt-lookup draft tokens per step when one request runs alone (0 = off)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--prefill-chunk", type=int, metavar="N",
                    help="prompt tokens per prefill forward: a long prompt goes in N at a time between the decode "
                         "steps of running requests, so it does not stall them (0 = whole prompts; default: 32 on "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from ..errors import GenerationError
 from ..model import Transformer
 from .cache import SlotKVCache
+from .compiled import CompiledDecoder
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
 from .sampling import SamplingParams, TextStream, TokenLogprob, sample_rows
 
@@ -159,7 +161,7 @@ class Generation:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, adapters: list[LoadedAdapter] | None = None, *,
                  max_batch: int = 16, max_queue: int = 64, max_context: int | None = None, speculate: int = 4,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapters = list(adapters or [])
@@ -173,6 +175,16 @@ class Engine:
         self.prefill_chunk = default_prefill_chunk(self.device) if prefill_chunk is None else prefill_chunk
         # A sliding-window model's cache keeps window + speculate positions per slot (see SlotKVCache).
         self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype, speculate)
+        # compile: a sequence decoding alone goes through a compiled static-shape step (infer/compiled.py).
+        self.compiled: CompiledDecoder | None = None
+        if compile:
+            reason = CompiledDecoder.unsupported(model, self.cache, self.adapters)
+            if reason:
+                print(f"fmforge: decoding eagerly, not compiled: {reason}", file=sys.stderr, flush=True)
+            else:
+                self.compiled = CompiledDecoder(model, self.cache, speculate)
+                with torch.no_grad():
+                    self.compiled.warm_up()
         self._waiting: list[Sequence] = []
         # Sequence i lives in cache slot i: first those that decode, then those whose prompt is still being
         # prefilled, in the order they came.
@@ -483,12 +495,24 @@ class Engine:
         draft = self._draft(running)
         if draft:
             return self._decode_speculative(running[0], draft)
-        self.cache.bind(0, len(running))
-        self._select([s.adapter for s in running])
-        last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
-        logits = self.model(last, kv_cache=self.cache).logits[:, -1]
+        logits = self._compiled_decode([running[0].output_ids[-1]]) if len(running) == 1 else None
+        if logits is None:
+            self.cache.bind(0, len(running))
+            self._select([s.adapter for s in running])
+            last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
+            logits = self.model(last, kv_cache=self.cache).logits[:, -1]
         self.steps += 1
         self._accept(logits, running)
+
+    def _compiled_decode(self, tokens: list[int]) -> torch.Tensor | None:
+        """The compiled step's logits (len(tokens), V) for the sequence alone in slot 0, its length advanced by one
+        (a speculative step then sets it); None where the compiled step does not apply."""
+        if self.compiled is None:
+            return None
+        logits = self.compiled.decode(tokens)
+        if logits is not None:
+            self.cache.lengths[0] += 1
+        return logits
 
     def _room(self, sequence: Sequence) -> int:
         """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
@@ -505,10 +529,12 @@ class Engine:
         plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
         """
         start = self.cache.lengths[0]
-        self.cache.bind(0, 1)
-        self._select([sequence.adapter])
-        ids = torch.tensor([[sequence.output_ids[-1], *draft]], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache).logits[0]  # (1 + k, V)
+        logits = self._compiled_decode([sequence.output_ids[-1], *draft])
+        if logits is None:
+            self.cache.bind(0, 1)
+            self._select([sequence.adapter])
+            ids = torch.tensor([[sequence.output_ids[-1], *draft]], device=self.device)
+            logits = self.model(ids, kv_cache=self.cache).logits[0]  # (1 + k, V)
         self.steps += 1
         self.speculative_steps += 1
         accepted = 0

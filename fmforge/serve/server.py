@@ -38,6 +38,7 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 4 << 20
     speculate: int = 4
+    compile: bool = False  # the lone request's decode step compiled (infer/compiled.py)
     prefill_chunk: int | None = None  # prompt tokens per prefill forward while others decode (0 = whole prompts;
     # None = 32 on a CPU, 512 on a GPU: infer.engine.default_prefill_chunk)
     log_level: str = "info"
@@ -114,7 +115,7 @@ def build_engine(options: ServeOptions):
     adapters = [read_adapter(name, path, checkpoint) for name, path in options.adapters]
     engine = Engine(model, tokenizer, adapters, max_batch=options.max_batch, max_queue=options.max_queue,
                     max_context=options.max_context, speculate=options.speculate,
-                    prefill_chunk=options.prefill_chunk)
+                    prefill_chunk=options.prefill_chunk, compile=options.compile)
     info = {"checkpoint": str(checkpoint), "device": str(device), "dtype": str(dtype).replace("torch.", "")}
     return engine, info
 

@@ -1,0 +1,98 @@
+"""The compiled decode step (infer/compiled.py): the same tokens as the eager engine, eager where it does not
+apply, and eager with one line on stderr when compiling fails."""
+
+import shutil
+
+import pytest
+import torch
+
+from fmforge.config import ModelConfig
+from fmforge.infer import compiled as compiled_module
+from fmforge.infer.engine import Engine, GenerationRequest
+from fmforge.infer.sampling import SamplingParams
+from fmforge.model import Transformer
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                                    reason="torch.compile on a CPU needs a C++ compiler")
+
+
+def tiny_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, context_length=48, **overrides)
+    return Transformer(config).eval()
+
+
+def tokens(engine: Engine, prompt: list[int], **params) -> list[list[int]]:
+    """Two requests one after the other (so each decodes alone, in slot 0 after the other left it)."""
+    return [engine.complete([GenerationRequest(prompt, SamplingParams(**params))])[0].token_ids for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """(compiled, eager) engines of one tiny model: 4 slots, speculation on (so both widths are compiled)."""
+    model = tiny_model()
+    return (Engine(model, None, max_batch=4, speculate=4, compile=True),
+            Engine(model, None, max_batch=4, speculate=4))
+
+
+@needs_compiler
+def test_compiled_steps_give_the_eager_tokens_up_to_the_end_of_the_context(engines):
+    compiled, eager = engines
+    assert compiled.compiled is not None and compiled.compiled.widths == [1, 5]
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # repeats: prompt lookup drafts, and some drafts are accepted
+    # 38 new tokens fill the 48 positions: the last steps no longer fit a 5-wide window and go eager
+    greedy = dict(max_tokens=38, temperature=0.0)
+    assert tokens(compiled, prompt, **greedy) == tokens(eager, prompt, **greedy)
+    assert len(tokens(compiled, prompt, **greedy)[0]) == 38
+    sampled = dict(max_tokens=20, temperature=1.0, top_k=20, seed=3)
+    assert tokens(compiled, prompt, **sampled) == tokens(eager, prompt, **sampled)
+    unrepeated = [40, 41, 42]  # nothing to look up: width-1 steps until the output repeats itself
+    assert tokens(compiled, unrepeated, **greedy) == tokens(eager, unrepeated, **greedy)
+    assert compiled.compiled.enabled and compiled.accepted_draft_tokens > 0
+
+
+@needs_compiler
+def test_batched_steps_stay_eager_and_agree(engines):
+    compiled, eager = engines
+    prompts = [[3, 4, 5], [9, 10, 11, 12], [20]]
+    requests = [GenerationRequest(p, SamplingParams(max_tokens=12 + 4 * i, temperature=0.0))
+                for i, p in enumerate(prompts)]  # lengths differ: the last one ends decoding alone
+    assert [c.token_ids for c in compiled.complete(requests)] == [c.token_ids for c in eager.complete(requests)]
+    assert compiled.compiled.enabled
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(n_experts=4, n_experts_per_token=2), "mixture-of-experts"),
+    (dict(sliding_window=8), "sliding-window"),
+])
+def test_what_it_cannot_compile_decodes_eagerly_and_says_why(overrides, reason, capfd):
+    engine = Engine(tiny_model(**overrides), None, max_batch=1, speculate=0, compile=True)
+    assert engine.compiled is None
+    assert reason in capfd.readouterr().err
+    assert len(tokens(engine, [1, 2, 3], max_tokens=5, temperature=0.0)[0]) == 5
+
+
+def test_a_failure_to_compile_falls_back_to_eager_with_one_line(monkeypatch, capfd):
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return fail
+
+    monkeypatch.setattr(compiled_module.torch, "compile", no_compiler)
+    model = tiny_model()
+    engine = Engine(model, None, max_batch=1, speculate=4, compile=True)
+    err = capfd.readouterr().err
+    assert "compiled decode step failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)" in err
+    assert "more detail" not in err and "decoding eagerly" in err
+    assert not engine.compiled.enabled
+    prompt = [5, 6, 7, 5, 6, 7]
+    greedy = dict(max_tokens=20, temperature=0.0)
+    assert tokens(engine, prompt, **greedy) == tokens(Engine(model, None, max_batch=1, speculate=4), prompt, **greedy)
+
+
+def test_adapters_are_declined():
+    from fmforge.infer.cache import SlotKVCache
+    model = tiny_model()
+    cache = SlotKVCache(model.config, 1, 48)
+    assert compiled_module.CompiledDecoder.unsupported(model, cache, []) is None
+    assert "adapters" in compiled_module.CompiledDecoder.unsupported(model, cache, ["an adapter"])
