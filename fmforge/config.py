@@ -386,6 +386,11 @@ def _model_from_section(section: dict[str, Any]) -> ModelConfig:
     return model_config_from_preset(preset, **values) if preset else _build(ModelConfig, values, "model")
 
 
+# Fields a size may not set: which size, and where the run reads, writes and starts from (a size picked by the budget
+# must not move the run's checkpoints, which --resume looks for), and the budget that picks it.
+NOT_BY_SIZE = ("preset", "size", "data_dir", "mixture", "out_dir", "init_from", "max_minutes", "tokens_per_param")
+
+
 def _read_sizes(raw: Any, where: str) -> dict[str, dict[str, dict[str, Any]]]:
     """The recipe's `sizes` section: {name: {field: value}} with model and train fields (bare names, or model.NAME /
     train.NAME where a name is in both). load_recipe then checks each by applying it to the recipe."""
@@ -399,8 +404,9 @@ def _read_sizes(raw: Any, where: str) -> dict[str, dict[str, dict[str, Any]]]:
         entry: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
         for key, value in values.items():
             section, field_name = _locate(str(key))
-            if field_name in ("preset", "size"):
-                raise ConfigError(f"size {name!r} in {where}: {field_name} cannot be set by a size")
+            if field_name in NOT_BY_SIZE:
+                raise ConfigError(f"size {name!r} in {where}: {field_name} cannot be set by a size (a size sets "
+                                  "the model's shape and how it trains, not the run's data, budget or place)")
             entry[section][field_name] = value
         sizes[str(name)] = entry
     if "auto" in sizes:

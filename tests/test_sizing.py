@@ -78,7 +78,10 @@ def test_a_named_size_applies_its_fields_and_the_command_line_wins(tmp_path):
     ({"big": {"n_layers": 8}}, "did you mean 'n_layer'"),
     ({"odd": {"n_embd": 66}}, "n_embd"),
     ({"auto": {"n_layer": 1}}, "cannot be named 'auto'"),
-    ({"x": {"size": "y"}}, "cannot be set by a size"),
+    ({"x": {"size": "y"}}, "size cannot be set by a size"),
+    ({"x": {"n_layer": 2, "out_dir": "elsewhere"}}, "out_dir cannot be set by a size"),
+    ({"x": {"train.data_dir": "other-data"}}, "data_dir cannot be set by a size"),
+    ({"x": {"init_from": "runs/a"}}, "init_from cannot be set by a size"),
     ({"x": 4}, "must be a mapping"),
     ([1, 2], "must map size names"),
 ])
