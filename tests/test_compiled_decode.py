@@ -16,9 +16,11 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("cl
                                     reason="torch.compile on a CPU needs a C++ compiler")
 
 
-def tiny_model(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, context_length=48, **overrides)
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """Random weights large enough (init_std 0.5) that greedy decoding wanders instead of repeating one token."""
+    torch.manual_seed(seed)
+    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, context_length=48,
+                         init_std=0.5, **overrides)
     return Transformer(config).eval()
 
 
@@ -59,6 +61,17 @@ def test_batched_steps_stay_eager_and_agree(engines):
                 for i, p in enumerate(prompts)]  # lengths differ: the last one ends decoding alone
     assert [c.token_ids for c in compiled.complete(requests)] == [c.token_ids for c in eager.complete(requests)]
     assert compiled.compiled.enabled
+
+
+@needs_compiler
+def test_two_models_of_one_shape_each_decode_through_their_own_graph(engines):
+    """The weights are frozen into the graph: a second model of the same shape must not reuse the first's."""
+    compiled, eager = engines
+    other = tiny_model(seed=1)
+    greedy = dict(max_tokens=16, temperature=0.0)
+    mine = tokens(Engine(other, None, max_batch=1, speculate=0, compile=True), [5, 6, 7], **greedy)
+    assert mine == tokens(Engine(other, None, max_batch=1, speculate=0), [5, 6, 7], **greedy)
+    assert mine != tokens(compiled, [5, 6, 7], **greedy)
 
 
 @pytest.mark.parametrize("overrides, reason", [
