@@ -75,16 +75,22 @@ def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, th
     llm = Llama(model_path=str(gguf), n_ctx=read_model_config(checkpoint).context_length, n_threads=threads,
                 n_threads_batch=threads, verbose=False, seed=0)
 
+    vocab = llm.n_vocab()
+
     def run() -> tuple[float, list[int]]:
         started = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
         generated = []
         for _ in range(new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy, every token (no end-of-text stop)
+            # The last token's logits, straight from the context (llama-cpp-python 0.3 fills `scores` only with
+            # logits_all, which computes the logits of every prompt token); greedy, no end-of-text stop.
+            last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            token = int(np.argmax(last))
             generated.append(token)
             llm.eval([token])
         return time.perf_counter() - started, generated
+    run.close = llm.close  # freed before the interpreter exits (llama_cpp's finaliser fails at shutdown)
     return run
 
 
@@ -135,6 +141,8 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
         rows.append({name: contenders[name]() for name in order})
         print(f"  round {r + 1}: " + ", ".join(f"{n} {new_tokens / rows[-1][n][0]:.0f}" for n in names) + " tok/s",
               flush=True)
+    if llama is not None:
+        llama.close()
     reference = rows[0]["hf"][1]
     result = {"new_tokens": new_tokens, "prompt_tokens": len(prompt)}
     for n in names:
