@@ -85,7 +85,8 @@ def decode_twin(model: Transformer) -> Transformer:
 
 
 class CompiledDecoder:
-    """Decode steps of slot 0 of `cache` for `model`, compiled for widths 1 and `1 + speculate`."""
+    """Decode steps of slot 0 of `cache` for `model`, compiled for widths 1 and `1 + speculate`. The linear weights
+    are copied (transposed) when it is made: a model whose weights change afterwards needs a new one."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, speculate: int):
         self.model, self.cache = decode_twin(model), cache
