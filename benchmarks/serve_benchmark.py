@@ -56,7 +56,7 @@ def random_checkpoint(work: Path, context: int) -> Path:
     return save_checkpoint(work, random_model(config), tokenizer)
 
 
-def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, threads: int):
+def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, threads: int, work: Path):
     """llama.cpp (llama-cpp-python, kept out of the project: a throwaway venv's site-packages on PYTHONPATH, as
     benchmarks/llama_cpp_check.py says) decoding the checkpoint exported to GGUF f32, greedy, `threads` threads,
     its default KV cache; None (with a line saying so) when llama_cpp is not importable."""
@@ -69,7 +69,7 @@ def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, th
     from fmforge.cli import main as fmforge_main
     from fmforge.checkpoint import read_model_config
 
-    gguf = Path(tempfile.mkdtemp()) / "model-f32.gguf"
+    gguf = work / "model-f32.gguf"  # removed with the run's temporary directory
     if fmforge_main(["export", "gguf", str(checkpoint), "--out", str(gguf), "--outtype", "f32"]) != 0:
         raise SystemExit("fmforge export gguf failed")
     llm = Llama(model_path=str(gguf), n_ctx=read_model_config(checkpoint).context_length, n_threads=threads,
@@ -94,7 +94,8 @@ def llama_cpp_contender(checkpoint: Path, prompt: list[int], new_tokens: int, th
     return run
 
 
-def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int, threads: int) -> dict:
+def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: int, threads: int,
+                  work: Path) -> dict:
     """Greedy decoding of one prompt by fmforge's engine (with and without speculation, driven synchronously by
     this thread) and by transformers' generate (plain and with its own prompt lookup), in rotating order."""
     from fmforge.checkpoint import load_model_and_tokenizer
@@ -129,7 +130,7 @@ def single_stream(checkpoint: Path, rounds: int, prompt_text: str, new_tokens: i
 
     contenders = {name: (lambda engine=engine: ours(engine)) for name, engine in engines.items()}
     contenders |= {"hf": lambda: theirs(None), "hf-lookup": lambda: theirs(4)}
-    llama = llama_cpp_contender(checkpoint, prompt, new_tokens, threads)
+    llama = llama_cpp_contender(checkpoint, prompt, new_tokens, threads, work)
     if llama is not None:
         contenders["llama.cpp"] = llama
     for run in contenders.values():
@@ -259,7 +260,7 @@ def main() -> None:
                  f"{'trained: ' + str(args.checkpoint) if trained else 'random weights'}")
         print(f"model: {shape}", flush=True)
         print(f"single stream: greedy, {rounds} rounds", flush=True)
-        single = single_stream(checkpoint, rounds, PROMPT, new_tokens, args.threads)
+        single = single_stream(checkpoint, rounds, PROMPT, new_tokens, args.threads, Path(work))
         for name in LABELS:
             if name not in single:
                 continue
