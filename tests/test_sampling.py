@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import report
 from fmforge.errors import GenerationError
-from fmforge.infer.sampling import SamplingParams, TextStream, sample_rows, truncate
+from fmforge.infer.sampling import SamplingParams, TextStream, inverse_cdf, sample_rows, truncate
 
 
 def kept(logits, **settings_) -> list[bool]:
@@ -106,6 +106,38 @@ def test_every_valid_setting_samples_a_token(rows):
         plain = not (p.logit_bias or p.presence_penalty or p.frequency_penalty) and p.repetition_penalty == 1
         if p.greedy and plain:
             assert tokens[i] == int(logits[i].argmax())
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights=st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1.0, **finite)), min_size=1, max_size=64)
+       .filter(lambda w: sum(w) > 0),
+       u=st.one_of(st.just(0.0), st.just(math.nextafter(1.0, 0.0)), st.floats(0.0, 1.0, exclude_max=True)))
+def test_inverse_cdf_never_draws_a_token_of_probability_zero(weights, u):
+    """Every uniform in [0, 1), the ends included, lands on a token whose probability is positive."""
+    probs = torch.tensor([weights], dtype=torch.float32)
+    probs = probs / probs.sum()
+    token = int(inverse_cdf(probs, torch.tensor([u], dtype=torch.float64))[0])
+    assert 0 <= token < len(weights) and probs[0, token] > 0
+
+
+def test_seeded_draws_follow_the_distribution_and_repeat():
+    """20,000 draws through sample_rows (seeded rows and unseeded ones in one batch) match the softmax of the
+    logits within sampling error, and a seed gives the same tokens again."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -50.0]] * 4)
+    expected = logits[0].softmax(-1)
+    params = [SamplingParams(seed=7), SamplingParams(), SamplingParams(seed=8), SamplingParams()]
+    generators = [p.generator("cpu") for p in params]
+    counts = torch.zeros(5)
+    first = []
+    for _ in range(5000):
+        tokens, _ = sample_rows(logits, params, [[]] * 4, generators)
+        counts += torch.bincount(torch.tensor(tokens), minlength=5)
+        first.append(tokens[0])
+    observed = counts / counts.sum()
+    assert torch.allclose(observed, expected, atol=0.015), (observed, expected)
+    assert counts[4] == 0
+    again = SamplingParams(seed=7).generator("cpu")
+    assert [sample_rows(logits[:1], [params[0]], [[]], [again])[0][0] for _ in range(5000)] == first
 
 
 class ByteTokenizer:
