@@ -782,8 +782,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parquet-column", default="text", help="column holding the text in .parquet files")
 
 
-COMPILE_HELP = ("compile the decode step of a request running alone with torch.compile (needs a C++ compiler; "
-                "~20-40 s at start on a CPU; the same tokens; batched steps stay eager)")
+COMPILE_HELP = ("compile the decode steps with torch.compile (needs a C++ compiler; ~20-60 s at start on a CPU; "
+                "the same tokens; prefill stays eager)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -132,8 +132,9 @@ class KVCache(Protocol):
 
     `LockstepKVCache` (below: a batch whose rows advance together) and the engine's `SlotKVCache` (infer/cache.py:
     rows at their own lengths) implement it; a sliding-window or paged cache would too. A cache whose `packed` is
-    True holds the tokens of several sequences side by side in the forward's one row; attention then calls its
-    `attend(layer, q, k, v)` instead of `update`, and the cache attends for each sequence over its own keys.
+    True attends itself: attention calls its `attend(layer, q, k, v)` instead of `update` (the engine's cache when
+    it holds the tokens of several sequences side by side in one row, each attending over its own keys; the
+    compiled decode step's view, which writes the attention out).
     """
 
     packed: bool
@@ -246,7 +247,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None and kv_cache.packed:  # several sequences' tokens in one row (see KVCache)
-            y = kv_cache.attend(self.layer_index, q, k, v)  # (1, n_head, T, hd)
+            y = kv_cache.attend(self.layer_index, q, k, v)  # (B, n_head, T, hd)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, n_kv, past + T, hd)

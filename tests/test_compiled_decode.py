@@ -19,8 +19,8 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("cl
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     """Random weights large enough (init_std 0.5) that greedy decoding wanders instead of repeating one token."""
     torch.manual_seed(seed)
-    config = ModelConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, context_length=48,
-                         init_std=0.5, **overrides)
+    config = ModelConfig(**{**dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, vocab_size=97, context_length=48,
+                            init_std=0.5), **overrides})
     return Transformer(config).eval()
 
 
@@ -54,13 +54,34 @@ def test_compiled_steps_give_the_eager_tokens_up_to_the_end_of_the_context(engin
 
 
 @needs_compiler
-def test_batched_steps_stay_eager_and_agree(engines):
+def test_batched_steps_are_compiled_and_agree(engines, monkeypatch):
     compiled, eager = engines
+    batched = []
+    decode_batch = compiled.compiled.decode_batch
+    monkeypatch.setattr(compiled.compiled, "decode_batch", lambda tokens: batched.append(len(tokens)) or
+                        decode_batch(tokens))
     prompts = [[3, 4, 5], [9, 10, 11, 12], [20]]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=12 + 4 * i, temperature=0.0))
                 for i, p in enumerate(prompts)]  # lengths differ: the last one ends decoding alone
     assert [c.token_ids for c in compiled.complete(requests)] == [c.token_ids for c in eager.complete(requests)]
-    assert compiled.compiled.enabled
+    assert compiled.compiled.enabled and 3 in batched and 2 in batched
+
+
+@needs_compiler
+def test_batches_joining_and_leaving_agree_as_the_span_of_keys_grows(monkeypatch):
+    """Context 160: the batched graph attends over 64, 128 and then all 160 positions (dynamic span) while
+    sequences of different lengths join (a waiting one takes a freed slot) and leave, sampled with seeds."""
+    model = tiny_model(seed=2, context_length=160)
+    compiled = Engine(model, None, max_batch=3, speculate=0, compile=True)
+    eager = Engine(model, None, max_batch=3, speculate=0)
+    spans = []
+    run = compiled.compiled._run
+    monkeypatch.setattr(compiled.compiled, "_run", lambda step, ids, starts, span, dynamic=False:
+                        spans.append((len(ids), span)) or run(step, ids, starts, span, dynamic))
+    requests = [GenerationRequest(list(range(1, 2 + 7 * i)), SamplingParams(
+        max_tokens=150 - 20 * i, temperature=0.9, top_p=0.95, seed=i), seed_offset=i) for i in range(5)]
+    assert [c.token_ids for c in compiled.complete(requests)] == [c.token_ids for c in eager.complete(requests)]
+    assert {span for batch, span in spans if batch > 1} >= {64, 128, 160}
 
 
 @needs_compiler
@@ -109,3 +130,32 @@ def test_adapters_are_declined():
     cache = SlotKVCache(model.config, 1, 48)
     assert compiled_module.CompiledDecoder.unsupported(model, cache, []) is None
     assert "adapters" in compiled_module.CompiledDecoder.unsupported(model, cache, ["an adapter"])
+
+
+@needs_compiler
+@pytest.mark.parametrize("lengths", [[63, 64, 127], [128, 5, 159], [0, 64, 1]])
+def test_batched_step_logits_equal_the_eager_forward_at_span_edges(lengths):
+    """One batched step over slots whose lengths sit at the edges of the key span (63 -> 64 keys, 64 -> 128,
+    159 -> the whole row) gives the eager forward's logits and writes the same keys."""
+    from fmforge.infer.cache import SlotKVCache
+    from fmforge.infer.compiled import CompiledDecoder
+    model = tiny_model(seed=3, context_length=160, init_std=0.1)  # attention spread over many keys
+    torch.manual_seed(0)
+    caches = [SlotKVCache(model.config, 3, 160) for _ in range(2)]
+    with torch.no_grad():
+        for slot, length in enumerate(lengths):
+            if length:
+                prompt = torch.randint(0, 97, (1, length))
+                for cache in caches:
+                    cache.bind(slot, 1)
+                    model(prompt, kv_cache=cache)
+        tokens = [7, 8, 9]
+        decoder = CompiledDecoder(model, caches[0], speculate=0)
+        got = decoder.decode_batch(tokens)
+        caches[1].bind(0, 3)
+        want = model(torch.tensor([[t] for t in tokens]), kv_cache=caches[1]).logits[:, -1]
+    assert got is not None and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    for slot, length in enumerate(lengths):
+        for layer in range(model.config.n_layer):
+            written = [cache.keys[layer][slot, :, :length + 1] for cache in caches]
+            assert torch.allclose(*written, atol=1e-5)

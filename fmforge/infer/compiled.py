@@ -1,18 +1,21 @@
-"""A compiled decode step for a sequence decoding alone: static shapes, compiled once with torch.compile.
+"""Compiled decode steps: torch.compile'd once, for the sequences decoding in slots 0 .. n-1 of the engine's cache.
 
 At batch 1 a small model's eager decode step spends as much time dispatching its ~300 small operators (norms,
-RoPE, residual adds, cache writes, each a few microseconds from Python) as multiplying matrices. Compiled with
-static shapes (gpt-fast's recipe, on the CPU), the step is one call: inductor fuses the elementwise work into a
-few C++ loops, a C++ wrapper makes the calls between them, and the matrix-vector products read weights held
-transposed (`decode_twin`), the layout in which they run fastest here.
+RoPE, residual adds, cache writes, each a few microseconds from Python) as multiplying matrices. Compiled (gpt-fast's
+recipe, on the CPU), the step is one call: inductor fuses the elementwise work into a few C++ loops, a C++ wrapper
+makes the calls between them, and the matrix products read weights held transposed (`decode_twin`), the layout in
+which matrix-vector products run fastest here.
 
-Static shapes: the step reads the whole cache row (its `capacity` keys, the mask hides those not yet written),
-takes the start position as a tensor, and pads its tokens to a fixed width, so one graph serves every position:
-one for a plain step (1 token) and one for a speculative step (1 + k tokens). Padding tokens write keys past the
-real ones, which the next step overwrites before anything attends to them (as rejected drafts already are).
+Two graphs. A sequence decoding alone: static shapes, the whole cache row attended over (the mask hides keys not
+yet written), the start position a tensor, the tokens padded to a fixed width: one graph for a plain step
+(1 token) and one for a speculative step (1 + k tokens). Padding tokens write keys past the real ones, which the
+next step overwrites before anything attends to them (as rejected drafts already are). A batch of 2 or more
+sequences, one token each: the batch size and the span of keys attended over (the longest row's length rounded
+up to SPAN_STEP, as the eager cache does) are dynamic sizes, so one graph serves them all (plus one for the span
+that is the whole row, which the compiler specialises). Attention is written out in the graph (`_FirstSlots`).
 
-Used by the engine (`Engine(compile=True)`; `fmforge serve/generate/chat --compile`) for slot 0 when one
-sequence decodes; batched steps and prefill stay eager. What it cannot compile it declines (`unsupported`), and a
+Used by the engine (`Engine(compile=True)`; `fmforge serve/generate/chat --compile`) for every decode step that
+is not mixed with a prompt chunk; prefill stays eager. What it cannot compile it declines (`unsupported`), and a
 failure to compile (no C++ compiler, say) turns it off with one line on stderr: decoding goes on eagerly.
 """
 
@@ -26,35 +29,48 @@ import torch
 import torch.nn as nn
 
 from ..model import Transformer
-from .cache import SlotKVCache
+from .cache import SPAN_STEP, SlotKVCache
 
 
-class _SlotZero:
-    """The KVCache protocol (model.py) over slot 0 of a SlotKVCache, for T tokens starting at a position that is
-    a tensor (traced, not baked into the graph). Writes the new keys/values; attends over the whole capacity."""
+class _FirstSlots:
+    """The KVCache protocol (model.py) over slots 0 .. B-1 of a SlotKVCache, T tokens per row starting at each
+    row's own position, a tensor (traced, not baked into the graph). `attend` writes the new keys/values and
+    attends over the first `span` positions of each row, the mask hiding keys past each query's position.
 
-    packed = False
+    Attention is written out (two batched products and a softmax) rather than F.scaled_dot_product_attention,
+    whose CPU kernel costs ~0.35 ms a layer for 16 rows of one query over 64 keys here, several times the
+    arithmetic."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: torch.Tensor, T: int):
-        self.keys, self.values = keys, values
-        self.positions = start + torch.arange(T, device=start.device)  # (T,)
+    packed = True  # attention calls `attend`
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], starts: torch.Tensor, T: int,
+                 span: int):
+        self.keys, self.values, self.span = keys, values, span
+        self.positions = starts.view(-1, 1) + torch.arange(T, device=starts.device)  # (B, T)
+        self.mask = torch.arange(span, device=starts.device) <= self.positions.unsqueeze(-1)  # (B, T, span)
 
     def prepare(self, rope_cos: torch.Tensor, rope_sin: torch.Tensor, T: int):
-        capacity = self.keys[0].shape[2]
-        mask = torch.arange(capacity, device=rope_cos.device) <= self.positions.unsqueeze(-1)  # (T, capacity)
-        return rope_cos[self.positions], rope_sin[self.positions], mask
+        return rope_cos[self.positions].unsqueeze(1), rope_sin[self.positions].unsqueeze(1), None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd) -> (B, n_head, T, hd)."""
         keys, values = self.keys[layer], self.values[layer]
-        # Indexed by tensors on dims 0 and 2 (not keys[0], a view), so that inductor writes the T new positions in
-        # place instead of copying the slot's whole row around the write. (1, T, n_kv, hd) each side.
-        slot, positions = torch.zeros(1, 1, dtype=torch.long, device=k.device), self.positions.unsqueeze(0)
-        keys[slot, :, positions] = k.transpose(1, 2)
-        values[slot, :, positions] = v.transpose(1, 2)
-        return keys[:1], values[:1]
+        (B, H, T, hd), kv_heads = q.shape, k.shape[1]
+        # Indexed by tensors on dims 0 and 2 (not keys[:B], a view), so that inductor writes the new positions in
+        # place instead of copying the rows around the write. (B, T, n_kv, hd) each side.
+        slots = torch.arange(B, device=k.device).view(-1, 1)
+        keys[slots, :, self.positions] = k.transpose(1, 2)
+        values[slots, :, self.positions] = v.transpose(1, 2)
+        keys, values = keys[:B, :, :self.span], values[:B, :, :self.span]
+        group = H // kv_heads  # query heads per key/value head (grouped-query attention)
+        q = q.reshape(B, kv_heads, group * T, hd)
+        scores = (q @ keys.transpose(-1, -2)) * hd ** -0.5  # (B, n_kv, group * T, span)
+        mask = self.mask.unsqueeze(1).expand(B, group, T, self.span).reshape(B, 1, group * T, self.span)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return (weights @ values).reshape(B, H, T, hd)
 
     def advance(self, T: int) -> None:
-        pass  # the engine keeps the slot's length
+        pass  # the engine keeps the slots' lengths
 
 
 class _DecodeLinear(nn.Module):
@@ -85,15 +101,20 @@ def decode_twin(model: Transformer) -> Transformer:
 
 
 class CompiledDecoder:
-    """Decode steps of slot 0 of `cache` for `model`, compiled for widths 1 and `1 + speculate`. The linear weights
-    are copied (transposed) when it is made: a model whose weights change afterwards needs a new one."""
+    """Decode steps of the first slots of `cache` for `model`: one graph for a sequence decoding alone, at widths 1
+    and `1 + speculate` (static shapes, the whole cache row), and one for a batch of 2 or more, one token each
+    (the batch size and the span of keys attended over, rounded up to SPAN_STEP, are dynamic: one compiled graph
+    for all of them, plus one for the span that is the whole row). The linear weights are copied (transposed) when
+    it is made: a model whose weights change afterwards needs a new one."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, speculate: int):
         self.model, self.cache = decode_twin(model), cache
         self.widths = sorted({1, 1 + speculate} if speculate else {1})
         # cpp_wrapper: the compiled step's calls are made from C++, not from a generated Python function (-0.4 ms
         # a step here).
-        self._step = torch.compile(self._forward, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        options = {"cpp_wrapper": True}
+        self._alone = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        self._batched = torch.compile(self._forward_batch, fullgraph=True, dynamic=None, options=options)
         self.enabled = True
 
     @staticmethod
@@ -110,22 +131,38 @@ class CompiledDecoder:
             return "an encoder does not decode"
         return None
 
-    def _forward(self, ids: torch.Tensor, start: torch.Tensor, keys: list[torch.Tensor],
+    def _forward(self, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor]) -> torch.Tensor:
-        view = _SlotZero(keys, values, start, ids.shape[1])
-        return self.model(ids, kv_cache=view).logits[0]  # (T, V)
+        """Logits (B, T, V) of ids (B, T) fed to slots 0 .. B-1 at `starts` (B,), attending over the first
+        len(span) positions of each row (`span`: an empty tensor whose length is the span, so that it can be a
+        dynamic size)."""
+        view = _FirstSlots(keys, values, starts, ids.shape[1], span.shape[0])
+        return self.model(ids, kv_cache=view).logits
+
+    def _forward_batch(self, *args) -> torch.Tensor:
+        return self._forward(*args)  # a code object of its own, so that dynamo keeps its graphs apart
 
     def warm_up(self) -> None:
-        """Compile every width now (tens of seconds on a CPU) rather than on the first request. The keys it writes
-        into slot 0 are overwritten by the next sequence's prefill."""
+        """Compile every graph now (seconds to tens of seconds each on a CPU) rather than on the first requests.
+        Runs on an empty cache only; the keys it writes lie where nothing attends to them before they are
+        overwritten (at position 0, and at the last position of the row, which no query ever sees: a sequence
+        stops when it fills its context, so the last position is never fed)."""
         started = time.perf_counter()
         for width in self.widths:
-            if self.cache.lengths[0] or not self.enabled:
+            if any(self.cache.lengths) or not self.enabled:
                 return
             self.decode([0] * width)
+        if self.cache.slots > 1:
+            self.decode_batch([0, 0])
+            last = self.cache.capacity - 1
+            self.cache.lengths[:2] = [last, last]  # the graph for the whole row
+            try:
+                self.decode_batch([0, 0])
+            finally:
+                self.cache.lengths[:2] = [0, 0]
         if self.enabled:
-            print(f"fmforge: decode step compiled for {self.widths} tokens in {time.perf_counter() - started:.0f} s",
-                  file=sys.stderr, flush=True)
+            print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens; batches of 2 to "
+                  f"{self.cache.slots}) in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     def decode(self, tokens: list[int]) -> torch.Tensor | None:
         """Logits (len(tokens), V) for `tokens` fed at slot 0's current length (which the caller then advances),
@@ -135,13 +172,31 @@ class CompiledDecoder:
         start = self.cache.lengths[0]
         if not self.enabled or width is None or start + width > self.cache.capacity:
             return None
+        ids = [tokens + [tokens[-1]] * (width - len(tokens))]
+        logits = self._run(self._alone, ids, [start], self.cache.capacity)
+        return None if logits is None else logits[0, :len(tokens)]
+
+    def decode_batch(self, tokens: list[int]) -> torch.Tensor | None:
+        """Logits (n, V) for one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the
+        caller then advances), or None when the compiled step does not apply."""
+        starts = self.cache.lengths[:len(tokens)]
+        if not self.enabled or max(starts) >= self.cache.capacity:
+            return None
+        span = min(-(-(max(starts) + 1) // SPAN_STEP) * SPAN_STEP, self.cache.capacity)
+        logits = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
+        return None if logits is None else logits[:, 0]
+
+    def _run(self, step, ids: list[list[int]], starts: list[int], span: int, dynamic: bool = False):
         device = self.cache.keys[0].device
-        ids = torch.tensor([tokens + [tokens[-1]] * (width - len(tokens))], device=device)
+        inputs = (torch.tensor(ids, device=device), torch.tensor(starts, device=device),
+                  torch.empty(span, device=device))
+        if dynamic:
+            for tensor in inputs:  # "maybe": the span that is the whole row gets a graph of its own
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         try:
-            logits = self._step(ids, torch.tensor(start, device=device), self.cache.keys, self.cache.values)
+            return step(*inputs, self.cache.keys, self.cache.values)
         except Exception as exc:  # noqa: BLE001 — compiling needs a C++ compiler and more; eager always works
             self.enabled = False
             print(f"fmforge: the compiled decode step failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]});"
                   " decoding eagerly", file=sys.stderr, flush=True)
             return None
-        return logits[:len(tokens)]

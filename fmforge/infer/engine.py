@@ -175,7 +175,7 @@ class Engine:
         self.prefill_chunk = default_prefill_chunk(self.device) if prefill_chunk is None else prefill_chunk
         # A sliding-window model's cache keeps window + speculate positions per slot (see SlotKVCache).
         self.cache = SlotKVCache(model.config, max_batch, self.max_context, self.device, self.dtype, speculate)
-        # compile: a sequence decoding alone goes through a compiled static-shape step (infer/compiled.py).
+        # compile: decode steps (not prefill) go through compiled static-shape steps (infer/compiled.py).
         self.compiled: CompiledDecoder | None = None
         if compile:
             reason = CompiledDecoder.unsupported(model, self.cache, self.adapters)
@@ -495,7 +495,7 @@ class Engine:
         draft = self._draft(running)
         if draft:
             return self._decode_speculative(running[0], draft)
-        logits = self._compiled_decode([running[0].output_ids[-1]]) if len(running) == 1 else None
+        logits = self._compiled_decode([s.output_ids[-1] for s in running])
         if logits is None:
             self.cache.bind(0, len(running))
             self._select([s.adapter for s in running])
@@ -504,14 +504,21 @@ class Engine:
         self.steps += 1
         self._accept(logits, running)
 
-    def _compiled_decode(self, tokens: list[int]) -> torch.Tensor | None:
-        """The compiled step's logits (len(tokens), V) for the sequence alone in slot 0, its length advanced by one
-        (a speculative step then sets it); None where the compiled step does not apply."""
+    def _compiled_decode(self, tokens: list[int], speculative: bool = False) -> torch.Tensor | None:
+        """The compiled step's logits (len(tokens), V): one token for each of the sequences in slots 0 .. n-1, or
+        (`speculative`) all of them for the sequence alone in slot 0; the lengths of those slots advanced by one (a
+        speculative step then sets slot 0's). None where the compiled step does not apply."""
         if self.compiled is None:
             return None
-        logits = self.compiled.decode(tokens)
+        if speculative or len(tokens) == 1:
+            logits = self.compiled.decode(tokens)
+            rows = 1
+        else:
+            logits = self.compiled.decode_batch(tokens)
+            rows = len(tokens)
         if logits is not None:
-            self.cache.lengths[0] += 1
+            for slot in range(rows):
+                self.cache.lengths[slot] += 1
         return logits
 
     def _room(self, sequence: Sequence) -> int:
@@ -529,7 +536,7 @@ class Engine:
         plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
         """
         start = self.cache.lengths[0]
-        logits = self._compiled_decode([sequence.output_ids[-1], *draft])
+        logits = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
         if logits is None:
             self.cache.bind(0, 1)
             self._select([sequence.adapter])

@@ -112,8 +112,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
 
     `outputs[i]` are row i's generated tokens so far (presence/frequency penalties), `prompts[i]` its prompt (the
     repetition penalty sees both). Everything is batched across rows (a row with its own seeded generator draws its
-    one uniform number from it); the results cross to the host once. Raises GenerationError for rows whose logits are not
-    finite (a broken model), naming nothing else: the caller fails those sequences alone.
+    one uniform number from it); the results cross to the host once. Raises GenerationError for rows whose logits
+    are not finite (a broken model), naming nothing else: the caller fails those sequences alone.
     """
     logits = logits.float()
     B, V = logits.shape

@@ -38,7 +38,7 @@ class ServeOptions:
     max_context: int | None = None
     max_body_bytes: int = 4 << 20
     speculate: int = 4
-    compile: bool = False  # the lone request's decode step compiled (infer/compiled.py)
+    compile: bool = False  # decode steps compiled (infer/compiled.py)
     prefill_chunk: int | None = None  # prompt tokens per prefill forward while others decode (0 = whole prompts;
     # None = 32 on a CPU, 512 on a GPU: infer.engine.default_prefill_chunk)
     log_level: str = "info"
