@@ -9,9 +9,10 @@
    stop in the llama.cpp loop). Rounds interleave the contenders; reported:
    median tokens/s of each and the median of the per-round ratios. The greedy outputs are compared token for token
    (a check that the models are the same).
-2. The real server (`fmforge serve` in its own process) with 1, 4 and 16 concurrent streaming clients (threads,
-   httpx, /v1/completions with stream=true): aggregate generated tokens/s over the wall time of each wave, and
-   time to first token (request sent -> first text chunk) p50 / p99 over all requests at that concurrency.
+2. The real server (`fmforge serve` in its own process, eager and then with `--compile`) with 1, 4 and 16
+   concurrent streaming clients (threads, httpx, /v1/completions with stream=true): aggregate generated tokens/s
+   over the wall time of each wave (beside llama.cpp's single stream), and time to first token (request sent ->
+   first text chunk) p50 / p99 over all requests at that concurrency.
 
 The model: the quickstart's trained model (runs/quickstart/model) when present — real weights matter here,
 since speculation gains only where the model repeats itself — else random weights of the `base` preset with a
@@ -160,7 +161,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens: int, max_batch: int) -> list[dict]:
+def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens: int, max_batch: int,
+                    compile: bool = False) -> list[dict]:
     import httpx
 
     import socket
@@ -170,10 +172,11 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([sys.executable, "-m", "fmforge.cli", "serve", "--checkpoint", str(checkpoint),
-                               "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
+                               "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning",
+                               *(["--compile"] if compile else [])],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(300):
+        for _ in range(1500):  # compiling takes up to a minute
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -216,9 +219,9 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
                 seconds += time.perf_counter() - started
                 tokens += sum(u for _, u in out)
                 ttft += [f for f, _ in out]
-            row = {"streams": level, "tok_s": tokens / seconds, "ttft_p50": percentile(ttft, 50),
+            row = {"server": "compiled" if compile else "eager", "streams": level, "tok_s": tokens / seconds, "ttft_p50": percentile(ttft, 50),
                    "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
-            print(f"  {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, TTFT p50 {row['ttft_p50'] * 1000:.0f} ms "
+            print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, TTFT p50 {row['ttft_p50'] * 1000:.0f} ms "
                   f"p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
             results.append(row)
         return results
@@ -270,7 +273,8 @@ def main() -> None:
                   + f"same tokens {row['same_tokens']}/{single['new_tokens']}", flush=True)
         n = min(new_tokens, config.context_length - 16)
         print(f"server: {n} tokens per request, concurrency 1/4/16, {waves} wave(s) each", flush=True)
-        load = concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
+        load = (concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
+                + concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16, compile=True))
     if args.quick or args.no_write:
         return
     lines = [
@@ -299,15 +303,19 @@ def main() -> None:
         f"**Server** (`fmforge serve`, 16 slots, a separate process; each request streams {n} tokens from "
         f"/v1/completions at temperature 0.8; {waves} wave(s) per level; TTFT = request sent -> first text chunk):",
         "",
-        "| concurrent streams | aggregate tokens/s | TTFT p50 | TTFT p99 |",
-        "|---:|---:|---:|---:|",
+        "| server | concurrent streams | aggregate tokens/s | vs llama.cpp single stream | TTFT p50 | TTFT p99 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    llama = single.get("llama.cpp", {}).get("tok_s")
     for row in load:
-        lines.append(f"| {row['streams']} | {row['tok_s']:.0f} | {row['ttft_p50'] * 1000:.0f} ms | "
+        vs_llama = f"{row['tok_s'] / llama:.2f}x" if llama else "–"
+        lines.append(f"| `fmforge serve`{' --compile' if row['server'] == 'compiled' else ''} | {row['streams']} | "
+                     f"{row['tok_s']:.0f} | {vs_llama} | {row['ttft_p50'] * 1000:.0f} ms | "
                      f"{row['ttft_p99'] * 1000:.0f} ms |")
-    base = load[0]["tok_s"]
-    lines += ["", "Batching gain over one stream: " + ", ".join(
-        f"{row['streams']} streams {row['tok_s'] / base:.1f}x" for row in load[1:]) + "."]
+    for server in ("eager", "compiled"):
+        rows = [row for row in load if row["server"] == server]
+        lines += ["", f"Batching gain over one stream ({server}): " + ", ".join(
+            f"{row['streams']} streams {row['tok_s'] / rows[0]['tok_s']:.1f}x" for row in rows[1:]) + "."]
     section = section_name(SECTION, args.threads)
     write_section(section, "\n".join(lines))
     print(f"written: {RESULTS.name} (section {section})")

@@ -161,8 +161,9 @@ class CompiledDecoder:
             finally:
                 self.cache.lengths[:2] = [0, 0]
         if self.enabled:
-            print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens; batches of 2 to "
-                  f"{self.cache.slots}) in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+            batches = f"; batches of 2 to {self.cache.slots}" if self.cache.slots > 1 else ""
+            print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens{batches}) in "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     def decode(self, tokens: list[int]) -> torch.Tensor | None:
         """Logits (len(tokens), V) for `tokens` fed at slot 0's current length (which the caller then advances),
