@@ -21,6 +21,7 @@ import functools
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -556,7 +557,7 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     if args.max_steps is not None:
         user += ["--max_steps", str(args.max_steps)]
     else:
-        user += ["--max_minutes", str(args.minutes)]
+        user += ["--max_minutes", str(args.minutes if args.minutes is not None else TEXT_QUICKSTART_MINUTES)]
     run = load_recipe(builtin_recipe("quickstart"),
                       ["--data_dir", str(data_dir), "--out_dir", str(model_dir)] + user)
     result = pretrain(run, resume=True)
@@ -672,6 +673,47 @@ MULTIMODAL_SOURCES = {"images": ["image:mnist", "image:shapes"],
                       "audio": ["audio:espeak:digits:1000", "audio:espeak:numbers:2000"]}
 
 
+TEXT_QUICKSTART_MINUTES = 10.0
+
+
+@dataclass
+class QuickstartBudget:
+    """The multimodal quickstart's wall-time budget, planned stage by stage from the time that is left.
+
+    The codecs and shards run first (fixed steps); what they leave, less reserves for the stages that are not
+    budgeted (code bits/byte, each specialist's loading and final evaluation, the scorecard; measured on the
+    2-core reference machine), goes to pretraining (PRETRAIN_SHARE) and the specialists, each specialist getting
+    an equal part of what is left when it starts, so that an overrun early is absorbed later."""
+    total_minutes: float
+    specialists: int
+    started: float = field(default_factory=time.perf_counter)
+
+    PRETRAIN_SHARE = 0.47  # of the trained minutes: 9.7 of 20.7 in the 25-minute run of the fixed-step defaults
+    BITS_PER_BYTE_S = 15.0
+    SPECIALIST_OVERHEAD_S = 20.0
+    SCORECARD_S = 60.0
+    FLOOR_MINUTES = 0.25
+
+    def left_s(self) -> float:
+        return self.total_minutes * 60 - (time.perf_counter() - self.started)
+
+    def pretrain_minutes(self) -> float:
+        trainable = (self.left_s() - self.BITS_PER_BYTE_S - self.specialists * self.SPECIALIST_OVERHEAD_S
+                     - self.SCORECARD_S)
+        return self._floor(self.PRETRAIN_SHARE * trainable / 60, "pretraining")
+
+    def specialist_minutes(self, remaining: int) -> float:
+        trainable = self.left_s() - remaining * self.SPECIALIST_OVERHEAD_S - self.SCORECARD_S
+        return self._floor(trainable / remaining / 60, "a specialist")
+
+    def _floor(self, minutes: float, what: str) -> float:
+        if minutes >= self.FLOOR_MINUTES:
+            return round(minutes, 2)
+        print(f"the {self.total_minutes:g}-minute budget is spent: {what} gets {self.FLOOR_MINUTES} min "
+              "(the run will overrun; --total-minutes sets the budget)", flush=True)
+        return self.FLOOR_MINUTES
+
+
 def run_command(argv: list[str]) -> None:
     """Run one fmforge command in this process (its errors propagate as FmforgeError)."""
     print(f"$ fmforge {' '.join(argv)}", flush=True)
@@ -689,6 +731,10 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
     from .eval.tasks import evaluate_perplexity, run_tasks
 
     started = time.perf_counter()
+    if not args.total_minutes > 0:
+        raise ConfigError(f"--total-minutes must be positive, got {args.total_minutes}")
+    plan = QuickstartBudget(args.total_minutes, len(MULTIMODAL_SKILLS), started)
+    budgeted = args.max_steps is None and args.minutes is None  # else the fixed steps of --specialist-steps
     limit, steps = str(args.media_limit), str(args.codec_steps)
     out = Path(args.out)
     text_tok, media_tok = out / "tokenizer-text", out / "tokenizer"
@@ -715,8 +761,14 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
                  "--out", str(data["audio"])])
 
     banner("3/6 pretraining one base on the mixture")
-    budget = ["--max_steps", str(args.max_steps)] if args.max_steps is not None else \
-        ["--max_minutes", str(args.minutes)]
+    if args.max_steps is not None:
+        budget = ["--max_steps", str(args.max_steps)]
+    elif args.minutes is not None:
+        budget = ["--max_minutes", str(args.minutes)]
+    else:
+        minutes = plan.pretrain_minutes()
+        print(f"budget: {plan.left_s() / 60:.1f} of {plan.total_minutes:g} min left; pretraining gets {minutes:g}")
+        budget = ["--max_minutes", str(minutes)]
     mixture = json.dumps({str(data["text"]): 1.0, str(data["images"]): 1.0, str(data["audio"]): 1.0})
     run_command(["pretrain", "--config", "quickstart", "--out_dir", str(model_dir),
                  "--mixture", mixture, *budget, *overrides, "--resume"])
@@ -728,14 +780,20 @@ def multimodal_quickstart(args, overrides: list[str]) -> None:
 
     banner("5/6 specialists: a LoRA adapter per skill")
     specialists = out / "specialists"
-    for _, name, source, task, _, _ in MULTIMODAL_SKILLS:
+    for index, (_, name, source, task, _, _) in enumerate(MULTIMODAL_SKILLS):
         if (specialists / name / "adapter_config.json").exists():
             print(f"reusing {specialists / name}")
             continue
+        if budgeted:  # evaluated and saved once, at the end of its minutes
+            minutes = plan.specialist_minutes(len(MULTIMODAL_SKILLS) - index)
+            print(f"budget: {plan.left_s() / 60:.1f} min left; {name} gets {minutes:g}")
+            length = ["--max_minutes", str(minutes), "--eval_interval", "1000000", "--checkpoint_interval", "1000000"]
+        else:
+            length = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
+                      "--checkpoint_interval", str(args.specialist_steps)]
         run_command(["finetune", "--checkpoint", str(model_dir), "--data", source, *(["--task", task] if task else []),
-                     "--out", str(specialists / name), "--max_steps", str(args.specialist_steps), "--eval_interval",
-                     str(args.specialist_steps), "--checkpoint_interval", str(args.specialist_steps),
-                     "--lr", "3e-3", "--limit", limit, "--val-limit", str(args.eval_limit)])
+                     "--out", str(specialists / name), *length, "--lr", "3e-3", "--limit", limit,
+                     "--val-limit", str(args.eval_limit)])
 
     banner("6/6 scorecard (test splits; the base is asked in each task's format, untuned)")
     rows = []
@@ -811,12 +869,14 @@ def add_corpus_commands(sub) -> None:
     """quickstart, tokenizer, prepare, pretrain: from sources to a foundation model."""
     p = sub.add_parser("quickstart", help="stdlib corpus -> tokenizer -> pretrain -> bits-per-byte -> samples",
                        description="Extra --key value options override the quickstart recipe.")
-    p.add_argument("--minutes", type=float, default=10.0, help="pretraining time budget (default 10)")
+    p.add_argument("--minutes", type=float, default=None, help="pretraining time budget (default 10; --multimodal: "
+                   "the whole run keeps to --total-minutes instead unless this or --max-steps is given)")
     p.add_argument("--max-steps", type=int, default=None, help="train this many steps instead of a time budget")
     p.add_argument("--out", default=None, help="default runs/quickstart (runs/quickstart-multimodal)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--sample-tokens", type=int, default=150)
-    p.add_argument("--specialist-steps", type=int, default=150, help="LoRA steps per specialist (0 = skip)")
+    p.add_argument("--specialist-steps", type=int, default=150, help="LoRA steps per specialist (0 = skip; "
+                   "--multimodal: used with --minutes or --max-steps, else the budget sets each one's minutes)")
     p.add_argument("--eval-limit", type=int, default=60,
                    help="test examples per task when scoring specialists, and validation examples while they train")
     p.add_argument("--multimodal", action="store_true", help="one base that also sees, draws, hears and speaks "
@@ -826,6 +886,9 @@ def add_corpus_commands(sub) -> None:
                    "training examples per specialist (default 3000)")
     p.add_argument("--codec-steps", type=int, default=600, help="--multimodal: training steps of the image and "
                    "audio tokenizers (default 600)")
+    p.add_argument("--total-minutes", type=float, default=20.0, help="--multimodal without --minutes or "
+                   "--max-steps: wall-time budget of the whole run (default 20); pretraining and the specialists "
+                   "share what the codecs and shards leave, re-planned after each stage")
     p.set_defaults(handler=cmd_quickstart, takes_overrides=True)
 
 

@@ -30,3 +30,30 @@ def test_multimodal_quickstart_builds_one_base_with_every_skill(tmp_path):
     second = run_cli(*args, timeout=900)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "$ fmforge tokenizer train" not in second.stdout and second.stdout.count("reusing") >= 6
+
+
+def test_the_whole_run_budget_is_replanned_from_the_time_left(monkeypatch, capsys):
+    """--total-minutes: pretraining gets its share of what the codecs and shards leave (less the reserves), each
+    specialist an equal part of what is left when it starts, so an overrun early is absorbed by the later ones;
+    a spent budget gives a floor and says so."""
+    from fmforge import cli
+    clock = [1000.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+    plan = cli.QuickstartBudget(20, specialists=6, started=clock[0])
+    clock[0] += 2.5 * 60  # codecs and shards
+    trainable = 17.5 * 60 - plan.BITS_PER_BYTE_S - 6 * plan.SPECIALIST_OVERHEAD_S - plan.SCORECARD_S
+    assert plan.pretrain_minutes() == round(plan.PRETRAIN_SHARE * trainable / 60, 2)
+    clock[0] += 8.0 * 60  # pretraining and bits/byte
+    first = plan.specialist_minutes(6)
+    assert first == round((9.5 * 60 - 6 * plan.SPECIALIST_OVERHEAD_S - plan.SCORECARD_S) / 6 / 60, 2)
+    clock[0] += 2 * first * 60  # the first specialist overran: the other five share less
+    assert plan.specialist_minutes(5) < first
+    clock[0] += 60 * 60
+    assert plan.specialist_minutes(1) == plan.FLOOR_MINUTES
+    assert "budget is spent" in capsys.readouterr().out
+
+
+def test_a_budget_that_is_not_positive_is_one_clear_error(tmp_path):
+    result = run_cli("quickstart", "--multimodal", "--out", str(tmp_path / "mm"), "--total-minutes", "0")
+    assert result.returncode != 0 and "--total-minutes must be positive" in result.stderr
+    assert not (tmp_path / "mm").exists()
