@@ -12,7 +12,7 @@ import torch
 
 from fmforge.adapt.lora import load_adapter
 from fmforge.errors import CheckpointError
-from fmforge.infer.engine import Engine, EngineFull
+from fmforge.infer.engine import DraftControl, Engine, EngineFull
 from fmforge.infer.lora import read_adapter
 from fmforge.infer.sampling import SamplingParams, sample_rows
 from fmforge.checkpoint import load_model_and_tokenizer, resolve_checkpoint
@@ -240,6 +240,42 @@ def test_speculative_decoding_changes_speed_not_output(base, temperature):
     assert plain.speculative_steps == 0 and speculative.speculative_steps > 0
     if temperature == 0:  # this model repeats itself greedily, so drafts are accepted: fewer forwards
         assert speculative.accepted_draft_tokens > 0 and speculative.steps < plain.steps
+
+
+def test_drafting_stops_while_drafts_are_rejected_and_probes_again():
+    control = DraftControl()
+    assert control.wants_draft()
+    for _ in range(3):
+        control.speculated(0)  # nothing accepted: the running mean falls below the threshold
+    assert not control.wants_draft()
+    for _ in range(DraftControl.PROBE - 1):
+        control.plain()
+    assert not control.wants_draft()
+    control.plain()
+    assert control.wants_draft()  # a probe after PROBE plain steps
+    for _ in range(5):
+        control.speculated(4)  # a stretch the model copies: drafting pays again
+    assert control.wants_draft() and control.plain_steps == 0
+
+
+def test_a_sequence_whose_drafts_fail_decodes_plainly_with_the_same_tokens(base, monkeypatch):
+    """Drafts that are always wrong (a token the model never samples here): after a few speculative steps the
+    engine stops drafting, probing once per PROBE plain steps, and the tokens are those of plain decoding."""
+    from fmforge.infer import engine as engine_module
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompt = tokenizer.encode("def f(x):\n    return x\n\ndef f(x):\n    return", add_bos=True)
+    options = SamplingParams(max_tokens=60, temperature=0.9, seed=11, logit_bias={7: -100})
+    monkeypatch.setattr(engine_module, "propose_draft", lambda context, k, limit: [7] * min(k, limit))
+    outputs, engines = [], []
+    for speculate in (0, 4):
+        engine = Engine(model, tokenizer, max_batch=1, speculate=speculate)
+        (result,) = run_engine(engine, [(prompt, 0, options)])
+        outputs.append(result.tokens)
+        engines.append(engine)
+    assert outputs[0] == outputs[1] and len(outputs[0]) >= 30
+    speculative = engines[1]
+    assert speculative.accepted_draft_tokens == 0
+    assert 0 < speculative.speculative_steps <= len(outputs[0]) // DraftControl.PROBE + 4
 
 
 def test_prefill_groups_respect_the_token_budget():
