@@ -245,8 +245,10 @@ def _yes_no_jsonl(directory: Path, split: str, count: int) -> Path:
     return path
 
 
+# draw: full fine-tuning (100 steps: 40/40 valid images at 1 and 2 threads); a 60-150-step LoRA of this tiny base
+# drew 0-6 of 40, at the mercy of the sampler's draws (the quickstart's LoRA draw specialist, at scale: 1.00 valid).
 @pytest.mark.parametrize("dataset,metric,better,method", [
-    ("mnist-draw", "valid", "higher", "lora"), ("shapes-edit", "pixel_error", "lower", "lora"),
+    ("mnist-draw", "valid", "higher", "full"), ("shapes-edit", "pixel_error", "lower", "lora"),
     ("yes-no", "accuracy", "higher", "full"), ("glyphs-read", "char_accuracy", "higher", "full"),
 ])
 def test_each_vision_task_trains_and_improves_its_metric(multimodal_base, tmp_path, dataset, metric, better, method):
