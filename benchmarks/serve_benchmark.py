@@ -219,10 +219,10 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
                 seconds += time.perf_counter() - started
                 tokens += sum(u for _, u in out)
                 ttft += [f for f, _ in out]
-            row = {"server": "compiled" if compile else "eager", "streams": level, "tok_s": tokens / seconds, "ttft_p50": percentile(ttft, 50),
-                   "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
-            print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, TTFT p50 {row['ttft_p50'] * 1000:.0f} ms "
-                  f"p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
+            row = {"server": "compiled" if compile else "eager", "streams": level, "tok_s": tokens / seconds,
+                   "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
+            print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, "
+                  f"TTFT p50 {row['ttft_p50'] * 1000:.0f} ms p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
             results.append(row)
         return results
     finally:

@@ -23,6 +23,13 @@ from ..model import attention_mask, ring_positions
 SPAN_STEP = 64
 
 
+def key_span(keys: int, limit: int) -> int:
+    """How many cache positions a forward attends over when it needs the first `keys`: rounded up to SPAN_STEP (the
+    mask hides the extra ones), so that attention sees a handful of distinct shapes rather than a new one every
+    step (backends that plan per shape, cuDNN, and a compiled step need that), and at most `limit`."""
+    return min(-(-keys // SPAN_STEP) * SPAN_STEP, limit)
+
+
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in the cache: 2 (K and V) x n_layer x n_kv_head x head_dim x the
     dtype's size."""
@@ -103,9 +110,7 @@ class SlotKVCache:
         positions = starts.view(-1, 1) + torch.arange(T, device=device)  # (B, T)
         if self.window is not None:
             return self._plan_ring(slots, T, new_tokens, starts, positions)
-        # Attend over a span rounded up to SPAN_STEP keys (the mask hides the extra ones): a handful of distinct
-        # shapes instead of a new one every step, which attention backends that plan per shape (cuDNN) need.
-        span = min(-(-longest // SPAN_STEP) * SPAN_STEP, self.max_length)
+        span = key_span(longest, self.max_length)
         keys = torch.arange(span, device=device).view(1, 1, -1)
         mask = keys <= positions.unsqueeze(-1)  # (B, T, span): query t of row b sees keys [0, start_b + t]
         row_index = torch.arange(slots.start, slots.stop, device=device).view(-1, 1)
@@ -121,7 +126,7 @@ class SlotKVCache:
         write_first = (all(n == T for n in counts)
                        and (T <= self.capacity - self.window + 1 or int(starts.max()) + T <= self.capacity))
         held = ends if write_first else starts
-        span = min(-(-int(held.max()) // SPAN_STEP) * SPAN_STEP, self.capacity)
+        span = key_span(int(held.max()), self.capacity)
         keys = ring_positions(held, self.capacity)[:, :span]  # (B, span); negative = an empty slot
         if not write_first:
             keys = torch.cat([keys, positions], dim=1)

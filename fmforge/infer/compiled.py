@@ -11,7 +11,7 @@ yet written), the start position a tensor, the tokens padded to a fixed width: o
 (1 token) and one for a speculative step (1 + k tokens). Padding tokens write keys past the real ones, which the
 next step overwrites before anything attends to them (as rejected drafts already are). A batch of 2 or more
 sequences, one token each: the batch size and the span of keys attended over (the longest row's length rounded
-up to SPAN_STEP, as the eager cache does) are dynamic sizes, so one graph serves them all (plus one for the span
+up by `key_span`, as the eager cache does) are dynamic sizes, so one graph serves them all (plus one for the span
 that is the whole row, which the compiler specialises). Attention is written out in the graph (`_FirstSlots`).
 
 Used by the engine (`Engine(compile=True)`; `fmforge serve/generate/chat --compile`) for every decode step that
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..model import Transformer
-from .cache import SPAN_STEP, SlotKVCache
+from .cache import SlotKVCache, key_span
 
 
 class _FirstSlots:
@@ -103,7 +103,7 @@ def decode_twin(model: Transformer) -> Transformer:
 class CompiledDecoder:
     """Decode steps of the first slots of `cache` for `model`: one graph for a sequence decoding alone, at widths 1
     and `1 + speculate` (static shapes, the whole cache row), and one for a batch of 2 or more, one token each
-    (the batch size and the span of keys attended over, rounded up to SPAN_STEP, are dynamic: one compiled graph
+    (the batch size and the span of keys attended over, rounded up by `key_span`, are dynamic: one compiled graph
     for all of them, plus one for the span that is the whole row). The linear weights are copied (transposed) when
     it is made: a model whose weights change afterwards needs a new one."""
 
@@ -183,7 +183,7 @@ class CompiledDecoder:
         starts = self.cache.lengths[:len(tokens)]
         if not self.enabled or max(starts) >= self.cache.capacity:
             return None
-        span = min(-(-(max(starts) + 1) // SPAN_STEP) * SPAN_STEP, self.cache.capacity)
+        span = key_span(max(starts) + 1, self.cache.capacity)
         logits = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
         return None if logits is None else logits[:, 0]
 

@@ -165,12 +165,11 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
         rows = (logits[sampled] / temperature).clamp(-FINITE, FINITE)
         rows = truncate(rows, [params[i] for i in sampled])
         probs = rows.softmax(dim=-1)
-        uniforms = [torch.rand(1, generator=generators[i], device=device, dtype=torch.float64)
-                    if generators[i] is not None else None for i in sampled]
-        unseeded = [j for j, u in enumerate(uniforms) if u is None]
-        if unseeded:
-            rest = iter(torch.rand(len(unseeded), device=device, dtype=torch.float64).split(1))
-            uniforms = [next(rest) if u is None else u for u in uniforms]
+        # One uniform per row: from the row's own generator if it is seeded, else from one draw for all the others.
+        unseeded = iter(torch.rand(sum(generators[i] is None for i in sampled), device=device,
+                                   dtype=torch.float64).split(1))
+        uniforms = [next(unseeded) if generators[i] is None else
+                    torch.rand(1, generator=generators[i], device=device, dtype=torch.float64) for i in sampled]
         picks = inverse_cdf(probs, torch.cat(uniforms))
         tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), picks)
     chosen = tokens.tolist()
