@@ -316,7 +316,7 @@ def test_chunked_prefill_gives_the_tokens_of_one_shot_prefill(base, adapters):
                    GenerationRequest(long, SamplingParams(max_tokens=10, temperature=0.7, seed=9), adapter=2)]
     outputs, forwards, shared = [], [], []
     for prefill_chunk in (0, 5):
-        output, count = [], 0
+        output = []
         for requests, speculate in ((batched, 0), (speculating, 4)):
             model = load_model_and_tokenizer(base)[0]  # an engine attaches its adapters to the model it gets
             engine = Engine(model, tokenizer, loaded, max_batch=2, prefill_chunk=prefill_chunk, speculate=speculate)
