@@ -167,19 +167,23 @@ def test_images_generations(client, tokenizer):
     assert np.asarray(decode(tall.data[0].b64_json)).shape == (32, 16, 3)
 
 
-def test_a_drawing_without_room_for_an_image_is_422(server, tokenizer):
-    # No size: the model picks the grid. With at most 3 tokens left in the 192-token context after the prompt and
-    # <|image|>, no span can end (height, width, a code, the end marker): a clear 422, not a 5xx.
+def test_a_drawing_without_room_for_an_image_is_422(server, tokenizer, base):
+    # No size: the model picks the grid. With at most 3 tokens left in the context after the prompt and <|image|>,
+    # no span can end (height, width, a code, the end marker): a clear 422, not a 5xx.
+    from fmforge.checkpoint import load_model
+
+    context = load_model(base)[0].config.context_length
+
     def length(prompt: str) -> int:
         return len(tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
 
     prompt = "draw"
-    while length(prompt + " draw") <= 190:
+    while length(prompt + " draw") <= context - 2:
         prompt += " draw"
     for letter in "xyzw" * 4:
-        if length(prompt) < 188 and length(prompt + letter) <= 190:
+        if length(prompt) < context - 4 and length(prompt + letter) <= context - 2:
             prompt += letter
-    assert 188 <= length(prompt) <= 190
+    assert context - 4 <= length(prompt) <= context - 2
     response = httpx.post(server.url + "/v1/images/generations", json={"model": "base", "prompt": prompt,
                                                                        "seed": 1}, timeout=60)
     assert response.status_code == 422 and error_of(response)["code"] == "no_image_generated", response.text
