@@ -9,7 +9,8 @@
    stop in the llama.cpp loop). Rounds interleave the contenders; reported:
    median tokens/s of each and the median of the per-round ratios. The greedy outputs are compared token for token
    (a check that the models are the same).
-2. The real server (`fmforge serve` in its own process, eager and then with `--compile`) with 1, 4 and 16
+2. The real server (`fmforge serve` in its own process, eager, with `--compile`, and with `--compile --dtype
+   bfloat16`: bf16 weights and KV cache) with 1, 4 and 16
    concurrent streaming clients (threads, httpx, /v1/completions with stream=true): aggregate generated tokens/s
    over the wall time of each wave (beside llama.cpp's single stream), and time to first token (request sent ->
    first text chunk) p50 / p99 over all requests at that concurrency.
@@ -162,7 +163,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens: int, max_batch: int,
-                    compile: bool = False) -> list[dict]:
+                    compile: bool = False, dtype: str | None = None) -> list[dict]:
     import httpx
 
     import socket
@@ -173,7 +174,7 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
     log = tempfile.TemporaryFile(mode="w+")
     server = subprocess.Popen([sys.executable, "-m", "fmforge.cli", "serve", "--checkpoint", str(checkpoint),
                                "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning",
-                               *(["--compile"] if compile else [])],
+                               *(["--compile"] if compile else []), *(["--dtype", dtype] if dtype else [])],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(1500):  # compiling takes up to a minute
@@ -219,7 +220,8 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
                 seconds += time.perf_counter() - started
                 tokens += sum(u for _, u in out)
                 ttft += [f for f, _ in out]
-            row = {"server": "compiled" if compile else "eager", "streams": level, "tok_s": tokens / seconds,
+            server_name = ("compiled" if compile else "eager") + (f"-{dtype}" if dtype else "")
+            row = {"server": server_name, "streams": level, "tok_s": tokens / seconds,
                    "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
             print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, "
                   f"TTFT p50 {row['ttft_p50'] * 1000:.0f} ms p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
@@ -274,7 +276,8 @@ def main() -> None:
         n = min(new_tokens, config.context_length - 16)
         print(f"server: {n} tokens per request, concurrency 1/4/16, {waves} wave(s) each", flush=True)
         load = (concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16)
-                + concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16, compile=True))
+                + concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16, compile=True)
+                + concurrent_load(checkpoint, [1, 4, 16], waves, n, max_batch=16, compile=True, dtype="bfloat16"))
     if args.quick or args.no_write:
         return
     lines = [
@@ -283,7 +286,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python benchmarks/serve_benchmark.py {' '.join(sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, {git_state()}). Machine: {describe_machine(args.threads)}. "
-        f"Model: {shape}; fp32.",
+        f"Model: {shape}; fp32 unless the row says bfloat16.",
         "",
         f"**Single stream** (in process; prompt {single['prompt_tokens']} tokens, {single['new_tokens']} new tokens, "
         f"greedy; {rounds} rounds, contenders in rotating order; medians; ratio = median of per-round ratios):",
@@ -309,10 +312,11 @@ def main() -> None:
     llama = single.get("llama.cpp", {}).get("tok_s")
     for row in load:
         vs_llama = f"{row['tok_s'] / llama:.2f}x" if llama else "–"
-        lines.append(f"| `fmforge serve`{' --compile' if row['server'] == 'compiled' else ''} | {row['streams']} | "
+        flags = {"eager": "", "compiled": " --compile", "compiled-bfloat16": " --compile --dtype bfloat16"}
+        lines.append(f"| `fmforge serve`{flags[row['server']]} | {row['streams']} | "
                      f"{row['tok_s']:.0f} | {vs_llama} | {row['ttft_p50'] * 1000:.0f} ms | "
                      f"{row['ttft_p99'] * 1000:.0f} ms |")
-    for server in ("eager", "compiled"):
+    for server in ("eager", "compiled", "compiled-bfloat16"):
         rows = [row for row in load if row["server"] == server]
         lines += ["", f"Batching gain over one stream ({server}): " + ", ".join(
             f"{row['streams']} streams {row['tok_s'] / rows[0]['tok_s']:.1f}x" for row in rows[1:]) + "."]
