@@ -172,9 +172,10 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile(mode="w+")
+    flags = [*(["--compile"] if compile else []), *(["--dtype", dtype] if dtype else [])]
     server = subprocess.Popen([sys.executable, "-m", "fmforge.cli", "serve", "--checkpoint", str(checkpoint),
                                "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning",
-                               *(["--compile"] if compile else []), *(["--dtype", dtype] if dtype else [])],
+                               *flags],
                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         for _ in range(1500):  # compiling takes up to a minute
@@ -221,7 +222,7 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
                 tokens += sum(u for _, u in out)
                 ttft += [f for f, _ in out]
             server_name = ("compiled" if compile else "eager") + (f"-{dtype}" if dtype else "")
-            row = {"server": server_name, "streams": level, "tok_s": tokens / seconds,
+            row = {"server": server_name, "flags": " ".join(flags), "streams": level, "tok_s": tokens / seconds,
                    "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
             print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, "
                   f"TTFT p50 {row['ttft_p50'] * 1000:.0f} ms p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
@@ -312,8 +313,7 @@ def main() -> None:
     llama = single.get("llama.cpp", {}).get("tok_s")
     for row in load:
         vs_llama = f"{row['tok_s'] / llama:.2f}x" if llama else "–"
-        flags = {"eager": "", "compiled": " --compile", "compiled-bfloat16": " --compile --dtype bfloat16"}
-        lines.append(f"| `fmforge serve`{flags[row['server']]} | {row['streams']} | "
+        lines.append(f"| `fmforge serve` {row['flags']} | {row['streams']} | "
                      f"{row['tok_s']:.0f} | {vs_llama} | {row['ttft_p50'] * 1000:.0f} ms | "
                      f"{row['ttft_p99'] * 1000:.0f} ms |")
     for server in ("eager", "compiled", "compiled-bfloat16"):

@@ -170,9 +170,9 @@ def test_images_generations(client, tokenizer):
 def test_a_drawing_without_room_for_an_image_is_422(server, tokenizer, base):
     # No size: the model picks the grid. With at most 3 tokens left in the context after the prompt and <|image|>,
     # no span can end (height, width, a code, the end marker): a clear 422, not a 5xx.
-    from fmforge.checkpoint import load_model
+    from fmforge.checkpoint import read_model_config
 
-    context = load_model(base)[0].config.context_length
+    context = read_model_config(base).context_length
 
     def length(prompt: str) -> int:
         return len(tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
