@@ -11,9 +11,10 @@
    (a check that the models are the same).
 2. The real server (`fmforge serve` in its own process, eager, with `--compile`, and with `--compile --dtype
    bfloat16`: bf16 weights and KV cache) with 1, 4 and 16
-   concurrent streaming clients (threads, httpx, /v1/completions with stream=true): aggregate generated tokens/s
-   over the wall time of each wave (beside llama.cpp's single stream), and time to first token (request sent ->
-   first text chunk) p50 / p99 over all requests at that concurrency.
+   concurrent streaming clients (httpx, one event loop in this process, /v1/completions with stream=true):
+   aggregate generated tokens/s over the wall time of each wave (beside llama.cpp's single stream), time to first
+   token (request sent -> first text chunk) p50 / p99 over all requests at that concurrency, and the CPU the
+   clients themselves took (they share the machine with the server).
 
 The model: the quickstart's trained model (runs/quickstart/model) when present — real weights matter here,
 since speculation gains only where the model repeats itself — else random weights of the `base` preset with a
@@ -28,13 +29,13 @@ speculation against speculation is there too. The server and the in-process meas
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -162,6 +163,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+async def client_wave(url: str, level: int, new_tokens: int) -> list[tuple[float | None, int]]:
+    """`level` concurrent streaming requests from one event loop (one connection each): (TTFT, completion tokens)
+    per request. One loop, not a thread per client, so that the clients take little of the CPUs the server uses."""
+    import httpx
+
+    async def one(http: httpx.AsyncClient, i: int) -> tuple[float | None, int]:
+        body = {"model": "base", "prompt": f"def function_{i}(", "max_tokens": new_tokens, "stream": True,
+                "temperature": 0.8, "seed": i, "stream_options": {"include_usage": True},
+                "logit_bias": {"1": -100, "2": -100}}
+        sent, first, usage = time.perf_counter(), None, 0
+        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - sent
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+        return first, usage
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=level)) as http:
+        return await asyncio.gather(*(one(http, i) for i in range(level)))
+
+
 def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens: int, max_batch: int,
                     compile: bool = False, dtype: str | None = None) -> list[dict]:
     import httpx
@@ -188,44 +214,23 @@ def concurrent_load(checkpoint: Path, levels: list[int], waves: int, new_tokens:
             log.seek(0)
             raise RuntimeError("server did not start:\n" + log.read())
         results = []
-
-        def one(i: int, out: list):
-            body = {"model": "base", "prompt": f"def function_{i}(", "max_tokens": new_tokens, "stream": True,
-                    "temperature": 0.8, "seed": i, "stream_options": {"include_usage": True},
-                    "logit_bias": {"1": -100, "2": -100}}
-            sent = time.perf_counter()
-            first, usage = None, None
-            with httpx.Client(timeout=600) as http:
-                with http.stream("POST", url + "/v1/completions", json=body) as response:
-                    for line in response.iter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        chunk = json.loads(line[6:])
-                        if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                            first = time.perf_counter() - sent
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]["completion_tokens"]
-            out.append((first, usage))
-
-        one(0, [])  # warm-up
+        asyncio.run(client_wave(url, 1, 8))  # warm-up
         for level in levels:
-            ttft, tokens, seconds = [], 0, 0.0
+            ttft, tokens, seconds, cpu = [], 0, 0.0, 0.0
             for _ in range(waves):
-                out: list = []
-                threads = [threading.Thread(target=one, args=(i, out)) for i in range(level)]
-                started = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                started, cpu_started = time.perf_counter(), time.process_time()
+                out = asyncio.run(client_wave(url, level, new_tokens))
                 seconds += time.perf_counter() - started
+                cpu += time.process_time() - cpu_started
                 tokens += sum(u for _, u in out)
                 ttft += [f for f, _ in out]
             server_name = ("compiled" if compile else "eager") + (f"-{dtype}" if dtype else "")
             row = {"server": server_name, "flags": " ".join(flags), "streams": level, "tok_s": tokens / seconds,
-                   "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "requests": len(ttft)}
+                   "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "requests": len(ttft),
+                   "client_cores": cpu / seconds}
             print(f"  {row['server']:8s} {level:2d} streams: {row['tok_s']:.0f} tok/s aggregate, "
-                  f"TTFT p50 {row['ttft_p50'] * 1000:.0f} ms p99 {row['ttft_p99'] * 1000:.0f} ms", flush=True)
+                  f"TTFT p50 {row['ttft_p50'] * 1000:.0f} ms p99 {row['ttft_p99'] * 1000:.0f} ms, "
+                  f"clients used {row['client_cores']:.2f} of a core", flush=True)
             results.append(row)
         return results
     finally:
@@ -307,15 +312,16 @@ def main() -> None:
         f"**Server** (`fmforge serve`, 16 slots, a separate process; each request streams {n} tokens from "
         f"/v1/completions at temperature 0.8; {waves} wave(s) per level; TTFT = request sent -> first text chunk):",
         "",
-        "| server | concurrent streams | aggregate tokens/s | vs llama.cpp single stream | TTFT p50 | TTFT p99 |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| server | concurrent streams | aggregate tokens/s | vs llama.cpp single stream | TTFT p50 | TTFT p99 "
+        "| clients' CPU (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     llama = single.get("llama.cpp", {}).get("tok_s")
     for row in load:
         vs_llama = f"{row['tok_s'] / llama:.2f}x" if llama else "–"
         lines.append(f"| `fmforge serve` {row['flags']} | {row['streams']} | "
                      f"{row['tok_s']:.0f} | {vs_llama} | {row['ttft_p50'] * 1000:.0f} ms | "
-                     f"{row['ttft_p99'] * 1000:.0f} ms |")
+                     f"{row['ttft_p99'] * 1000:.0f} ms | {row['client_cores']:.2f} |")
     for server in ("eager", "compiled", "compiled-bfloat16"):
         rows = [row for row in load if row["server"] == server]
         lines += ["", f"Batching gain over one stream ({server}): " + ", ".join(

@@ -385,3 +385,35 @@ def test_a_part_prefilled_prompt_and_a_new_one_are_not_padded_past_the_context(b
     assert [e.finish_reason for e in events["a"] + events["b"]].count("error") == 0
     assert [e.token_id for e in events["a"] if e.token_id is not None] == reference(base, a, 8)
     assert [e.token_id for e in events["b"] if e.token_id is not None] == reference(base, b, 8)
+
+
+def _threads_of_this_process() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_a_thread_that_hands_its_torch_work_over_frees_its_openmp_workers():
+    """The engine's thread must hold the only OpenMP pool (a second one makes libgomp put idle workers to sleep at
+    once: 30% off 16-stream decode on 2 cores). A thread that ran a parallel op owns workers until it frees them."""
+    from fmforge.device import release_openmp_threads
+
+    counts = {}
+
+    def worker():
+        torch.set_num_threads(3)
+        counts["before"] = _threads_of_this_process()
+        torch.randn(256, 256) @ torch.randn(256, 256)  # a parallel region: this thread's pool starts 2 workers
+        counts["with pool"] = _threads_of_this_process()
+        counts["released"] = release_openmp_threads()
+        counts["after"] = _threads_of_this_process()
+
+    previous = torch.get_num_threads()  # set_num_threads is the whole process's setting
+    thread = threading.Thread(target=worker)
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(previous)
+    assert counts["released"] is True
+    assert counts["with pool"] == counts["before"] + 2
+    assert counts["after"] == counts["before"]

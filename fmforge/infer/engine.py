@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..device import release_openmp_threads
 from ..errors import GenerationError
 from ..model import Transformer
 from .cache import SlotKVCache
@@ -269,6 +270,9 @@ class Engine:
         return self._thread is not None
 
     def start(self) -> None:
+        """Run the loop in a thread of its own. The calling thread hands its torch work over: its OpenMP workers
+        go (device.release_openmp_threads), so that the engine's are the only ones on the CPUs."""
+        release_openmp_threads()
         self._thread = threading.Thread(target=self._loop, name="fmforge-engine", daemon=True)
         self._thread.start()
 

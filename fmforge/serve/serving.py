@@ -57,6 +57,7 @@ from ..data.audio import AUDIO_FORMATS, MAX_AUDIO_BYTES, MAX_AUDIO_SECONDS, deco
 from ..data.images import decode_image_bytes, encode_png
 from ..data.speech import PROMPTS, speak_prompt
 from ..data.vision import fit_image
+from ..device import release_openmp_threads
 from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
 from ..modalities import MODALITIES
@@ -122,6 +123,17 @@ class ClientDisconnected(Exception):
 
 class DrainDeadline(Exception):
     """The server is shutting down and the drain deadline has passed."""
+
+
+async def off_loop(work, *args):
+    """`work(*args)` in a worker thread, so that the event loop keeps serving. The media codecs run torch there, so
+    the worker's OpenMP threads go after it: they would slow the engine's (device.release_openmp_threads)."""
+    def run():
+        try:
+            return work(*args)
+        finally:
+            release_openmp_threads()
+    return await asyncio.to_thread(run)
 
 
 @dataclass
@@ -286,7 +298,7 @@ class OpenAIServing:
             raise APIError(400, f"the model '{body.model}' cannot answer with audio: it has no audio tokenizer",
                            param="modalities", code="unsupported_model")
         if media:  # decoding and encoding images and audio is CPU work: off the event loop
-            ids = await asyncio.to_thread(lambda: self.encode_chat(self.with_media(messages)))
+            ids = await off_loop(lambda: self.encode_chat(self.with_media(messages)))
         else:
             ids = self.encode_chat(messages)
         self.check_length(ids, "messages")
@@ -529,9 +541,9 @@ class OpenAIServing:
         reply, wave = replies[index], None
         span = reply.track(event.token_id)
         if span is not None and span[0] == MODALITIES["image"].begin_id:
-            reply.images.append(await asyncio.to_thread(self.span_markdown, span))
+            reply.images.append(await off_loop(self.span_markdown, span))
         elif span is not None:
-            wave = await asyncio.to_thread(self.span_audio, span)
+            wave = await off_loop(self.span_audio, span)
         return reply.feed(event.text, final=event.finish_reason is not None), wave
 
     def span_markdown(self, span: list[int]) -> str:
@@ -728,7 +740,7 @@ class OpenAIServing:
                           None)
 
         async def answer(job: _Job, outputs: list[_Output]) -> JSONResponse:
-            drawn = await asyncio.to_thread(self.drawings, forced, outputs)
+            drawn = await off_loop(self.drawings, forced, outputs)
             missing = [i for i, png in enumerate(drawn) if png is None]
             if missing:
                 output = outputs[missing[0]]
@@ -802,7 +814,7 @@ class OpenAIServing:
 
         async def answer(job: _Job, outputs: list[_Output]) -> Response:
             (output,) = outputs
-            wave = await asyncio.to_thread(self.span_audio, forced + output.token_ids) \
+            wave = await off_loop(self.span_audio, forced + output.token_ids) \
                 if output.token_ids and output.token_ids[-1] == audio.end_id else None
             if wave is None:
                 raise APIError(422, f"the model spoke no complete audio span ({output.completion_tokens} tokens, "
@@ -825,11 +837,11 @@ class OpenAIServing:
             raise APIError(400, "the upload needs a 'file' part holding the audio (wav, flac, mp3 or ogg)",
                            param="file", code="invalid_value")
         clip = AudioInput(file[1], None, "file")
-        wave = await asyncio.to_thread(self.decode_audio, clip)
+        wave = await off_loop(self.decode_audio, clip)
         rate = self.tokenizer.codecs["audio"].config.sample_rate
         # The chat format the transcribe task trains: the user turn is the audio and the instruction.
         content = [{"type": "audio", "audio": wave}, body.prompt or PROMPTS["transcribe"]]
-        prompt = await asyncio.to_thread(self.encode_chat, [{"role": "user", "content": content}], "file")
+        prompt = await off_loop(self.encode_chat, [{"role": "user", "content": content}], "file")
         self.check_length(prompt, "file")
         verbose = body.response_format == "verbose_json"
         job = self.submit("transcription", body, [prompt], served.adapter, self.chat_stops, None,
