@@ -362,3 +362,38 @@ def test_chat_page_streams_a_reply(server, browser):
                                timeout=60_000)
     assert "left out" in page.locator(".message.assistant .meta").last.inner_text()
     assert page.locator(".message.error").count() == 0
+
+
+def test_engine_events_reach_the_event_loop_in_order_with_one_wake_up_per_burst():
+    """The engine's thread posts a token event per stream per step; the loop is woken once for all that came since
+    it last looked, and every queue gets its events in the order they were posted. A closed loop refuses (the engine
+    then cancels the sequence) every time, not only the first."""
+    import asyncio
+
+    from fmforge.serve.serving import _Inbox
+
+    loop = asyncio.new_event_loop()
+
+    def spin():  # let the loop look once, from a thread of its own (this one may have a loop running)
+        looker = threading.Thread(target=lambda: loop.run_until_complete(asyncio.sleep(0)))
+        looker.start()
+        looker.join()
+
+    wakes = []
+    post = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (wakes.append(1), post(*args))
+    mail = _Inbox(loop)
+    queues = [asyncio.Queue() for _ in range(3)]
+    engine = threading.Thread(target=lambda: [mail.put(queues[i % 3], i) for i in range(300)])
+    engine.start()
+    engine.join()
+    assert len(wakes) == 1  # the loop did not run in between: one wake-up for the whole burst
+    spin()
+    assert [[q.get_nowait() for _ in range(q.qsize())] for q in queues] == [list(range(i, 300, 3)) for i in range(3)]
+    mail.put(queues[0], "next")  # the loop looked: the next event wakes it again
+    assert len(wakes) == 2
+    spin()
+    loop.close()
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            mail.put(queues[0], "after close")

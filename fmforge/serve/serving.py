@@ -44,9 +44,12 @@ import json
 import logging
 import re
 import math
+import threading
 import time
 import uuid
+import weakref
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +128,36 @@ class DrainDeadline(Exception):
     """The server is shutting down and the drain deadline has passed."""
 
 
+class _Inbox:
+    """Engine events on their way to the event loop: the engine's thread appends, and the loop is woken once for
+    all that arrived since it last looked (one wake-up per decode step, not one per token and stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: deque = deque()
+        self.woken = False  # a flush is scheduled on the loop
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """From any thread. Raises RuntimeError when the loop is closed (the engine then cancels the sequence)."""
+        with self.lock:
+            self.items.append((queue, item))
+            if self.woken:
+                return
+            self.woken = True
+        try:
+            self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:
+            with self.lock:
+                self.woken = False
+            raise
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items, self.woken = self.items, deque(), False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 async def off_loop(work, *args):
     """`work(*args)` in a worker thread, so that the event loop keeps serving. The media codecs run torch there, so
     the worker's OpenMP threads go after it: they would slow the engine's (device.release_openmp_threads)."""
@@ -134,6 +167,15 @@ async def off_loop(work, *args):
         finally:
             release_openmp_threads()
     return await asyncio.to_thread(run)
+
+
+_INBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Inbox
+
+
+def inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    if loop not in _INBOXES:
+        _INBOXES[loop] = _Inbox(loop)
+    return _INBOXES[loop]
 
 
 @dataclass
@@ -467,14 +509,14 @@ class OpenAIServing:
             raise APIError(429, f"the server is at capacity ({engine.running} running, {engine.waiting} waiting; "
                            f"this request needs {total} places); retry later", type="rate_limit_error",
                            code="rate_limit_exceeded")
-        loop = asyncio.get_running_loop()
+        mail = inbox(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         sequences: list[Sequence] = []
         try:
             for p, ids in enumerate(prompts):
                 for j in range(body.n):
                     def deliver(event: Event, index=p * body.n + j):
-                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                        mail.put(events, (index, event))
 
                     sequences.append(engine.submit(ids, params[p], deliver, adapter, stop_ids, seed_offset=j,
                                                    bounded=False))
