@@ -87,11 +87,11 @@ def cross_lingual(multi30k: Path, out: Path, plan: dict) -> dict[str, dict]:
     pairs (full, as the code-search specialist)."""
     from translation import parallel, split_file
 
-    from fmforge.data.translation import _read_lines
+    from fmforge.data.translation import read_lines
 
     text, data, encoder = out / "sentences.jsonl", out / "data", out / "mlm"
     if not text.exists():
-        sentences = [line for lang in ("en", "de") for line in _read_lines(split_file(multi30k, "train", lang))
+        sentences = [line for lang in ("en", "de") for line in read_lines(split_file(multi30k, "train", lang))
                      if line.strip()]
         random.Random(0).shuffle(sentences)
         out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +103,8 @@ def cross_lingual(multi30k: Path, out: Path, plan: dict) -> dict[str, dict]:
     specialist = out / "pairs-full"
     specialise(encoder, parallel(multi30k, "train", "en", "de"), specialist, plan, "full",
                "--val-data", parallel(multi30k, "val", "en", "de"))
-    queries = _read_lines(split_file(multi30k, "test_2016_flickr", "en"))
-    documents = _read_lines(split_file(multi30k, "test_2016_flickr", "de"))
+    queries = read_lines(split_file(multi30k, "test_2016_flickr", "en"))
+    documents = read_lines(split_file(multi30k, "test_2016_flickr", "de"))
     return {"BM25 (bm25s)": bm25_scores(queries, documents),
             "MLM encoder, untuned": neural_scores(encoder, queries, documents),
             "embedding specialist (encoder, full fine-tune on the train pairs)": neural_scores(specialist, queries,

@@ -80,8 +80,8 @@ def train(command: str, out: Path, *args) -> Path:
 
 def monolingual_text(multi30k: Path, path: Path, seed: int = 0) -> None:
     """The train split's en, de and fr sentences shuffled together: one {"text": sentence} a line."""
-    from fmforge.data.translation import _read_lines
-    sentences = [line for lang in ("en", "de", "fr") for line in _read_lines(split_file(multi30k, "train", lang))
+    from fmforge.data.translation import read_lines
+    sentences = [line for lang in ("en", "de", "fr") for line in read_lines(split_file(multi30k, "train", lang))
                  if line.strip()]
     random.Random(seed).shuffle(sentences)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,9 @@ def translation_example(record: dict, tokenizer, where: str):
     return sft_example({"messages": translation_messages(record, where)}, tokenizer, where)
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
+    """One sentence a line of a text file (`.gz` read through gzip): the lines of one side of a parallel corpus,
+    aligned with the other side's. DataError for a missing or unreadable file."""
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8", newline="") as f:
@@ -82,7 +84,7 @@ def read_parallel(spec: str) -> list[tuple[str, dict]]:
     if len(paths) != 2 or not all(paths):
         raise DataError(f"{spec!r}: give two aligned files as parallel:SOURCE_FILE:TARGET_FILE")
     source_path, target_path = Path(paths[0]), Path(paths[1])
-    sources, targets = _read_lines(source_path), _read_lines(target_path)
+    sources, targets = read_lines(source_path), read_lines(target_path)
     if len(sources) != len(targets):
         raise DataError(f"parallel files are not aligned: {source_path} has {len(sources):,} lines, {target_path} "
                         f"has {len(targets):,}; line i of one must translate line i of the other")
