@@ -167,3 +167,86 @@ def test_stream_holds_back_a_possible_stop_string_and_cuts_at_it():
     assert "".join(stream("hello\n\nworld", stop=("\n\n",))) == "hello"
     assert "".join(stream("a<b<c<end>tail", stop=("<end>",))) == "a<b<c"
     assert "".join(stream("partial <en", stop=("<end>",))) == "partial <en"  # released at the end
+
+
+class DecodeAllStream(TextStream):
+    """The reference for TextStream's incremental decoding: every token decodes all the ids so far (what TextStream
+    did before)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        super().__init__(tokenizer, stop)
+        self.emitted = 0  # characters of the decoded text already handed out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        matches = [at for at in (text.find(stop, self.emitted) for stop in self.stop) if at != -1]
+        if matches:
+            self.stopped = True
+            piece, self.emitted = text[self.emitted:min(matches)], min(matches)
+            return piece
+        safe = len(text)
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, len(text) - self.emitted), 0, -1):
+                if text.endswith(stop[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+class SpaceMarkTokenizer:
+    """SentencePiece-style pieces: '▁' is a space, and the first token decoded loses its leading space (as
+    transformers' Metaspace decoder does), so a window decoded alone differs from the same ids in context."""
+    PIECES = ["▁the", "▁cat", "s", "▁", "a", "b", "▁é", "日", "\n", "<e", "nd>", "!"]
+
+    def decode(self, ids):
+        return "".join(self.PIECES[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+
+def pieces_of(stream_class, tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[list[str], bool]:
+    s = stream_class(tokenizer, stop)
+    pieces = []
+    for token in ids:
+        pieces.append(s.push(token))
+        if s.stopped:
+            return pieces, True
+    return pieces + [s.flush()], False
+
+
+STOPS = st.lists(st.sampled_from(["\n", "<end>", "the c", "é", "ab", "\ufffd"]), max_size=2).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, 255), max_size=60), stop=STOPS)
+def test_incremental_decoding_gives_the_text_of_decoding_everything_bytes(ids, stop):
+    """One id per byte, invalid UTF-8 included: the same pieces, step by step, as decoding every id each time."""
+    assert pieces_of(TextStream, ByteTokenizer(), ids, stop) == pieces_of(DecodeAllStream, ByteTokenizer(), ids, stop)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, len(SpaceMarkTokenizer.PIECES) - 1), max_size=40), stop=STOPS)
+def test_incremental_decoding_keeps_the_spaces_a_window_alone_would_lose(ids, stop):
+    tokenizer = SpaceMarkTokenizer()
+    assert pieces_of(TextStream, tokenizer, ids, stop) == pieces_of(DecodeAllStream, tokenizer, ids, stop)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_incremental_decoding_with_the_real_bpe_tokenizer(prepared, data):
+    """fmforge's byte-level BPE (vocabulary 512, where many ids are pieces of multi-byte characters)."""
+    from fmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(prepared)
+    ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=80))
+    stop = data.draw(STOPS)
+    assert pieces_of(TextStream, tokenizer, ids, stop) == pieces_of(DecodeAllStream, tokenizer, ids, stop)

@@ -229,12 +229,19 @@ def truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
 
 class TextStream:
     """Turns a stream of token ids into text pieces, holding back bytes that do not yet form a character
-    and text that might be the start of a stop string."""
+    and text that might be the start of a stop string.
+
+    Decoding is incremental (as vLLM's detokenizer does it): each token decodes a short window, the ids since the
+    last character boundary plus the span before it as context (a tokenizer may strip a leading space from the first
+    token it decodes; the context takes that), so a token costs the same at the 10th position as at the 10,000th.
+    The text is the same as decoding every id at once (tests/test_sampling.py checks that on random streams)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.prefix = self.read = 0  # ids[:read] are decoded (ending on a character boundary); ids[prefix:read] are
+        # decoded again as the context of the newer ids
+        self.held = ""  # decoded text not handed out yet: a tail that could grow into a stop string
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -242,29 +249,34 @@ class TextStream:
         self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+        new = self._pending()
+        if new.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
             return ""
-        # Held-back text never contains a whole stop string, so a match starts at or after `emitted`.
-        matches = [at for at in (text.find(stop, self.emitted) for stop in self.stop) if at != -1]
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.held + new
+        # Text handed out never ends with the start of a stop string, so a match lies wholly in `text`.
+        matches = [at for at in (text.find(stop) for stop in self.stop) if at != -1]
         if matches:
-            self.stopped = True
-            piece, self.emitted = text[self.emitted:min(matches)], min(matches)
-            return piece
+            self.stopped, self.held = True, ""
+            return text[:min(matches)]
         safe = len(text)
         for stop in self.stop:  # hold back a tail that could still grow into a stop string
-            for k in range(min(len(stop) - 1, len(text) - self.emitted), 0, -1):
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:k]):
                     safe = min(safe, len(text) - k)
                     break
-        piece, self.emitted = text[self.emitted:safe], safe
+        piece, self.held = text[:safe], text[safe:]
         return piece
+
+    def _pending(self) -> str:
+        """The text of ids[read:], decoded behind the context ids[prefix:read] (may end in an incomplete character)."""
+        context = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return self.tokenizer.decode(self.ids[self.prefix:])[len(context):]
 
     def flush(self) -> str:
         """The rest of the text at the end of generation (nothing after a stop string)."""
         if self.stopped or self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        piece = text[self.emitted:]
-        self.emitted = len(text)
+        piece, self.held = self.held + self._pending(), ""
+        self.prefix, self.read = self.read, len(self.ids)
         return piece
