@@ -250,3 +250,20 @@ def test_incremental_decoding_with_the_real_bpe_tokenizer(prepared, data):
     ids = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=80))
     stop = data.draw(STOPS)
     assert pieces_of(TextStream, tokenizer, ids, stop) == pieces_of(DecodeAllStream, tokenizer, ids, stop)
+
+
+@settings(max_examples=100, deadline=None)
+@given(faults=st.dictionaries(st.integers(0, 7), st.tuples(st.integers(0, 63),
+                                                         st.sampled_from([math.nan, math.inf, -math.inf])),
+                              max_size=4))
+def test_rows_with_non_finite_logits_are_named_and_only_they(faults):
+    logits = torch.randn(8, 64) * 30
+    for row, (column, value) in faults.items():
+        logits[row, column] = value
+    params, outputs, generators = [SamplingParams()] * 8, [[]] * 8, [None] * 8
+    if not faults:
+        assert len(sample_rows(logits, params, outputs, generators)[0]) == 8
+        return
+    with pytest.raises(GenerationError) as error:
+        sample_rows(logits, params, outputs, generators)
+    assert str(error.value).endswith(f"row(s) {sorted(faults)}")
