@@ -10,7 +10,8 @@ run, per RoPE scaling method; and held-out bits per byte as a function of positi
 2. The base: pretrained at context T on a mixture of the three (`train.mixture`, 0.5:1:2).
 3. Extension (`train.init_from`, the extension recipe fmforge/recipes/extend-context.yaml): continue pretraining at
    4T with each method's `model.rope_scaling` (none, linear, ntk, yarn; factor 4 over the original T), a short
-   budget, the same mixture with passkey documents up to 4T long.
+   budget, the same mixture with passkey documents up to 4T long. Each passkey document starts a training window
+   and is whole in it (`--packing aligned`, see write_aligned_passkey); `--packing stream` packs them end to end.
 4. Passkey accuracy (the key's tokens are each the greedy choice after "...The pass key is") on held-out prompts of
    T, 2T, 4T and 8T tokens with the key at a uniformly random depth, for the base (plain RoPE, and each scaling
    applied without training) and for each extended model; bits/byte per position on held-out Shakespeare windows
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from _common import REPO, describe_machine, git_state, write_section, cli, stage
@@ -72,6 +74,40 @@ def write_passkey_jsonl(path: Path, count: int, max_repeats: int, seed: int, wor
         for _ in range(count):
             prompt, answer = passkey_document(rng, rng.randint(min_repeats, max_repeats), words=words)
             f.write(json.dumps({"text": prompt + answer + "."}) + "\n")
+
+
+def write_aligned_passkey(out: Path, tokenizer, window: int, count: int, shortest: int, seed: int, words: bool,
+                          padding: np.ndarray) -> None:
+    """Prepared passkey data in which every document starts a training window and ends inside it.
+
+    The loader cuts fixed windows from one packed stream, so a document of D tokens lies whole in a window of W only
+    when it happens to start in the first W - D tokens of one: a passkey document of 0.9 W is whole in one window of
+    ten, and in the other nine the question comes without its key (the model learns to guess) or the key without its
+    question. Here each document (bos + prompt + answer + eos, between `shortest` and `window` tokens) is followed
+    by `padding` tokens (Shakespeare) up to exactly `window`, so each window holds one whole document, its key at a
+    uniformly random depth."""
+    from fmforge.data.shards import write_token_documents
+    rng = random.Random(seed)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos_token else []
+
+    def documents(n: int):
+        for _ in range(n):
+            repeats = repeats_for(tokenizer, rng.randint(shortest, window))
+            while True:
+                prompt, answer = passkey_document(rng, repeats, words=words)
+                ids = bos + tokenizer.encode(prompt + answer + ".") + [tokenizer.eos_id]
+                if len(ids) <= window or repeats == 0:
+                    break
+                repeats -= 1
+            start = rng.randrange(len(padding) - window)
+            unit = np.asarray(ids[:window] + padding[start:start + window - len(ids)].tolist(), dtype=np.int64)
+            yield unit, len(tokenizer.decode(unit).encode())
+
+    write_token_documents(out, tokenizer, {"train": documents(count), "val": documents(max(1, count // 50))},
+                          input_fingerprint=f"aligned-passkey:{tokenizer.fingerprint()}:{window}:{count}:{shortest}:"
+                                            f"{seed}:{words}:{len(padding)}",
+                          sources={"specs": ["aligned passkey documents"]}, options={"val_fraction": 0.02},
+                          progress=False)
 
 
 def write_copy_jsonl(path: Path, count: int, max_numbers: int, seed: int) -> None:
@@ -118,7 +154,7 @@ def passkey_accuracy(model, tokenizer, length: int, count: int, seed: int, words
     correct = 0
     for _ in range(count):
         prompt, answer = passkey_document(rng, repeats, words=words)
-        prompt_ids, answer_ids = tokenizer.encode(prompt), tokenizer.encode(answer)
+        prompt_ids, answer_ids = tokenizer.encode(prompt, add_bos=True), tokenizer.encode(answer)
         ids = torch.tensor([prompt_ids + answer_ids])
         logits = model(ids[:, :-1]).logits[0, len(prompt_ids) - 1:]
         correct += int(logits.argmax(-1).tolist() == answer_ids)
@@ -160,6 +196,16 @@ def main() -> None:
                         help="the extension's passkey documents are between this share of 4T and ~0.9 x 4T long "
                              "(default 0: any length up to it; 0.5 puts every key further than T from its question "
                              "more often, the distances a 4T prompt asks for)")
+    parser.add_argument("--packing", choices=["stream", "aligned"], default="stream",
+                        help="stream (default): passkey documents packed end to end like other text, so a long one is "
+                             "often cut across two windows; aligned: each starts a training window and is whole in it "
+                             "(Shakespeare fills the rest; fewer questions a window, measured worse, see RESULTS)")
+    parser.add_argument("--full-docs", type=float, default=0.0,
+                        help="mixture weight (beside text 1, passkey documents 1, copy drills 0.5) of full-length "
+                             "passkey documents in the extension: 0.9-1 x 4T tokens, each whole in its window, the key "
+                             "at a uniformly random depth, the distances a 4T prompt asks for (default 0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the base and the extensions (the data "
+                        "and the prompts stay the same)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args()
@@ -176,8 +222,10 @@ def main() -> None:
     if args.factor < 1:
         parser.error(f"--factor must be >= 1, got {args.factor}")
     methods = {m: METHODS[m] and {**METHODS[m], "factor": args.factor} for m in args.methods.split(",")}
-    tag = "" if args.factor == 4 else f" x{args.factor:g}"  # runs and rows of another factor are kept apart
-    work = Path(args.work or REPO / "runs" / ("bench-long-context-words" if words else "bench-long-context"))
+    tag = ("" if args.factor == 4 else f" x{args.factor:g}") + (f" full{args.full_docs:g}" if args.full_docs else "")
+    # runs and rows of another factor or extension data are kept apart
+    work = Path(args.work or REPO / "runs" / ("bench-long-context" + ("-words" if words else "")
+                                              + ("-aligned" if args.packing == "aligned" else "")))
     work.mkdir(parents=True, exist_ok=True)
     T = args.context
     base_steps, extend_steps = (30, 10) if args.quick else (args.base_steps, args.extend_steps)
@@ -196,18 +244,33 @@ def main() -> None:
     from fmforge.checkpoint import load_tokenizer
     tokenizer = load_tokenizer(tok)
     per_repeat = len(tokenizer.encode(FILLER * 10)) / 10
-    data = {"text": work / "data-text", "short": work / "data-passkey-short", "long": work / "data-passkey-long",
+    packed = "-aligned" if args.packing == "aligned" else ""
+    data = {"text": work / "data-text", "short": work / f"data-passkey-short{packed}",
+            "long": work / f"data-passkey-long{packed}", "full": work / "data-passkey-full",
             "copy": work / "data-copy"}
     if stage("text data", data["text"] / "manifest.json"):
         cli("prepare", text_parts, "--tokenizer", tok, "--val-fraction", "0.1", "--out", data["text"])
     for name, tokens, count in [("short", T, 6000), ("long", 4 * T, 3000)]:
-        if stage(f"passkey data ({name}, up to ~{tokens} tokens)", data[name] / "manifest.json"):
-            jsonl = passkey_src / f"{name}.jsonl"
+        if stage(f"passkey data ({name}, up to ~{tokens} tokens, {args.packing})", data[name] / "manifest.json"):
             shortest = args.long_from * tokens if name == "long" else 0
-            write_passkey_jsonl(jsonl, 200 if args.quick else count, repeats_for(tokenizer, tokens * 0.9),
+            count = 200 if args.quick else count
+            if args.packing == "aligned":
+                from fmforge.data.shards import load_split
+                padding = np.concatenate([s[:] for s in load_split(data["text"], "train")])
+                write_aligned_passkey(data[name], tokenizer, tokens, count, int(shortest), seed=len(name),
+                                      words=words, padding=padding)
+                continue
+            jsonl = passkey_src / f"{name}.jsonl"
+            write_passkey_jsonl(jsonl, count, repeats_for(tokenizer, tokens * 0.9),
                                 seed=len(name), words=words, min_repeats=repeats_for(tokenizer, shortest))
             cli("prepare", jsonl, "--tokenizer", tok, "--val-fraction", "0.02", "--out", data[name])
 
+    if args.full_docs and stage(f"full-length passkey documents ({int(0.9 * 4 * T)}-{4 * T} tokens, whole in a window)",
+                                data["full"] / "manifest.json"):
+        from fmforge.data.shards import load_split
+        padding = np.concatenate([s[:] for s in load_split(data["text"], "train")])
+        write_aligned_passkey(data["full"], tokenizer, 4 * T, 200 if args.quick else 3000, int(0.9 * 4 * T), seed=11,
+                              words=words, padding=padding)
     if stage("copy drills", data["copy"] / "manifest.json"):
         write_copy_jsonl(passkey_src / "copy.jsonl", 200 if args.quick else 8000, 20, seed=7)
         cli("prepare", passkey_src / "copy.jsonl", "--tokenizer", tok, "--val-fraction", "0.02", "--out", data["copy"])
@@ -216,7 +279,7 @@ def main() -> None:
     base = work / "base"
     common = ["--model.n_layer", args.layers, "--model.n_embd", args.width, "--model.n_head", args.width // 32,
               "--train.batch_size", 16,
-              "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", 0]
+              "--train.eval_interval", 10_000, "--train.log_interval", 25, "--train.seed", args.seed]
     if stage(f"base at context {T} ({base_steps} steps)", base / "latest"):
         mixture = json.dumps({str(data["text"]): 0.5, str(data["short"]): 1.0, str(data["copy"]): 2.0})
         cli("pretrain", *common, "--model.context_length", T, "--train.mixture", mixture, "--train.max_steps",
@@ -231,11 +294,14 @@ def main() -> None:
         if scaling and scaling["rope_type"] == "yarn":
             scaling = {**scaling, "original_max_position_embeddings": T}
         if stage(f"extend to {4 * T} with {method} ({extend_steps} steps)", out / "latest"):
-            mixture = json.dumps({str(data["text"]): 1.0, str(data["long"]): 1.0, str(data["copy"]): 0.5})
+            mixture = {str(data["text"]): 1.0, str(data["long"]): 1.0, str(data["copy"]): 0.5}
+            if args.full_docs:
+                mixture[str(data["full"])] = args.full_docs
             cli("pretrain", "--config", "extend-context", "--train.init_from", base, "--model.context_length", 4 * T,
-                "--model.rope_scaling", json.dumps(scaling), "--train.mixture", mixture,
+                "--model.rope_scaling", json.dumps(scaling), "--train.mixture", json.dumps(mixture),
                 "--train.max_steps", extend_steps, "--train.batch_size", 4, "--train.eval_interval", 10_000,
-                "--train.checkpoint_interval", extend_steps, "--train.out_dir", out)
+                "--train.checkpoint_interval", extend_steps,
+                "--train.seed", 1337 + args.seed, "--train.out_dir", out)  # 1337: TrainConfig's default
 
     # 4. scores
     lengths = [T, 2 * T, 4 * T, 8 * T]
@@ -245,14 +311,16 @@ def main() -> None:
     from fmforge.data.shards import load_split, read_manifest
     manifest = read_manifest(data["text"])
     bytes_per_token = manifest.val.bytes / manifest.val.tokens
-    val = torch.from_numpy(__import__("numpy").concatenate([s[:] for s in load_split(data["text"], "val")])).long()
+    val = torch.from_numpy(np.concatenate([s[:] for s in load_split(data["text"], "val")])).long()
     L = 8 * T
     n_windows = min(len(val) // (L + 1), 2 if args.quick else 6)
     windows = val[:n_windows * (L + 1)].view(n_windows, L + 1)
     print(f"held-out: {len(val):,} val tokens, {n_windows} windows of {L} for bits/byte by position", flush=True)
-    variants = [(f"base, {m}" + (tag + " (no training)" if m != "none" else ""), base, methods[m], m)
-                for m in methods] + [(f"extended, {m}" + (tag if m != "none" else ""), extended[m], "trained", m)
-                                     for m in methods]
+    factor_tag = "" if args.factor == 4 else f" x{args.factor:g}"
+    variants = [(f"base, {m}" + (factor_tag + " (no training)" if m != "none" else ""), base, methods[m], m)
+                for m in methods] + [(f"extended, {m}" + (factor_tag if m != "none" else "")
+                                      + (f", full-length documents {args.full_docs:g}" if args.full_docs else ""),
+                                      extended[m], "trained", m) for m in methods]
     for name, run, scaling, method in variants:
         if name in scores:
             continue
@@ -306,11 +374,15 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
         "## Long context: passkey retrieval and bits/byte by position",
         "",
         f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}"
-        + (f" --long-from {args.long_from:g}" if args.long_from else "") + f"` — {minutes:.0f} min, load average "
+        + (f" --long-from {args.long_from:g}" if args.long_from else "")
+        + (" --packing stream" if args.packing == "stream" else "") + (f" --seed {args.seed}" if args.seed else "")
+        + f"` — {minutes:.0f} min, load average "
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
         f"Base: {args.layers} layers, width {args.width}, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
-        f"passkey documents up to {T} tokens + copy drills, 0.5:1:2). Extension: `train.init_from` the base, context {4 * T}, "
+        f"passkey documents up to {T} tokens + copy drills, 0.5:1:2; passkey documents "
+        + ("each whole in a window" if args.packing == "aligned" else "packed end to end")
+        + f"). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
         f"tokens on Shakespeare + passkey documents of {int(args.long_from * 4 * T)} to {4 * T} tokens + copy drills, "
         "1:1:0.5. "

@@ -91,3 +91,31 @@ def test_passkey_prompts_hold_one_key_at_the_asked_length(prepared):
         key = answer.strip()
         assert prompt.count(key) == 2 and prompt.endswith("The pass key is") and key.isdigit()
         assert 0.8 * tokens <= len(tokenizer.encode(prompt + answer)) <= tokens
+
+
+def test_aligned_passkey_data_puts_each_whole_document_in_one_window(prepared, tmp_path):
+    """Packed end to end, most long passkey documents are cut across two windows; aligned, every training window
+    the loader cuts starts with bos and holds one whole document: its key, then the question that asks for it."""
+    import numpy as np
+
+    from fmforge.data.loader import WindowDataset
+    from fmforge.data.shards import load_split, read_manifest
+    from fmforge.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(prepared)
+    padding = np.concatenate([s[:] for s in load_split(prepared, "train")])
+    window, count = 160, 30
+    out = tmp_path / "aligned"
+    long_context.write_aligned_passkey(out, tokenizer, window, count, shortest=60, seed=3, words=True,
+                                       padding=padding)
+    assert read_manifest(out).train.documents == count
+    dataset = WindowDataset(load_split(out, "train"), window)
+    assert len(dataset) == count - 1  # the last unit lacks the next window's first token
+    lengths = []
+    for i in range(len(dataset)):
+        ids = dataset.window(i).tolist()
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.bos_id  # the next unit starts right after
+        document = tokenizer.decode(ids[:ids.index(tokenizer.eos_id)])
+        key = document.rsplit("The pass key is ", 1)[1].rstrip(".")
+        assert key in long_context.KEY_WORDS and f"The pass key is {key}. Remember it." in document
+        lengths.append(ids.index(tokenizer.eos_id) + 1)
+    assert min(lengths) >= 40 and max(lengths) <= window and max(lengths) > 0.8 * window
