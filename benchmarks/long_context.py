@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ def main() -> None:
     parser.add_argument("--work", help="cache directory (default runs/bench-long-context[-words])")
     parser.add_argument("--keys", choices=["numbers", "words"], default="numbers",
                         help="numbers: 5-digit keys, copied digit by digit (needs induction heads); words: one of "
-                             f"{len(KEY_WORDS)} words, found by what it is (one attention hop) and completed from memory")
+                             f"{len(KEY_WORDS)} words, found by what it is (one attention hop) and completed from "
+                             "memory")
     parser.add_argument("--context", type=int, default=256, help="the base's trained context T")
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--extend-steps", type=int, default=120)
@@ -190,8 +192,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="the base's layers (default 4)")
     parser.add_argument("--width", type=int, default=128, help="the base's width (default 128; heads of 32)")
     parser.add_argument("--factor", type=float, default=4.0,
-                        help="the scaling factor of linear/ntk/yarn (default 4: the extension's length over T; a larger "
-                             "one leaves headroom past it)")
+                        help="the scaling factor of linear/ntk/yarn (default 4: the extension's length over T; "
+                             "a larger one leaves headroom past it)")
     parser.add_argument("--long-from", type=float, default=0.0,
                         help="the extension's passkey documents are between this share of 4T and ~0.9 x 4T long "
                              "(default 0: any length up to it; 0.5 puts every key further than T from its question "
@@ -373,20 +375,20 @@ def report(scores, lengths, T, base_steps, extend_steps, prompts, per_repeat, mi
     lines = [
         "## Long context: passkey retrieval and bits/byte by position",
         "",
-        f"`python benchmarks/long_context.py --text {args.text} --keys {args.keys}"
-        + (f" --long-from {args.long_from:g}" if args.long_from else "")
-        + (" --packing stream" if args.packing == "stream" else "") + (f" --seed {args.seed}" if args.seed else "")
+        "`python benchmarks/long_context.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         + f"` — {minutes:.0f} min, load average "
         f"{load[0]:.2f} at start; commit {git_state()}; {describe_machine()}.",
         "",
-        f"Base: {args.layers} layers, width {args.width}, BPE 1024, pretrained {base_steps} steps at context {T} (Tiny Shakespeare + "
+        f"Base: {args.layers} layers, width {args.width}, BPE 1024, pretrained {base_steps} steps at context {T} "
+        "(Tiny Shakespeare + "
         f"passkey documents up to {T} tokens + copy drills, 0.5:1:2; passkey documents "
         + ("each whole in a window" if args.packing == "aligned" else "packed end to end")
         + f"). Extension: `train.init_from` the base, context {4 * T}, "
         f"`model.rope_scaling` per method (factor 4; YaRN over original {T}), {extend_steps} steps of 4 x {4 * T} "
-        f"tokens on Shakespeare + passkey documents of {int(args.long_from * 4 * T)} to {4 * T} tokens + copy drills, "
-        "1:1:0.5. "
-        f"Passkey: {prompts} held-out prompts per "
+        f"tokens on Shakespeare + passkey documents of {int(args.long_from * 4 * T)} to {4 * T} tokens + copy drills"
+        + (f" + full-length passkey documents (0.9-1 x {4 * T} tokens, each whole in a window), "
+           f"1:1:0.5:{args.full_docs:g}. " if args.full_docs else ", 1:1:0.5. ")
+        + f"Passkey: {prompts} held-out prompts per "
         f"length, key ({'one of ' + str(len(KEY_WORDS)) + ' words' if args.keys == 'words' else 'a 5-digit number'}) "
         "at a uniformly random depth; correct = every key token is the greedy choice.",
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,10 @@ def test_a_thread_that_hands_its_torch_work_over_frees_its_openmp_workers():
         torch.randn(256, 256) @ torch.randn(256, 256)  # a parallel region: this thread's pool starts 2 workers
         counts["with pool"] = _threads_of_this_process()
         counts["released"] = release_openmp_threads()
+        # the freed workers leave on their own after the pause returns (libgomp detaches them): wait for them to go
+        deadline = time.monotonic() + 5
+        while _threads_of_this_process() > counts["before"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         counts["after"] = _threads_of_this_process()
 
     previous = torch.get_num_threads()  # set_num_threads is the whole process's setting
