@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=3000)
     parser.add_argument("--extend-steps", type=int, default=120)
     parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
+    parser.add_argument("--prompt-seed", type=int, default=1234,
+                        help="draws the passkey prompts (seed + length); another seed re-scores the cached models on "
+                             "other prompts, in rows of their own")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--layers", type=int, default=4, help="the base's layers (default 4)")
@@ -323,6 +326,8 @@ def main() -> None:
                 for m in methods] + [(f"extended, {m}" + (factor_tag if m != "none" else "")
                                       + (f", full-length documents {args.full_docs:g}" if args.full_docs else ""),
                                       extended[m], "trained", m) for m in methods]
+    if args.prompt_seed != 1234:
+        variants = [(f"{name} [prompt seed {args.prompt_seed}]", *rest) for name, *rest in variants]
     for name, run, scaling, method in variants:
         if name in scores:
             continue
@@ -332,7 +337,8 @@ def main() -> None:
         row = {"method": method}
         for length in lengths:
             model = model_at(checkpoint, length, scaling)
-            row[str(length)] = passkey_accuracy(model, tokenizer, length, prompts, seed=1234 + length, words=words)
+            row[str(length)] = passkey_accuracy(model, tokenizer, length, prompts, seed=args.prompt_seed + length,
+                                                words=words)
         row["bpb_by_position"] = bits_per_byte_by_position(model_at(checkpoint, L, scaling), windows,
                                                            bytes_per_token, bucket=T // 4)
         scores[name] = row
@@ -355,6 +361,8 @@ def plot(scores: dict, T: int, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, row in scores.items():
+        if "[prompt seed" in name:  # the same model and windows as a row already drawn
+            continue
         values = row["bpb_by_position"]
         bucket = 8 * T // len(values)
         ax.plot([(i + 0.5) * bucket for i in range(len(values))], values, label=name,
