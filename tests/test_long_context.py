@@ -77,8 +77,8 @@ def test_extension_refuses_data_of_another_tokenizer(checkpoint, corpus_dir, tmp
 
 def test_shipped_recipe_reads():
     run = load_recipe(builtin_recipe("extend-context"))
-    assert run.train.init_from and run.model.rope_scaling["rope_type"] == "yarn"
-    assert run.model.context_length == 4 * run.model.rope_scaling["original_max_position_embeddings"]
+    assert run.train.init_from and run.model.rope_scaling["rope_type"] == "ntk"
+    assert run.model.context_length == 256 * run.model.rope_scaling["factor"]  # the quickstart base's context: 256
     assert set(run.model_fields) == {"context_length", "rope_scaling"}
 
 
