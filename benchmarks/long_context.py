@@ -10,8 +10,9 @@ run, per RoPE scaling method; and held-out bits per byte as a function of positi
 2. The base: pretrained at context T on a mixture of the three (`train.mixture`, 0.5:1:2).
 3. Extension (`train.init_from`, the extension recipe fmforge/recipes/extend-context.yaml): continue pretraining at
    4T with each method's `model.rope_scaling` (none, linear, ntk, yarn; factor 4 over the original T), a short
-   budget, the same mixture with passkey documents up to 4T long. Each passkey document starts a training window
-   and is whole in it (`--packing aligned`, see write_aligned_passkey); `--packing stream` packs them end to end.
+   budget, the same mixture with passkey documents up to 4T long, packed end to end (`--packing aligned` puts each
+   whole in a window of its own: measured weaker), plus `--full-docs W` (default 1): documents of 0.9-1 x 4T tokens,
+   each whole in a training window, at weight W: what took retrieval at 4x past 0.95.
 4. Passkey accuracy (the key's tokens are each the greedy choice after "...The pass key is") on held-out prompts of
    T, 2T, 4T and 8T tokens with the key at a uniformly random depth, for the base (plain RoPE, and each scaling
    applied without training) and for each extended model; bits/byte per position on held-out Shakespeare windows
@@ -179,14 +180,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", required=True, help="Tiny Shakespeare (or another long text file)")
     parser.add_argument("--work", help="cache directory (default runs/bench-long-context[-words])")
-    parser.add_argument("--keys", choices=["numbers", "words"], default="numbers",
+    parser.add_argument("--keys", choices=["numbers", "words"], default="words",
                         help="numbers: 5-digit keys, copied digit by digit (needs induction heads); words: one of "
                              f"{len(KEY_WORDS)} words, found by what it is (one attention hop) and completed from "
                              "memory")
     parser.add_argument("--context", type=int, default=256, help="the base's trained context T")
-    parser.add_argument("--base-steps", type=int, default=3000)
-    parser.add_argument("--extend-steps", type=int, default=120)
-    parser.add_argument("--prompts", type=int, default=40, help="passkey prompts per length")
+    parser.add_argument("--base-steps", type=int, default=2000)
+    parser.add_argument("--extend-steps", type=int, default=1500)
+    parser.add_argument("--prompts", type=int, default=200, help="passkey prompts per length")
     parser.add_argument("--prompt-seed", type=int, default=1234,
                         help="draws the passkey prompts (seed + length); another seed re-scores the cached models on "
                              "other prompts, in rows of their own")
@@ -205,10 +206,10 @@ def main() -> None:
                         help="stream (default): passkey documents packed end to end like other text, so a long one is "
                              "often cut across two windows; aligned: each starts a training window and is whole in it "
                              "(Shakespeare fills the rest; fewer questions a window, measured worse, see RESULTS)")
-    parser.add_argument("--full-docs", type=float, default=0.0,
+    parser.add_argument("--full-docs", type=float, default=1.0,
                         help="mixture weight (beside text 1, passkey documents 1, copy drills 0.5) of full-length "
                              "passkey documents in the extension: 0.9-1 x 4T tokens, each whole in its window, the key "
-                             "at a uniformly random depth, the distances a 4T prompt asks for (default 0: none)")
+                             "at a uniformly random depth, the distances a 4T prompt asks for (default 1; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the base and the extensions (the data "
                         "and the prompts stay the same)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
