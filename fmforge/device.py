@@ -42,36 +42,39 @@ def release_openmp_threads() -> bool:
     then pays to wake them: on 2 cores, the engine decoding 16 streams in its own thread ran at 1,000 tokens/s while
     the main thread kept the pool it loaded the model with, and at 1,410 (as fast as in the main thread) once that
     pool was freed. So a thread that hands its torch work to another (the server's main thread once the engine
-    starts, a worker thread that decoded an image) calls this; a later parallel op in it builds a new pool. Returns
-    False where no loaded OpenMP runtime has the call (a build without OpenMP, a platform without /proc)."""
-    pause = _openmp_pause()
-    return pause is not None and pause() == 0
+    starts, a worker thread that decoded an image) calls this; a later parallel op in it builds a new pool.
+
+    Every OpenMP runtime loaded in the process is paused, not only torch's: other wheels bring their own copies
+    (scikit-learn vendors a libgomp), and pausing one frees nothing of another's pools. Returns False where no loaded
+    runtime has the call (a build without OpenMP, a platform without /proc) or one of them refused."""
+    pauses = _openmp_pauses()
+    return bool(pauses) and all(pause() == 0 for pause in pauses)
 
 
-_PAUSE: list = []  # [the runtime's pause function, or None], found once
+_RUNTIMES: dict = {}  # path -> the runtime's pause function, or None where it has none
 
 
-def _openmp_pause():
-    if not _PAUSE:
-        _PAUSE.append(_find_openmp_pause())
-    return _PAUSE[0]
-
-
-def _find_openmp_pause():
-    import ctypes
+def _openmp_pauses() -> list:
+    """The pause function of each OpenMP runtime loaded now (a library loaded later is found on a later call)."""
     import re
 
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
     except OSError:
+        return []
+    for path in paths - _RUNTIMES.keys():
+        _RUNTIMES[path] = _pause_of(path)
+    return [_RUNTIMES[path] for path in sorted(paths) if _RUNTIMES[path] is not None]
+
+
+def _pause_of(path: str):
+    import ctypes
+
+    try:
+        runtime = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
+        pause, host = runtime.omp_pause_resource, runtime.omp_get_initial_device
+    except (OSError, AttributeError):
         return None
-    for path in sorted(paths):
-        try:
-            runtime = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
-            pause, host = runtime.omp_pause_resource, runtime.omp_get_initial_device
-        except (OSError, AttributeError):
-            continue
-        soft = 1  # omp_pause_soft: threads go, state is rebuilt on the next parallel region
-        return lambda: pause(soft, host())
-    return None
+    soft = 1  # omp_pause_soft: threads go, state is rebuilt on the next parallel region
+    return lambda: pause(soft, host())
