@@ -46,6 +46,7 @@ METHODS = {
     "ntk": {"rope_type": "ntk", "factor": 4.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0},  # + original_max_position_embeddings = T
 }
+PROMPT_SEED = 1234  # the passkey prompts of the results' rows; another --prompt-seed adds rows of its own
 
 
 # --keys words: the key is one of these words instead of a 5-digit number (see main's help).
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=2000)
     parser.add_argument("--extend-steps", type=int, default=1500)
     parser.add_argument("--prompts", type=int, default=200, help="passkey prompts per length")
-    parser.add_argument("--prompt-seed", type=int, default=1234,
+    parser.add_argument("--prompt-seed", type=int, default=PROMPT_SEED,
                         help="draws the passkey prompts (seed + length); another seed re-scores the cached models on "
                              "other prompts, in rows of their own")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the numbers")
@@ -327,7 +328,7 @@ def main() -> None:
                 for m in methods] + [(f"extended, {m}" + (factor_tag if m != "none" else "")
                                       + (f", full-length documents {args.full_docs:g}" if args.full_docs else ""),
                                       extended[m], "trained", m) for m in methods]
-    if args.prompt_seed != 1234:
+    if args.prompt_seed != PROMPT_SEED:
         variants = [(f"{name} [prompt seed {args.prompt_seed}]", *rest) for name, *rest in variants]
     for name, run, scaling, method in variants:
         if name in scores:

@@ -54,15 +54,20 @@ def release_openmp_threads() -> bool:
 _RUNTIMES: dict = {}  # path -> the runtime's pause function, or None where it has none
 
 
-def _openmp_pauses() -> list:
-    """The pause function of each OpenMP runtime loaded now (a library loaded later is found on a later call)."""
+def openmp_runtimes() -> set[str]:
+    """The paths of the OpenMP runtimes loaded in this process now (empty where /proc cannot tell)."""
     import re
 
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
+            return {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
     except OSError:
-        return []
+        return set()
+
+
+def _openmp_pauses() -> list:
+    """The pause function of each OpenMP runtime loaded now (a library loaded later is found on a later call)."""
+    paths = openmp_runtimes()
     for path in paths - _RUNTIMES.keys():
         _RUNTIMES[path] = _pause_of(path)
     return [_RUNTIMES[path] for path in sorted(paths) if _RUNTIMES[path] is not None]

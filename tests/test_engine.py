@@ -392,12 +392,6 @@ def _threads_of_this_process() -> int:
     return len(list(Path("/proc/self/task").iterdir()))
 
 
-def _openmp_runtimes() -> set[str]:
-    import re
-    with open("/proc/self/maps") as maps:
-        return {line.split()[-1] for line in maps if re.search(r"/lib(gomp|iomp5|omp)[^/]*\.so", line)}
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
 @pytest.mark.parametrize("other_runtime", [False, True], ids=["torch's runtime only", "a second runtime loaded"])
 def test_a_thread_that_hands_its_torch_work_over_frees_its_openmp_workers(other_runtime):
@@ -405,11 +399,11 @@ def test_a_thread_that_hands_its_torch_work_over_frees_its_openmp_workers(other_
     once: 30% off 16-stream decode on 2 cores). A thread that ran a parallel op owns workers until it frees them.
     scikit-learn loads a libgomp of its own; the release once paused only the first runtime it found (sklearn's, by
     path order) and freed nothing of torch's: CI failed on it whenever a vision test had run in the same worker."""
-    from fmforge.device import release_openmp_threads
+    from fmforge.device import openmp_runtimes, release_openmp_threads
 
     if other_runtime:
         pytest.importorskip("sklearn.svm")
-        if len(_openmp_runtimes()) < 2:
+        if len(openmp_runtimes()) < 2:
             pytest.skip("this scikit-learn build shares torch's OpenMP runtime")
     counts = {}
 
