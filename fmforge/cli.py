@@ -322,7 +322,7 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
     import dataclasses
 
     from .data.images import encode_png, read_image
-    from .data.vision import fit_image, image_grid
+    from .data.vision import DRAW_GUIDANCE, fit_image, image_grid, unconditional_prompt
     from .fileio import atomic_write_bytes
     from .infer.engine import GenerationRequest
     from .modalities import MODALITIES
@@ -341,6 +341,8 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
         raise ConfigError(f"--output-audio {args.output_audio}: write a .wav file")
     if args.output_image and args.output_audio:
         raise ConfigError("give one of --output-image and --output-audio: the reply opens one span")
+    if args.guidance is not None and not args.output_image:
+        raise ConfigError("--guidance goes with --output-image (it guides the image the reply draws)")
     forced = []  # --output-image/--output-audio: the reply opens that span (with --output-size, its header too)
     if args.output_image:
         forced = [MODALITIES["image"].begin_id]
@@ -359,8 +361,13 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
         rate = tokenizer.codecs["audio"].config.sample_rate
         parts += [{"type": "audio", "audio": read_audio(path, rate=rate)} for path in args.audio]
     prompt_ids = tokenizer.encode_chat([{"role": "user", "content": parts + [prompt]}], add_generation_prompt=True)
-    completion = engine.complete([GenerationRequest(prompt_ids + forced, params,
-                                                    stop_ids=tokenizer.chat_stop_ids())])[0]
+    unconditional = None
+    if args.output_image:  # guided against the same turn without its text
+        guidance = DRAW_GUIDANCE if args.guidance is None else args.guidance
+        params = dataclasses.replace(params, guidance=guidance).validate()
+        unconditional = unconditional_prompt(tokenizer, parts) + forced
+    completion = engine.complete([GenerationRequest(prompt_ids + forced, params, stop_ids=tokenizer.chat_stop_ids(),
+                                                    unconditional_ids=unconditional)])[0]
     reply = forced + completion.token_ids
     text = tokenizer.decode(reply, skip_special_tokens=True).strip()
     if text:
@@ -978,6 +985,8 @@ def add_generation_commands(sub) -> None:
                    "opens with an image")
     p.add_argument("--output-size", default=None, metavar="WIDTHxHEIGHT", help="with --output-image: the image's "
                    "size in pixels (multiples of the image tokenizer's 4); default: the model chooses")
+    p.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="with --output-image: "
+                   "classifier-free guidance against the same turn without its text (1 = off; default 3)")
     p.add_argument("--audio", action="append", default=None, help="an audio file (WAV, FLAC, OGG, MP3; any rate, "
                    "mono or stereo) the prompt is about; repeatable. Asks as a chat turn, like --image")
     p.add_argument("--output-audio", default=None, help="save the speech the model writes here (WAV); the reply "

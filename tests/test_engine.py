@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from fmforge.adapt.lora import load_adapter
-from fmforge.errors import CheckpointError
-from fmforge.infer.engine import DraftControl, Engine, EngineFull
+from fmforge.errors import CheckpointError, GenerationError
+from fmforge.infer.engine import DraftControl, Engine, EngineFull, GenerationRequest
 from fmforge.infer.lora import read_adapter
 from fmforge.infer.sampling import SamplingParams, sample_rows
 from fmforge.checkpoint import load_model_and_tokenizer, resolve_checkpoint
 
 from conftest import make_adapter
-from reference import greedy_reference
+from reference import greedy_reference, guided_greedy_reference
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,67 @@ def test_speculative_decoding_changes_speed_not_output(base, temperature):
     assert plain.speculative_steps == 0 and speculative.speculative_steps > 0
     if temperature == 0:  # this model repeats itself greedily, so drafts are accepted: fewer forwards
         assert speculative.accepted_draft_tokens > 0 and speculative.steps < plain.steps
+
+
+def test_classifier_free_guidance_gives_the_plain_guided_loops_tokens(base, adapters):
+    """Guided rows (with and without an adapter) batched beside plain ones give what two caches and the guided
+    argmax give written out (reference.guided_greedy_reference); scale 0 is the unconditional prompt's own greedy
+    continuation; guidance changes the tokens; a guided sequence does not draft."""
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    loaded = [read_adapter(name, path, base) for name, path in zip("ab", adapters)]
+    engine = Engine(model, tokenizer, loaded, max_batch=4, speculate=4)
+    prompt = tokenizer.encode("def add(a, b):\n    return", add_bos=True)
+    unconditional = tokenizer.encode("#", add_bos=True)
+    n = 24
+
+    def request(scale, adapter=0, ids=prompt):
+        return GenerationRequest(ids, SamplingParams(max_tokens=n, temperature=0, guidance=scale), adapter,
+                                 stop_ids=frozenset(), unconditional_ids=unconditional)
+
+    plan = [request(8.0), request(1.0), request(0.0), request(8.0, adapter=1), request(2.0, ids=prompts_of(tokenizer)[1])]
+    results = [c.token_ids for c in engine.complete(plan)]
+    plain = reference(base, prompt, n)
+    assert results[1] == plain
+    assert results[2] == reference(base, unconditional, n)
+    fresh, _, _ = load_model_and_tokenizer(base)
+    assert results[0] == guided_greedy_reference(fresh.eval(), prompt, unconditional, 8.0, n)
+    assert results[4] == guided_greedy_reference(fresh, prompts_of(tokenizer)[1], unconditional, 2.0, n)
+    assert results[0] != plain  # the guidance does something
+    with_adapter, _, _ = load_model_and_tokenizer(base)
+    load_adapter(with_adapter, adapters[0], base)
+    assert results[3] == guided_greedy_reference(with_adapter.eval(), prompt, unconditional, 8.0, n)
+    alone = Engine(fresh, tokenizer, max_batch=1, speculate=4)
+    assert alone.complete([request(8.0)])[0].token_ids == results[0]
+    assert alone.speculative_steps == 0
+
+
+def test_guided_sampling_is_seeded_per_sequence_batched_or_alone(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    prompt = tokenizer.encode("class A:\n    def", add_bos=True)
+    unconditional = tokenizer.encode("\n", add_bos=True)
+    guided = GenerationRequest(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5, guidance=2.5),
+                               unconditional_ids=unconditional)
+    other = GenerationRequest(prompts_of(tokenizer)[0], SamplingParams(max_tokens=30, temperature=0.8, seed=1))
+    together = Engine(model, tokenizer, max_batch=2).complete([other, guided])
+    alone = Engine(model, tokenizer, max_batch=1).complete([guided])
+    assert together[1].token_ids == alone[0].token_ids
+
+
+def test_guidance_needs_a_shorter_unconditional_prompt(base):
+    model, tokenizer, _ = load_model_and_tokenizer(base)
+    engine = Engine(model, tokenizer, max_batch=1)
+    prompt = tokenizer.encode("def f(x):", add_bos=True)
+    params = SamplingParams(max_tokens=4, guidance=2.0)
+    with pytest.raises(GenerationError, match="without its condition"):
+        engine.complete([GenerationRequest(prompt, params)])
+    with pytest.raises(GenerationError, match="longer than the prompt"):
+        engine.complete([GenerationRequest(prompt, params, unconditional_ids=prompt + prompt)])
+    with pytest.raises(GenerationError, match="guidance must be in"):
+        SamplingParams(guidance=-1.0).validate()
+    # guidance 1 is plain sampling: an unconditional prompt is not needed and not used
+    assert engine.complete([GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0))])[0].token_ids == \
+        engine.complete([GenerationRequest(prompt, SamplingParams(max_tokens=4, temperature=0),
+                                           unconditional_ids=prompt + prompt)])[0].token_ids
 
 
 def test_drafting_stops_while_drafts_are_rejected_and_probes_again():

@@ -18,6 +18,10 @@ Tasks (data/tasks.py registers them) are chat turns, so the server's chat route 
     edit       {"image", "instruction", "output"}  user: [image, instruction] -> [output image]
 
 An image field is a path (relative to the JSONL file) or, for the built-in datasets, the pixels themselves.
+
+Guidance: a fixed tenth of the draw records (by a hash of where each comes from) train with the text left out,
+so that the specialist also models images without their condition, which classifier-free guidance contrasts with
+the conditional model at each token (`unconditional_prompt`; infer/engine.py's Guide).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ IMAGE_PREFIX = "image:"
 PROMPTS = {"recognise": "What is in this image?", "describe": "Describe the image.",
            "read": "What does the image say?"}
 MAX_GRID = 64  # the largest code grid side a record's image may have (the grammar's bound)
+UNCONDITIONAL_SHARE = 0.1  # of draw records trained without their text (the unconditional side of guidance)
+DRAW_GUIDANCE = 3.0  # the guidance scale drawings use unless told (benchmarks/vision.py measured it)
 
 
 # ---- pretraining documents ------------------------------------------------------------------------------
@@ -195,11 +201,27 @@ def vision_prompt(task: str, record: dict, where: str, tokenizer) -> list[int]:
     return tokenizer.encode_chat([{"role": "user", "content": user}], add_generation_prompt=True)
 
 
+def unconditional_prompt(tokenizer, media: list | tuple = ()) -> list[int]:
+    """A prompt without its condition, the text: the user turn's media parts (none for draw) and empty text, then
+    the assistant's role marker (what the unconditional tenth of the draw records trains on)."""
+    return tokenizer.encode_chat([{"role": "user", "content": [*media, ""]}], add_generation_prompt=True)
+
+
+def trains_unconditional(where: str) -> bool:
+    """Whether the draw record from `where` trains without its text: a fixed UNCONDITIONAL_SHARE of them, chosen
+    by a hash of `where`, so every epoch and every run drops the same ones."""
+    digest = int(hashlib.sha1(f"fmforge-unconditional:{where}".encode()).hexdigest()[:8], 16)
+    return digest < UNCONDITIONAL_SHARE * 2**32
+
+
 def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text or image span and <|end|>)."""
     if not has_modality(tokenizer, "image"):
         raise DataError(f"{where}: task {task} needs a model with an image tokenizer (a multimodal base)")
-    return chat_turn_example(*turns(task, record, where, tokenizer), tokenizer, where)
+    user, assistant = turns(task, record, where, tokenizer)
+    if task == "draw" and trains_unconditional(where):
+        user = [""]
+    return chat_turn_example(user, assistant, tokenizer, where)
 
 
 def chat_turn_example(user: list, assistant: list, tokenizer, where: str) -> Example:

@@ -4,8 +4,9 @@
                          relational and non-relational questions when the records say which
     describe, read       exact_match, and char_accuracy = 1 - edit distance / reference length (at least 0)
     draw                 valid: share of replies holding an image; distinct: share of distinct code sequences
-                         among the samples of each prompt (seeded sampling, temperature 1); pixel_error: mean
-                         absolute error (pixels in [0, 1]) against the record's image (a reference, not a target:
+                         among the samples of each prompt (seeded sampling, temperature 1, classifier-free
+                         guidance at DRAW_GUIDANCE); pixel_error: mean absolute error (pixels in [0, 1]) against
+                         the record's image (a reference, not a target:
                          whether a drawing shows what was asked is judged by a separate classifier in
                          benchmarks/vision.py, never by the model under test)
     edit                 exact_edit: share of outputs within tolerance of the programmatic result: pixel error at
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.vision import record_image, vision_prompt
+from ..data.vision import DRAW_GUIDANCE, record_image, unconditional_prompt, vision_prompt
 from ..errors import DataError
 from ..modalities.stream import has_modality
 from ..infer.engine import Engine, GenerationRequest
@@ -42,12 +43,15 @@ def replies(model, tokenizer, task: str, records, max_tokens, params=None, batch
     def prompt_of(where, record):
         return vision_prompt(task, record, where, tokenizer)
 
-    return record_replies(model, tokenizer, records, prompt_of, max_tokens, params, batch)
+    unconditional = unconditional_prompt(tokenizer) if task == "draw" else None
+    return record_replies(model, tokenizer, records, prompt_of, max_tokens, params, batch, unconditional)
 
 
-def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None, batch: int = 8) -> list[list[int]]:
+def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None, batch: int = 8,
+                   unconditional: list[int] | None = None) -> list[list[int]]:
     """Replies of a media task's records (the audio tasks' too): their media encoded in batches first, then each
-    prompt_of(where, record) run on the engine to the chat's stop ids."""
+    prompt_of(where, record) run on the engine to the chat's stop ids. `unconditional`: the prompt without its
+    condition, for requests whose params ask for guidance."""
     stop = tokenizer.chat_stop_ids()
     tokenizer.prime([v for _, record in records for v in record.values() if isinstance(v, np.ndarray)])
     requests = []
@@ -55,7 +59,8 @@ def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None
         limit = max_tokens[index] if isinstance(max_tokens, list) else max_tokens
         sampling = params[index] if isinstance(params, list) else params or SamplingParams(max_tokens=limit,
                                                                                            temperature=0)
-        requests.append(GenerationRequest(prompt_of(where, record), sampling, stop_ids=stop))
+        requests.append(GenerationRequest(prompt_of(where, record), sampling, stop_ids=stop,
+                                          unconditional_ids=unconditional))
     return [c.token_ids for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
 
 
@@ -129,8 +134,10 @@ def round_trip(image: np.ndarray, tokenizer) -> np.ndarray:
     return codec.decode(codec.encode(torch.from_numpy(np.ascontiguousarray(image[None]))))[0].numpy()
 
 
-def evaluate_draw(model, tokenizer, records, labels=None, samples: int = DRAW_SAMPLES, seed: int = 0) -> dict:
-    """Seeded samples per prompt: valid images, distinct code sequences per prompt, error against the reference."""
+def evaluate_draw(model, tokenizer, records, labels=None, samples: int = DRAW_SAMPLES, seed: int = 0,
+                  guidance: float = DRAW_GUIDANCE) -> dict:
+    """Seeded samples per prompt (classifier-free guidance at `guidance`): valid images, distinct code sequences
+    per prompt, error against the reference."""
     _require_images(tokenizer)
     by_prompt: dict[str, list] = {}
     for where, record in records:
@@ -142,7 +149,8 @@ def evaluate_draw(model, tokenizer, records, labels=None, samples: int = DRAW_SA
             target = record_image(record, "image", where, tokenizer)
             jobs.append((where, record))
             limits.append(span_tokens(target, tokenizer))
-            params.append(SamplingParams(max_tokens=limits[-1], temperature=1.0, seed=seed + len(jobs)))
+            params.append(SamplingParams(max_tokens=limits[-1], temperature=1.0, seed=seed + len(jobs),
+                                         guidance=guidance))
     outputs = replies(model, tokenizer, "draw", jobs, limits, params)
     valid, errors, distinct = [], [], []
     for prompt in by_prompt:
@@ -159,7 +167,7 @@ def evaluate_draw(model, tokenizer, records, labels=None, samples: int = DRAW_SA
         distinct.append(len(sequences) / samples)
     return {"valid": float(np.mean(valid)), "distinct": float(np.mean(distinct)),
             "pixel_error": float(np.mean(errors)) if errors else 1.0, "prompts": len(by_prompt),
-            "samples": len(jobs)}
+            "samples": len(jobs), "guidance": guidance}
 
 
 def evaluate_edit(model, tokenizer, records, labels=None) -> dict:

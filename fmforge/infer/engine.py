@@ -8,7 +8,8 @@ last chunk gives the first token), runs ONE decode forward for every sequence wh
 each row with its own settings. Sequences leave the batch the moment they finish or are cancelled; new ones join
 at the next step (Yu et al. 2022, "Orca": iteration-level scheduling). A sequence running alone drafts tokens by
 prompt lookup and verifies them in one forward (speculation), which gives the tokens plain decoding gives (a
-sampled one only while its drafts are accepted often enough to pay: DraftControl).
+sampled one only while its drafts are accepted often enough to pay: DraftControl). A request with an
+unconditional prompt and a guidance scale is sampled with classifier-free guidance (`Guide`).
 
 Two ways to drive it:
 - a server starts the engine thread (`start`) and `submit`s sequences with a callback per sequence, called on the
@@ -37,11 +38,11 @@ import torch.nn.functional as F
 
 from ..device import release_openmp_threads
 from ..errors import GenerationError
-from ..model import Transformer
+from ..model import LockstepKVCache, Transformer
 from .cache import SlotKVCache
 from .compiled import CompiledDecoder
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
-from .sampling import SamplingParams, TextStream, TokenLogprob, sample_rows
+from .sampling import SamplingParams, TextStream, TokenLogprob, guided_logits, sample_rows
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
 
@@ -70,12 +71,14 @@ class Event:
 @dataclass
 class GenerationRequest:
     """One sequence to generate: prompt ids, sampling, adapter (0 = the base) and the ids that end it (None: the
-    tokenizer's eos). `seed_offset` j seeds the generator with seed + j, so n choices differ reproducibly."""
+    tokenizer's eos). `seed_offset` j seeds the generator with seed + j, so n choices differ reproducibly.
+    `unconditional_ids`: the prompt without its condition, for classifier-free guidance (params.guidance)."""
     prompt_ids: list[int]
     params: SamplingParams
     adapter: int = 0
     stop_ids: frozenset[int] | None = None
     seed_offset: int = 0
+    unconditional_ids: list[int] | None = None
 
 
 @dataclass
@@ -114,6 +117,17 @@ class DraftControl:
         self.plain_steps += 1
 
 
+@dataclass(eq=False)
+class Guide:
+    """The unconditional side of a sequence sampled with classifier-free guidance: its prompt without the
+    condition (e.g. the draw task's chat turn with the text left out), run in a one-row cache of its own and fed
+    every token the guided sequence samples, so that each of its steps has logits with and without the condition
+    for the same position (sampling.guided_logits). It costs one more forward per token, batch 1."""
+    prompt_ids: list[int]
+    cache: LockstepKVCache | None = None  # made at the guided sequence's first token
+    fed: int = 0  # the guided sequence's output tokens that the cache holds
+
+
 @dataclass(eq=False)  # identity: the engine finds a sequence among the running ones by `is`, not by its fields
 class Sequence:
     prompt_ids: list[int]
@@ -130,6 +144,7 @@ class Sequence:
     failed: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     drafts: DraftControl = field(default_factory=DraftControl)
+    guide: Guide | None = None  # classifier-free guidance (params.guidance != 1)
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slot at its next step."""
@@ -156,7 +171,8 @@ class Generation:
             for index, request in enumerate(requests):
                 self.sequences.append(engine.submit(
                     request.prompt_ids, request.params, lambda event, i=index: self._events.put((i, event)),
-                    request.adapter, request.stop_ids, request.seed_offset, bounded=engine.running_thread))
+                    request.adapter, request.stop_ids, request.seed_offset, bounded=engine.running_thread,
+                    unconditional_ids=request.unconditional_ids))
         except BaseException:
             self.close()
             raise
@@ -290,18 +306,29 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: int = 0, stop_ids: frozenset[int] | None = None, seed_offset: int = 0,
-               bounded: bool = True) -> Sequence:
-        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait."""
+               bounded: bool = True, unconditional_ids: list[int] | None = None) -> Sequence:
+        """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait. With
+        params.guidance other than 1, `unconditional_ids` (the prompt without its condition) are required."""
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_context:
             raise GenerationError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {self.max_context}; "
                                   "shorten the prompt")
+        guide = None
+        if params.guidance != 1.0:
+            if not unconditional_ids:
+                raise GenerationError("guidance needs the prompt without its condition (unconditional_ids); this "
+                                      "request has none")
+            if len(unconditional_ids) > len(prompt_ids):
+                raise GenerationError(f"the unconditional prompt ({len(unconditional_ids)} tokens) is longer than "
+                                      f"the prompt ({len(prompt_ids)}); it should be the prompt less its condition")
+            guide = Guide(list(unconditional_ids))
         if stop_ids is None:
             stop_ids = frozenset() if self.tokenizer is None else frozenset({self.tokenizer.eos_id})
         stops = frozenset(stop_ids) | set(params.stop_token_ids)  # any iterable of ids (a list too)
         sequence = Sequence(list(prompt_ids), adapter, params, on_event, stops,
-                            TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset))
+                            TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset),
+                            guide=guide)
         with self._cond:
             if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down" if self.error is None else
@@ -522,7 +549,7 @@ class Engine:
     def _draft(self, running: list[Sequence]) -> list[int]:
         """Tokens to verify in the next decode forward: a prompt-lookup draft for a sequence decoding alone while
         nobody waits, while its drafts pay (DraftControl); [] otherwise."""
-        if len(running) != 1 or not self.speculate or self._waiting:
+        if len(running) != 1 or not self.speculate or self._waiting or running[0].guide is not None:
             return []
         if not running[0].params.greedy and not running[0].drafts.wants_draft():
             return []
@@ -596,6 +623,8 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence]):
         """sample_rows over the batch; if it fails, row by row, so that only the rows at fault fail."""
+        logits = self._guided(logits, sequences)
+
         def rows(logits, sequences):
             return sample_rows(logits, [s.params for s in sequences], [s.output_ids for s in sequences],
                                [s.generator for s in sequences], self.tokenizer, [s.prompt_ids for s in sequences])
@@ -614,6 +643,32 @@ class Engine:
             tokens += token
             logprobs += logprob
         return tokens, logprobs
+
+    def _guided(self, logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """`logits` with the rows of guided sequences replaced by their guided logits; each one's unconditional
+        forward runs here (its whole prompt at the first token, then the token sampled last)."""
+        rows = [row for row, s in enumerate(sequences) if s.guide is not None and not (s.finished or s.cancelled)]
+        if not rows:
+            return logits
+        logits = logits.float().clone()
+        selected = self.selection.ids
+        for row in rows:
+            sequence, guide = sequences[row], sequences[row].guide
+            if guide.cache is None:
+                guide.cache = self.model.new_kv_cache(1, self.max_context)
+                ids = guide.prompt_ids + sequence.output_ids
+            else:
+                ids = sequence.output_ids[guide.fed:]
+            self._select([sequence.adapter])
+            try:
+                unconditional = self.model(torch.tensor([ids], device=self.device), kv_cache=guide.cache).logits
+            except Exception as exc:  # noqa: BLE001 — this sequence fails, the others of the forward go on
+                self._fail(sequence, exc)
+                continue
+            guide.fed = len(sequence.output_ids)
+            logits[row] = guided_logits(logits[row], unconditional[0, -1], sequence.params.guidance)
+        self.selection.ids = selected
+        return logits
 
     def _accept(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
         """Sample one token per row and hand each sequence its event."""

@@ -25,6 +25,7 @@ GREEDY_BELOW = 1e-5  # temperatures under this are greedy decoding (vLLM's _SAMP
 MAX_LOGPROBS = 20
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 FINITE = torch.finfo(torch.float32).max
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # ... or after any of these tokens (besides the model's own end tokens)
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off); the request gives the unconditional prompt
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +91,7 @@ class SamplingParams:
             integer("seed", self.seed, *SEED_RANGE)
         if self.logprobs is not None:
             integer("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        number("guidance", self.guidance, 0.0, MAX_GUIDANCE)
         return self
 
     def generator(self, device, offset: int = 0) -> torch.Generator | None:
@@ -187,6 +190,16 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
             top = [(tokenizer.decode([t]), v) for t, v in zip(top_ids[r][:k], top_values[r][:k])]
             logprobs[i] = TokenLogprob(tokenizer.decode([chosen[i]]), picked[r], top)
     return chosen, logprobs
+
+
+def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022), as autoregressive image models apply it per token (Chameleon,
+    LlamaGen): log p_u + scale x (log p_c - log p_u) over the vocabulary, from the logits of the same position with
+    and without the condition. Scale 1 is the conditional distribution itself, 0 the unconditional one, and above
+    1 tokens that the condition makes likelier are favoured further."""
+    conditional = F.log_softmax(conditional.float(), dim=-1)
+    unconditional = F.log_softmax(unconditional.float(), dim=-1)
+    return unconditional + scale * (conditional - unconditional)
 
 
 def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

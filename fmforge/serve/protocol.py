@@ -32,8 +32,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..data.vision import DRAW_GUIDANCE
 from ..errors import GenerationError
-from ..infer.sampling import SamplingParams
+from ..infer.sampling import MAX_GUIDANCE, SamplingParams
 
 MAX_JSON_DEPTH = 32  # a request body nested deeper is refused (OpenAI's bodies need about 5)
 # ASCII digits only (str.isdigit also accepts '²' and '١'), and few of them: int() refuses over 4300 digits.
@@ -196,7 +197,8 @@ class EmbeddingRequest(BaseModel):
 
 class ImageGenerationRequest(BaseModel):
     """OpenAI's Images API body (POST /v1/images/generations). `size` is "WIDTHxHEIGHT" in pixels, or None/"auto"
-    (the model chooses); `seed` and `temperature` are extensions, as in chat."""
+    (the model chooses); `seed` and `temperature` are extensions, as in chat, and `guidance_scale` (classifier-free
+    guidance; 1 = off, default data.vision.DRAW_GUIDANCE), as in diffusers."""
     model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
@@ -207,14 +209,16 @@ class ImageGenerationRequest(BaseModel):
     output_format: str | None = None  # only "png"
     seed: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
     user: str | None = None
 
     def to_sampling_params(self, vocab_size: int, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
-        """The drawing's sampling: temperature (default 1), seed; APIError 400 for a bad seed."""
+        """The drawing's sampling: temperature (default 1), seed, guidance; APIError 400 for a bad seed."""
         if self.seed is not None and not INT64[0] <= self.seed <= INT64[1]:
             raise APIError(400, f"seed must be a 64-bit signed integer ({INT64[0]} .. {INT64[1]})", param="seed")
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else
-                                self.temperature, seed=self.seed)
+                                self.temperature, seed=self.seed,
+                                guidance=DRAW_GUIDANCE if self.guidance_scale is None else self.guidance_scale)
         try:
             return params.validate(vocab_size)
         except GenerationError as exc:

@@ -16,7 +16,8 @@ from the header first), fit to the image tokenizer and encoded as image spans, i
 keeps serving. An assistant's text may carry images as markdown data URLs (what this server answers with), and
 they go back in as images. A reply's image span becomes `![image](data:image/png;base64,...)` in its text the
 moment its end marker is sampled (streamed or not). POST /v1/images/generations draws with the chat format: the
-user turn is the prompt, the reply is forced to open an image span (with the asked size's header, if any).
+user turn is the prompt, the reply is forced to open an image span (with the asked size's header, if any), sampled
+with classifier-free guidance against the same turn with empty text (`guidance_scale`, 1 = off).
 
 Audio (a checkpoint whose tokenizer has an audio tokenizer): chat input_audio parts ({"data": base64, "format": "wav"
 | "flac" | "mp3" | "ogg"}, caps from `AudioLimits`: bytes checked from the base64 length, the format against the
@@ -59,7 +60,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..data.audio import AUDIO_FORMATS, MAX_AUDIO_BYTES, MAX_AUDIO_SECONDS, decode_audio_bytes, encode_pcm16, encode_wav
 from ..data.images import decode_image_bytes, encode_png
 from ..data.speech import PROMPTS, speak_prompt
-from ..data.vision import fit_image
+from ..data.vision import fit_image, unconditional_prompt
 from ..device import release_openmp_threads
 from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
@@ -483,9 +484,10 @@ class OpenAIServing:
             raise APIError(400, f"'{param}' does not fit this model's chat template: {exc}", param=param) from None
 
     def submit(self, kind: str, body, prompts: list[list[int]], adapter: int, stop_ids: frozenset[int],
-               max_tokens: int | None, logprobs: int | None) -> _Job:
+               max_tokens: int | None, logprobs: int | None, unconditional: list[int] | None = None) -> _Job:
         """Submit n sequences per prompt, all or none: a request the server can never hold is a 400, one that does
-        not fit now (free slots + free places in the queue) a 429."""
+        not fit now (free slots + free places in the queue) a 429. `unconditional`: the prompt without its condition,
+        for classifier-free guidance."""
         total = len(prompts) * body.n
         engine = self.engine
         capacity = engine.max_batch + engine.max_queue
@@ -519,7 +521,7 @@ class OpenAIServing:
                         mail.put(events, (index, event))
 
                     sequences.append(engine.submit(ids, params[p], deliver, adapter, stop_ids, seed_offset=j,
-                                                   bounded=False))
+                                                   bounded=False, unconditional_ids=unconditional))
         except EngineStopped as exc:
             cancel_all(sequences)
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
@@ -779,7 +781,7 @@ class OpenAIServing:
         else:  # the grid's height and width, then at most MAX_GRID x MAX_GRID codes and the end marker
             max_tokens = min(room, 2 + MAX_GRID * MAX_GRID + 1)
         job = self.submit("image", body, [prompt], served.adapter, self.chat_stops | {image.end_id}, max_tokens,
-                          None)
+                          None, unconditional_prompt(self.tokenizer) + forced)
 
         async def answer(job: _Job, outputs: list[_Output]) -> JSONResponse:
             drawn = await off_loop(self.drawings, forced, outputs)
