@@ -299,6 +299,11 @@ def cmd_generate(args) -> None:
     from .infer.engine import GenerationRequest
 
     sampling_params(args)  # bad flags fail before the model loads
+    if args.guidance is not None:
+        from .infer.sampling import SamplingParams
+        if not args.output_image:
+            raise ConfigError("--guidance goes with --output-image (it guides the image the reply draws)")
+        SamplingParams(guidance=args.guidance).validate()
     engine, tokenizer = load_for_generation(args)
     params = sampling_params(args, engine.model.config.vocab_size)
     prompt = args.prompt
@@ -341,8 +346,6 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
         raise ConfigError(f"--output-audio {args.output_audio}: write a .wav file")
     if args.output_image and args.output_audio:
         raise ConfigError("give one of --output-image and --output-audio: the reply opens one span")
-    if args.guidance is not None and not args.output_image:
-        raise ConfigError("--guidance goes with --output-image (it guides the image the reply draws)")
     forced = []  # --output-image/--output-audio: the reply opens that span (with --output-size, its header too)
     if args.output_image:
         forced = [MODALITIES["image"].begin_id]
@@ -986,7 +989,7 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--output-size", default=None, metavar="WIDTHxHEIGHT", help="with --output-image: the image's "
                    "size in pixels (multiples of the image tokenizer's 4); default: the model chooses")
     p.add_argument("--guidance", type=float, default=None, metavar="SCALE", help="with --output-image: "
-                   "classifier-free guidance against the same turn without its text (1 = off; default 3)")
+                   "classifier-free guidance against the same turn without its text (1 = off; default 2)")
     p.add_argument("--audio", action="append", default=None, help="an audio file (WAV, FLAC, OGG, MP3; any rate, "
                    "mono or stereo) the prompt is about; repeatable. Asks as a chat turn, like --image")
     p.add_argument("--output-audio", default=None, help="save the speech the model writes here (WAV); the reply "

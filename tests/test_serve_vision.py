@@ -162,6 +162,14 @@ def test_images_generations(client, tokenizer):
     assert response.usage.output_tokens == 2 * (7 * 7 + 1)
     again = client.images.generate(model="base", **kwargs)
     assert [d.b64_json for d in again.data] == [d.b64_json for d in response.data]  # seeded
+    # Classifier-free guidance (on by default) changes what the same seed draws; guidance_scale 1 turns it off.
+    plain = client.images.generate(model="base", **{**kwargs, "extra_body": {"seed": 5, "guidance_scale": 1}})
+    assert [d.b64_json for d in plain.data] != [d.b64_json for d in response.data]
+    assert plain.usage.output_tokens == response.usage.output_tokens  # the unconditional side is not billed
+    for bad in (-1, 1000, "strong"):  # out of range or of the wrong type: 422, as for every field
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            client.images.generate(model="base", **{**kwargs, "extra_body": {"guidance_scale": bad}})
+        assert caught.value.body["param"] == "guidance_scale"
     # A non-square size is WIDTHxHEIGHT; the adapter draws too.
     tall = client.images.generate(model="spec", prompt="a tall picture", size="16x32", response_format="b64_json")
     assert np.asarray(decode(tall.data[0].b64_json)).shape == (32, 16, 3)

@@ -317,6 +317,43 @@ def test_generate_reads_an_image_and_writes_one(multimodal_base, tmp_path):
     result = run_cli("generate", "--checkpoint", str(multimodal_base), "--prompt", "x", "--output-image",
                      str(tmp_path / "odd.png"), "--output-size", "30x28")
     assert result.returncode == 1 and "multiple of 4" in result.stderr and not (tmp_path / "odd.png").exists()
+    # Classifier-free guidance (default DRAW_GUIDANCE) changes the drawing of the same seed; 1 turns it off.
+    drawn = []
+    for guidance in ([], ["--guidance", "1"], ["--guidance", "6"]):
+        target = tmp_path / f"guided-{len(drawn)}.png"
+        result = run_cli("generate", "--checkpoint", str(multimodal_base), "--prompt", "a handwritten digit 3",
+                         "--output-image", str(target), "--output-size", "28x28", "--seed", "0", *guidance)
+        assert result.returncode == 0, result.stderr
+        drawn.append(target.read_bytes())
+    assert len(set(drawn)) == 3
+    for flags, message in ((["--guidance", "2"], "goes with --output-image"),
+                           (["--guidance", "-1", "--output-image", str(tmp_path / "g.png")], "guidance must be")):
+        result = run_cli("generate", "--checkpoint", str(multimodal_base), "--prompt", "x", *flags)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
+
+
+def test_a_tenth_of_the_draw_records_train_without_their_text(tokenizer):
+    from fmforge.data.vision import (UNCONDITIONAL_SHARE, builtin_records, trains_unconditional,
+                                     unconditional_prompt, vision_example, vision_prompt)
+
+    records = builtin_records("mnist-draw", "train", 2000)
+    dropped = [(where, record) for where, record in records if trains_unconditional(where)]
+    assert abs(len(dropped) / len(records) - UNCONDITIONAL_SHARE) < 0.03
+    assert [w for w, _ in dropped] == [w for w, _ in builtin_records("mnist-draw", "train", 2000)
+                                       if trains_unconditional(w)]  # the same ones every time
+    where, record = dropped[0]
+    example = vision_example("draw", record, tokenizer, where)
+    prompt = unconditional_prompt(tokenizer)
+    assert example.tokens[:len(prompt)] == prompt and not any(example.loss_mask[:len(prompt)])
+    assert example.tokens[len(prompt)] == IMAGE_BEGIN_ID  # the reply is the image, as for the others
+    kept = next((w, r) for w, r in records if not trains_unconditional(w))
+    with_text = vision_example("draw", kept[1], tokenizer, kept[0])
+    assert with_text.tokens[:len(vision_prompt("draw", kept[1], kept[0], tokenizer))] == \
+        vision_prompt("draw", kept[1], kept[0], tokenizer)
+    # other tasks keep their text whatever the hash says
+    recognise = vision_example("recognise", {"image": record["image"], "label": "3"}, tokenizer, where)
+    assert recognise.tokens[:len(prompt)] != prompt
 
 
 @pytest.mark.parametrize("content,message", [

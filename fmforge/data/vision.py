@@ -42,7 +42,7 @@ PROMPTS = {"recognise": "What is in this image?", "describe": "Describe the imag
            "read": "What does the image say?"}
 MAX_GRID = 64  # the largest code grid side a record's image may have (the grammar's bound)
 UNCONDITIONAL_SHARE = 0.1  # of draw records trained without their text (the unconditional side of guidance)
-DRAW_GUIDANCE = 3.0  # the guidance scale drawings use unless told (benchmarks/vision.py measured it)
+DRAW_GUIDANCE = 2.0  # the guidance scale drawings use unless told (benchmarks/vision.py measures it)
 
 
 # ---- pretraining documents ------------------------------------------------------------------------------
