@@ -206,8 +206,9 @@ def main() -> None:
         adapters[name] = out
         if stage(f"specialist {name}", out / "adapter_config.json"):
             cli("finetune", "--checkpoint", base, "--data", dataset, "--out", out, "--method", "lora",
-                "--lora-rank", "32", "--max_minutes", draw_minutes if name == "draw" else spec_minutes, "--batch_size", "16", "--lr", "3e-3",
-                "--eval_interval", "100000", "--log_interval", "50", *(["--limit", limit] if limit else []))
+                "--lora-rank", "32", "--max_minutes", draw_minutes if name == "draw" else spec_minutes,
+                "--batch_size", "16", "--lr", "3e-3", "--eval_interval", "100000", "--log_interval", "50",
+                *(["--limit", limit] if limit else []))
 
     # 6. scores
     results = {}
@@ -224,6 +225,9 @@ def main() -> None:
     results["draw-unguided"] = cached_json(work / "scores" / "draw-unguided.json", lambda: draw_scores(
         base, adapters["draw"], load_judge(judge_path), work, quick, 1.0, grid=False))
     results["draw-guidance"] = guidance
+    from fmforge.checkpoint import read_finetune_record
+    results["encoders"] = {name: read_finetune_record(path).get("media_encoders", [])
+                           for name, path in adapters.items()}
     print(f"draw: {results['draw']}; unguided: {results['draw-unguided']}", flush=True)
     edit_grid(base, adapters["edit"], work)
 
@@ -440,6 +444,10 @@ def report(judge, codec, text_bpb, base_steps, results, claim, serving, minutes,
         "",
         "Draw's classifier-free guidance scale, chosen by the judge on 100 samples of other seeds: "
         + ", ".join(f"{scale} -> {accuracy:.2f}" for scale, accuracy in r["draw-guidance"]["tried"].items()) + ".",
+        "",
+        "Specialists with an understanding encoder (`--media-encoder auto`; image features added to the prompt's "
+        "code embeddings): " + (", ".join(name for name, kinds in r.get("encoders", {}).items() if kinds) or "none")
+        + ".",
         "",
         "Edit by operation: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in r["edit"].items()
                                            if k.startswith("exact_") and k != "exact_edit"),

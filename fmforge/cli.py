@@ -370,7 +370,8 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
         params = dataclasses.replace(params, guidance=guidance).validate()
         unconditional = unconditional_prompt(tokenizer, parts) + forced
     completion = engine.complete([GenerationRequest(prompt_ids + forced, params, stop_ids=tokenizer.chat_stop_ids(),
-                                                    unconditional_ids=unconditional)])[0]
+                                                    unconditional_ids=unconditional,
+                                                    media=[part[part["type"]] for part in parts])])[0]
     reply = forced + completion.token_ids
     text = tokenizer.decode(reply, skip_special_tokens=True).strip()
     if text:
@@ -414,7 +415,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
                         val_limit=args.val_limit, train_on_all=args.train_on_all, pack=not args.no_packing,
                         pooling=args.pooling, head_lr_scale=args.head_lr_scale, temperature=args.temperature,
-                        lora=lora)
+                        media_encoder=args.media_encoder, lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
@@ -424,6 +425,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
 
 def cmd_merge(args) -> None:
     from .adapt.lora import load_adapter, merge_lora
+    from .adapt.media import MEDIA_ENCODER_FILE
     from .checkpoint import (FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files, load_model_and_tokenizer,
                              resolve_adapter, write_checkpoint)
 
@@ -435,7 +437,7 @@ def cmd_merge(args) -> None:
     load_adapter(model, adapter_dir, base_checkpoint)
     merge_lora(model)
     write_checkpoint(out, model, tokenizer_dir=base_checkpoint)
-    atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, FINETUNE_RECORD])
+    atomic_copy_files(adapter_dir, out, [HEAD_FILE, LABELS_FILE, FINETUNE_RECORD, MEDIA_ENCODER_FILE])
     print(f"merged {adapter_dir} into {base_checkpoint} -> {out}")
 
 
@@ -1051,6 +1053,9 @@ def add_specialist_commands(sub) -> None:
                    help="embed: the contrastive softmax temperature over cosine similarities")
     p.add_argument("--head-lr-scale", type=float, default=1.0,
                    help="classify: the new head trains at this multiple of --lr (e.g. 10 with LoRA)")
+    p.add_argument("--media-encoder", choices=["auto", "on", "off"], default="auto",
+                   help="train a continuous encoder for the prompt's media, its features added to their codes' "
+                        "embeddings (auto: for recognise, where it measured better on validation)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 

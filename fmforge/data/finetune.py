@@ -12,9 +12,10 @@ examples into one row of context_length tokens; an attention mask keeps each exa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ ROLES = ("system", "user", "assistant")
 class Example:
     tokens: list[int]
     loss_mask: list[bool]  # loss_mask[i]: the prediction of tokens[i] (from tokens[:i]) is trained
+    media: list = field(default_factory=list)  # MediaPlacement of the prompt's media (row 0, positions in tokens)
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -142,15 +144,17 @@ class PackedDataset:
     """Examples packed into rows of `length` tokens (inputs and next-token targets).
 
     Rows are built once, in a seeded order; the batch stream permutes rows per epoch.
-    With pack=False every example gets its own row.
+    With pack=False every example gets its own row. With keep_media, batches carry the examples' media
+    placements ("media", for a model with understanding encoders, adapt/media.py).
     """
 
-    def __init__(self, examples: list[Example], length: int, pad_id: int, seed: int = 0, pack: bool = True):
-        self.length, self.pad_id = length, pad_id
+    def __init__(self, examples: list[Example], length: int, pad_id: int, seed: int = 0, pack: bool = True,
+                 keep_media: bool = False):
+        self.length, self.pad_id, self.keep_media = length, pad_id, keep_media
         self.truncated = 0
         order = np.random.default_rng(seed).permutation(len(examples)) if pack else np.arange(len(examples))
-        rows: list[list[tuple[list[int], list[int]]]] = []
-        current: list[tuple[list[int], list[int]]] = []
+        rows: list[list[tuple[list[int], list[int], list]]] = []
+        current: list[tuple[list[int], list[int], list]] = []
         used = 0
         for index in order:
             example = examples[int(index)]
@@ -165,7 +169,8 @@ class PackedDataset:
             if current and (not pack or used + len(inputs) > length):
                 rows.append(current)
                 current, used = [], 0
-            current.append((inputs, targets))
+            media = [item for item in example.media if item.position < len(inputs)] if keep_media else []
+            current.append((inputs, targets, media))
             used += len(inputs)
         if current:
             rows.append(current)
@@ -181,26 +186,31 @@ class PackedDataset:
         longest of these rows (padding past every row's end would be computed and thrown away). When every row holds
         one example there is no "attn_mask": plain causal attention computes the same (padding only follows)."""
         B = len(indices)
-        T = max(sum(len(inputs) for inputs, _ in self.rows[int(index)]) for index in indices)
+        T = max(sum(len(inputs) for inputs, *_ in self.rows[int(index)]) for index in indices)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
         segment = torch.zeros((B, T), dtype=torch.long)  # example number within the row; padding = 0
+        placed = []
         for b, index in enumerate(indices):
             position = 0
-            for number, (inputs, row_targets) in enumerate(self.rows[int(index)], start=1):
+            for number, (inputs, row_targets, media) in enumerate(self.rows[int(index)], start=1):
                 n = len(inputs)
                 input_ids[b, position:position + n] = torch.tensor(inputs)
                 targets[b, position:position + n] = torch.tensor(row_targets)
                 segment[b, position:position + n] = number
+                placed += [dataclasses.replace(item, row=b, position=position + item.position) for item in media]
                 position += n
+        batch = {"input_ids": input_ids, "targets": targets}
+        if self.keep_media:
+            batch["media"] = placed
         if all(len(self.rows[int(index)]) == 1 for index in indices):
-            return {"input_ids": input_ids, "targets": targets}
+            return batch
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         same = segment.unsqueeze(2) == segment.unsqueeze(1)  # (B, T, T)
-        return {"input_ids": input_ids, "targets": targets, "attn_mask": (same & causal).unsqueeze(1)}
+        return {**batch, "attn_mask": (same & causal).unsqueeze(1)}
 
     def target_tokens(self) -> int:
-        return sum(sum(t != -100 for t in targets) for row in self.rows for _, targets in row)
+        return sum(sum(t != -100 for t in targets) for row in self.rows for _, targets, _ in row)
 
 
 class ClassificationDataset:

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..modalities.stream import has_modality
+from ..modalities.encoders import placements
+from ..modalities.stream import content_media, has_modality
 from . import images as image_data
 from .finetune import Example
 
@@ -232,7 +233,8 @@ def chat_turn_example(user: list, assistant: list, tokenizer, where: str) -> Exa
     tokens = tokenizer.encode_chat(messages)
     if tokens[:len(prompt)] != prompt:
         raise DataError(f"{where}: the chat template is not prefix-stable")
-    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)))
+    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)),
+                   placements(tokenizer, prompt, content_media(user)))
 
 
 # ---- built-in datasets ------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..device import release_openmp_threads
 from ..errors import GenerationError
+from ..modalities.encoders import placements
 from ..model import LockstepKVCache, Transformer
 from .cache import SlotKVCache
 from .compiled import CompiledDecoder
@@ -72,13 +73,15 @@ class Event:
 class GenerationRequest:
     """One sequence to generate: prompt ids, sampling, adapter (0 = the base) and the ids that end it (None: the
     tokenizer's eos). `seed_offset` j seeds the generator with seed + j, so n choices differ reproducibly.
-    `unconditional_ids`: the prompt without its condition, for classifier-free guidance (params.guidance)."""
+    `unconditional_ids`: the prompt without its condition, for classifier-free guidance (params.guidance).
+    `media`: the arrays the prompt's media spans encode, for an adapter with understanding encoders."""
     prompt_ids: list[int]
     params: SamplingParams
     adapter: int = 0
     stop_ids: frozenset[int] | None = None
     seed_offset: int = 0
     unconditional_ids: list[int] | None = None
+    media: list | None = None
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     drafts: DraftControl = field(default_factory=DraftControl)
     guide: Guide | None = None  # classifier-free guidance (params.guidance != 1)
+    media: list = field(default_factory=list)  # (prompt position, (L, n_embd) encoder features) to add there
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slot at its next step."""
@@ -172,7 +176,7 @@ class Generation:
                 self.sequences.append(engine.submit(
                     request.prompt_ids, request.params, lambda event, i=index: self._events.put((i, event)),
                     request.adapter, request.stop_ids, request.seed_offset, bounded=engine.running_thread,
-                    unconditional_ids=request.unconditional_ids))
+                    unconditional_ids=request.unconditional_ids, media=request.media))
         except BaseException:
             self.close()
             raise
@@ -216,6 +220,9 @@ class Engine:
         self.selection: AdapterSelection = attach_adapters(model, self.adapters) if self.adapters else AdapterSelection()
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
+        # Understanding encoders per adapter index (0: the model's own, a full fine-tune's; adapt/media.py).
+        self.encoders = [{name: encoder.to(self.device).eval() for name, encoder in encoders.items()} for encoders in
+                         [getattr(model, "media_encoders", {})] + [adapter.encoders for adapter in self.adapters]]
         self.max_context = min(max_context or model.config.context_length, model.config.context_length)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.speculate = speculate  # drafted tokens per step when one sequence runs alone (0 = off)
@@ -306,9 +313,11 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
                adapter: int = 0, stop_ids: frozenset[int] | None = None, seed_offset: int = 0,
-               bounded: bool = True, unconditional_ids: list[int] | None = None) -> Sequence:
+               bounded: bool = True, unconditional_ids: list[int] | None = None, media: list | None = None) -> Sequence:
         """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait. With
-        params.guidance other than 1, `unconditional_ids` (the prompt without its condition) are required."""
+        params.guidance other than 1, `unconditional_ids` (the prompt without its condition) are required.
+        `media`: the arrays of the prompt's spans; an adapter with understanding encoders adds their features to
+        the spans' code embeddings (computed here, on the submitting thread)."""
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -328,7 +337,7 @@ class Engine:
         stops = frozenset(stop_ids) | set(params.stop_token_ids)  # any iterable of ids (a list too)
         sequence = Sequence(list(prompt_ids), adapter, params, on_event, stops,
                             TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset),
-                            guide=guide)
+                            guide=guide, media=self._media_features(prompt_ids, adapter, media))
         with self._cond:
             if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down" if self.error is None else
@@ -339,6 +348,32 @@ class Engine:
             self._waiting.append(sequence)
             self._cond.notify()
         return sequence
+
+    def _media_features(self, prompt_ids: list[int], adapter: int, media: list | None) -> list:
+        """(position, (L, n_embd) features) of the prompt's media that the adapter's encoders read."""
+        encoders = self.encoders[adapter] if 0 <= adapter < len(self.encoders) else {}
+        if not media or not encoders or self.tokenizer is None:
+            return []
+        found = [item for item in placements(self.tokenizer, prompt_ids, media) if item.modality in encoders]
+        with torch.no_grad():
+            return [(item.position, encoders[item.modality].encode_media([item.media])[0].to(self.dtype))
+                    for item in found]
+
+    def _embeddings(self, sequences: list[Sequence], ids: torch.Tensor, rows: list[int], columns: list[int],
+                    widths: list[int]) -> torch.Tensor | None:
+        """Input embeddings of a forward's ids with the sequences' media features added (None when no sequence
+        has any in its piece): sequence k's next piece of widths[k] prompt tokens (from s.prefilled) lies in row
+        rows[k] from column columns[k]. The adapters must already be selected (an adapted embedding reads them)."""
+        if not any(s.media for s in sequences):
+            return None
+        x = self.model.embed(ids)
+        for sequence, row, column, width in zip(sequences, rows, columns, widths):
+            start = sequence.prefilled
+            for position, features in sequence.media:
+                lo, hi = max(position, start), min(position + len(features), start + width)
+                if lo < hi:
+                    x[row, column + lo - start:column + hi - start] += features[lo - position:hi - position]
+        return x
 
     def embed(self, token_lists: list[list[int]], adapter: int = 0) -> Future:
         """Future of a (len(token_lists), n_embd) float32 tensor: mean-pooled final hidden states, unit length."""
@@ -509,7 +544,10 @@ class Engine:
             ids[row, :widths[row]] = torch.tensor(piece)
         self.cache.bind(first, len(sequences), widths)
         self._select([s.adapter for s in sequences])
-        hidden = self.model(ids.to(self.device), kv_cache=self.cache, return_logits=False, return_hidden=True).hidden
+        ids = ids.to(self.device)
+        x = self._embeddings(sequences, ids, list(range(len(sequences))), [0] * len(sequences), widths)
+        hidden = self.model(ids if x is None else None, inputs_embeds=x, kv_cache=self.cache, return_logits=False,
+                            return_hidden=True).hidden
         for sequence, width in zip(sequences, widths):
             sequence.prefilled += width
         self.prompt_tokens += sum(widths)
@@ -533,7 +571,10 @@ class Engine:
         first = self._running.index(group[0])
         self.cache.bind_packed([(0, len(decoding), 1, None), (first, len(group), width, widths)])
         self._select([decoding[0].adapter])  # one row
-        hidden = self.model(torch.tensor([ids], device=self.device), kv_cache=self.cache, return_logits=False,
+        ids = torch.tensor([ids], device=self.device)
+        x = self._embeddings(group, ids, [0] * len(group), [len(decoding) + row * width for row in range(len(group))],
+                             widths)
+        hidden = self.model(ids if x is None else None, inputs_embeds=x, kv_cache=self.cache, return_logits=False,
                             return_hidden=True).hidden[0]  # (N, n_embd)
         self.steps += 1
         for sequence, piece_width in zip(group, widths):

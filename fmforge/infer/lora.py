@@ -10,7 +10,7 @@ embedding becomes a `MultiLoRAEmbedding`: each row looks its tokens up in its ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..checkpoint import (HEAD_FILE, check_adapter_base, read_adapter_config, read_adapter_tensors, read_finetune_record,
                           resolve_adapter, split_adapter_key)
+from ..adapt.media import read_media_encoders
 from ..errors import CheckpointError
 
 
@@ -29,6 +30,7 @@ class LoadedAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r)); embedding:
     # in = vocabulary, out = width
     info: dict
+    encoders: dict = field(default_factory=dict)  # modality -> understanding encoder (adapt/media.py), if trained
 
 
 def read_adapter(name: str, path: str | Path, base_checkpoint: Path) -> LoadedAdapter:
@@ -50,7 +52,8 @@ def read_adapter(name: str, path: str | Path, base_checkpoint: Path) -> LoadedAd
         if set(parts) != {"A", "B"}:
             raise CheckpointError(f"adapter {directory}: {module} lacks lora_{'B' if 'A' in parts else 'A'}")
         pairs[module] = (parts["A"], parts["B"])
-    return LoadedAdapter(name, directory, config["lora_alpha"] / config["r"], pairs, read_finetune_record(directory))
+    return LoadedAdapter(name, directory, config["lora_alpha"] / config["r"], pairs, read_finetune_record(directory),
+                         read_media_encoders(directory))
 
 
 class AdapterSelection:

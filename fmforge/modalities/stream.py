@@ -295,6 +295,20 @@ class MediaTokenizer:
         return f"MediaTokenizer({self.text!r}, {self.ranges})"
 
 
+def content_media(parts) -> list[np.ndarray]:
+    """The media arrays of a message's content parts, in order (a string content has none)."""
+    if not isinstance(parts, list):
+        return []
+    return [part[part["type"]] for part in parts
+            if isinstance(part, dict) and part.get("type") in ("image", "audio") and part.get(part["type"]) is not None]
+
+
+def messages_media(messages: list[dict]) -> list[np.ndarray]:
+    """The media arrays of every message's content, in order."""
+    return [media for message in messages if isinstance(message, dict)
+            for media in content_media(message.get("content"))]
+
+
 def media_entry(directory) -> dict:
     """The "media" entry of a tokenizer directory's config ({} for a text tokenizer)."""
     path = Path(directory) / CONFIG_FILE

@@ -85,6 +85,7 @@ def _size(count: int) -> str:
 
 def build_engine(options: ServeOptions):
     """(engine, base info) — every check a user can trip happens here, before the port is opened."""
+    from ..adapt.media import read_media_encoders
     from ..checkpoint import HEAD_FILE, load_model_and_tokenizer
     from ..infer.engine import Engine
     from ..infer.lora import read_adapter
@@ -112,6 +113,7 @@ def build_engine(options: ServeOptions):
     if (checkpoint / HEAD_FILE).exists():
         raise CheckpointError(f"{checkpoint} is a classifier (it has {HEAD_FILE}); serve a generative model")
     model.to(dtype)
+    model.media_encoders = read_media_encoders(checkpoint)  # a full fine-tune's understanding encoders, if any
     adapters = [read_adapter(name, path, checkpoint) for name, path in options.adapters]
     engine = Engine(model, tokenizer, adapters, max_batch=options.max_batch, max_queue=options.max_queue,
                     max_context=options.max_context, speculate=options.speculate,

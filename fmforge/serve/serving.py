@@ -65,7 +65,7 @@ from ..device import release_openmp_threads
 from ..errors import DataError, GenerationError, TokenizerError
 from ..infer.engine import Engine, EngineStopped, Event, Sequence
 from ..modalities import MODALITIES
-from ..modalities.stream import MAX_GRID, has_modality
+from ..modalities.stream import MAX_GRID, has_modality, messages_media
 from .metrics import Metrics
 from .protocol import (CLIENT_CLOSED, APIError, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
                        ImageGenerationRequest, SpeechRequest, TranscriptionRequest, audio_data_bytes, image_url_bytes)
@@ -340,8 +340,11 @@ class OpenAIServing:
         if "audio" in (body.modalities or []) and not self.hears_audio:
             raise APIError(400, f"the model '{body.model}' cannot answer with audio: it has no audio tokenizer",
                            param="modalities", code="unsupported_model")
+        arrays = []
         if media:  # decoding and encoding images and audio is CPU work: off the event loop
-            ids = await off_loop(lambda: self.encode_chat(self.with_media(messages)))
+            decoded = await off_loop(self.with_media, messages)
+            ids = await off_loop(self.encode_chat, decoded)
+            arrays = messages_media(decoded)  # for an adapter's understanding encoders
         else:
             ids = self.encode_chat(messages)
         self.check_length(ids, "messages")
@@ -349,7 +352,7 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         job = self.submit("chat", body, [ids], served.adapter, self.chat_stops,
-                          body.max_completion_tokens or body.max_tokens, logprobs)
+                          body.max_completion_tokens or body.max_tokens, logprobs, media=arrays)
         return await self.respond(job, request)
 
     def chat_messages(self, body: ChatCompletionRequest) -> tuple[list[dict], int]:
@@ -484,10 +487,11 @@ class OpenAIServing:
             raise APIError(400, f"'{param}' does not fit this model's chat template: {exc}", param=param) from None
 
     def submit(self, kind: str, body, prompts: list[list[int]], adapter: int, stop_ids: frozenset[int],
-               max_tokens: int | None, logprobs: int | None, unconditional: list[int] | None = None) -> _Job:
+               max_tokens: int | None, logprobs: int | None, unconditional: list[int] | None = None,
+               media: list | None = None) -> _Job:
         """Submit n sequences per prompt, all or none: a request the server can never hold is a 400, one that does
         not fit now (free slots + free places in the queue) a 429. `unconditional`: the prompt without its condition,
-        for classifier-free guidance."""
+        for classifier-free guidance; `media`: the prompts' media arrays (an adapter's understanding encoders)."""
         total = len(prompts) * body.n
         engine = self.engine
         capacity = engine.max_batch + engine.max_queue
@@ -521,7 +525,7 @@ class OpenAIServing:
                         mail.put(events, (index, event))
 
                     sequences.append(engine.submit(ids, params[p], deliver, adapter, stop_ids, seed_offset=j,
-                                                   bounded=False, unconditional_ids=unconditional))
+                                                   bounded=False, unconditional_ids=unconditional, media=media))
         except EngineStopped as exc:
             cancel_all(sequences)
             raise APIError(503, str(exc), type="server_error", code="unavailable") from None
