@@ -205,3 +205,51 @@ def test_auto_trains_an_encoder_for_recognise_only(tokenizer):
     assert not uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="off"), TASKS["recognise"], tokenizer)
     with pytest.raises(Exception, match="--media-encoder on needs"):
         uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="on"), TASKS["completion"], tokenizer)
+
+
+def test_the_server_reads_an_adapters_encoder_through_the_openai_client(multimodal_base, tokenizer, digits,
+                                                                         tmp_path):
+    import base64
+    import shutil
+
+    import openai
+    from conftest import ServerProcess, make_adapter
+    from fmforge.checkpoint import resolve_checkpoint
+    from fmforge.data.images import encode_png
+    from fmforge.infer.lora import read_adapter
+
+    base = resolve_checkpoint(multimodal_base)
+    model, _, _ = load_model_and_tokenizer(base)
+    with_encoder = make_adapter(base, tmp_path / "with", 5, ["q_proj", "v_proj"], 4)
+    save_media_encoders(with_encoder, _randomised(new_media_encoders(tokenizer, model.config.n_embd)))
+    without = tmp_path / "without"
+    shutil.copytree(with_encoder, without)
+    (without / MEDIA_ENCODER_FILE).unlink()
+
+    image = digits.images[0]
+    user = [{"type": "image", "image": image}, "What is in this image?"]
+    prompt = tokenizer.encode_chat([{"role": "user", "content": user}], add_generation_prompt=True)
+    engine = Engine(model, tokenizer, [read_adapter("with", with_encoder, base)], speculate=0)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    def reply(media):  # as the chat route writes it: text, special tokens left out
+        ids = engine.complete([GenerationRequest(prompt, params, adapter=1, stop_ids=tokenizer.chat_stop_ids(),
+                                                 media=media)])[0].token_ids
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    expected, plain = reply([image]), reply(None)
+    assert expected != plain  # the encoder changes the answer, so agreeing below means it was used
+
+    server = ServerProcess("--checkpoint", str(base), "--adapter", f"with={with_encoder}",
+                           "--adapter", f"without={without}", "--speculate", "0")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        url = "data:image/png;base64," + base64.b64encode(encode_png(image)).decode()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "What is in this image?"}]}]
+        answers = {name: client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+                   for name in ("with", "without")}
+        assert answers["with"].choices[0].message.content == expected
+        assert answers["without"].choices[0].message.content == plain
+        assert answers["with"].usage.prompt_tokens == len(prompt)  # the token stream is the same either way
+    finally:
+        assert server.stop() == 0, server.output()

@@ -209,6 +209,10 @@ class PackedDataset:
         same = segment.unsqueeze(2) == segment.unsqueeze(1)  # (B, T, T)
         return {**batch, "attn_mask": (same & causal).unsqueeze(1)}
 
+    def media_modalities(self) -> list[str]:
+        """The modalities of the media the batches carry (keep_media), sorted."""
+        return sorted({item.modality for row in self.rows for *_, media in row for item in media})
+
     def target_tokens(self) -> int:
         return sum(sum(t != -100 for t in targets) for row in self.rows for _, targets, _ in row)
 

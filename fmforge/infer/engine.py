@@ -148,7 +148,8 @@ class Sequence:
     submitted_at: float = field(default_factory=time.perf_counter)
     drafts: DraftControl = field(default_factory=DraftControl)
     guide: Guide | None = None  # classifier-free guidance (params.guidance != 1)
-    media: list = field(default_factory=list)  # (prompt position, (L, n_embd) encoder features) to add there
+    media: list = field(default_factory=list)  # MediaPlacement of the prompt's media its adapter's encoders read
+    media_features: list | None = None  # (prompt position, (L, n_embd) features to add there), at first prefill
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the engine frees the slot at its next step."""
@@ -317,7 +318,8 @@ class Engine:
         """Queue a sequence; raises EngineFull when `bounded` and max_queue sequences already wait. With
         params.guidance other than 1, `unconditional_ids` (the prompt without its condition) are required.
         `media`: the arrays of the prompt's spans; an adapter with understanding encoders adds their features to
-        the spans' code embeddings (computed here, on the submitting thread)."""
+        the spans' code embeddings (computed on the engine thread, at the sequence's first prefill: torch work on
+        another thread would start a second OpenMP pool, device.release_openmp_threads)."""
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_context:
@@ -337,7 +339,7 @@ class Engine:
         stops = frozenset(stop_ids) | set(params.stop_token_ids)  # any iterable of ids (a list too)
         sequence = Sequence(list(prompt_ids), adapter, params, on_event, stops,
                             TextStream(self.tokenizer, params.stop), params.generator(self.device, seed_offset),
-                            guide=guide, media=self._media_features(prompt_ids, adapter, media))
+                            guide=guide, media=self._media_placements(prompt_ids, adapter, media))
         with self._cond:
             if self._stopping or self.error is not None:
                 raise EngineStopped("the server is shutting down" if self.error is None else
@@ -349,15 +351,20 @@ class Engine:
             self._cond.notify()
         return sequence
 
-    def _media_features(self, prompt_ids: list[int], adapter: int, media: list | None) -> list:
-        """(position, (L, n_embd) features) of the prompt's media that the adapter's encoders read."""
+    def _media_placements(self, prompt_ids: list[int], adapter: int, media: list | None) -> list:
+        """Where the prompt's media that the adapter's encoders read lie (modalities/encoders.placements)."""
         encoders = self.encoders[adapter] if 0 <= adapter < len(self.encoders) else {}
         if not media or not encoders or self.tokenizer is None:
             return []
-        found = [item for item in placements(self.tokenizer, prompt_ids, media) if item.modality in encoders]
-        with torch.no_grad():
-            return [(item.position, encoders[item.modality].encode_media([item.media])[0].to(self.dtype))
-                    for item in found]
+        return [item for item in placements(self.tokenizer, prompt_ids, media) if item.modality in encoders]
+
+    def _features(self, sequence: Sequence) -> list:
+        """(position, (L, n_embd) features) of the sequence's media, encoded once (engine thread)."""
+        if sequence.media_features is None:
+            encoders = self.encoders[sequence.adapter]
+            sequence.media_features = [(item.position, encoders[item.modality].encode_media([item.media])[0]
+                                        .to(self.dtype)) for item in sequence.media]
+        return sequence.media_features
 
     def _embeddings(self, sequences: list[Sequence], ids: torch.Tensor, rows: list[int], columns: list[int],
                     widths: list[int]) -> torch.Tensor | None:
@@ -369,7 +376,7 @@ class Engine:
         x = self.model.embed(ids)
         for sequence, row, column, width in zip(sequences, rows, columns, widths):
             start = sequence.prefilled
-            for position, features in sequence.media:
+            for position, features in self._features(sequence) if sequence.media else ():
                 lo, hi = max(position, start), min(position + len(features), start + width)
                 if lo < hi:
                     x[row, column + lo - start:column + hi - start] += features[lo - position:hi - position]

@@ -893,7 +893,7 @@ class OpenAIServing:
         self.check_length(prompt, "file")
         verbose = body.response_format == "verbose_json"
         job = self.submit("transcription", body, [prompt], served.adapter, self.chat_stops, None,
-                          0 if verbose else None)
+                          0 if verbose else None, media=[wave])
 
         async def answer(job: _Job, outputs: list[_Output]) -> Response:
             (output,) = outputs

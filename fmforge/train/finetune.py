@@ -170,8 +170,9 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=N
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    if getattr(data.train, "keep_media", False):
-        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd))
+    kinds = data.train.media_modalities() if getattr(data.train, "keep_media", False) else []
+    if kinds:  # an encoder for each modality the prompts hold
+        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds))
     return model
 
 
