@@ -1053,9 +1053,9 @@ def add_specialist_commands(sub) -> None:
                    help="embed: the contrastive softmax temperature over cosine similarities")
     p.add_argument("--head-lr-scale", type=float, default=1.0,
                    help="classify: the new head trains at this multiple of --lr (e.g. 10 with LoRA)")
-    p.add_argument("--media-encoder", choices=["auto", "on", "off"], default="auto",
-                   help="train a continuous encoder for the prompt's media, its features added to their codes' "
-                        "embeddings (auto: for recognise, where it measured better on validation)")
+    p.add_argument("--media-encoder", choices=["on", "off"], default="off",
+                   help="on: also train a continuous encoder for the prompt's images or audio, its features added "
+                        "to their codes' embeddings (off by default: at small budgets it did not pay; RESULTS.md)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -36,10 +37,11 @@ def digits():
 
 
 def _randomised(encoders: dict, seed: int = 0) -> dict:
-    """The encoders with a non-zero projection (a fresh one adds nothing, which would test nothing)."""
+    """The encoders with an open gate (a fresh one adds nothing, which would test nothing)."""
     torch.manual_seed(seed)
     for encoder in encoders.values():
-        torch.nn.init.normal_(encoder.project.weight, std=0.5)
+        encoder.out.gate.data.fill_(1.0)
+        encoder.out.scale = encoder.config.scale = 0.5  # features the size of these tiny models' embeddings
     return encoders
 
 
@@ -48,7 +50,10 @@ def test_encoder_gives_one_feature_per_code_and_starts_at_zero():
     images = torch.randint(0, 256, (3, 12, 20, 3), dtype=torch.uint8)
     features = encoder(images)
     assert features.shape == (3, 3 * 5, 32)  # (N, h*w, n_embd), one per 4x4 patch, as the codes
-    assert torch.count_nonzero(features) == 0  # the zero-initialised projection: a fresh encoder changes nothing
+    assert torch.count_nonzero(features) == 0  # the gate starts closed: a fresh encoder changes nothing
+    encoder.out.gate.data.fill_(0.5)
+    rms = encoder(images).pow(2).mean(-1).sqrt()  # open, every feature is the size its scale says
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.02 * math.tanh(0.5)), rtol=1e-3, atol=1e-6)
     with pytest.raises(Exception, match="uint8"):
         encoder(images.float())
 
@@ -150,7 +155,7 @@ def test_finetune_trains_saves_and_serves_the_encoder(multimodal_base, tmp_path,
             "--log_interval", "10", "--val-fraction", "0", "--checkpoint_interval", "10"]
     assert main(args + ["--max_steps", "10", "--media-encoder", "on"]) == 0
     encoders = read_media_encoders(out)
-    assert set(encoders) == {"image"} and torch.count_nonzero(encoders["image"].project.weight) > 0  # it trained
+    assert set(encoders) == {"image"} and float(encoders["image"].out.gate.detach()) != 0  # it trained
     record = json.loads((out / "finetune.json").read_text()) if (out / "finetune.json").exists() else None
     assert record is None or record.get("media_encoders") == ["image"]
     report = _eval(multimodal_base, out, f"recognise:{test}", 10, tmp_path, "eval")
@@ -194,17 +199,15 @@ def test_audio_encoder_gives_one_feature_per_code_of_the_span(samples, row_lengt
     assert all(torch.count_nonzero(f) == 0 for f in features)  # a fresh encoder adds nothing
 
 
-def test_auto_trains_an_encoder_for_recognise_only(tokenizer):
+def test_encoders_are_opt_in_and_only_for_tasks_with_media_in_their_prompts(tokenizer):
     from fmforge.data.tasks import TASKS
     from fmforge.train.finetune import FinetuneSpec, uses_media_encoder
 
-    spec = FinetuneSpec(checkpoint="unused", data="unused")
-    assert uses_media_encoder(spec, TASKS["recognise"], tokenizer)
-    assert not uses_media_encoder(spec, TASKS["answer"], tokenizer)
+    assert not uses_media_encoder(FinetuneSpec("unused", "unused"), TASKS["recognise"], tokenizer)  # off by default
     assert uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="on"), TASKS["answer"], tokenizer)
-    assert not uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="off"), TASKS["recognise"], tokenizer)
-    with pytest.raises(Exception, match="--media-encoder on needs"):
-        uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="on"), TASKS["completion"], tokenizer)
+    for task in ("completion", "draw"):  # no media in the prompt: nothing to encode
+        with pytest.raises(Exception, match="--media-encoder on needs"):
+            uses_media_encoder(FinetuneSpec("unused", "unused", media_encoder="on"), TASKS[task], tokenizer)
 
 
 def test_the_server_reads_an_adapters_encoder_through_the_openai_client(multimodal_base, tokenizer, digits,

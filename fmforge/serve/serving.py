@@ -344,7 +344,8 @@ class OpenAIServing:
         if media:  # decoding and encoding images and audio is CPU work: off the event loop
             decoded = await off_loop(self.with_media, messages)
             ids = await off_loop(self.encode_chat, decoded)
-            arrays = messages_media(decoded)  # for an adapter's understanding encoders
+            # what an adapter's understanding encoders read: the users' media (specialists train on those only)
+            arrays = messages_media([m for m in decoded if m.get("role") == "user"])
         else:
             ids = self.encode_chat(messages)
         self.check_length(ids, "messages")

@@ -35,12 +35,11 @@ from . import distributed
 from .trainer import Trainer, TrainResult, count_targets, to_device
 
 ADAPTER_FILES = [ADAPTER_WEIGHTS, HEAD_FILE, LABELS_FILE, FINETUNE_RECORD, ADAPTER_CONFIG, MEDIA_ENCODER_FILE]
-# Tasks for which --media-encoder auto trains understanding encoders: where they measured better on validation (a
-# 2-minute LoRA specialist on the vision benchmark's base, on vs off; benchmarks/RESULTS.md "vision"): recognise
-# 0.626 vs 0.422 on 500 MNIST val digits. Not answer (0.382 vs 0.380 on 500 shapes questions) nor read (character
-# accuracy 0.017 vs 0.053 on 300 glyphs): there the encoder's cost (~15% fewer steps) outweighed what it added.
-MEDIA_ENCODER_TASKS = ("recognise",)
-MEDIA_PROMPT_TASKS = ("recognise", "describe", "answer", "read", "edit", "transcribe", "say")  # --media-encoder on
+# Tasks whose prompts hold media: --media-encoder on trains understanding encoders for them. Off by default: on the
+# vision benchmark's base, a 2-minute recognise LoRA scored 0.732 on 500 MNIST val digits with an encoder (125
+# steps) and 0.762 without (140 steps); answer, read and FSDD transcription were level or worse on weaker bases
+# (benchmarks/RESULTS.md, "vision"). The encoder costs 12-20% of the steps; at these budgets it does not repay them.
+MEDIA_PROMPT_TASKS = ("recognise", "describe", "answer", "read", "edit", "transcribe", "say")
 # Fine-tuning defaults differ from pretraining: fewer steps, lower peak lr for full fine-tuning.
 FINETUNE_DEFAULTS = dict(max_steps=200, warmup_steps=10, eval_interval=50, checkpoint_interval=100,
                          batch_size=8, log_interval=10, weight_decay=0.0)
@@ -62,8 +61,8 @@ class FinetuneSpec:
     pooling: str = "mean"  # classify: how the head reads the hidden states (mean of every token, or the last)
     head_lr_scale: float = 1.0  # classify: the fresh head trains at this multiple of the lr
     temperature: float = 0.05  # embed: InfoNCE's softmax temperature over cosine similarities
-    media_encoder: str = "auto"  # on: train understanding encoders (modalities/encoders.py) for the prompt's
-    #   media; off: the model reads codes only; auto: on for tasks whose prompts hold media (MEDIA_ENCODER_TASKS)
+    media_encoder: str = "off"  # on: train understanding encoders (modalities/encoders.py) for the prompt's
+    #   media (tasks of MEDIA_PROMPT_TASKS); off: the model reads their codes only
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -141,19 +140,15 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
 
 
 def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer) -> bool:
-    """Whether this run trains understanding encoders: --media-encoder on (any task whose prompts hold media) or
-    off, or auto: for MEDIA_ENCODER_TASKS, when the tokenizer has a modality with an encoder."""
-    if spec.media_encoder not in ("auto", "on", "off"):
-        raise ConfigError(f"--media-encoder must be auto, on or off, got {spec.media_encoder!r}")
-    wanted = spec.media_encoder == "on" or (spec.media_encoder == "auto" and task.name in MEDIA_ENCODER_TASKS)
-    if not wanted:
+    """Whether this run trains understanding encoders (--media-encoder on); ConfigError where it cannot."""
+    if spec.media_encoder not in ("on", "off"):
+        raise ConfigError(f"--media-encoder must be on or off, got {spec.media_encoder!r}")
+    if spec.media_encoder == "off":
         return False
     if not new_media_encoders(tokenizer, 1) or task.name not in MEDIA_PROMPT_TASKS:
-        if spec.media_encoder == "on":
-            raise ConfigError(f"--media-encoder on needs a task whose prompts hold media "
-                              f"({', '.join(MEDIA_PROMPT_TASKS)}; not {task.name}) and a base with an image or audio "
-                              "tokenizer")
-        return False
+        raise ConfigError(f"--media-encoder on needs a task whose prompts hold media "
+                          f"({', '.join(MEDIA_PROMPT_TASKS)}; not {task.name}) and a base with an image or audio "
+                          "tokenizer")
     return True
 
 
@@ -172,7 +167,8 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=N
             p.requires_grad_(True)
     kinds = data.train.media_modalities() if getattr(data.train, "keep_media", False) else []
     if kinds:  # an encoder for each modality the prompts hold
-        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds))
+        rms = float(base_model.embed_tokens.weight.detach().float().pow(2).mean().sqrt())
+        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds, scale=rms))
     return model
 
 
