@@ -445,7 +445,7 @@ def report(judge, codec, text_bpb, base_steps, results, claim, serving, minutes,
         "Draw's classifier-free guidance scale, chosen by the judge on 100 samples of other seeds: "
         + ", ".join(f"{scale} -> {accuracy:.2f}" for scale, accuracy in r["draw-guidance"]["tried"].items()) + ".",
         "",
-        "Specialists with an understanding encoder (`--media-encoder auto`; image features added to the prompt's "
+        "Specialists with an understanding encoder (`--media-encoder on`; image features added to the prompt's "
         "code embeddings): " + (", ".join(name for name, kinds in r.get("encoders", {}).items() if kinds) or "none")
         + ".",
         "",
