@@ -172,12 +172,6 @@ def turns(task: str, record: dict, where: str, tokenizer, reply: bool = True) ->
     raise ConfigError(f"{task!r} is not an audio task")
 
 
-def audio_prompt(task: str, record: dict, where: str, tokenizer) -> list[int]:
-    """The prompt ids of a record: the user turn and the assistant's role marker."""
-    user, _ = turns(task, record, where, tokenizer, reply=False)
-    return tokenizer.encode_chat([{"role": "user", "content": user}], add_generation_prompt=True)
-
-
 def audio_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text and/or audio span, <|end|>)."""
     from .vision import chat_turn_example

@@ -14,9 +14,9 @@ import re
 
 import numpy as np
 
-from ..data.speech import audio_prompt, codec_rate, record_audio, turns
+from ..data.speech import codec_rate, record_audio, turns
 from ..errors import DataError
-from ..modalities.stream import content_media, has_modality
+from ..modalities.stream import has_modality
 from .vision import record_replies
 
 TEXT_REPLY_TOKENS = 48
@@ -48,9 +48,8 @@ def replies(model, tokenizer, task: str, records, max_tokens, batch: int = 8) ->
     """The greedy reply ids of each record (`max_tokens` an int or one per record)."""
     _require_audio(tokenizer)
     return record_replies(model, tokenizer, records,
-                          lambda where, record: audio_prompt(task, record, where, tokenizer), max_tokens, batch=batch,
-                          media_of=lambda where, record: content_media(turns(task, record, where, tokenizer,
-                                                                             reply=False)[0]))
+                          lambda where, record: turns(task, record, where, tokenizer, reply=False)[0], max_tokens,
+                          batch=batch)
 
 
 def _text(tokenizer, ids) -> str:

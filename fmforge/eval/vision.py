@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.vision import DRAW_GUIDANCE, record_image, turns, unconditional_prompt, vision_prompt
+from ..data.vision import DRAW_GUIDANCE, record_image, turns, unconditional_prompt
 from ..errors import DataError
 from ..modalities.stream import content_media, has_modality
 from ..infer.engine import Engine, GenerationRequest
@@ -40,22 +40,19 @@ def replies(model, tokenizer, task: str, records, max_tokens, params=None, batch
     """The generated ids of each record's reply (greedy unless `params`; `max_tokens` an int or one per record)."""
     _require_images(tokenizer)
 
-    def prompt_of(where, record):
-        return vision_prompt(task, record, where, tokenizer)
-
-    def media_of(where, record):  # what a specialist's understanding encoder reads
-        return content_media(turns(task, record, where, tokenizer, reply=False)[0])
+    def user_of(where, record):
+        return turns(task, record, where, tokenizer, reply=False)[0]
 
     unconditional = unconditional_prompt(tokenizer) if task == "draw" else None
-    return record_replies(model, tokenizer, records, prompt_of, max_tokens, params, batch, unconditional, media_of)
+    return record_replies(model, tokenizer, records, user_of, max_tokens, params, batch, unconditional)
 
 
-def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None, batch: int = 8,
-                   unconditional: list[int] | None = None, media_of=None) -> list[list[int]]:
+def record_replies(model, tokenizer, records, user_of, max_tokens, params=None, batch: int = 8,
+                   unconditional: list[int] | None = None) -> list[list[int]]:
     """Replies of a media task's records (the audio tasks' too): their media encoded in batches first, then each
-    prompt_of(where, record) run on the engine to the chat's stop ids. `unconditional`: the prompt without its
-    condition, for requests whose params ask for guidance; `media_of(where, record)`: the prompt's media arrays,
-    for a model with understanding encoders."""
+    record's user turn, user_of(where, record) (content parts), asked on the engine as a chat turn, to the chat's
+    stop ids; its media go with it (for a model with understanding encoders). `unconditional`: the prompt without
+    its condition, for requests whose params ask for guidance."""
     stop = tokenizer.chat_stop_ids()
     tokenizer.prime([v for _, record in records for v in record.values() if isinstance(v, np.ndarray)])
     requests = []
@@ -63,9 +60,10 @@ def record_replies(model, tokenizer, records, prompt_of, max_tokens, params=None
         limit = max_tokens[index] if isinstance(max_tokens, list) else max_tokens
         sampling = params[index] if isinstance(params, list) else params or SamplingParams(max_tokens=limit,
                                                                                            temperature=0)
-        requests.append(GenerationRequest(prompt_of(where, record), sampling, stop_ids=stop,
-                                          unconditional_ids=unconditional,
-                                          media=media_of(where, record) if media_of else None))
+        user = user_of(where, record)  # read once: a record's image may be a file
+        prompt = tokenizer.encode_chat([{"role": "user", "content": user}], add_generation_prompt=True)
+        requests.append(GenerationRequest(prompt, sampling, stop_ids=stop, unconditional_ids=unconditional,
+                                          media=content_media(user)))
     return [c.token_ids for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, DataError
 from .audio import AudioCodecConfig, check_wave, log_mel_spectrogram, normalise
+from .stream import media_kind
 
 HEADER = 3  # a span's marker and its grid rows, cols come before the codes
 
@@ -201,8 +202,8 @@ def placements(tokenizer, ids, media, row: int = 0) -> list[MediaPlacement]:
     taken, found = set(), []
     for array in media:
         array = np.asarray(array)
-        kind = "image" if array.ndim == 3 else "audio"
-        if not tokenizer.has(kind):
+        kind = media_kind(array, strict=False)
+        if kind is None or not tokenizer.has(kind):
             continue
         span = tokenizer.encode_image(array) if kind == "image" else tokenizer.encode_audio(array)
         for index, (modality, start, end) in enumerate(spans):

@@ -342,10 +342,12 @@ class OpenAIServing:
                            param="modalities", code="unsupported_model")
         arrays = []
         if media:  # decoding and encoding images and audio is CPU work: off the event loop
-            decoded = await off_loop(self.with_media, messages)
-            ids = await off_loop(self.encode_chat, decoded)
-            # what an adapter's understanding encoders read: the users' media (specialists train on those only)
-            arrays = messages_media([m for m in decoded if m.get("role") == "user"])
+            def decode_and_encode():
+                decoded = self.with_media(messages)
+                # what an adapter's understanding encoders read: the users' media (specialists train on those only)
+                return self.encode_chat(decoded), messages_media([m for m in decoded if m.get("role") == "user"])
+
+            ids, arrays = await off_loop(decode_and_encode)
         else:
             ids = self.encode_chat(messages)
         self.check_length(ids, "messages")

@@ -30,7 +30,8 @@ from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD
                           fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
                           write_finetune_record, write_model_files)
 from ..device import resolve_device
-from ..modalities.encoders import new_media_encoders
+from ..modalities.encoders import MEDIA_ENCODERS, new_media_encoders
+from ..modalities.stream import has_modality
 from . import distributed
 from .trainer import Trainer, TrainResult, count_targets, to_device
 
@@ -127,10 +128,11 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
                         ft.classification_data(val_records, labels, tokenizer, length) if val_records else None,
                         labels)
 
+    keep_media = uses_media_encoder(spec, task, tokenizer)
+
     def packed(records):
         return ft.PackedDataset(lm_examples(task, records, tokenizer, spec.train_on_all), length,
-                                tokenizer.pad_id, seed=seed, pack=spec.pack,
-                                keep_media=uses_media_encoder(spec, task, tokenizer))
+                                tokenizer.pad_id, seed=seed, pack=spec.pack, keep_media=keep_media)
 
     data = TaskData(task, packed(train_records), packed(val_records) if val_records else None)
     if data.train.truncated and not quiet:
@@ -145,7 +147,7 @@ def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer) -> bool:
         raise ConfigError(f"--media-encoder must be on or off, got {spec.media_encoder!r}")
     if spec.media_encoder == "off":
         return False
-    if not new_media_encoders(tokenizer, 1) or task.name not in MEDIA_PROMPT_TASKS:
+    if not any(has_modality(tokenizer, name) for name in MEDIA_ENCODERS) or task.name not in MEDIA_PROMPT_TASKS:
         raise ConfigError(f"--media-encoder on needs a task whose prompts hold media "
                           f"({', '.join(MEDIA_PROMPT_TASKS)}; not {task.name}) and a base with an image or audio "
                           "tokenizer")
