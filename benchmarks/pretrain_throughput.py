@@ -10,6 +10,10 @@ loss.item() (what both training loops do). Contenders:
     fmforge-default  fmforge's defaults for `fmforge pretrain` on this machine: precision auto (bf16 autocast
                      where the CPU has avx512_bf16/amx_bf16) + fused AdamW
     fmforge-compile  fmforge-default + torch.compile (train.compile); only with --compile
+    hf-fp32-malloc   hf-fp32 with the glibc malloc setting fmforge's training makes (device.keep_freed_memory),
+                     to show how much of the gap is that setting; only with --hf-malloc
+
+The fmforge contenders set up the process as `fmforge pretrain` does (keep_freed_memory before the model).
 
 Every contender lives in its own worker process (so its peak RSS is its own), builds its model once with
 random weights, and waits on stdin. The parent then runs R rounds; in each round every worker in turn runs
@@ -93,6 +97,7 @@ CONTENDERS = {
     "hf-fp32": dict(impl="hf", precision="fp32", compile=False),
     "fmforge-default": dict(impl="fmforge", precision="auto", compile=False),
     "fmforge-compile": dict(impl="fmforge", precision="auto", compile=True),
+    "hf-fp32-malloc": dict(impl="hf", precision="fp32", compile=False, malloc=True),
 }
 
 
@@ -135,6 +140,10 @@ def worker(name: str, args) -> None:
     if CONTENDERS[name]["impl"] == "hf":
         import transformers  # noqa: F401  (import cost belongs to the baseline RSS)
     spec = CONTENDERS[name]
+    if spec["impl"] == "fmforge" or spec.get("malloc"):
+        from fmforge.device import keep_freed_memory
+
+        keep_freed_memory()
     device = torch.device("cpu")
     precision = resolve_precision(spec["precision"], device)
     baseline_kib = proc_status_kib("VmRSS")
@@ -150,6 +159,7 @@ def worker(name: str, args) -> None:
         optimizer = build_optimizer(model, TrainConfig())  # lr 3e-3, betas (0.9, 0.95), wd 0.1 on matrices
         optimizer_name = "AdamW fused" if optimizer.defaults.get("fused") else "AdamW"
         train_model = torch.compile(model) if spec["compile"] else model
+        fused_loss = not spec["compile"] and model.fuses_loss(torch.empty(0))
 
         def loss_of(batch):
             x, y = batch[:, :-1], batch[:, 1:]
@@ -159,6 +169,7 @@ def worker(name: str, args) -> None:
         optimizer = torch.optim.AdamW(model.parameters())  # HF Trainer: adamw_torch (defaults, not fused)
         optimizer_name = "AdamW (torch defaults)"
         train_model = model
+        fused_loss = False
 
         def loss_of(batch):
             x = batch[:, :-1]
@@ -192,6 +203,7 @@ def worker(name: str, args) -> None:
     warmup_s = time.perf_counter() - started
     reply({"ready": True, "params": sum(p.numel() for p in model.parameters()), "precision": precision,
            "optimizer": optimizer_name, "warmup_s": warmup_s, "activation_bytes": activation_bytes,
+           "fused_loss": fused_loss,
            "baseline_kib": baseline_kib})
     counter = 0
     for line in sys.stdin:
@@ -247,7 +259,8 @@ def run_benchmark(args) -> str:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    names = ["fmforge-fp32", "hf-fp32", "fmforge-default"] + (["fmforge-compile"] if args.compile else [])
+    names = (["fmforge-fp32", "hf-fp32", "fmforge-default"] + (["fmforge-compile"] if args.compile else [])
+             + (["hf-fp32-malloc"] if args.hf_malloc else []))
     cfg = model_config(args.tie)
     reference = Transformer(cfg)
     flops_per_token = reference.flops_per_token()
@@ -339,16 +352,17 @@ def run_benchmark(args) -> str:
     mib = 1 / 1024  # KiB -> MiB
     logits_grad = 4 * args.batch_size * cfg.context_length * cfg.vocab_size
     lines = ["| contender | peak RSS MiB | RSS before model MiB | peak - before MiB | theory MiB "
-             "(16 B/param + saved activations + logits grad) |", "|---|---|---|---|---|"]
+             "(16 B/param + saved activations + logits grad; a fused loss saves its gradients instead) |",
+             "|---|---|---|---|---|"]
     for w in workers:
         hwm, base = memory[w.name]["hwm_kib"] * mib, w.info["baseline_kib"] * mib
         act = w.info["activation_bytes"]
         if act is None:
             theory = "n/a (compiled graph)"
         else:
-            total = 16 * params + act + logits_grad
-            theory = (f"{total / 2**20:.0f} = {16 * params / 2**20:.0f} + {act / 2**20:.0f} "
-                      f"+ {logits_grad / 2**20:.0f}")
+            grad = 0 if w.info["fused_loss"] else logits_grad
+            total = 16 * params + act + grad
+            theory = f"{total / 2**20:.0f} = {16 * params / 2**20:.0f} + {act / 2**20:.0f} + {grad / 2**20:.0f}"
         lines.append(f"| {w.name} | {hwm:.0f} | {base:.0f} | {hwm - base:.0f} | {theory} |")
     memory_table = "\n".join(lines)
 
@@ -359,6 +373,9 @@ def run_benchmark(args) -> str:
     }
     if args.compile:
         ratios["fmforge-compile / fmforge-default (c)"] = ratio("fmforge-compile", "fmforge-default")
+    if args.hf_malloc:
+        ratios["hf-fp32-malloc / hf-fp32"] = ratio("hf-fp32-malloc", "hf-fp32")
+        ratios["fmforge-default / hf-fp32-malloc"] = ratio("fmforge-default", "hf-fp32-malloc")
     ratio_lines = [f"- {k}: median {statistics.median(v):.2f}x (per round: {min(v):.2f}-{max(v):.2f}x)"
                    for k, v in ratios.items()]
     a = statistics.median(ratios["fmforge-fp32 / hf-fp32 (a)"])
@@ -371,8 +388,8 @@ def run_benchmark(args) -> str:
 
     verdicts = [f"- (a) fp32, fmforge not slower than HF: {verdict(ratios['fmforge-fp32 / hf-fp32 (a)'], 1.0)} "
                 f"({a:.2f}x)",
-                f"- (b) fmforge default >= 1.5x HF default: {verdict(ratios['fmforge-default / hf-fp32 (b)'], 1.5)} "
-                f"({b:.2f}x)"]
+                f"- (b) fmforge default >= 2x HF default (issue 17; 1.5x before): "
+                f"{verdict(ratios['fmforge-default / hf-fp32 (b)'], 2.0)} ({b:.2f}x)"]
     if args.compile:
         w = next(w for w in workers if w.name == "fmforge-compile")
         c = statistics.median(ratios["fmforge-compile / fmforge-default (c)"])
@@ -430,6 +447,8 @@ def main() -> None:
                         help="torch threads (default: all CPUs; 1 gives stable numbers when another job holds a core)")
     parser.add_argument("--untied", dest="tie", action="store_false", help="untied input/output embeddings")
     parser.add_argument("--compile", action="store_true", help="add fmforge + torch.compile (slow warm-up on CPU)")
+    parser.add_argument("--hf-malloc", action="store_true",
+                        help="add hf-fp32 with fmforge's malloc setting (device.keep_freed_memory)")
     parser.add_argument("--no-write", action="store_true", help=f"print only; do not update {RESULTS.name}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

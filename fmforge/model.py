@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .ops import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -413,17 +414,28 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)
-        logits = self.lm_head(x) if (return_logits or targets is not None) else None
+        fused = targets is not None and not return_logits and self.fuses_loss(x)
+        logits = self.lm_head(x) if (return_logits or (targets is not None and not fused)) else None
         out = ModelOutput(logits=logits if return_logits else None, hidden=x if return_hidden else None)
         if self.config.n_experts:
             out.aux_loss = torch.stack([b.mlp.aux_loss for b in self.layers]).mean()
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=-100, reduction=reduction)
+            if fused:
+                loss = linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100, reduction=reduction)
             if out.aux_loss is not None and reduction == "mean":
                 loss = loss + self.config.moe_aux_loss_coef * out.aux_loss
             out.loss = loss
         return out
+
+    def fuses_loss(self, x: torch.Tensor) -> bool:
+        """Whether the loss skips the logits (fmforge.ops.linear_cross_entropy): on a CPU, with a plain output
+        layer (not LoRA-wrapped), outside torch.compile (whose graph fuses the plain path itself). Measured there
+        only; on GPUs the plain path stays until measured."""
+        return (x.device.type == "cpu" and type(self.lm_head) is nn.Linear and self.lm_head.bias is None
+                and not torch.compiler.is_compiling())
 
     def embed(self, input_ids: torch.Tensor, media: MediaEmbeds | None = None) -> torch.Tensor:
         """Token embeddings (B, T, n_embd) of input_ids, with `media` scattered into its positions."""

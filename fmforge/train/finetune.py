@@ -29,7 +29,7 @@ from ..errors import ConfigError, DataError, SettingsMismatchError
 from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD_FILE, LABELS_FILE, atomic_copy_files,
                           fingerprint_checkpoint, load_model_and_tokenizer, load_weights, read_finetune_record,
                           write_finetune_record, write_model_files)
-from ..device import resolve_device
+from ..device import keep_freed_memory, resolve_device
 from ..modalities.encoders import MEDIA_ENCODERS, new_media_encoders
 from ..modalities.stream import has_modality
 from . import distributed
@@ -195,6 +195,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
         raise ConfigError("--task embed needs batch_size >= 2: the other pairs of a batch are the negatives")
 
     device = resolve_device(cfg.device, "train.device")
+    keep_freed_memory()  # before any timing: sizing measures steps as the run takes them
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
     model = specialist_model(spec, data, base_model, tokenizer).train().to(device)

@@ -21,7 +21,7 @@ from .evaluation import bits_per_byte, evaluate_masked_windows, evaluate_windows
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed, parallel
-from ..device import resolve_device
+from ..device import keep_freed_memory, resolve_device
 from .sizing import measure_step_seconds, pick_size
 from .trainer import BUDGET_SHARE, Trainer, TrainResult, autocast_context, resolve_precision
 
@@ -124,6 +124,7 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
         run.model.vocab_size = check_vocab(run.model.vocab_size, tokenizer, str(tokenizer_dir))
 
     device = resolve_device(cfg.device, "train.device")
+    keep_freed_memory()  # before any timing: sizing measures steps as the run takes them
     dist = distributed.setup(device.type)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
