@@ -186,3 +186,35 @@ def test_media_embeddings_mixed_with_token_ids():
     torch.testing.assert_close(cached, logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="do not fill"):
         model(placeholders, media=MediaEmbeds(mask, torch.randn(3, model.config.n_embd)))
+
+
+def test_explicit_causal_attention_matches_sdpa_and_is_used_only_where_it_pays():
+    from fmforge.model import explicit_attention_pays, explicit_causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    got = explicit_causal_attention(q, k, v)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    got.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert explicit_attention_pays(q) and not explicit_attention_pays(q.float())
+    with torch.no_grad():
+        assert not explicit_attention_pays(q)
+    assert not explicit_attention_pays(torch.zeros(1, 1, 513, 8, dtype=torch.bfloat16))
+
+
+def test_a_bf16_training_step_is_close_to_the_fp32_one():
+    model = tiny()
+    x = torch.randint(0, 97, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, targets=x, return_logits=False).loss
+    low.backward()
+    low_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    high = model(x, targets=x, return_logits=False).loss
+    high.backward()
+    assert abs(low.item() - high.item()) < 0.02 * high.item()
+    for name, p in model.named_parameters():
+        cos = torch.nn.functional.cosine_similarity(low_grads[name].flatten(), p.grad.flatten(), dim=0)
+        assert cos > 0.98, (name, cos.item())
