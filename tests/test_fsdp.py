@@ -240,9 +240,12 @@ def test_plan_numbers_match_hand_computation():
 
 
 @pytest.mark.parametrize("parallel, precision", [("fsdp", "bf16"), ("ddp", "bf16"), ("ddp", "fp32")])
-def test_plan_block_activations_are_what_autograd_saves(parallel, precision):
+def test_plan_block_activations_are_what_autograd_saves(parallel, precision, monkeypatch):
     """The per-block constants of the plan, held to the bytes torch autograd keeps for backward in fmforge's own
-    block (weights and RoPE tables excluded), measured with saved_tensors_hooks."""
+    block (weights and RoPE tables excluded), measured with saved_tensors_hooks. The plan is for GPUs, where
+    attention is SDPA's: the CPU's explicit training attention (which keeps T x T scores) is switched off here."""
+    import fmforge.model
+
     from fmforge.config import ModelConfig
     from fmforge.model import Transformer
     from fmforge.train.plan import block_activation_bytes
@@ -253,6 +256,7 @@ def test_plan_block_activations_are_what_autograd_saves(parallel, precision):
     if parallel == "fsdp":
         model = model.to(torch.bfloat16)  # what MixedPrecisionPolicy(param_dtype=bf16) computes with
     block, B, T = model.layers[0], 2, 128
+    monkeypatch.setattr(fmforge.model, "EXPLICIT_ATTENTION_MAX_T", 0)
     x = torch.randn(B, T, 64, dtype=model.embed_tokens.weight.dtype, requires_grad=True)
     kept = set(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
     saved: dict[int, int] = {}
