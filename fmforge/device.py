@@ -60,11 +60,11 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     A training step allocates and frees the same large tensors every time (activations, gradients, a bf16 copy of
     each weight). By default glibc serves blocks of more than a few MB with mmap and returns them with munmap, and
     trims the heap's free top beyond twice that: the next step's tensors then start on fresh pages, and the kernel
-    zero-fills every page on first touch. A profile of the `base` preset's bf16 step had 12 MB copies taking 17 ms
-    each (0.7 GB/s) for that reason. Serving blocks up to `mmap_threshold` from the heap and trimming only beyond
-    `trim_threshold` keeps those pages: 712-748 ms a step against 832-876 (2 threads, benchmarks'
-    `base` shape). The memory stays with the process (up to `trim_threshold` idle at the heap's top), which a
-    training run holds again at its next step anyway. Returns False where the C library has no mallopt (not
+    zero-fills every page on first touch (the `base` preset's bf16 step: 14,000-57,000 minor page faults a step).
+    Serving blocks up to `mmap_threshold` from the heap and trimming only beyond `trim_threshold` keeps those pages
+    (0-3 faults a step): 712-748 ms a step against 832-876 (2 threads, benchmarks' `base` shape). The memory stays
+    with the process (up to `trim_threshold` idle at the heap's top), which a training run holds again at its next
+    step anyway. Returns False where the C library has no mallopt (not
     glibc) or refuses a value; the process then runs with the library's defaults."""
     import ctypes
 

@@ -2,11 +2,12 @@
 
 `F.cross_entropy(F.linear(x, weight).float(), targets)` materialises the logits (N x V; 2,048 x 8,192 for a batch of
 the `base` preset), an fp32 copy of them, their log-softmax, the log-softmax's gradient and a zero-filled gradient
-buffer: each a pass over 64 MB that leaves the caches. On a CPU those passes cost as much as the output layer's
-matrix products (a profile of the `base` preset's bf16 training step: 355 ms of ~1,050 in log_softmax, its backward,
-the fill and the casts). Here each chunk of rows computes its logits, its loss and, when a gradient is wanted, the
-gradient of its logits (softmax - one-hot) while they are still in cache, turns that into the gradients of the
-chunk's inputs and of the weight, and drops the logits: the backward pass only scales what the forward stored.
+buffer: each a pass over 64 MB that leaves the caches. On a CPU those passes cost about as much as the output
+layer's matrix products: for the `base` preset's head in bf16 (2,048 x 384 -> 8,192, 2 threads) forward + backward
+took 200-260 ms unfused and takes 130-140 ms here. Here each chunk of rows computes its logits, its loss and, when
+a gradient is wanted, the gradient of its logits (softmax - one-hot) while they are still in cache, turns that into
+the gradients of the chunk's inputs and of the weight, and drops the logits: the backward pass only scales what the
+forward stored.
 Liger-Kernel's fused linear cross-entropy does the same on GPUs (Hsu et al., 2024).
 """
 
