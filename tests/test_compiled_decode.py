@@ -4,6 +4,8 @@ apply, and eager with one line on stderr when compiling fails."""
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from fmforge.config import ModelConfig
@@ -159,3 +161,46 @@ def test_batched_step_logits_equal_the_eager_forward_at_span_edges(lengths):
         for layer in range(model.config.n_layer):
             written = [cache.keys[layer][slot, :, :length + 1] for cache in caches]
             assert torch.allclose(*written, atol=1e-5)
+
+
+def test_decode_twin_stacks_projections_shares_weights_and_computes_the_same():
+    """The twin behind the compiled step: q/k/v and gate/up each one _DecodeLinear (a LoRA-wrapped projection is
+    left alone), the model's weights shared rather than copied, and, run eagerly, the model's logits for one row
+    (products written out), a speculative window of 5 (fp32: written out) and a batch of 3 (library products)."""
+    from fmforge.adapt.lora import LoRAConfig, LoRALinear
+    from fmforge.infer.compiled import _DecodeLinear, decode_twin
+    model = tiny_model(seed=1, attention_bias=True)
+    lora = model.layers[1].self_attn
+    lora.q_proj = LoRALinear(lora.q_proj, LoRAConfig(rank=2))
+    twin = decode_twin(model)
+    stacked = twin.layers[0].self_attn.qkv
+    assert isinstance(stacked, _DecodeLinear) and stacked.sizes == [64, 32, 32]
+    assert stacked.weight1.data_ptr() == model.layers[0].self_attn.k_proj.weight.data_ptr()  # shared, not copied
+    assert isinstance(twin.layers[0].mlp.gate_and_up, _DecodeLinear)
+    assert isinstance(twin.layers[1].self_attn.q_proj, LoRALinear) and not hasattr(twin.layers[1].self_attn, "qkv")
+    assert not hasattr(model.layers[0].self_attn, "qkv")  # the model itself is untouched
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for shape in [(1, 1), (1, 5), (3, 1)]:
+            ids = torch.randint(0, 97, shape)
+            assert torch.allclose(twin(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5), shape
+
+
+@settings(max_examples=40, deadline=None)
+@given(features=st.integers(1, 40), outs=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+       lead=st.sampled_from([(1,), (1, 1), (1, 5), (2, 3), (7,)]), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_decode_linear_equals_the_linears_it_stands_for(features, outs, lead, bias, dtype):
+    from fmforge.infer.compiled import _DecodeLinear
+    torch.manual_seed(len(outs) * 100 + features)
+    linears = [torch.nn.Linear(features, out, bias=bias).to(dtype) for out in outs]
+    x = torch.randn(*lead, features, dtype=dtype)
+    with torch.no_grad():
+        got = _DecodeLinear(*linears)(x)
+        got = [got] if len(outs) == 1 else list(got)
+        want = [linear(x) for linear in linears]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(g.dtype == dtype for g in got)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.float(), w.float(), atol=tolerance, rtol=tolerance)
