@@ -163,40 +163,44 @@ def test_batched_step_logits_equal_the_eager_forward_at_span_edges(lengths):
             assert torch.allclose(*written, atol=1e-5)
 
 
-def test_decode_twin_stacks_projections_shares_weights_and_computes_the_same():
-    """The twin behind the compiled step: q/k/v and gate/up each one _DecodeLinear (a LoRA-wrapped projection is
-    left alone), the model's weights shared rather than copied, and, run eagerly, the model's logits for one row
-    (products written out), a speculative window of 5 (fp32: written out) and a batch of 3 (library products)."""
+def test_decode_twins_group_projections_share_weights_and_compute_the_same():
+    """The twins behind the compiled steps: q/k/v and gate/up each one module (a LoRA-wrapped projection is left
+    alone); the lone sequence's twin copies no weight, the batch's holds them stacked and transposed; run eagerly,
+    both give the model's logits for one row (written out), a speculative window of 5 (fp32: written out) and a
+    batch of 3."""
     from fmforge.adapt.lora import LoRAConfig, LoRALinear
-    from fmforge.infer.compiled import _DecodeLinear, decode_twin
+    from fmforge.infer.compiled import _StackedLinear, _WrittenOutLinear, decode_twin
     model = tiny_model(seed=1, attention_bias=True)
     lora = model.layers[1].self_attn
     lora.q_proj = LoRALinear(lora.q_proj, LoRAConfig(rank=2))
-    twin = decode_twin(model)
-    stacked = twin.layers[0].self_attn.qkv
-    assert isinstance(stacked, _DecodeLinear) and stacked.sizes == [64, 32, 32]
-    assert stacked.weight1.data_ptr() == model.layers[0].self_attn.k_proj.weight.data_ptr()  # shared, not copied
-    assert isinstance(twin.layers[0].mlp.gate_and_up, _DecodeLinear)
-    assert isinstance(twin.layers[1].self_attn.q_proj, LoRALinear) and not hasattr(twin.layers[1].self_attn, "qkv")
+    alone, batch = decode_twin(model, written_out=True), decode_twin(model, written_out=False)
+    assert isinstance(alone.layers[0].self_attn.qkv, _WrittenOutLinear)
+    assert alone.layers[0].self_attn.qkv.weight1.data_ptr() == model.layers[0].self_attn.k_proj.weight.data_ptr()
+    assert isinstance(batch.layers[0].self_attn.qkv, _StackedLinear)
+    assert batch.layers[0].self_attn.qkv.sizes == [64, 32, 32]
+    assert isinstance(batch.layers[0].mlp.gate_and_up, _StackedLinear)
+    for twin in (alone, batch):
+        assert isinstance(twin.layers[1].self_attn.q_proj, LoRALinear) and not hasattr(twin.layers[1].self_attn, "qkv")
     assert not hasattr(model.layers[0].self_attn, "qkv")  # the model itself is untouched
     torch.manual_seed(0)
     with torch.no_grad():
         for shape in [(1, 1), (1, 5), (3, 1)]:
             ids = torch.randint(0, 97, shape)
-            assert torch.allclose(twin(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5), shape
+            for twin in (alone, batch):
+                assert torch.allclose(twin(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5), shape
 
 
 @settings(max_examples=40, deadline=None)
 @given(features=st.integers(1, 40), outs=st.lists(st.integers(1, 24), min_size=1, max_size=3),
        lead=st.sampled_from([(1,), (1, 1), (1, 5), (2, 3), (7,)]), bias=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_decode_linear_equals_the_linears_it_stands_for(features, outs, lead, bias, dtype):
-    from fmforge.infer.compiled import _DecodeLinear
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), written_out=st.booleans())
+def test_decode_linears_equal_the_linears_they_stand_for(features, outs, lead, bias, dtype, written_out):
+    from fmforge.infer.compiled import _StackedLinear, _WrittenOutLinear
     torch.manual_seed(len(outs) * 100 + features)
     linears = [torch.nn.Linear(features, out, bias=bias).to(dtype) for out in outs]
     x = torch.randn(*lead, features, dtype=dtype)
     with torch.no_grad():
-        got = _DecodeLinear(*linears)(x)
+        got = (_WrittenOutLinear if written_out else _StackedLinear)(*linears)(x)
         got = [got] if len(outs) == 1 else list(got)
         want = [linear(x) for linear in linears]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -204,3 +208,24 @@ def test_decode_linear_equals_the_linears_it_stands_for(features, outs, lead, bi
     assert all(g.dtype == dtype for g in got)
     for g, w in zip(got, want):
         assert torch.allclose(g.float(), w.float(), atol=tolerance, rtol=tolerance)
+
+
+@needs_compiler
+def test_batches_of_every_size_run_without_compiling_again(monkeypatch):
+    """warm_up compiles every graph: batches of 2 .. slots and both widths of a lone sequence then run without
+    compiling again (made an error here, which would turn the compiled step off)."""
+    from fmforge.infer.cache import SlotKVCache
+    from fmforge.infer.compiled import CompiledDecoder
+    model = tiny_model(seed=2)
+    cache = SlotKVCache(model.config, 8, 48, lookahead=2)
+    decoder = CompiledDecoder(model, cache, speculate=2)
+    with torch.no_grad():
+        decoder.warm_up()
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        for n in range(2, 9):
+            cache.lengths[:n] = [5 * n] * n
+            assert decoder.decode_batch(list(range(n))) is not None, n
+        cache.lengths[:8] = [0] * 8
+        cache.lengths[0] = 10
+        assert decoder.decode([1]) is not None and decoder.decode([1, 2, 3]) is not None
+    assert decoder.enabled

@@ -320,6 +320,33 @@ def test_drafting_stops_while_drafts_are_rejected_and_probes_again():
     assert control.wants_draft() and control.plain_steps == 0
 
 
+def test_a_dearer_speculative_step_needs_more_accepted_drafts_and_failed_probes_back_off():
+    from fmforge.infer.engine import StepCosts
+    costs = StepCosts()
+    assert costs.break_even() == StepCosts.DEFAULT_BREAK_EVEN  # nothing timed yet
+    costs.record(False, 1.0)
+    costs.record(True, 2.5)
+    assert costs.break_even() == pytest.approx(1.5)  # a 5-token step costing 2.5 plain ones must yield 2.5 tokens
+    costs.record(True, 0.5)
+    assert costs.break_even() == pytest.approx(1.1)  # a running mean: 2.5 + 0.2 x (0.5 - 2.5) = 2.1 plain steps
+    for _ in range(30):
+        costs.record(True, 0.9)  # as cheap as a plain step (eager, within noise): the eager threshold still holds
+    assert costs.break_even() == StepCosts.DEFAULT_BREAK_EVEN
+    control = DraftControl(accepted=1.0)
+    assert control.wants_draft(0.5) and not control.wants_draft(1.5)
+    intervals = []
+    for _ in range(5):  # probes that find nothing: each waits twice as long as the last, up to MAX_PROBE
+        while not control.wants_draft(1.5):
+            control.plain()
+        intervals.append(control.plain_steps)
+        control.speculated(0, 1.5)
+    assert intervals == [8, 16, 32, 64, 64] and control.probe_every == DraftControl.MAX_PROBE
+    while not control.wants_draft(1.5):
+        control.plain()
+    control.speculated(3, 1.5)  # a probe that pays: draft from here on, probes back to every PROBE steps
+    assert control.wants_draft(1.5) and control.probe_every == DraftControl.PROBE
+
+
 def test_a_sequence_whose_drafts_fail_decodes_plainly_with_the_same_tokens(base, monkeypatch):
     """Drafts that are always wrong (a token the model never samples here): after a few speculative steps the
     engine stops drafting, probing once per PROBE plain steps, and the tokens are those of plain decoding."""

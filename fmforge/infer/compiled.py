@@ -3,8 +3,8 @@
 At batch 1 a small model's eager decode step spends as much time dispatching its ~300 small operators (norms,
 RoPE, residual adds, cache writes, each a few microseconds from Python) as multiplying matrices. Compiled (gpt-fast's
 recipe, on the CPU), the step is one call: inductor fuses the elementwise work into a few C++ loops, a C++ wrapper
-makes the calls between them, and the matrix products read weights held transposed (`decode_twin`), the layout in
-which matrix-vector products run fastest here.
+makes the calls between them. The matrix products (`decode_twin`): a lone sequence's are written out as loops that
+stream each weight once, a batch's are library products on weights stacked and held transposed.
 
 Two graphs. A sequence decoding alone: static shapes, the whole cache row attended over (the mask hides keys not
 yet written), the start position a tensor, the tokens padded to a fixed width: one graph for a plain step
@@ -22,11 +22,13 @@ failure to compile (no C++ compiler, say) turns it off with one line on stderr: 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..model import Attention, SwiGLU, Transformer
 from .cache import SlotKVCache, key_span
@@ -73,98 +75,109 @@ class _FirstSlots:
         pass  # the engine keeps the slots' lengths
 
 
-# On the CPU, products of a row count the graph knows, up to this many rows, are written out as multiply-and-sum
-# (see _DecodeLinear). Measured against x @ W^T in the compiled step of a 6 x 256 model (quiet machine, the two
+# On the CPU, a lone sequence's products of up to this many rows are written out as multiply-and-sum (see
+# _WrittenOutLinear). Measured against x @ W^T in the compiled step of a 6 x 256 model (quiet machine, the two
 # alternating in one process): 1 row fp32 2.28 -> 1.27 ms a step at 1 thread, 2.20 -> 0.72 at 2; bf16 2.55 -> 1.06
 # at 1 thread; 5 rows (a speculative step) fp32 4.18 -> 3.77 at 1 thread. In bf16 the library's kernels (AVX512-BF16
-# dot products) win from ~5 rows. A batch of sequences has a dynamic row count and always takes the library's
-# product: written out with the row count dynamic (whatever the layout of the result), its 16-row fp32 step took
-# 10-16 ms against 6.4-7.4.
+# dot products) win from ~5 rows. Batches never write them out: with the row count dynamic, a 16-row fp32 step
+# took 10-16 ms against 6.4-7.4 (whatever the layout of the result).
 WRITTEN_OUT_ROWS = {torch.float32: 5, torch.bfloat16: 1}
 
 
-class _DecodeLinear(nn.Module):
-    """One or more Linears on the same input, for the compiled decode step. Returns the single output, or a tuple
-    of one per Linear.
-
-    Two ways to the product, chosen when the graph is traced. A step of a few rows whose count the graph knows (a
-    sequence decoding alone: 1 token, or 1 + k speculated; see WRITTEN_OUT_ROWS) writes each product out as
-    multiply-and-sum over the Linear's own weight, (out, in) as it lies: inductor makes that a vectorised C++ loop
-    streaming the weight once, where the library's matrix-vector product ran at about half the speed (the 25
-    products of a 6 x 256 model: 0.62 vs 1.39 ms in fp32 at 1 thread, measured alone). A batch of sequences (its
-    size dynamic) multiplies x by the weights stacked and held transposed, (in, out) contiguous: one library product
-    for q, k and v and one for gate and up, 25 products instead of 43 (16 rows in bf16: 1.7 -> 1.15 ms), at the
-    price of one transposed copy of the weights."""
+class _WrittenOutLinear(nn.Module):
+    """One or more Linears on the same input, for the step of a sequence decoding alone (static shapes: 1 token,
+    or 1 + k speculated). On the CPU, up to WRITTEN_OUT_ROWS rows, each product is written out as multiply-and-sum
+    over the Linear's own weight, (out, in) as it lies: inductor makes that a vectorised C++ loop streaming the
+    weight once, where the library's matrix-vector product ran at about half the speed (the 25 products of a
+    6 x 256 model: 0.62 vs 1.39 ms in fp32 at 1 thread, measured alone). Otherwise F.linear. No copy of any weight.
+    Returns the single output, or a tuple of one per Linear."""
 
     def __init__(self, *linears: nn.Linear):
         super().__init__()
-        for i, linear in enumerate(linears):  # the model's own tensors, shared (not copied)
+        for i, linear in enumerate(linears):  # the model's own tensors, shared
             self.register_buffer(f"weight{i}", linear.weight.detach(), persistent=False)
             self.register_buffer(f"bias{i}", None if linear.bias is None else linear.bias.detach(), persistent=False)
-        self.sizes = [linear.out_features for linear in linears]
+        self.count = len(linears)
+
+    def forward(self, x: torch.Tensor):
+        rows = math.prod(x.shape[:-1])  # an int: the graphs that use this are compiled with static shapes
+        written_out = x.device.type == "cpu" and rows <= WRITTEN_OUT_ROWS.get(x.dtype, 0)
+        outputs = []
+        for i in range(self.count):
+            weight, bias = getattr(self, f"weight{i}"), getattr(self, f"bias{i}")
+            if written_out:
+                y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+                outputs.append((y if bias is None else y + bias.float()).to(x.dtype))
+            else:
+                outputs.append(F.linear(x, weight, bias))
+        return outputs[0] if self.count == 1 else tuple(outputs)
+
+
+class _StackedLinear(nn.Module):
+    """One or more Linears on the same input as one library product, for a batch of sequences (a dynamic number of
+    rows): x times the weights stacked and held transposed, (in, out) contiguous, the layout in which the library's
+    small products ran fastest here. One product for q, k and v and one for gate and up: 25 products instead of 43
+    (16 rows in bf16: 1.7 -> 1.15 ms), at the price of one transposed copy of the weights. Returns the single
+    output, or a tuple of one per Linear."""
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        weight = linears[0].weight
         self.weight_t = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()
         biases = [linear.bias for linear in linears]
         self.bias = None if all(b is None for b in biases) else torch.cat(
-            [torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device) if b is None else
-             b.detach() for lin, b in zip(linears, biases)])
+            [torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device) if b is None else b.detach()
+             for lin, b in zip(linears, biases)])
+        self.sizes = [linear.out_features for linear in linears]
 
     def forward(self, x: torch.Tensor):
-        rows = 1
-        for size in x.shape[:-1]:
-            rows = rows * size
-        if isinstance(rows, int) and x.device.type == "cpu" and rows <= WRITTEN_OUT_ROWS.get(x.dtype, 0):
-            outputs = []
-            for i in range(len(self.sizes)):
-                weight, bias = getattr(self, f"weight{i}"), getattr(self, f"bias{i}")
-                y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
-                outputs.append((y if bias is None else y + bias.float()).to(x.dtype))
-            return outputs[0] if len(outputs) == 1 else tuple(outputs)
         y = x @ self.weight_t
         y = y if self.bias is None else y + self.bias
         return y if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
 
 
 class _DecodeAttention(Attention):
-    """Attention with q, k and v from one product (`qkv`, a stacked _DecodeLinear)."""
+    """Attention with q, k and v from one module (`qkv`, returning the three)."""
 
     def project(self, x: torch.Tensor):
         return self.qkv(x)
 
 
 class _DecodeSwiGLU(SwiGLU):
-    """SwiGLU with gate and up from one product (`gate_and_up`, a stacked _DecodeLinear)."""
+    """SwiGLU with gate and up from one module (`gate_and_up`, returning the two)."""
 
     def gate_up(self, x: torch.Tensor):
         return self.gate_and_up(x)
 
 
-def _stack(module: nn.Module, names: tuple[str, ...], cls: type, stacked: str) -> None:
-    """Turn `module`'s Linears `names` into one _DecodeLinear `stacked`, and the module into `cls` (whose forward
-    calls it), where they are all plain Linears (a LoRA-wrapped one, say, is left as it is)."""
+def _group(module: nn.Module, names: tuple[str, ...], cls: type, grouped: str, linear_cls: type) -> None:
+    """Turn `module`'s Linears `names` into one `linear_cls` module `grouped`, and the module into `cls` (whose
+    forward calls it), where they are all plain Linears (a LoRA-wrapped one, say, is left as it is)."""
     linears = [getattr(module, name) for name in names]
     if not all(type(linear) is nn.Linear for linear in linears):
         return
     for name in names:
         delattr(module, name)
-    setattr(module, stacked, _DecodeLinear(*linears))
+    setattr(module, grouped, linear_cls(*linears))
     module.__class__ = cls
 
 
-def decode_twin(model: Transformer) -> Transformer:
-    """A copy of `model` for the compiled step that shares every tensor with it except the linear layers, which
-    become _DecodeLinear (their weights transposed once here; q/k/v and gate/up stacked). Same forward code, so the
-    same arithmetic up to the order of sums inside the stacked products."""
+def decode_twin(model: Transformer, written_out: bool) -> Transformer:
+    """A copy of `model` for a compiled step, sharing every parameter and buffer with it, whose Linears become
+    _WrittenOutLinear (`written_out`: a lone sequence's step) or _StackedLinear (a batch's step), q/k/v and gate/up
+    grouped into one module each. Same forward code, so the same arithmetic up to the order of sums."""
+    linear_cls = _WrittenOutLinear if written_out else _StackedLinear
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     twin = copy.deepcopy(model, shared)
     for module in list(twin.modules()):
         if type(module) is Attention:
-            _stack(module, ("q_proj", "k_proj", "v_proj"), _DecodeAttention, "qkv")
+            _group(module, ("q_proj", "k_proj", "v_proj"), _DecodeAttention, "qkv", linear_cls)
         elif type(module) is SwiGLU:
-            _stack(module, ("gate_proj", "up_proj"), _DecodeSwiGLU, "gate_and_up")
+            _group(module, ("gate_proj", "up_proj"), _DecodeSwiGLU, "gate_and_up", linear_cls)
     for module in list(twin.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, name, _DecodeLinear(child))
+                setattr(module, name, linear_cls(child))
     return twin.eval()
 
 
@@ -176,7 +189,9 @@ class CompiledDecoder:
     it is made: a model whose weights change afterwards needs a new one."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, speculate: int):
-        self.model, self.cache = decode_twin(model), cache
+        self.cache = cache
+        self.alone_model = decode_twin(model, written_out=True)
+        self.batch_model = decode_twin(model, written_out=False)
         self.widths = sorted({1, 1 + speculate} if speculate else {1})
         # cpp_wrapper: the compiled step's calls are made from C++, not from a generated Python function (-0.4 ms
         # a step here).
@@ -199,16 +214,20 @@ class CompiledDecoder:
             return "an encoder does not decode"
         return None
 
-    def _forward(self, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor, keys: list[torch.Tensor],
-                 values: list[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _logits(model: Transformer, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """Logits (B, T, V) of ids (B, T) fed to slots 0 .. B-1 at `starts` (B,), attending over the first
         len(span) positions of each row (`span`: an empty tensor whose length is the span, so that it can be a
         dynamic size)."""
         view = _FirstSlots(keys, values, starts, ids.shape[1], span.shape[0])
-        return self.model(ids, kv_cache=view).logits
+        return model(ids, kv_cache=view).logits
+
+    def _forward(self, *args) -> torch.Tensor:
+        return self._logits(self.alone_model, *args)
 
     def _forward_batch(self, *args) -> torch.Tensor:
-        return self._forward(*args)  # a code object of its own, so that dynamo keeps its graphs apart
+        return self._logits(self.batch_model, *args)  # a code object of its own: dynamo keeps its graphs apart
 
     def warm_up(self) -> None:
         """Compile every graph now (seconds to tens of seconds each on a CPU) rather than on the first requests.

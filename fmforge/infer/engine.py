@@ -92,28 +92,68 @@ class Completion:
 
 
 @dataclass
+class StepCosts:
+    """Seconds of a lone sequence's plain step and of its speculative step (1 + k tokens verified), running means
+    measured by the engine as it decodes (forward, sampling and events: the whole step). Their ratio sets what
+    drafting must earn: a speculative step pays when it yields more tokens than the plain steps that fit in its
+    time, i.e. when more than `break_even` = ratio - 1 drafted tokens are accepted per step. The ratio is ~1.3-1.5
+    for the eager forward, where a step's cost is reading the weights whatever the width; the compiled step writes
+    one token's products out as a loop that streams the weights and is ~2-3x cheaper than its 5-token step."""
+    plain: float | None = None
+    speculative: float | None = None
+
+    WEIGHT = 0.2  # of the latest step in each running mean
+    # Until both kinds of step have been timed, and the least it ever is: the threshold measured for the eager step
+    # (see DraftControl), where a ratio near 1 would be within the noise of the timing.
+    DEFAULT_BREAK_EVEN = 0.5
+
+    def record(self, speculative: bool, seconds: float) -> None:
+        mean = self.speculative if speculative else self.plain
+        mean = seconds if mean is None else mean + self.WEIGHT * (seconds - mean)
+        if speculative:
+            self.speculative = mean
+        else:
+            self.plain = mean
+
+    def break_even(self) -> float:
+        if not self.plain or self.speculative is None:
+            return self.DEFAULT_BREAK_EVEN
+        return max(self.speculative / self.plain - 1, self.DEFAULT_BREAK_EVEN)
+
+
+@dataclass
 class DraftControl:
     """Whether a sampled sequence decoding alone drafts tokens. Prompt lookup pays when its drafts are accepted
-    (verifying 1 + k tokens costs ~1.3 plain steps here) and costs when they are not: sampling at temperature 0.8,
-    say, where a sampled token seldom equals the draft (the quickstart's model, compiled: 76 drafted tokens accepted
-    in 300 speculative steps for 200 tokens). A running mean of the tokens accepted per speculative step decides:
-    below THRESHOLD the sequence decodes plainly, and drafts again after PROBE plain steps, so that a stretch the
-    model copies (a repeated name, a quoted line) is found again. The tokens are the same either way.
-    Measured (compiled, 1 thread, 200 tokens; always drafting -> this control): sampled at 0.8, 213 -> 248 and
-    224 -> 244 tokens/s on two prompts; greedy, 503 -> 481 and 457 -> 372, since a greedy model repeats itself in long
-    stretches that a probe every 8 steps finds late: greedy sequences always draft."""
+    often enough to beat the plain steps a speculative step costs (StepCosts.break_even) and costs when they are
+    not: sampling at temperature 0.8, say, where a sampled token seldom equals the draft (the quickstart's model,
+    compiled: 76 drafted tokens accepted in 300 speculative steps for 200 tokens). A running mean of the tokens
+    accepted per speculative step decides: below the break-even the sequence decodes plainly, and drafts again
+    after `probe_every` plain steps, so that a stretch the model copies (a repeated name, a quoted line) is found
+    again; a probe that finds nothing doubles the interval (up to MAX_PROBE: a probe costs a speculative step), one
+    that pays resets it and the mean. The tokens are the same either way.
+    Measured (compiled, 1 thread, 200 tokens; always drafting -> this control with a fixed threshold 0.5 and
+    probe every 8): sampled at 0.8, 213 -> 248 and 224 -> 244 tokens/s on two prompts; greedy, 503 -> 481 and
+    457 -> 372, since a greedy model repeats itself in long stretches that a probe every 8 steps finds late: greedy
+    sequences always draft."""
     accepted: float = 1.0  # running mean of drafted tokens accepted per speculative step (starts hopeful)
     plain_steps: int = 0  # plain steps since the last speculative one
+    probe_every: int = 8
 
-    THRESHOLD = 0.5
     PROBE = 8
+    MAX_PROBE = 64
     WEIGHT = 0.3  # of the latest step in the running mean
 
-    def wants_draft(self) -> bool:
-        return self.accepted >= self.THRESHOLD or self.plain_steps >= self.PROBE
+    def wants_draft(self, break_even: float = StepCosts.DEFAULT_BREAK_EVEN) -> bool:
+        return self.accepted >= break_even or self.plain_steps >= self.probe_every
 
-    def speculated(self, accepted: int) -> None:
+    def speculated(self, accepted: int, break_even: float = StepCosts.DEFAULT_BREAK_EVEN) -> None:
+        probing = self.plain_steps >= self.probe_every  # drafted as a probe, not because drafting paid
         self.accepted += self.WEIGHT * (accepted - self.accepted)
+        if probing:
+            if accepted >= break_even:  # a stretch the model copies: draft from here on
+                self.accepted, self.probe_every = float(accepted), self.PROBE
+            else:
+                self.probe_every = min(2 * self.probe_every, self.MAX_PROBE)
         self.plain_steps = 0
 
     def plain(self) -> None:
@@ -252,6 +292,7 @@ class Engine:
         self.error: BaseException | None = None
         # Counters read by /metrics (written on the engine thread only).
         self.steps = 0
+        self.step_costs = StepCosts()  # a lone sequence's plain and speculative steps, timed (drafting decides)
         self.speculative_steps = 0
         self.accepted_draft_tokens = 0
         self.generated_tokens = 0
@@ -599,16 +640,23 @@ class Engine:
         nobody waits, while its drafts pay (DraftControl); [] otherwise."""
         if len(running) != 1 or not self.speculate or self._waiting or running[0].guide is not None:
             return []
-        if not running[0].params.greedy and not running[0].drafts.wants_draft():
+        if not running[0].params.greedy and not running[0].drafts.wants_draft(self.step_costs.break_even()):
             return []
         return propose_draft(running[0].prompt_ids + running[0].output_ids, self.speculate, self._room(running[0]) - 1)
 
     def _decode(self, running: list[Sequence]) -> None:
         draft = self._draft(running)
+        started = time.perf_counter()
         if draft:
-            return self._decode_speculative(running[0], draft)
+            self._decode_speculative(running[0], draft)
+            self.step_costs.record(True, time.perf_counter() - started)
+            return
+        self._decode_plain(running)
         if len(running) == 1:
             running[0].drafts.plain()
+            self.step_costs.record(False, time.perf_counter() - started)
+
+    def _decode_plain(self, running: list[Sequence]) -> None:
         logits = self._compiled_decode([s.output_ids[-1] for s in running])
         if logits is None:
             self.cache.bind(0, len(running))
@@ -665,7 +713,7 @@ class Engine:
                 break
             accepted += 1
         self.accepted_draft_tokens += accepted
-        sequence.drafts.speculated(accepted)
+        sequence.drafts.speculated(accepted, self.step_costs.break_even())
         # The cache now holds the last token and the accepted drafts; later positions are overwritten next step.
         self.cache.lengths[0] = start + 1 + accepted
 
