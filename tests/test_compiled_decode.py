@@ -229,3 +229,12 @@ def test_batches_of_every_size_run_without_compiling_again(monkeypatch):
         cache.lengths[0] = 10
         assert decoder.decode([1]) is not None and decoder.decode([1, 2, 3]) is not None
     assert decoder.enabled
+
+
+def test_a_one_slot_cache_makes_no_batch_twin():
+    """`fmforge generate --compile` decodes one sequence: no stacked copy of the weights for batches it never runs."""
+    from fmforge.infer.cache import SlotKVCache
+    from fmforge.infer.compiled import CompiledDecoder
+    model = tiny_model()
+    assert CompiledDecoder(model, SlotKVCache(model.config, 1, 48), speculate=0).batch_model is None
+    assert CompiledDecoder(model, SlotKVCache(model.config, 2, 48), speculate=0).batch_model is not None

@@ -79,8 +79,9 @@ class _FirstSlots:
 # _WrittenOutLinear). Measured against x @ W^T in the compiled step of a 6 x 256 model (quiet machine, the two
 # alternating in one process): 1 row fp32 2.28 -> 1.27 ms a step at 1 thread, 2.20 -> 0.72 at 2; bf16 2.55 -> 1.06
 # at 1 thread; 5 rows (a speculative step) fp32 4.18 -> 3.77 at 1 thread. In bf16 the library's kernels (AVX512-BF16
-# dot products) win from ~5 rows. Batches never write them out: with the row count dynamic, a 16-row fp32 step
-# took 10-16 ms against 6.4-7.4 (whatever the layout of the result).
+# dot products) win from ~5 rows. Batches take the library's product: written out with the row count dynamic, a
+# 16-row fp32 step measured level with it or slower (5.8-6.5 or 9.5-10.3 ms by the layout of the result, against
+# 6.7-7.4 at 2 threads), and in bf16 the library is faster from ~5 rows.
 WRITTEN_OUT_ROWS = {torch.float32: 5, torch.bfloat16: 1}
 
 
@@ -191,7 +192,8 @@ class CompiledDecoder:
     def __init__(self, model: Transformer, cache: SlotKVCache, speculate: int):
         self.cache = cache
         self.alone_model = decode_twin(model, written_out=True)
-        self.batch_model = decode_twin(model, written_out=False)
+        # Batches (and their stacked copy of the weights) only where the cache has slots for more than one sequence.
+        self.batch_model = decode_twin(model, written_out=False) if cache.slots > 1 else None
         self.widths = sorted({1, 1 + speculate} if speculate else {1})
         # cpp_wrapper: the compiled step's calls are made from C++, not from a generated Python function (-0.4 ms
         # a step here).
@@ -268,7 +270,7 @@ class CompiledDecoder:
         """Logits (n, V) for one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the
         caller then advances), or None when the compiled step does not apply."""
         starts = self.cache.lengths[:len(tokens)]
-        if not self.enabled or max(starts) >= self.cache.capacity:
+        if not self.enabled or self.batch_model is None or max(starts) >= self.cache.capacity:
             return None
         span = key_span(max(starts) + 1, self.cache.capacity)
         logits = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
