@@ -273,6 +273,9 @@ def test_classifier_free_guidance_gives_the_plain_guided_loops_tokens(base, adap
     alone = Engine(fresh, tokenizer, max_batch=1, speculate=4)
     assert alone.complete([request(8.0)])[0].token_ids == results[0]
     assert alone.speculative_steps == 0
+    assert alone.step_costs.plain is None  # its steps (two forwards each) set no price for drafting
+    alone.complete([request(1.0)])  # unguided: its plain steps are timed
+    assert alone.step_costs.plain is not None
 
 
 def test_guided_sampling_is_seeded_per_sequence_batched_or_alone(base):

@@ -658,7 +658,8 @@ class Engine:
         self._decode_plain(running)
         if len(running) == 1:
             running[0].drafts.plain()
-            self.step_costs.record(False, time.perf_counter() - started)
+            if running[0].guide is None:  # a guided step runs a second forward: not the plain step drafting beats
+                self.step_costs.record(False, time.perf_counter() - started)
 
     def _decode_plain(self, running: list[Sequence]) -> None:
         logits = self._compiled_decode([s.output_ids[-1] for s in running])
