@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .ops import linear_cross_entropy
+from .ops import IGNORE_INDEX, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -460,7 +460,7 @@ class Transformer(nn.Module):
                 loss = linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
             else:
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=-100, reduction=reduction)
+                                       ignore_index=IGNORE_INDEX, reduction=reduction)
             if out.aux_loss is not None and reduction == "mean":
                 loss = loss + self.config.moe_aux_loss_coef * out.aux_loss
             out.loss = loss
