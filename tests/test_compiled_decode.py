@@ -153,10 +153,11 @@ def test_batched_step_logits_equal_the_eager_forward_at_span_edges(lengths):
                     model(prompt, kv_cache=cache)
         tokens = [7, 8, 9]
         decoder = CompiledDecoder(model, caches[0], speculate=0)
-        got = decoder.decode_batch(tokens)
+        got, picks = decoder.decode_batch(tokens)
         caches[1].bind(0, 3)
         want = model(torch.tensor([[t] for t in tokens]), kv_cache=caches[1]).logits[:, -1]
-    assert got is not None and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert picks == got.argmax(-1).tolist()
     for slot, length in enumerate(lengths):
         for layer in range(model.config.n_layer):
             written = [cache.keys[layer][slot, :, :length + 1] for cache in caches]
@@ -211,7 +212,7 @@ def test_decode_linears_equal_the_linears_they_stand_for(features, outs, lead, b
 
 
 @needs_compiler
-def test_batches_of_every_size_run_without_compiling_again(monkeypatch):
+def test_batches_of_every_size_run_without_compiling_again():
     """warm_up compiles every graph: batches of 2 .. slots and both widths of a lone sequence then run without
     compiling again (made an error here, which would turn the compiled step off)."""
     from fmforge.infer.cache import SlotKVCache
@@ -219,9 +220,11 @@ def test_batches_of_every_size_run_without_compiling_again(monkeypatch):
     model = tiny_model(seed=2)
     cache = SlotKVCache(model.config, 8, 48, lookahead=2)
     decoder = CompiledDecoder(model, cache, speculate=2)
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the setting from dynamo's config module, and
+    # every later recompile in the process then fails looking it up.
     with torch.no_grad():
         decoder.warm_up()
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for n in range(2, 9):
             cache.lengths[:n] = [5 * n] * n
             assert decoder.decode_batch(list(range(n))) is not None, n
@@ -238,3 +241,25 @@ def test_a_one_slot_cache_makes_no_batch_twin():
     model = tiny_model()
     assert CompiledDecoder(model, SlotKVCache(model.config, 1, 48), speculate=0).batch_model is None
     assert CompiledDecoder(model, SlotKVCache(model.config, 2, 48), speculate=0).batch_model is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_picks_made_in_the_graph_are_the_eager_argmax_ties_and_non_finite_rows_included(dtype):
+    """row_picks compiled (as the decode step runs it) against row_picks eager and sample_rows' own greedy tokens:
+    the first of tied maxima (bf16 logits tie often), -1 for rows holding nan, inf or -inf."""
+    from fmforge.infer.sampling import row_picks, sample_rows
+    torch.manual_seed(0)
+    logits = torch.randn(8, 300).to(dtype)
+    logits[1, [7, 90, 250]] = 9.0  # a three-way tie for the max
+    logits[2] = 0.0  # every token tied
+    logits[3, 5], logits[4, 6], logits[5, 7] = float("nan"), float("inf"), float("-inf")
+    logits[6, -1] = 50.0  # the max at the last position
+    compiled = torch.compile(row_picks, fullgraph=True, dynamic=False)
+    picks = compiled(logits).tolist()
+    assert picks == row_picks(logits).tolist()
+    assert picks[1] == 7 and picks[2] == 0 and picks[3:6] == [-1, -1, -1] and picks[6] == 299
+    finite = [0, 1, 2, 6, 7]
+    greedy = [SamplingParams(temperature=0.0)] * len(finite)
+    tokens, _ = sample_rows(logits[finite], greedy, [[]] * len(finite), [None] * len(finite))
+    assert tokens == [picks[row] for row in finite]

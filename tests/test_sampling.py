@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import report
 from fmforge.errors import GenerationError
-from fmforge.infer.sampling import SamplingParams, TextStream, inverse_cdf, sample_rows, truncate
+from fmforge.infer.sampling import SamplingParams, TextStream, inverse_cdf, row_picks, sample_rows, truncate
 
 
 def kept(logits, **settings_) -> list[bool]:
@@ -96,6 +96,7 @@ def test_every_valid_setting_samples_a_token(rows):
     outputs = [out for _, _, out, _ in rows]
     prompts = [prompt for _, _, _, prompt in rows]
     generators = [p.generator("cpu", offset=3) for p in params]
+    torch.manual_seed(0)  # unseeded rows draw from the global generator
     tokens, logprobs = sample_rows(logits, params, outputs, generators, ByteTokenizer(), prompts)
     assert len(tokens) == len(rows) and all(0 <= t < VOCAB for t in tokens)
     for p, logprob in zip(params, logprobs):
@@ -106,6 +107,12 @@ def test_every_valid_setting_samples_a_token(rows):
         plain = not (p.logit_bias or p.presence_penalty or p.frequency_penalty) and p.repetition_penalty == 1
         if p.greedy and plain:
             assert tokens[i] == int(logits[i].argmax())
+    # Given the rows' picks (as the compiled decode step makes them), the same tokens and log-probabilities.
+    picks = row_picks(logits).tolist()
+    generators = [p.generator("cpu", offset=3) for p in params]
+    torch.manual_seed(0)
+    again, again_logprobs = sample_rows(logits, params, outputs, generators, ByteTokenizer(), prompts, picks)
+    assert again == tokens and again_logprobs == logprobs
 
 
 @settings(max_examples=300, deadline=None)
@@ -264,6 +271,7 @@ def test_rows_with_non_finite_logits_are_named_and_only_they(faults):
     if not faults:
         assert len(sample_rows(logits, params, outputs, generators)[0]) == 8
         return
-    with pytest.raises(GenerationError) as error:
-        sample_rows(logits, params, outputs, generators)
-    assert str(error.value).endswith(f"row(s) {sorted(faults)}")
+    for picks in (None, row_picks(logits).tolist()):  # checked here, or by the picks the compiled step made
+        with pytest.raises(GenerationError) as error:
+            sample_rows(logits, params, outputs, generators, picks=picks)
+        assert str(error.value).endswith(f"row(s) {sorted(faults)}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..model import Attention, SwiGLU, Transformer
 from .cache import SlotKVCache, key_span
+from .sampling import row_picks
 
 
 class _FirstSlots:
@@ -218,17 +219,20 @@ class CompiledDecoder:
 
     @staticmethod
     def _logits(model: Transformer, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor,
-                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) of ids (B, T) fed to slots 0 .. B-1 at `starts` (B,), attending over the first
         len(span) positions of each row (`span`: an empty tensor whose length is the span, so that it can be a
-        dynamic size)."""
+        dynamic size), and their row_picks (B, T): the greedy token, or -1 for a row that is not all finite. In
+        the graph those are one more loop over the logits; after it, eight small operators whose dispatch cost a
+        lone sequence ~0.2 ms a token here (the weights streamed by the step have just evicted their code)."""
         view = _FirstSlots(keys, values, starts, ids.shape[1], span.shape[0])
-        return model(ids, kv_cache=view).logits
+        logits = model(ids, kv_cache=view).logits
+        return logits, row_picks(logits)
 
-    def _forward(self, *args) -> torch.Tensor:
+    def _forward(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         return self._logits(self.alone_model, *args)
 
-    def _forward_batch(self, *args) -> torch.Tensor:
+    def _forward_batch(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
         return self._logits(self.batch_model, *args)  # a code object of its own: dynamo keeps its graphs apart
 
     def warm_up(self) -> None:
@@ -254,27 +258,27 @@ class CompiledDecoder:
             print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens{batches}) in "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    def decode(self, tokens: list[int]) -> torch.Tensor | None:
+    def decode(self, tokens: list[int]) -> tuple[torch.Tensor, list[int]] | None:
         """Logits (len(tokens), V) for `tokens` fed at slot 0's current length (which the caller then advances),
-        or None when the compiled step does not apply (no width fits, the cache row is too short, or compiling
-        failed): the caller runs the eager forward instead."""
+        with their row_picks (sampling.sample_rows's `picks`), or None when the compiled step does not apply (no
+        width fits, the cache row is too short, or compiling failed): the caller runs the eager forward instead."""
         width = next((w for w in self.widths if w >= len(tokens)), None)
         start = self.cache.lengths[0]
         if not self.enabled or width is None or start + width > self.cache.capacity:
             return None
         ids = [tokens + [tokens[-1]] * (width - len(tokens))]
-        logits = self._run(self._alone, ids, [start], self.cache.capacity)
-        return None if logits is None else logits[0, :len(tokens)]
+        out = self._run(self._alone, ids, [start], self.cache.capacity)
+        return None if out is None else (out[0][0, :len(tokens)], out[1][0, :len(tokens)].tolist())
 
-    def decode_batch(self, tokens: list[int]) -> torch.Tensor | None:
+    def decode_batch(self, tokens: list[int]) -> tuple[torch.Tensor, list[int]] | None:
         """Logits (n, V) for one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the
-        caller then advances), or None when the compiled step does not apply."""
+        caller then advances), with their row_picks, or None when the compiled step does not apply."""
         starts = self.cache.lengths[:len(tokens)]
         if not self.enabled or self.batch_model is None or max(starts) >= self.cache.capacity:
             return None
         span = key_span(max(starts) + 1, self.cache.capacity)
-        logits = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
-        return None if logits is None else logits[:, 0]
+        out = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
+        return None if out is None else (out[0][:, 0], out[1][:, 0].tolist())
 
     def _run(self, step, ids: list[list[int]], starts: list[int], span: int, dynamic: bool = False):
         device = self.cache.keys[0].device

@@ -662,31 +662,33 @@ class Engine:
                 self.step_costs.record(False, time.perf_counter() - started)
 
     def _decode_plain(self, running: list[Sequence]) -> None:
-        logits = self._compiled_decode([s.output_ids[-1] for s in running])
+        logits, picks = self._compiled_decode([s.output_ids[-1] for s in running])
         if logits is None:
             self.cache.bind(0, len(running))
             self._select([s.adapter for s in running])
             last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
             logits = self.model(last, kv_cache=self.cache).logits[:, -1]
         self.steps += 1
-        self._accept(logits, running)
+        self._accept(logits, running, picks)
 
-    def _compiled_decode(self, tokens: list[int], speculative: bool = False) -> torch.Tensor | None:
-        """The compiled step's logits (len(tokens), V): one token for each of the sequences in slots 0 .. n-1, or
-        (`speculative`) all of them for the sequence alone in slot 0; the lengths of those slots advanced by one (a
-        speculative step then sets slot 0's). None where the compiled step does not apply."""
+    def _compiled_decode(self, tokens: list[int], speculative: bool = False) -> tuple:
+        """The compiled step's logits (len(tokens), V) and their picks (sampling.row_picks, as a list): one token
+        for each of the sequences in slots 0 .. n-1, or (`speculative`) all of them for the sequence alone in slot 0;
+        the lengths of those slots advanced by one (a speculative step then sets slot 0's). (None, None) where the
+        compiled step does not apply."""
         if self.compiled is None:
-            return None
+            return None, None
         if speculative or len(tokens) == 1:
-            logits = self.compiled.decode(tokens)
+            out = self.compiled.decode(tokens)
             rows = 1
         else:
-            logits = self.compiled.decode_batch(tokens)
+            out = self.compiled.decode_batch(tokens)
             rows = len(tokens)
-        if logits is not None:
-            for slot in range(rows):
-                self.cache.lengths[slot] += 1
-        return logits
+        if out is None:
+            return None, None
+        for slot in range(rows):
+            self.cache.lengths[slot] += 1
+        return out
 
     def _room(self, sequence: Sequence) -> int:
         """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
@@ -703,7 +705,7 @@ class Engine:
         plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
         """
         start = self.cache.lengths[0]
-        logits = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
+        logits, picks = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
         if logits is None:
             self.cache.bind(0, 1)
             self._select([sequence.adapter])
@@ -713,7 +715,7 @@ class Engine:
         self.speculative_steps += 1
         accepted = 0
         for j in range(len(draft) + 1):
-            self._accept(logits[j:j + 1], [sequence])
+            self._accept(logits[j:j + 1], [sequence], None if picks is None else picks[j:j + 1])
             if sequence.finished or sequence.cancelled or j == len(draft) or sequence.output_ids[-1] != draft[j]:
                 break
             accepted += 1
@@ -722,22 +724,26 @@ class Engine:
         # The cache now holds the last token and the accepted drafts; later positions are overwritten next step.
         self.cache.lengths[0] = start + 1 + accepted
 
-    def _sample(self, logits: torch.Tensor, sequences: list[Sequence]):
-        """sample_rows over the batch; if it fails, row by row, so that only the rows at fault fail."""
-        logits = self._guided(logits, sequences)
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None):
+        """sample_rows over the batch (`picks`: the compiled step's row_picks of these logits); if it fails, row by
+        row, so that only the rows at fault fail."""
+        guided = self._guided(logits, sequences)
+        picks = picks if guided is logits else None  # not the picks of the guided logits
+        logits = guided
 
-        def rows(logits, sequences):
+        def rows(logits, sequences, picks):
             return sample_rows(logits, [s.params for s in sequences], [s.output_ids for s in sequences],
-                               [s.generator for s in sequences], self.tokenizer, [s.prompt_ids for s in sequences])
+                               [s.generator for s in sequences], self.tokenizer, [s.prompt_ids for s in sequences],
+                               picks)
         try:
-            return rows(logits, sequences)
+            return rows(logits, sequences, picks)
         except Exception:  # noqa: BLE001 — find the rows at fault
             if len(sequences) == 1:
                 raise
         tokens, logprobs = [], []
         for row, sequence in enumerate(sequences):
             try:
-                token, logprob = rows(logits[row:row + 1], [sequence])
+                token, logprob = rows(logits[row:row + 1], [sequence], None if picks is None else picks[row:row + 1])
             except Exception as exc:  # noqa: BLE001
                 self._fail(sequence, exc)
                 token, logprob = [None], [None]
@@ -771,9 +777,10 @@ class Engine:
         self.selection.ids = selected
         return logits
 
-    def _accept(self, logits: torch.Tensor, sequences: list[Sequence]) -> None:
-        """Sample one token per row and hand each sequence its event."""
-        tokens, logprobs = self._sample(logits, sequences)
+    def _accept(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None) -> None:
+        """Sample one token per row (`picks`: the compiled step's row_picks of these logits) and hand each sequence
+        its event."""
+        tokens, logprobs = self._sample(logits, sequences, picks)
         now = time.perf_counter()
         for sequence, token, logprob in zip(sequences, tokens, logprobs):
             if sequence.cancelled or sequence.finished or token is None:
