@@ -11,7 +11,7 @@ import torch
 from fmforge.config import ModelConfig
 from fmforge.infer import compiled as compiled_module
 from fmforge.infer.engine import Engine, GenerationRequest
-from fmforge.infer.sampling import SamplingParams
+from fmforge.infer.sampling import SamplingParams, row_draws
 from fmforge.model import Transformer
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
@@ -60,8 +60,8 @@ def test_batched_steps_are_compiled_and_agree(engines, monkeypatch):
     compiled, eager = engines
     batched = []
     decode_batch = compiled.compiled.decode_batch
-    monkeypatch.setattr(compiled.compiled, "decode_batch", lambda tokens: batched.append(len(tokens)) or
-                        decode_batch(tokens))
+    monkeypatch.setattr(compiled.compiled, "decode_batch", lambda tokens, *args: batched.append(len(tokens)) or
+                        decode_batch(tokens, *args))
     prompts = [[3, 4, 5], [9, 10, 11, 12], [20]]
     requests = [GenerationRequest(p, SamplingParams(max_tokens=12 + 4 * i, temperature=0.0))
                 for i, p in enumerate(prompts)]  # lengths differ: the last one ends decoding alone
@@ -78,8 +78,8 @@ def test_batches_joining_and_leaving_agree_as_the_span_of_keys_grows(monkeypatch
     eager = Engine(model, None, max_batch=3, speculate=0)
     spans = []
     run = compiled.compiled._run
-    monkeypatch.setattr(compiled.compiled, "_run", lambda step, ids, starts, span, dynamic=False:
-                        spans.append((len(ids), span)) or run(step, ids, starts, span, dynamic))
+    monkeypatch.setattr(compiled.compiled, "_run", lambda step, ids, starts, span, *args, dynamic=False:
+                        spans.append((len(ids), span)) or run(step, ids, starts, span, *args, dynamic=dynamic))
     requests = [GenerationRequest(list(range(1, 2 + 7 * i)), SamplingParams(
         max_tokens=150 - 20 * i, temperature=0.9, top_p=0.95, seed=i), seed_offset=i) for i in range(5)]
     assert [c.token_ids for c in compiled.complete(requests)] == [c.token_ids for c in eager.complete(requests)]
@@ -153,11 +153,13 @@ def test_batched_step_logits_equal_the_eager_forward_at_span_edges(lengths):
                     model(prompt, kv_cache=cache)
         tokens = [7, 8, 9]
         decoder = CompiledDecoder(model, caches[0], speculate=0)
-        got, picks = decoder.decode_batch(tokens)
+        temperatures, uniforms = [0.7, 1.0, 1.3], [0.1, 0.5, 0.9]
+        got, picks, draws = decoder.decode_batch(tokens, temperatures, uniforms)
         caches[1].bind(0, 3)
         want = model(torch.tensor([[t] for t in tokens]), kv_cache=caches[1]).logits[:, -1]
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert picks == got.argmax(-1).tolist()
+    assert draws == row_draws(got, torch.tensor(temperatures), torch.tensor(uniforms, dtype=torch.float64)).tolist()
     for slot, length in enumerate(lengths):
         for layer in range(model.config.n_layer):
             written = [cache.keys[layer][slot, :, :length + 1] for cache in caches]
@@ -263,3 +265,28 @@ def test_picks_made_in_the_graph_are_the_eager_argmax_ties_and_non_finite_rows_i
     greedy = [SamplingParams(temperature=0.0)] * len(finite)
     tokens, _ = sample_rows(logits[finite], greedy, [[]] * len(finite), [None] * len(finite))
     assert tokens == [picks[row] for row in finite]
+
+
+@needs_compiler
+def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monkeypatch):
+    """Rows sampled at a temperature alone (no truncation, no penalties) are drawn inside the compiled step, with
+    the uniforms sample_rows would have drawn: the same tokens as the eager engine, seeded rows and unseeded ones
+    (global generator) alike, in a batch and alone; a row with top-p in the batch sends it back to sample_rows."""
+    import fmforge.infer.engine as engine_module
+    compiled, eager = engines
+    drawn_in_graph = []
+    real = engine_module.sample_rows
+    monkeypatch.setattr(engine_module, "sample_rows",
+                        lambda *args: drawn_in_graph.append(args[-1] is not None) or real(*args))
+
+    def run(engine, settings):
+        torch.manual_seed(0)
+        requests = [GenerationRequest([3 + i, 4, 5 + i], SamplingParams(max_tokens=16 + 3 * i, **s))
+                    for i, s in enumerate(settings)]
+        return [c.token_ids for c in engine.complete(requests)]
+
+    plain = [dict(temperature=0.9, seed=1), dict(temperature=1.3), dict(temperature=0.0), dict(temperature=0.6, seed=2)]
+    for settings in (plain, plain[:1], plain[1:2], [*plain[:2], dict(temperature=0.8, top_p=0.9, seed=5)]):
+        drawn_in_graph.clear()
+        assert run(compiled, settings) == run(eager, settings), settings
+        assert any(drawn_in_graph) == ("top_p" not in settings[-1]), settings

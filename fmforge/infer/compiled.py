@@ -25,6 +25,7 @@ import copy
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,16 @@ import torch.nn.functional as F
 
 from ..model import Attention, SwiGLU, Transformer
 from .cache import SlotKVCache, key_span
-from .sampling import row_picks
+from .sampling import row_draws, row_picks
+
+
+class Step(NamedTuple):
+    """What a compiled step gives back: logits (n, V), each row's picks (sampling.row_picks: the greedy token, -1
+    where not finite) and, for one token a row, the tokens drawn at the temperatures and uniforms it was handed
+    (sampling.row_draws; None for a speculative window)."""
+    logits: torch.Tensor
+    picks: list[int]
+    draws: list[int] | None
 
 
 class _FirstSlots:
@@ -219,20 +229,23 @@ class CompiledDecoder:
 
     @staticmethod
     def _logits(model: Transformer, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor,
-                keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                temperature: torch.Tensor, uniforms: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) of ids (B, T) fed to slots 0 .. B-1 at `starts` (B,), attending over the first
         len(span) positions of each row (`span`: an empty tensor whose length is the span, so that it can be a
-        dynamic size), and their row_picks (B, T): the greedy token, or -1 for a row that is not all finite. In
-        the graph those are one more loop over the logits; after it, eight small operators whose dispatch cost a
-        lone sequence ~0.2 ms a token here (the weights streamed by the step have just evicted their code)."""
+        dynamic size); their row_picks (B, T): the greedy token, or -1 for a row that is not all finite; and, for
+        one token a row (T = 1), row_draws (B,) at each row's temperature and uniform (B,) (T > 1: empty). In the
+        graph those are a few loops over the logits; after it, a dozen small operators, whose dispatch cost a lone
+        greedy sequence ~0.2 ms a token here (the weights streamed by the step have just evicted their code)."""
         view = _FirstSlots(keys, values, starts, ids.shape[1], span.shape[0])
         logits = model(ids, kv_cache=view).logits
-        return logits, row_picks(logits)
+        draws = row_draws(logits[:, 0], temperature, uniforms) if ids.shape[1] == 1 else uniforms[:0]
+        return logits, row_picks(logits), draws
 
-    def _forward(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._logits(self.alone_model, *args)
 
-    def _forward_batch(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_batch(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._logits(self.batch_model, *args)  # a code object of its own: dynamo keeps its graphs apart
 
     def warm_up(self) -> None:
@@ -258,32 +271,45 @@ class CompiledDecoder:
             print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens{batches}) in "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    def decode(self, tokens: list[int]) -> tuple[torch.Tensor, list[int]] | None:
-        """Logits (len(tokens), V) for `tokens` fed at slot 0's current length (which the caller then advances),
-        with their row_picks (sampling.sample_rows's `picks`), or None when the compiled step does not apply (no
-        width fits, the cache row is too short, or compiling failed): the caller runs the eager forward instead."""
+    def decode(self, tokens: list[int], temperature: float = 1.0, uniform: float = 0.0) -> Step | None:
+        """The Step of `tokens` fed at slot 0's current length (which the caller then advances): logits
+        (len(tokens), V), their picks, and for one token the draw at `temperature` and `uniform`. None when the
+        compiled step does not apply (no width fits, the cache row is too short, or compiling failed): the caller
+        runs the eager forward instead."""
         width = next((w for w in self.widths if w >= len(tokens)), None)
         start = self.cache.lengths[0]
         if not self.enabled or width is None or start + width > self.cache.capacity:
             return None
         ids = [tokens + [tokens[-1]] * (width - len(tokens))]
-        out = self._run(self._alone, ids, [start], self.cache.capacity)
-        return None if out is None else (out[0][0, :len(tokens)], out[1][0, :len(tokens)].tolist())
+        out = self._run(self._alone, ids, [start], self.cache.capacity, [temperature], [uniform])
+        if out is None:
+            return None
+        logits, picks, draws = out
+        return Step(logits[0, :len(tokens)], picks[0, :len(tokens)].tolist(), draws.tolist() if width == 1 else None)
 
-    def decode_batch(self, tokens: list[int]) -> tuple[torch.Tensor, list[int]] | None:
-        """Logits (n, V) for one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the
-        caller then advances), with their row_picks, or None when the compiled step does not apply."""
+    def decode_batch(self, tokens: list[int], temperatures: list[float] | None = None,
+                     uniforms: list[float] | None = None) -> Step | None:
+        """The Step of one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the caller
+        then advances), drawn at `temperatures` and `uniforms` (default 1 and 0), or None when the compiled step
+        does not apply."""
         starts = self.cache.lengths[:len(tokens)]
         if not self.enabled or self.batch_model is None or max(starts) >= self.cache.capacity:
             return None
         span = key_span(max(starts) + 1, self.cache.capacity)
-        out = self._run(self._batched, [[t] for t in tokens], starts, span, dynamic=True)
-        return None if out is None else (out[0][:, 0], out[1][:, 0].tolist())
+        n = len(tokens)
+        out = self._run(self._batched, [[t] for t in tokens], starts, span, temperatures or [1.0] * n,
+                        uniforms or [0.0] * n, dynamic=True)
+        if out is None:
+            return None
+        logits, picks, draws = out
+        return Step(logits[:, 0], picks[:, 0].tolist(), draws.tolist())
 
-    def _run(self, step, ids: list[list[int]], starts: list[int], span: int, dynamic: bool = False):
+    def _run(self, step, ids: list[list[int]], starts: list[int], span: int, temperatures: list[float],
+             uniforms: list[float], dynamic: bool = False):
         device = self.cache.keys[0].device
         inputs = (torch.tensor(ids, device=device), torch.tensor(starts, device=device),
-                  torch.empty(span, device=device))
+                  torch.empty(span, device=device), torch.tensor(temperatures, device=device),
+                  torch.tensor(uniforms, device=device, dtype=torch.float64))
         if dynamic:
             for tensor in inputs:  # "maybe": the span that is the whole row gets a graph of its own
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)

@@ -43,7 +43,8 @@ from ..model import LockstepKVCache, Transformer
 from .cache import SlotKVCache
 from .compiled import CompiledDecoder
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
-from .sampling import SamplingParams, TextStream, TokenLogprob, guided_logits, sample_rows
+from .sampling import (SamplingParams, TextStream, TokenLogprob, draw_uniforms, guided_logits, plain_greedy,
+                       plain_sampled, sample_rows)
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
 
@@ -662,33 +663,53 @@ class Engine:
                 self.step_costs.record(False, time.perf_counter() - started)
 
     def _decode_plain(self, running: list[Sequence]) -> None:
-        logits, picks = self._compiled_decode([s.output_ids[-1] for s in running])
-        if logits is None:
+        uniforms = self._uniforms(running)
+        temperatures = [1.0 if u is None else s.params.temperature for s, u in zip(running, uniforms or [])]
+        step = self._compiled_decode([s.output_ids[-1] for s in running], temperatures=temperatures or None,
+                                     uniforms=None if uniforms is None else [u or 0.0 for u in uniforms])
+        picks = draws = None
+        if step is None:
             self.cache.bind(0, len(running))
             self._select([s.adapter for s in running])
             last = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
             logits = self.model(last, kv_cache=self.cache).logits[:, -1]
+        else:
+            logits, picks, draws = step
+            draws = None if uniforms is None else draws  # drawn at the defaults: not these rows' tokens
         self.steps += 1
-        self._accept(logits, running, picks)
+        self._accept(logits, running, picks, uniforms, draws)
 
-    def _compiled_decode(self, tokens: list[int], speculative: bool = False) -> tuple:
-        """The compiled step's logits (len(tokens), V) and their picks (sampling.row_picks, as a list): one token
-        for each of the sequences in slots 0 .. n-1, or (`speculative`) all of them for the sequence alone in slot 0;
-        the lengths of those slots advanced by one (a speculative step then sets slot 0's). (None, None) where the
-        compiled step does not apply."""
+    def _uniforms(self, running: list[Sequence]) -> list[float | None] | None:
+        """Where the compiled step can draw this step's tokens in its graph (every row plain: greedy, or sampled
+        at a temperature alone; nothing guided, no span grammar) and some row samples: their uniforms, drawn now
+        (sampling.draw_uniforms: the numbers sample_rows would draw). None otherwise: sample_rows draws."""
+        if self.compiled is None or getattr(self.tokenizer, "allowed", None) is not None:
+            return None
+        vocab = self.model.config.vocab_size
+        if any(s.guide is not None or not (plain_greedy(s.params) or plain_sampled(s.params, vocab)) for s in running):
+            return None
+        if all(s.params.greedy for s in running):
+            return None
+        return draw_uniforms([s.params for s in running], [s.generator for s in running], self.device)
+
+    def _compiled_decode(self, tokens: list[int], speculative: bool = False, temperatures: list[float] | None = None,
+                         uniforms: list[float] | None = None):
+        """The compiled step (compiled.Step: logits (len(tokens), V), picks, draws at `temperatures` and `uniforms`):
+        one token for each of the sequences in slots 0 .. n-1, or (`speculative`) all of them for the sequence
+        alone in slot 0; the lengths of those slots advanced by one (a speculative step then sets slot 0's). None
+        where the compiled step does not apply."""
         if self.compiled is None:
-            return None, None
+            return None
         if speculative or len(tokens) == 1:
-            out = self.compiled.decode(tokens)
+            step = self.compiled.decode(tokens, *([temperatures[0], uniforms[0]] if uniforms else []))
             rows = 1
         else:
-            out = self.compiled.decode_batch(tokens)
+            step = self.compiled.decode_batch(tokens, temperatures, uniforms)
             rows = len(tokens)
-        if out is None:
-            return None, None
-        for slot in range(rows):
-            self.cache.lengths[slot] += 1
-        return out
+        if step is not None:
+            for slot in range(rows):
+                self.cache.lengths[slot] += 1
+        return step
 
     def _room(self, sequence: Sequence) -> int:
         """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
@@ -705,7 +726,8 @@ class Engine:
         plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
         """
         start = self.cache.lengths[0]
-        logits, picks = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
+        step = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
+        logits, picks = (None, None) if step is None else step[:2]
         if logits is None:
             self.cache.bind(0, 1)
             self._select([sequence.adapter])
@@ -724,26 +746,28 @@ class Engine:
         # The cache now holds the last token and the accepted drafts; later positions are overwritten next step.
         self.cache.lengths[0] = start + 1 + accepted
 
-    def _sample(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None):
-        """sample_rows over the batch (`picks`: the compiled step's row_picks of these logits); if it fails, row by
-        row, so that only the rows at fault fail."""
+    def _sample(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None,
+                uniforms: list[float | None] | None = None, draws: list[int] | None = None):
+        """sample_rows over the batch (`picks`, `uniforms`, `draws`: what the compiled step and _uniforms made for
+        these logits); if it fails, row by row, so that only the rows at fault fail."""
         guided = self._guided(logits, sequences)
         picks = picks if guided is logits else None  # not the picks of the guided logits
         logits = guided
 
-        def rows(logits, sequences, picks):
+        def rows(logits, sequences, *made):
             return sample_rows(logits, [s.params for s in sequences], [s.output_ids for s in sequences],
                                [s.generator for s in sequences], self.tokenizer, [s.prompt_ids for s in sequences],
-                               picks)
+                               *made)
         try:
-            return rows(logits, sequences, picks)
+            return rows(logits, sequences, picks, uniforms, draws)
         except Exception:  # noqa: BLE001 — find the rows at fault
             if len(sequences) == 1:
                 raise
         tokens, logprobs = [], []
         for row, sequence in enumerate(sequences):
             try:
-                token, logprob = rows(logits[row:row + 1], [sequence], None if picks is None else picks[row:row + 1])
+                made = [None if m is None else m[row:row + 1] for m in (picks, uniforms, draws)]
+                token, logprob = rows(logits[row:row + 1], [sequence], *made)
             except Exception as exc:  # noqa: BLE001
                 self._fail(sequence, exc)
                 token, logprob = [None], [None]
@@ -777,10 +801,11 @@ class Engine:
         self.selection.ids = selected
         return logits
 
-    def _accept(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None) -> None:
-        """Sample one token per row (`picks`: the compiled step's row_picks of these logits) and hand each sequence
-        its event."""
-        tokens, logprobs = self._sample(logits, sequences, picks)
+    def _accept(self, logits: torch.Tensor, sequences: list[Sequence], picks: list[int] | None = None,
+                uniforms: list[float | None] | None = None, draws: list[int] | None = None) -> None:
+        """Sample one token per row (given, for a compiled step: its picks and draws, and the uniforms drawn for it)
+        and hand each sequence its event."""
+        tokens, logprobs = self._sample(logits, sequences, picks, uniforms, draws)
         now = time.perf_counter()
         for sequence, token, logprob in zip(sequences, tokens, logprobs):
             if sequence.cancelled or sequence.finished or token is None:

@@ -115,6 +115,36 @@ def plain_greedy(params: SamplingParams) -> bool:
             and not params.presence_penalty and not params.frequency_penalty and params.logprobs is None)
 
 
+def plain_sampled(params: SamplingParams, vocab_size: int) -> bool:
+    """Whether this row's token is drawn from the model's own distribution at its temperature, untruncated: not
+    greedy, nothing added or penalised, no top-k, top-p or min-p, no log-probabilities asked for."""
+    return (not params.greedy and not params.logit_bias and params.repetition_penalty == 1.0
+            and not params.presence_penalty and not params.frequency_penalty and params.logprobs is None
+            and not 0 < params.top_k < vocab_size and params.top_p >= 1 and not params.min_p)
+
+
+def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator | None],
+                  device: torch.device | str = "cpu") -> list[float | None]:
+    """The one uniform number in [0, 1) that each sampled row's draw inverts (None for greedy rows): from the row's
+    own generator where it is seeded, else from one draw for all the others, in that order. sample_rows draws these
+    itself unless it is handed them (the compiled decode step draws in its graph with them)."""
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    unseeded = iter(torch.rand(sum(generators[i] is None for i in sampled), device=device,
+                               dtype=torch.float64).tolist())
+    uniforms: list[float | None] = [None] * len(params)
+    for i in sampled:
+        uniforms[i] = next(unseeded) if generators[i] is None else \
+            torch.rand(1, generator=generators[i], device=device, dtype=torch.float64).item()
+    return uniforms
+
+
+def row_draws(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Each row's token drawn from softmax(logits / temperature) (B, V) at its uniform (B,): sample_rows'
+    arithmetic for a plain_sampled row, for the compiled step to do in its graph."""
+    rows = (logits.float() / temperature.view(-1, 1)).clamp(-FINITE, FINITE)
+    return inverse_cdf(rows.softmax(dim=-1), uniforms)
+
+
 def row_picks(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over the last dimension, or -1 where the row is not all finite: what sample_rows needs of
     rows decoded greedily, worked out where the logits are made (the compiled step does it in its graph, one pass
@@ -131,7 +161,8 @@ def finite_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]],
                 generators: list[torch.Generator | None], tokenizer=None, prompts: list[list[int]] | None = None,
-                picks: list[int] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+                picks: list[int] | None = None, uniforms: list[float | None] | None = None,
+                draws: list[int] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of logits (B, V), each row with its own settings.
 
     `outputs[i]` are row i's generated tokens so far (presence/frequency penalties), `prompts[i]` its prompt (the
@@ -139,7 +170,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
     one uniform number from it); the results cross to the host once. Raises GenerationError for rows whose logits
     are not finite (a broken model), naming nothing else: the caller fails those sequences alone. `picks`, where
     the caller has them, are row_picks(logits): then the finiteness check is theirs, and a batch of plain greedy
-    rows (no span grammar) takes them as its tokens without another operator on the logits.
+    rows (no span grammar) takes them as its tokens without another operator on the logits. `uniforms`, where the
+    caller drew them already (draw_uniforms), are used instead of drawing; `draws`, row_draws made with them, are
+    the tokens of plain_sampled rows in such a batch.
     """
     B, V = logits.shape
     if picks is None:
@@ -150,8 +183,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
     if bad:
         raise GenerationError(f"the model produced non-finite logits for row(s) {bad}")
     allowed = getattr(tokenizer, "allowed", None)  # a media tokenizer's span grammar (modalities/stream.py)
-    if picks is not None and allowed is None and all(plain_greedy(p) for p in params):
-        return list(picks), [None] * B
+    if picks is not None and allowed is None:
+        if all(plain_greedy(p) or (draws is not None and plain_sampled(p, V)) for p in params):
+            return [pick if p.greedy else draw for p, pick, draw in zip(params, picks, draws or picks)], [None] * B
     logits = logits.float()  # (as it is where the check above made it so)
     device = logits.device
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -197,13 +231,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
         rows = (logits[sampled] / temperature).clamp(-FINITE, FINITE)
         rows = truncate(rows, [params[i] for i in sampled])
         probs = rows.softmax(dim=-1)
-        # One uniform per row: from the row's own generator if it is seeded, else from one draw for all the others.
-        unseeded = iter(torch.rand(sum(generators[i] is None for i in sampled), device=device,
-                                   dtype=torch.float64).split(1))
-        uniforms = [next(unseeded) if generators[i] is None else
-                    torch.rand(1, generator=generators[i], device=device, dtype=torch.float64) for i in sampled]
-        picks = inverse_cdf(probs, torch.cat(uniforms))
-        tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), picks)
+        uniforms = draw_uniforms(params, generators, device) if uniforms is None else uniforms
+        drawn = inverse_cdf(probs, torch.tensor([uniforms[i] for i in sampled], device=device, dtype=torch.float64))
+        tokens = tokens.index_copy(0, torch.tensor(sampled, device=device), drawn)
     chosen = tokens.tolist()
 
     logprobs: list[TokenLogprob | None] = [None] * B
