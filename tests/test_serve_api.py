@@ -397,3 +397,31 @@ def test_engine_events_reach_the_event_loop_in_order_with_one_wake_up_per_burst(
     for _ in range(2):
         with pytest.raises(RuntimeError):
             mail.put(queues[0], "after close")
+
+
+def test_engine_events_wait_for_the_wake_interval_then_arrive_together():
+    """The loop takes events at most every `interval`: a post soon after a flush is delivered when the interval has
+    passed, together with everything posted meanwhile (the streams then write several tokens at once)."""
+    import asyncio
+
+    from fmforge.serve.serving import _Inbox
+
+    loop = asyncio.new_event_loop()
+    mail = _Inbox(loop, interval=0.2)
+    queue = asyncio.Queue()
+
+    def run(seconds: float):  # the loop runs for `seconds`, from a thread of its own
+        looker = threading.Thread(target=lambda: loop.run_until_complete(asyncio.sleep(seconds)))
+        looker.start()
+        looker.join()
+
+    mail.put(queue, 0)
+    run(0)
+    assert queue.qsize() == 1  # the first flush is immediate
+    mail.put(queue, 1)
+    mail.put(queue, 2)
+    run(0.05)
+    assert queue.qsize() == 1  # within the interval: held
+    run(0.3)
+    assert [queue.get_nowait() for _ in range(3)] == [0, 1, 2]
+    loop.close()

@@ -129,30 +129,51 @@ class DrainDeadline(Exception):
     """The server is shutting down and the drain deadline has passed."""
 
 
+# The loop takes the engine's events at most this often (seconds). 16 streams of 200 tokens through the server, the
+# bf16 compiled engine, two servers alternating wave by wave (2026-12-06, 2 threads): 5 ms 2,632 tokens/s against
+# 2,206 for a wake-up per decode step (every one of 8 waves faster); one stream 342 vs 329. A token waits at most
+# this long before it is written.
+WAKE_INTERVAL = 0.005
+
+
 class _Inbox:
     """Engine events on their way to the event loop: the engine's thread appends, and the loop is woken once for
-    all that arrived since it last looked (one wake-up per decode step, not one per token and stream)."""
+    all that arrived since it last looked, and at most once every `interval` seconds: under load each stream then
+    finds several tokens at a wake-up and writes them as one chunk of events (stream), and the engine's thread
+    hands the interpreter lock to the loop less often."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.lock = loop, threading.Lock()
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = WAKE_INTERVAL):
+        self.loop, self.lock, self.interval = loop, threading.Lock(), interval
         self.items: deque = deque()
         self.woken = False  # a flush is scheduled on the loop
+        self.flushed = 0.0  # loop.time() of the last flush
 
     def put(self, queue: asyncio.Queue, item) -> None:
         """From any thread. Raises RuntimeError when the loop is closed (the engine then cancels the sequence)."""
+        if self.loop.is_closed():  # (a flush may be pending on it: then nothing below would find out)
+            raise RuntimeError("the event loop is closed")
         with self.lock:
             self.items.append((queue, item))
             if self.woken:
                 return
             self.woken = True
         try:
-            self.loop.call_soon_threadsafe(self.flush)
+            self.loop.call_soon_threadsafe(self.wake)
         except RuntimeError:
             with self.lock:
                 self.woken = False
             raise
 
+    def wake(self) -> None:
+        """On the loop: flush now, or when `interval` has passed since the last flush."""
+        wait = self.flushed + self.interval - self.loop.time()
+        if wait > 0:
+            self.loop.call_later(wait, self.flush)
+        else:
+            self.flush()
+
     def flush(self) -> None:
+        self.flushed = self.loop.time()
         with self.lock:
             items, self.items, self.woken = self.items, deque(), False
         for queue, item in items:
@@ -643,7 +664,8 @@ class OpenAIServing:
         return JSONResponse({**job.header, "choices": choices, "usage": usage(job.prompts, completion_tokens)})
 
     async def stream(self, job: _Job):
-        """Server-sent events: a chunk per piece of text, then usage if asked for, then [DONE]."""
+        """Server-sent events: an event per piece of text, then usage if asked for, then [DONE]. The events of all
+        the pieces already waiting go out together, one write for several tokens when the loop falls behind."""
         head = {**job.header, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion"}
         total = len(job.sequences)
         include_usage = bool((job.body.stream_options or {}).get("include_usage"))
@@ -654,19 +676,22 @@ class OpenAIServing:
             for i in range(total):
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]})
+        pending: list[str] = []  # events not yet written
         while done < total:
+            if pending and job.events.empty():
+                yield "".join(pending)
+                pending = []
             try:
                 index, event = await self.next_event(job)
             except DrainDeadline:
-                yield sse(APIError(503, "the server is shutting down and stopped this stream at its drain deadline",
-                                   type="server_error", code="drain_timeout").body())
-                yield "data: [DONE]\n\n"
+                yield "".join(pending) + sse(APIError(
+                    503, "the server is shutting down and stopped this stream at its drain deadline",
+                    type="server_error", code="drain_timeout").body()) + "data: [DONE]\n\n"
                 return
             if event.finish_reason == "error":
                 self.log_failure(job, event)
-                yield sse(APIError(500, f"generation failed: {event.error}", type="server_error",
-                                   code="generation_failed").body())
-                yield "data: [DONE]\n\n"
+                yield "".join(pending) + sse(APIError(500, f"generation failed: {event.error}", type="server_error",
+                                                      code="generation_failed").body()) + "data: [DONE]\n\n"
                 return
             counts[index] = event.completion_tokens
             if event.finish_reason:
@@ -687,11 +712,11 @@ class OpenAIServing:
                           "logprobs": completion_logprobs(entries, offsets[index]) if job.logprobs is not None
                           else None, "finish_reason": event.finish_reason}
                 offsets[index] += len(text)
-            yield sse({**head, "choices": [choice]})
+            pending.append(sse({**head, "choices": [choice]}))
         self.count_tokens(job.prompts, sum(counts))
         if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(job.prompts, sum(counts))})
-        yield "data: [DONE]\n\n"
+            pending.append(sse({**head, "choices": [], "usage": usage(job.prompts, sum(counts))}))
+        yield "".join(pending) + "data: [DONE]\n\n"
 
     async def next_event(self, job: _Job, watcher: asyncio.Future | None = None) -> tuple[int, Event]:
         """The job's next (sequence index, event). ClientDisconnected once `watcher` (the client's disconnect) is
