@@ -11,7 +11,7 @@ import torch
 from fmforge.config import ModelConfig
 from fmforge.infer import compiled as compiled_module
 from fmforge.infer.engine import Engine, GenerationRequest
-from fmforge.infer.sampling import SamplingParams, row_draws
+from fmforge.infer.sampling import SamplingParams, dense_bias, row_draws
 from fmforge.model import Transformer
 
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
@@ -216,7 +216,8 @@ def test_decode_linears_equal_the_linears_they_stand_for(features, outs, lead, b
 @needs_compiler
 def test_batches_of_every_size_run_without_compiling_again():
     """warm_up compiles every graph: batches of 2 .. slots and both widths of a lone sequence then run without
-    compiling again (made an error here, which would turn the compiled step off)."""
+    compiling again (made an error here, which would turn the compiled step off), with and without logit biases,
+    temperatures and uniforms."""
     from fmforge.infer.cache import SlotKVCache
     from fmforge.infer.compiled import CompiledDecoder
     model = tiny_model(seed=2)
@@ -229,10 +230,14 @@ def test_batches_of_every_size_run_without_compiling_again():
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for n in range(2, 9):
             cache.lengths[:n] = [5 * n] * n
+            bias = dense_bias([SamplingParams(logit_bias={3: 2.0})] * n, 97)
             assert decoder.decode_batch(list(range(n))) is not None, n
+            assert decoder.decode_batch(list(range(n)), [0.5] * n, [0.3] * n, bias) is not None, n
         cache.lengths[:8] = [0] * 8
         cache.lengths[0] = 10
-        assert decoder.decode([1]) is not None and decoder.decode([1, 2, 3]) is not None
+        bias = dense_bias([SamplingParams(logit_bias={3: 2.0})], 97)
+        for tokens in ([1], [1, 2, 3]):
+            assert decoder.decode(tokens) is not None and decoder.decode(tokens, 0.5, 0.3, bias) is not None
     assert decoder.enabled
 
 
@@ -269,9 +274,10 @@ def test_picks_made_in_the_graph_are_the_eager_argmax_ties_and_non_finite_rows_i
 
 @needs_compiler
 def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monkeypatch):
-    """Rows sampled at a temperature alone (no truncation, no penalties) are drawn inside the compiled step, with
-    the uniforms sample_rows would have drawn: the same tokens as the eager engine, seeded rows and unseeded ones
-    (global generator) alike, in a batch and alone; a row with top-p in the batch sends it back to sample_rows."""
+    """Rows sampled at a temperature (and a logit bias; no truncation, no penalties) are drawn inside the compiled
+    step, with the uniforms sample_rows would have drawn: the same tokens as the eager engine, seeded rows and
+    unseeded ones (global generator) alike, in a batch and alone; a row with top-p in the batch sends it back to
+    sample_rows."""
     import fmforge.infer.engine as engine_module
     compiled, eager = engines
     drawn_in_graph = []
@@ -285,7 +291,8 @@ def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monke
                     for i, s in enumerate(settings)]
         return [c.token_ids for c in engine.complete(requests)]
 
-    plain = [dict(temperature=0.9, seed=1), dict(temperature=1.3), dict(temperature=0.0), dict(temperature=0.6, seed=2)]
+    plain = [dict(temperature=0.9, seed=1), dict(temperature=1.3), dict(temperature=0.0), dict(temperature=0.6, seed=2),
+             dict(temperature=0.7, seed=4, logit_bias={5: 5.0, 9: -100.0}), dict(temperature=0.0, logit_bias={7: 3.0})]
     for settings in (plain, plain[:1], plain[1:2], [*plain[:2], dict(temperature=0.8, top_p=0.9, seed=5)]):
         drawn_in_graph.clear()
         assert run(compiled, settings) == run(eager, settings), settings

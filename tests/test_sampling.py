@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from conftest import report
 from fmforge.errors import GenerationError
-from fmforge.infer.sampling import SamplingParams, TextStream, inverse_cdf, row_picks, sample_rows, truncate
+from fmforge.infer.sampling import (SamplingParams, TextStream, dense_bias, draw_uniforms, inverse_cdf,
+                                    row_draws, row_picks, sample_rows, truncate)
 
 
 def kept(logits, **settings_) -> list[bool]:
@@ -107,11 +108,17 @@ def test_every_valid_setting_samples_a_token(rows):
         plain = not (p.logit_bias or p.presence_penalty or p.frequency_penalty) and p.repetition_penalty == 1
         if p.greedy and plain:
             assert tokens[i] == int(logits[i].argmax())
-    # Given the rows' picks (as the compiled decode step makes them), the same tokens and log-probabilities.
-    picks = row_picks(logits).tolist()
+    # Given the rows' picks, and uniforms drawn beforehand with the draws they give (all as the compiled decode
+    # step makes them, here eagerly): the same tokens and log-probabilities.
+    bias = dense_bias(params, VOCAB)
+    picks = row_picks(logits, bias).tolist()
     generators = [p.generator("cpu", offset=3) for p in params]
     torch.manual_seed(0)
-    again, again_logprobs = sample_rows(logits, params, outputs, generators, ByteTokenizer(), prompts, picks)
+    uniforms = draw_uniforms(params, generators)
+    draws = row_draws(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
+                      torch.tensor([u or 0.0 for u in uniforms], dtype=torch.float64), bias).tolist()
+    again, again_logprobs = sample_rows(logits, params, outputs, generators, ByteTokenizer(), prompts, picks,
+                                        uniforms, draws)
     assert again == tokens and again_logprobs == logprobs
 
 

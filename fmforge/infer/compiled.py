@@ -206,6 +206,7 @@ class CompiledDecoder:
         # Batches (and their stacked copy of the weights) only where the cache has slots for more than one sequence.
         self.batch_model = decode_twin(model, written_out=False) if cache.slots > 1 else None
         self.widths = sorted({1, 1 + speculate} if speculate else {1})
+        self.vocab_size = model.config.vocab_size
         # cpp_wrapper: the compiled step's calls are made from C++, not from a generated Python function (-0.4 ms
         # a step here).
         options = {"cpp_wrapper": True}
@@ -229,18 +230,19 @@ class CompiledDecoder:
 
     @staticmethod
     def _logits(model: Transformer, ids: torch.Tensor, starts: torch.Tensor, span: torch.Tensor,
-                temperature: torch.Tensor, uniforms: torch.Tensor, keys: list[torch.Tensor],
+                temperature: torch.Tensor, uniforms: torch.Tensor, bias: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) of ids (B, T) fed to slots 0 .. B-1 at `starts` (B,), attending over the first
         len(span) positions of each row (`span`: an empty tensor whose length is the span, so that it can be a
-        dynamic size); their row_picks (B, T): the greedy token, or -1 for a row that is not all finite; and, for
-        one token a row (T = 1), row_draws (B,) at each row's temperature and uniform (B,) (T > 1: empty). In the
-        graph those are a few loops over the logits; after it, a dozen small operators, whose dispatch cost a lone
-        greedy sequence ~0.2 ms a token here (the weights streamed by the step have just evicted their code)."""
+        dynamic size); their row_picks (B, T) with each row's logit bias (B, V): the greedy token, or -1 for a row
+        that is not all finite; and, for one token a row (T = 1), row_draws (B,) at each row's temperature and
+        uniform (B,) (T > 1: empty). In the graph those are a few loops over the logits; after it, a dozen small
+        operators, whose dispatch cost a lone greedy sequence ~0.2 ms a token here (the weights streamed by the
+        step have just evicted their code)."""
         view = _FirstSlots(keys, values, starts, ids.shape[1], span.shape[0])
         logits = model(ids, kv_cache=view).logits
-        draws = row_draws(logits[:, 0], temperature, uniforms) if ids.shape[1] == 1 else uniforms[:0]
-        return logits, row_picks(logits), draws
+        draws = row_draws(logits[:, 0], temperature, uniforms, bias) if ids.shape[1] == 1 else uniforms[:0]
+        return logits, row_picks(logits, bias.unsqueeze(1)), draws
 
     def _forward(self, *args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._logits(self.alone_model, *args)
@@ -271,45 +273,52 @@ class CompiledDecoder:
             print(f"fmforge: decode step compiled (one sequence: {self.widths} tokens{batches}) in "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    def decode(self, tokens: list[int], temperature: float = 1.0, uniform: float = 0.0) -> Step | None:
+    def decode(self, tokens: list[int], temperature: float = 1.0, uniform: float = 0.0,
+               bias: torch.Tensor | None = None) -> Step | None:
         """The Step of `tokens` fed at slot 0's current length (which the caller then advances): logits
-        (len(tokens), V), their picks, and for one token the draw at `temperature` and `uniform`. None when the
-        compiled step does not apply (no width fits, the cache row is too short, or compiling failed): the caller
-        runs the eager forward instead."""
+        (len(tokens), V), their picks, and for one token the draw at `temperature` and `uniform`, both with `bias`
+        (1, V) added (sampling.dense_bias; None: none). None when the compiled step does not apply (no width fits,
+        the cache row is too short, or compiling failed): the caller runs the eager forward instead."""
         width = next((w for w in self.widths if w >= len(tokens)), None)
         start = self.cache.lengths[0]
         if not self.enabled or width is None or start + width > self.cache.capacity:
             return None
         ids = [tokens + [tokens[-1]] * (width - len(tokens))]
-        out = self._run(self._alone, ids, [start], self.cache.capacity, [temperature], [uniform])
+        out = self._run(self._alone, ids, [start], self.cache.capacity, [temperature], [uniform],
+                        self._bias(bias, 1))
         if out is None:
             return None
         logits, picks, draws = out
         return Step(logits[0, :len(tokens)], picks[0, :len(tokens)].tolist(), draws.tolist() if width == 1 else None)
 
     def decode_batch(self, tokens: list[int], temperatures: list[float] | None = None,
-                     uniforms: list[float] | None = None) -> Step | None:
+                     uniforms: list[float] | None = None, bias: torch.Tensor | None = None) -> Step | None:
         """The Step of one token per slot 0 .. n-1 (n >= 2), each fed at its slot's current length (which the caller
-        then advances), drawn at `temperatures` and `uniforms` (default 1 and 0), or None when the compiled step
-        does not apply."""
+        then advances), drawn at `temperatures` and `uniforms` (default 1 and 0), with `bias` (n, V) added (None:
+        none), or None when the compiled step does not apply."""
         starts = self.cache.lengths[:len(tokens)]
         if not self.enabled or self.batch_model is None or max(starts) >= self.cache.capacity:
             return None
         span = key_span(max(starts) + 1, self.cache.capacity)
         n = len(tokens)
         out = self._run(self._batched, [[t] for t in tokens], starts, span, temperatures or [1.0] * n,
-                        uniforms or [0.0] * n, dynamic=True)
+                        uniforms or [0.0] * n, self._bias(bias, n), dynamic=True)
         if out is None:
             return None
         logits, picks, draws = out
         return Step(logits[:, 0], picks[:, 0].tolist(), draws.tolist())
 
+    def _bias(self, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """`bias`, or zeros in its place: a new tensor either way (a view of a kept one has guards of its own, and
+        the graph would compile again for a bias that is not one)."""
+        return torch.zeros(rows, self.vocab_size, device=self.cache.keys[0].device) if bias is None else bias
+
     def _run(self, step, ids: list[list[int]], starts: list[int], span: int, temperatures: list[float],
-             uniforms: list[float], dynamic: bool = False):
+             uniforms: list[float], bias: torch.Tensor, dynamic: bool = False):
         device = self.cache.keys[0].device
         inputs = (torch.tensor(ids, device=device), torch.tensor(starts, device=device),
                   torch.empty(span, device=device), torch.tensor(temperatures, device=device),
-                  torch.tensor(uniforms, device=device, dtype=torch.float64))
+                  torch.tensor(uniforms, device=device, dtype=torch.float64), bias)
         if dynamic:
             for tensor in inputs:  # "maybe": the span that is the whole row gets a graph of its own
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)

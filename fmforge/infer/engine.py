@@ -43,8 +43,8 @@ from ..model import LockstepKVCache, Transformer
 from .cache import SlotKVCache
 from .compiled import CompiledDecoder
 from .lora import AdapterSelection, LoadedAdapter, attach_adapters
-from .sampling import (SamplingParams, TextStream, TokenLogprob, draw_uniforms, guided_logits, plain_greedy,
-                       plain_sampled, sample_rows)
+from .sampling import (SamplingParams, TextStream, TokenLogprob, dense_bias, draw_uniforms, guided_logits,
+                       plain_greedy, plain_sampled, sample_rows)
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward, at most (one longer prompt goes alone)
 
@@ -665,7 +665,7 @@ class Engine:
     def _decode_plain(self, running: list[Sequence]) -> None:
         uniforms = self._uniforms(running)
         temperatures = [1.0 if u is None else s.params.temperature for s, u in zip(running, uniforms or [])]
-        step = self._compiled_decode([s.output_ids[-1] for s in running], temperatures=temperatures or None,
+        step = self._compiled_decode([s.output_ids[-1] for s in running], running, temperatures=temperatures or None,
                                      uniforms=None if uniforms is None else [u or 0.0 for u in uniforms])
         picks = draws = None
         if step is None:
@@ -692,19 +692,20 @@ class Engine:
             return None
         return draw_uniforms([s.params for s in running], [s.generator for s in running], self.device)
 
-    def _compiled_decode(self, tokens: list[int], speculative: bool = False, temperatures: list[float] | None = None,
-                         uniforms: list[float] | None = None):
-        """The compiled step (compiled.Step: logits (len(tokens), V), picks, draws at `temperatures` and `uniforms`):
-        one token for each of the sequences in slots 0 .. n-1, or (`speculative`) all of them for the sequence
-        alone in slot 0; the lengths of those slots advanced by one (a speculative step then sets slot 0's). None
-        where the compiled step does not apply."""
+    def _compiled_decode(self, tokens: list[int], running: list[Sequence], speculative: bool = False,
+                         temperatures: list[float] | None = None, uniforms: list[float] | None = None):
+        """The compiled step (compiled.Step: logits (len(tokens), V), picks and draws at `temperatures` and
+        `uniforms`, both with the `running` sequences' logit biases): one token for each of the sequences in slots
+        0 .. n-1, or (`speculative`) all of them for the sequence alone in slot 0; the lengths of those slots
+        advanced by one (a speculative step then sets slot 0's). None where the compiled step does not apply."""
         if self.compiled is None:
             return None
+        bias = dense_bias([s.params for s in running], self.model.config.vocab_size, self.device)
         if speculative or len(tokens) == 1:
-            step = self.compiled.decode(tokens, *([temperatures[0], uniforms[0]] if uniforms else []))
+            step = self.compiled.decode(tokens, *([temperatures[0], uniforms[0]] if uniforms else [1.0, 0.0]), bias)
             rows = 1
         else:
-            step = self.compiled.decode_batch(tokens, temperatures, uniforms)
+            step = self.compiled.decode_batch(tokens, temperatures, uniforms, bias)
             rows = len(tokens)
         if step is not None:
             for slot in range(rows):
@@ -726,7 +727,7 @@ class Engine:
         plain decoding gives (greedy: identical; sampling: the same distribution and the same seeded draws).
         """
         start = self.cache.lengths[0]
-        step = self._compiled_decode([sequence.output_ids[-1], *draft], speculative=True)
+        step = self._compiled_decode([sequence.output_ids[-1], *draft], [sequence], speculative=True)
         logits, picks = (None, None) if step is None else step[:2]
         if logits is None:
             self.cache.bind(0, 1)

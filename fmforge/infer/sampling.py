@@ -109,18 +109,35 @@ class TokenLogprob:
 
 
 def plain_greedy(params: SamplingParams) -> bool:
-    """Whether this row's token is the argmax of the model's own logits: greedy, nothing added or penalised, no
-    log-probabilities asked for."""
-    return (params.greedy and not params.logit_bias and params.repetition_penalty == 1.0
-            and not params.presence_penalty and not params.frequency_penalty and params.logprobs is None)
+    """Whether this row's token is the argmax of the model's logits plus its logit_bias: greedy, nothing penalised,
+    no log-probabilities asked for."""
+    return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
+            and not params.frequency_penalty and params.logprobs is None)
 
 
 def plain_sampled(params: SamplingParams, vocab_size: int) -> bool:
-    """Whether this row's token is drawn from the model's own distribution at its temperature, untruncated: not
-    greedy, nothing added or penalised, no top-k, top-p or min-p, no log-probabilities asked for."""
-    return (not params.greedy and not params.logit_bias and params.repetition_penalty == 1.0
-            and not params.presence_penalty and not params.frequency_penalty and params.logprobs is None
+    """Whether this row's token is drawn from softmax((logits + logit_bias) / temperature), untruncated: not
+    greedy, nothing penalised, no top-k, top-p or min-p, no log-probabilities asked for."""
+    return (not params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
+            and not params.frequency_penalty and params.logprobs is None
             and not 0 < params.top_k < vocab_size and params.top_p >= 1 and not params.min_p)
+
+
+def dense_bias(params: list[SamplingParams], vocab_size: int,
+               device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """The rows' logit_bias as one (B, V) tensor, for row_picks and row_draws; None when no row has any."""
+    entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
+    if not entries:
+        return None
+    rows, cols, values = zip(*entries)
+    return torch.zeros(len(params), vocab_size, device=device).index_put_(
+        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)), torch.tensor(values, device=device),
+        accumulate=True)
+
+
+def _biased(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits (..., V) plus a bias broadcast over them, clamped as sample_rows clamps (no-op without one)."""
+    return scores if bias is None else (scores + bias).clamp(-FINITE, FINITE)
 
 
 def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -138,19 +155,21 @@ def draw_uniforms(params: list[SamplingParams], generators: list[torch.Generator
     return uniforms
 
 
-def row_draws(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Each row's token drawn from softmax(logits / temperature) (B, V) at its uniform (B,): sample_rows'
-    arithmetic for a plain_sampled row, for the compiled step to do in its graph."""
-    rows = (logits.float() / temperature.view(-1, 1)).clamp(-FINITE, FINITE)
+def row_draws(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's token drawn from softmax((logits + bias) / temperature) (B, V) at its uniform (B,): sample_rows'
+    arithmetic for a plain_sampled row, for the compiled step to do in its graph (`bias`: dense_bias's)."""
+    rows = (_biased(logits.float(), bias) / temperature.view(-1, 1)).clamp(-FINITE, FINITE)
     return inverse_cdf(rows.softmax(dim=-1), uniforms)
 
 
-def row_picks(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax over the last dimension, or -1 where the row is not all finite: what sample_rows needs of
-    rows decoded greedily, worked out where the logits are made (the compiled step does it in its graph, one pass
-    over the logits, instead of the eight small operators after it)."""
+def row_picks(logits: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's argmax of logits + bias over the last dimension (`bias`: dense_bias's, broadcast), or -1 where
+    the row's logits are not all finite: what sample_rows needs of rows decoded greedily, worked out where the
+    logits are made (the compiled step does it in its graph, one pass over the logits, instead of the eight small
+    operators after it)."""
     scores = logits.float()
-    return torch.where(finite_rows(scores), scores.argmax(dim=-1), -1)
+    return torch.where(finite_rows(scores), _biased(scores, bias).argmax(dim=-1), -1)
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -169,10 +188,10 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
     repetition penalty sees both). Everything is batched across rows (a row with its own seeded generator draws its
     one uniform number from it); the results cross to the host once. Raises GenerationError for rows whose logits
     are not finite (a broken model), naming nothing else: the caller fails those sequences alone. `picks`, where
-    the caller has them, are row_picks(logits): then the finiteness check is theirs, and a batch of plain greedy
-    rows (no span grammar) takes them as its tokens without another operator on the logits. `uniforms`, where the
-    caller drew them already (draw_uniforms), are used instead of drawing; `draws`, row_draws made with them, are
-    the tokens of plain_sampled rows in such a batch.
+    the caller has them, are row_picks(logits, dense_bias(params)): then the finiteness check is theirs, and a
+    batch of plain greedy rows (no span grammar) takes them as its tokens without another operator on the logits.
+    `uniforms`, where the caller drew them already (draw_uniforms), are used instead of drawing; `draws`, row_draws
+    made with them (and the bias), are the tokens of plain_sampled rows in such a batch.
     """
     B, V = logits.shape
     if picks is None:
