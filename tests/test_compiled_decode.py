@@ -292,7 +292,7 @@ def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monke
         return [c.token_ids for c in engine.complete(requests)]
 
     plain = [dict(temperature=0.9, seed=1), dict(temperature=1.3), dict(temperature=0.0), dict(temperature=0.6, seed=2),
-             dict(temperature=0.7, seed=4, logit_bias={5: 5.0, 9: -100.0}), dict(temperature=0.0, logit_bias={7: 3.0})]
+             dict(temperature=0.7, seed=4, logit_bias={5: 5.0, 9: -100}), dict(temperature=0.0, logit_bias={7: 3})]
     for settings in (plain, plain[:1], plain[1:2], [*plain[:2], dict(temperature=0.8, top_p=0.9, seed=5)]):
         drawn_in_graph.clear()
         assert run(compiled, settings) == run(eager, settings), settings

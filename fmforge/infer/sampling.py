@@ -131,8 +131,8 @@ def dense_bias(params: list[SamplingParams], vocab_size: int,
         return None
     rows, cols, values = zip(*entries)
     return torch.zeros(len(params), vocab_size, device=device).index_put_(
-        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)), torch.tensor(values, device=device),
-        accumulate=True)
+        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+        torch.tensor(values, device=device, dtype=torch.float32), accumulate=True)  # (values may be ints)
 
 
 def _biased(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
