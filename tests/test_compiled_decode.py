@@ -297,3 +297,16 @@ def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monke
         drawn_in_graph.clear()
         assert run(compiled, settings) == run(eager, settings), settings
         assert any(drawn_in_graph) == ("top_p" not in settings[-1]), settings
+
+
+@needs_compiler
+def test_each_request_decodes_with_its_own_logit_bias(engines):
+    """The engine keeps the running rows' dense bias while they stay the same: a request after another (which may
+    take the freed one's memory) or beside it gets its own bias, never the previous one's."""
+    compiled, _ = engines
+    for token in (7, 8, 9):
+        params = SamplingParams(max_tokens=6, temperature=0.0, logit_bias={token: 100})
+        assert compiled.complete([GenerationRequest([3, 4], params)])[0].token_ids == [token] * 6
+    pair = [GenerationRequest([3, 4], SamplingParams(max_tokens=6 + i, temperature=0.0, logit_bias={20 + i: 100}))
+            for i in range(2)]
+    assert [c.token_ids for c in compiled.complete(pair)] == [[20] * 6, [21] * 7]

@@ -298,6 +298,8 @@ class Engine:
         # Counters read by /metrics (written on the engine thread only).
         self.steps = 0
         self.step_costs = StepCosts()  # a lone sequence's plain and speculative steps, timed (drafting decides)
+        self._bias_rows: list[Sequence] = []  # the sequences whose logit biases _bias holds, row by row
+        self._bias: torch.Tensor | None = None
         self.speculative_steps = 0
         self.accepted_draft_tokens = 0
         self.generated_tokens = 0
@@ -700,7 +702,7 @@ class Engine:
         advanced by one (a speculative step then sets slot 0's). None where the compiled step does not apply."""
         if self.compiled is None:
             return None
-        bias = dense_bias([s.params for s in running], self.model.config.vocab_size, self.device)
+        bias = self._dense_bias(running)
         if speculative or len(tokens) == 1:
             step = self.compiled.decode(tokens, *([temperatures[0], uniforms[0]] if uniforms else [1.0, 0.0]), bias)
             rows = 1
@@ -711,6 +713,15 @@ class Engine:
             for slot in range(rows):
                 self.cache.lengths[slot] += 1
         return step
+
+    def _dense_bias(self, running: list[Sequence]) -> torch.Tensor | None:
+        """sampling.dense_bias of the running sequences' settings, made again only when they change (a sequence
+        joins or leaves): the same rows decode step after step."""
+        same = len(running) == len(self._bias_rows) and all(a is b for a, b in zip(running, self._bias_rows))
+        if not same:  # (the rows are held, so no other sequence can take one's identity)
+            self._bias_rows = list(running)
+            self._bias = dense_bias([s.params for s in running], self.model.config.vocab_size, self.device)
+        return self._bias
 
     def _room(self, sequence: Sequence) -> int:
         """Tokens this sequence may still generate (its max_tokens and the context both bound it)."""
