@@ -122,6 +122,38 @@ def test_every_valid_setting_samples_a_token(rows):
     assert again == tokens and again_logprobs == logprobs
 
 
+plain_params = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.just(0.0), st.floats(1e-12, 1e-4, **finite), st.floats(1e-5, 1e30, **finite)),
+    logit_bias=st.dictionaries(st.integers(0, VOCAB - 1), st.one_of(st.integers(-100, 100),
+                                                                    st.floats(-100, 100, **finite)), max_size=5),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(plain_params, logits_strategy), min_size=1, max_size=4))
+def test_picks_and_draws_made_beforehand_give_the_sampled_tokens(rows):
+    """Plain rows (greedy or a temperature, with or without a logit bias): the tokens the compiled decode step makes
+    from its picks and draws (here made eagerly: row_picks, draw_uniforms, row_draws) are those sample_rows picks
+    alone, and the fast path takes them (no operator on the logits)."""
+    params = [p.validate(VOCAB) for p, _ in rows]
+    logits = torch.tensor([row for _, row in rows])
+    outputs, prompts = [[] for _ in rows], [[] for _ in rows]
+
+    torch.manual_seed(0)
+    alone, _ = sample_rows(logits, params, outputs, [p.generator("cpu") for p in params], ByteTokenizer(), prompts)
+    torch.manual_seed(0)
+    uniforms = draw_uniforms(params, [p.generator("cpu") for p in params])
+    bias = dense_bias(params, VOCAB)
+    picks = row_picks(logits, bias).tolist()
+    draws = row_draws(logits, torch.tensor([1.0 if p.greedy else p.temperature for p in params]),
+                      torch.tensor([u or 0.0 for u in uniforms], dtype=torch.float64), bias).tolist()
+    fast, _ = sample_rows(logits.fill_(float("nan")), params, outputs, [None] * len(params), ByteTokenizer(), prompts,
+                          picks, uniforms, draws)  # nan logits: the fast path must not look at them
+    assert fast == alone
+
+
 @settings(max_examples=300, deadline=None)
 @given(weights=st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1.0, **finite)), min_size=1, max_size=64)
        .filter(lambda w: sum(w) > 0),

@@ -683,8 +683,9 @@ class Engine:
 
     def _uniforms(self, running: list[Sequence]) -> list[float | None] | None:
         """Where the compiled step can draw this step's tokens in its graph (every row plain: greedy, or sampled
-        at a temperature alone; nothing guided, no span grammar) and some row samples: their uniforms, drawn now
-        (sampling.draw_uniforms: the numbers sample_rows would draw). None otherwise: sample_rows draws."""
+        at a temperature, with or without a logit bias; nothing guided, no span grammar) and some row samples:
+        their uniforms, drawn now (sampling.draw_uniforms: the numbers sample_rows would draw). None otherwise:
+        sample_rows draws."""
         if self.compiled is None or getattr(self.tokenizer, "allowed", None) is not None:
             return None
         vocab = self.model.config.vocab_size
