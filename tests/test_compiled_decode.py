@@ -285,18 +285,18 @@ def test_plain_sampling_drawn_in_the_graph_gives_the_eager_tokens(engines, monke
     monkeypatch.setattr(engine_module, "sample_rows",
                         lambda *args: drawn_in_graph.append(args[-1] is not None) or real(*args))
 
-    def run(engine, settings):
+    def run(engine, batch):
         torch.manual_seed(0)
         requests = [GenerationRequest([3 + i, 4, 5 + i], SamplingParams(max_tokens=16 + 3 * i, **s))
-                    for i, s in enumerate(settings)]
+                    for i, s in enumerate(batch)]
         return [c.token_ids for c in engine.complete(requests)]
 
     plain = [dict(temperature=0.9, seed=1), dict(temperature=1.3), dict(temperature=0.0), dict(temperature=0.6, seed=2),
              dict(temperature=0.7, seed=4, logit_bias={5: 5.0, 9: -100}), dict(temperature=0.0, logit_bias={7: 3})]
-    for settings in (plain, plain[:1], plain[1:2], [*plain[:2], dict(temperature=0.8, top_p=0.9, seed=5)]):
+    for batch in (plain, plain[:1], plain[1:2], [*plain[:2], dict(temperature=0.8, top_p=0.9, seed=5)]):
         drawn_in_graph.clear()
-        assert run(compiled, settings) == run(eager, settings), settings
-        assert any(drawn_in_graph) == ("top_p" not in settings[-1]), settings
+        assert run(compiled, batch) == run(eager, batch), batch
+        assert any(drawn_in_graph) == ("top_p" not in batch[-1]), batch
 
 
 @needs_compiler
