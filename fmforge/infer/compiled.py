@@ -14,6 +14,10 @@ sequences, one token each: the batch size and the span of keys attended over (th
 up by `key_span`, as the eager cache does) are dynamic sizes, so one graph serves them all (plus one for the span
 that is the whole row, which the compiler specialises). Attention is written out in the graph (`_FirstSlots`).
 
+Each step also makes, in its graph, what sampling needs of rows that need nothing else (`Step`): every row's greedy
+pick and, for rows sampled at a temperature, the token drawn with the uniform number the engine drew for it, both
+with the rows' logit biases added; the sampler then takes them without an operator of its own on the logits.
+
 Used by the engine (`Engine(compile=True)`; `fmforge serve/generate/chat --compile`) for every decode step that
 is not mixed with a prompt chunk; prefill stays eager. What it cannot compile it declines (`unsupported`), and a
 failure to compile (no C++ compiler, say) turns it off with one line on stderr: decoding goes on eagerly.
