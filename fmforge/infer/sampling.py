@@ -123,16 +123,23 @@ def plain_sampled(params: SamplingParams, vocab_size: int) -> bool:
             and not 0 < params.top_k < vocab_size and params.top_p >= 1 and not params.min_p)
 
 
+def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits (B, V) with each row's logit_bias added (a new tensor), or logits itself when no row has one."""
+    entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
+    if not entries:
+        return logits
+    rows, cols, values = zip(*entries)
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                            torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)  # (ints too)
+
+
 def dense_bias(params: list[SamplingParams], vocab_size: int,
                device: torch.device | str = "cpu") -> torch.Tensor | None:
     """The rows' logit_bias as one (B, V) tensor, for row_picks and row_draws; None when no row has any."""
-    entries = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
-    if not entries:
+    if not any(p.logit_bias for p in params):
         return None
-    rows, cols, values = zip(*entries)
-    return torch.zeros(len(params), vocab_size, device=device).index_put_(
-        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-        torch.tensor(values, device=device, dtype=torch.float32), accumulate=True)  # (values may be ints)
+    return add_logit_bias(torch.zeros(len(params), vocab_size, device=device), params)
 
 
 def _biased(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -210,11 +217,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], outputs: lis
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = F.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
-    bias = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias.items()]
-    if bias:
-        rows, cols, values = zip(*bias)
-        logits = logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                                  torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)
+    logits = add_logit_bias(logits, params)
     repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if repeated:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
