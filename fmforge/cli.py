@@ -1041,9 +1041,11 @@ def add_specialist_commands(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="all-linear",
+    p.add_argument("--lora-targets", default=None,
                    help="comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, embed_tokens "
-                        "(the token embedding), all-linear (attention + MLP), e.g. all-linear,embed_tokens")
+                        "(the token embedding), all-linear (attention + MLP), e.g. all-linear,embed_tokens "
+                        "(default: all-linear, plus embed_tokens for classifiers and tasks whose prompt holds an "
+                        "image)")
     p.add_argument("--train-on-all", action="store_true", help="sft: loss on every token, not only the assistant's")
     p.add_argument("--no-packing", action="store_true", help="one example per row instead of packing")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean",

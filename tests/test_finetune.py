@@ -107,6 +107,23 @@ def test_periodic_validation_reads_about_eval_tokens():
     assert len(eval_rows(classify, 160)) == 10 and len(eval_rows(classify, 10**9)) == 100
 
 
+def test_default_lora_targets_follow_the_task():
+    from fmforge.adapt.lora import ATTENTION_MODULES, MLP_MODULES, LoRAConfig, inject_lora
+    from fmforge.data.tasks import TASKS
+    from fmforge.errors import ConfigError
+    from fmforge.train.finetune import FinetuneSpec, default_lora_targets
+
+    assert FinetuneSpec(checkpoint="c", data="d").lora.target_modules is None  # chosen once the task is known
+    for name in ("sft", "completion", "translate", "draw", "transcribe", "speak"):
+        assert default_lora_targets(TASKS[name]) == ["all-linear"], name
+    for name in ("recognise", "answer", "read", "describe", "edit", "classify"):
+        assert default_lora_targets(TASKS[name]) == ["all-linear", "embed_tokens"], name
+    chosen = LoRAConfig(rank=4, target_modules=default_lora_targets(TASKS["recognise"]))
+    assert chosen.target_modules == [*ATTENTION_MODULES, *MLP_MODULES, "embed_tokens"]
+    with pytest.raises(ConfigError, match="not chosen"):
+        inject_lora(torch.nn.Linear(2, 2), LoRAConfig(target_modules=None))
+
+
 def test_lora_trains_only_the_adapter_and_saves_peft_layout(lora_run, checkpoint):
     from safetensors.torch import load_file
 

@@ -41,20 +41,23 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    # Module names (last path component) to adapt; "all-linear" = attention + MLP (+ MoE experts).
-    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_MODULES + MLP_MODULES))
+    # Module names (last path component) to adapt; "all-linear" = attention + MLP (+ MoE experts). None: the
+    # task's default, which fine-tuning chooses (train/finetune.py, default_lora_targets) before injecting.
+    target_modules: list[str] | None = field(default_factory=lambda: list(ATTENTION_MODULES + MLP_MODULES))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is None:
+            return
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         expanded = []
         for module in self.target_modules:
             expanded += ATTENTION_MODULES + MLP_MODULES if module == "all-linear" else (module,)
         self.target_modules = list(dict.fromkeys(expanded))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         unknown = sorted(set(self.target_modules) - set(ATTENTION_MODULES + MLP_MODULES + EMBEDDING_MODULES))
         if unknown:
             raise ConfigError(f"unknown LoRA target modules {unknown}; choose from "
@@ -136,6 +139,8 @@ LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Freeze every parameter of `model`, wrap the targeted linears in LoRALinear (and embeddings in
     LoRAEmbedding); return their names."""
+    if config.target_modules is None:
+        raise ConfigError("LoRA target modules are not chosen (None is the task's default: fine-tuning resolves it)")
     for p in model.parameters():
         p.requires_grad_(False)
     targets = [(name, module) for name, module in model.named_modules()

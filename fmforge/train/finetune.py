@@ -9,6 +9,7 @@ final adapter is also copied to the top of the output directory, so `--adapter O
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ ADAPTER_FILES = [ADAPTER_WEIGHTS, HEAD_FILE, LABELS_FILE, FINETUNE_RECORD, ADAPT
 # vision benchmark's base, a 2-minute recognise LoRA scored 0.732 on 500 MNIST val digits with an encoder (125
 # steps) and 0.762 without (140 steps); answer, read and FSDD transcription were level or worse on weaker bases
 # (benchmarks/RESULTS.md, "vision"). The encoder costs 12-20% of the steps; at these budgets it does not repay them.
-MEDIA_PROMPT_TASKS = ("recognise", "describe", "answer", "read", "edit", "transcribe", "say")
+IMAGE_PROMPT_TASKS = ("recognise", "describe", "answer", "read", "edit")  # the vision tasks among them
+MEDIA_PROMPT_TASKS = IMAGE_PROMPT_TASKS + ("transcribe", "say")
 # Fine-tuning defaults differ from pretraining: fewer steps, lower peak lr for full fine-tuning.
 FINETUNE_DEFAULTS = dict(max_steps=200, warmup_steps=10, eval_interval=50, checkpoint_interval=100,
                          batch_size=8, log_interval=10, weight_decay=0.0)
@@ -64,7 +66,16 @@ class FinetuneSpec:
     temperature: float = 0.05  # embed: InfoNCE's softmax temperature over cosine similarities
     media_encoder: str = "off"  # on: train understanding encoders (modalities/encoders.py) for the prompt's
     #   media (tasks of MEDIA_PROMPT_TASKS); off: the model reads their codes only
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules=None))  # None: the task's default
+
+
+def default_lora_targets(task: Task) -> list[str]:
+    """A task's LoRA targets unless told: attention and MLP, and the token embedding where the prompt holds an
+    image or the task is a classifier (RESULTS.md, "transfer"). A base's image codes mean what pretraining made of
+    them, mostly for drawing (their rows are also the output layer's); reading them for a task re-weighs them:
+    MNIST recognise, 140 steps on the vision benchmark's base, 0.668 vs 0.572 on 500 val digits (RESULTS.md,
+    "vision"). Audio tasks, say (an image -> speech) among them, were not measured and keep attention and MLP."""
+    return ["all-linear", "embed_tokens"] if task.name in IMAGE_PROMPT_TASKS or task.classifier else ["all-linear"]
 
 
 def default_lr(method: str) -> float:
@@ -187,6 +198,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     cfg: TrainConfig = run.train
     data = load_task_data(spec, tokenizer, base_checkpoint, base_model.config.context_length, cfg.seed, quiet)
     task = data.task
+    if spec.lora.target_modules is None:
+        spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, target_modules=default_lora_targets(task)))
     if not task.classifier and spec.head_lr_scale != 1.0:
         raise ConfigError(f"--head-lr-scale is for --task classify (its head); this task is {task.name}")
     if not spec.temperature > 0:
