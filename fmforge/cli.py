@@ -607,7 +607,6 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     """Grow three LoRA specialists from the foundation model (docstrings, modules, chat) and score them next to the
     base; the chat specialist also answers the other two's test functions through chat."""
     from .adapt.lora import LoRAConfig
-    from .data.tasks import BUILTIN, TASKS
     from .errors import SettingsMismatchError
     from .adapt.specialist import load_specialist
     from .train.finetune import FinetuneSpec, finetune
@@ -615,11 +614,9 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
     banner = lambda text: print(f"\n== {text}", flush=True)  # noqa: E731
     banner("5/6 specialists: LoRA adapters on three built-in tasks")
     for task in QUICKSTART_SPECIALISTS:
-        # The classifier also adapts the token embedding (benchmarks/RESULTS.md, "transfer", says why).
-        targets = "all-linear,embed_tokens" if TASKS[BUILTIN[task].task].classifier else "all-linear"
+        # The task's default targets (finetune.default_lora_targets): the classifier also adapts the token embedding.
         spec = FinetuneSpec(checkpoint=str(model_dir), data=task, method="lora", out=str(out / task),
-                            val_limit=args.eval_limit,
-                            lora=LoRAConfig(rank=8, alpha=16.0, target_modules=targets))
+                            val_limit=args.eval_limit, lora=LoRAConfig(rank=8, alpha=16.0, target_modules=None))
         overrides = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
                      "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"]
         try:
