@@ -299,6 +299,10 @@ class TrainConfig:
     # model.objective mlm: the share of tokens chosen for prediction; of those 80% become <|mask|>, 10% a random
     # token, 10% stay (BERT's recipe); 0.3 as ModernBERT (Warner et al. 2024) rather than BERT's 0.15
     mask_rate: float = 0.3
+    # Image -> caption documents' images are also read by a fixed reader of their codes' decoded patches, whose
+    # features are added to those codes' embeddings; those codes are then not predicted (Janus's split: understanding
+    # reads, generation predicts). Saved with the checkpoint (media_encoders.safetensors); specialists inherit it.
+    image_reader: bool = False
 
     def validate(self) -> None:
         if self.mixture is not None:

@@ -420,6 +420,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,  # (B, T) next-token ids; -100 = ignored
         inputs_embeds: torch.Tensor | None = None,  # (B, T, n_embd) instead of input_ids
         media: MediaEmbeds | None = None,  # embeddings that replace some positions of input_ids
+        added_embeds: torch.Tensor | None = None,  # (B, T, n_embd) added to the input embeddings (a reader's)
         kv_cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,  # (B or 1, 1, T, T_total) bool, True = may attend
         #   (an encoder: (B, 1, 1, T) to hide padding keys; without it every position sees all T)
@@ -430,6 +431,8 @@ class Transformer(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids, media) if inputs_embeds is None else inputs_embeds
+        if added_embeds is not None:
+            x = x + added_embeds.to(x.dtype)
         T = x.shape[1]
         if kv_cache is not None and not self.config.causal:
             raise ValueError("an encoder (model.objective mlm) has no KV cache: it does not generate")

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..modalities.encoders import MEDIA_ENCODERS, media_features
+from ..modalities.encoders import MEDIA_ENCODERS, READERS, media_features
 from ..model import ModelOutput, Transformer
 
 MEDIA_ENCODER_FILE = "media_encoders.safetensors"
@@ -64,17 +64,29 @@ def read_media_encoders(directory: Path, device="cpu") -> dict[str, nn.Module]:
         raise CheckpointError(f"cannot read the media encoders in {path}: {exc}") from None
     encoders = {}
     for name, fields in configs.items():
-        if name not in MEDIA_ENCODERS:
+        registry = READERS if isinstance(fields, dict) and fields.get("reads") == "codes" else MEDIA_ENCODERS
+        if name not in registry:
             raise CheckpointError(f"{path}: an encoder for {name!r}, a modality without one here")
-        kind = MEDIA_ENCODERS[name]
-        encoder = kind.module(kind.config(**fields))
+        kind = registry[name]
+        try:
+            encoder = kind.module(kind.config(**fields))
+        except TypeError as exc:
+            raise CheckpointError(f"{path}: the {name} encoder's config does not fit: {exc}") from None
         state = {key[len(name) + 1:]: value for key, value in tensors.items() if key.startswith(f"{name}.")}
         try:
             encoder.load_state_dict(state)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: the {name} encoder's weights do not fit its config: {exc}") from None
         encoders[name] = encoder.to(device).eval()
+        if getattr(encoder, "reads_codes", False):
+            encoder.requires_grad_(False)
     return encoders
+
+
+def base_readers(directory: Path) -> dict[str, nn.Module]:
+    """The readers a base checkpoint carries (`fmforge pretrain --image_reader true`): encoders that read codes."""
+    return {name: encoder for name, encoder in read_media_encoders(directory).items()
+            if getattr(encoder, "reads_codes", False)}
 
 
 def load_media_encoders_into(encoders: dict[str, nn.Module], directory: Path) -> None:

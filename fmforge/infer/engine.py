@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..device import release_openmp_threads
 from ..errors import GenerationError
-from ..modalities.encoders import placements
+from ..modalities.encoders import code_placements, placements
 from ..model import LockstepKVCache, Transformer
 from .cache import SlotKVCache
 from .compiled import CompiledDecoder
@@ -402,9 +402,15 @@ class Engine:
     def _media_placements(self, prompt_ids: list[int], adapter: int, media: list | None) -> list:
         """Where the prompt's media that the adapter's encoders read lie (modalities/encoders.placements)."""
         encoders = self.encoders[adapter] if 0 <= adapter < len(self.encoders) else {}
-        if not media or not encoders or self.tokenizer is None:
+        if not encoders or self.tokenizer is None:
             return []
-        return [item for item in placements(self.tokenizer, prompt_ids, media) if item.modality in encoders]
+        found = []
+        if any(getattr(encoder, "reads_codes", False) for encoder in encoders.values()):  # a base's reader
+            found = code_placements(self.tokenizer, prompt_ids)[0]  # every image span of the prompt, from its ids
+        if media:
+            found += [item for item in placements(self.tokenizer, prompt_ids, media)
+                      if item.modality in encoders and not getattr(encoders[item.modality], "reads_codes", False)]
+        return [item for item in found if item.modality in encoders]
 
     def _features(self, sequence: Sequence) -> list:
         """(position, (L, n_embd) features) of the sequence's media, encoded once (engine thread)."""

@@ -15,8 +15,18 @@ Audio works the same way: the codec's own log-mels through 1-D convolutions, one
 (benchmarks/audio.py's digit judge reads FSDD test speech at 0.895, its codec round trip at 0.305: the codes lose
 much of what tells real voices' words apart).
 
+A base may carry its own reader instead (`fmforge pretrain --image_reader true`, `ImageCodeReader`): a fixed random
+linear map of each code's patch of the image the span's codes decode to. It needs no pixels, so pretraining gives it
+the image -> caption documents' images, read from their codes; it is trained with the base (the base learns to read
+it), and specialists inherit it. On a from-scratch probe (the 4 x 256 model classifying MNIST's 4,000 train digits
+from codes, 300 steps of 64) code embeddings reached 0.57, the decoded patches through a fixed random map 0.71,
+plus the code embeddings 0.74 (a trained map 0.65; the real pixels 0.79): continuous patches are easier to learn
+from than ids, as Janus argues, and a frozen random patch projection trains steadier than a learned one (as MoCo v3
+found for ViTs). benchmarks/RESULTS.md ("vision") has the measurement on real bases.
+
 A placement (`MediaPlacement`) says where one array's features go: the batch row, the position of the span's first
-code, the modality and the array. `MEDIA_ENCODERS` is the registry: a modality without an entry has none.
+code, the modality and the array (for a reader also a code grid). `MEDIA_ENCODERS` is the registry: a modality
+without an entry has none; `READERS` holds the base readers, told apart by their config's `reads: codes`.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, DataError
 from .audio import AudioCodecConfig, check_wave, log_mel_spectrogram, normalise
+from .image import ImageCodec, ImageCodecConfig
 from .stream import media_kind
 
 HEADER = 3  # a span's marker and its grid rows, cols come before the codes
@@ -167,6 +178,92 @@ class AudioFrameEncoder(nn.Module):
         return out
 
 
+@dataclass
+class ImageReaderConfig:
+    codec: dict = field(default_factory=dict)  # the image codec's config fields (its weights are copied in)
+    n_embd: int = 256
+    seed: int = 0
+    reads: str = "codes"  # tells a reader's saved config from an encoder's (adapt/media.read_media_encoders)
+
+    def __post_init__(self):
+        if self.reads != "codes" or self.n_embd < 1:
+            raise CheckpointError(f"an image reader reads codes and has a positive width, got reads={self.reads!r}, "
+                                  f"n_embd={self.n_embd}")
+
+
+class ImageCodeReader(nn.Module):
+    """Code grids (N, h, w) -> features (N, h * w, n_embd): each code's f x f patch of the grid's decoding (by a
+    frozen copy of the image codec), through a fixed random linear map (nothing here trains). `encode_media`
+    takes code grids, or uint8 images, which it encodes first, so that a prompt image is read exactly as the
+    base read its codes in pretraining."""
+
+    reads_codes = True
+
+    def __init__(self, config: ImageReaderConfig):
+        super().__init__()
+        self.config = config
+        self.codec = ImageCodec(ImageCodecConfig(**{**config.codec, "levels": tuple(config.codec.get(
+            "levels", ImageCodecConfig.levels))}))
+        c = self.codec.config
+        self.project = nn.Linear(c.downsample * c.downsample * c.channels, config.n_embd)
+        generator = torch.Generator().manual_seed(config.seed)
+        bound = 1 / math.sqrt(self.project.in_features)  # nn.Linear's own initialisation, seeded
+        with torch.no_grad():
+            self.project.weight.uniform_(-bound, bound, generator=generator)
+            self.project.bias.uniform_(-bound, bound, generator=generator)
+        self.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:
+        c = self.codec.config
+        f = c.downsample
+        N, h, w = grids.shape
+        dtype = self.project.weight.dtype
+        quantized = self.codec.quantizer.from_codes(grids.to(self.project.weight.device)).permute(0, 3, 1, 2)
+        pixels = self.codec.decoder(quantized.to(dtype)).clamp(-1, 1)  # (N, C, h f, w f)
+        patches = pixels.reshape(N, c.channels, h, f, w, f).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, -1)
+        return self.project(patches)
+
+    def encode_media(self, items: list[np.ndarray]) -> list[torch.Tensor]:
+        """Code grids (h, w) or uint8 images (H, W, C) -> one (h * w, n_embd) tensor each, batched by grid size."""
+        grids = [torch.as_tensor(np.asarray(item), dtype=torch.long) if np.asarray(item).ndim == 2
+                 else self.codec.encode(torch.from_numpy(np.ascontiguousarray(item))[None])[0] for item in items]
+        out: list = [None] * len(grids)
+        by_shape: dict[tuple, list[int]] = {}
+        for index, grid in enumerate(grids):
+            by_shape.setdefault(tuple(grid.shape), []).append(index)
+        for indices in by_shape.values():
+            for i, features in zip(indices, self(torch.stack([grids[i] for i in indices]))):
+                out[i] = features
+        return out
+
+
+def new_image_reader(tokenizer, n_embd: int, seed: int = 0) -> ImageCodeReader:
+    """A base's image reader for `tokenizer`'s image codec (its weights copied in)."""
+    codec = tokenizer.codecs["image"]
+    reader = ImageCodeReader(ImageReaderConfig(codec=dataclasses.asdict(codec.config), n_embd=n_embd, seed=seed))
+    reader.codec.load_state_dict(codec.state_dict())
+    return reader.requires_grad_(False)
+
+
+def code_placements(tokenizer, ids, row: int = 0, after_bos: bool = False) -> tuple[list[MediaPlacement], list]:
+    """(placements, spans) of the complete image spans in `ids` for a reader: each placement's array is the span's
+    code grid. after_bos: only spans that open a document (just after a BOS id), as image -> caption documents do."""
+    ids = [int(i) for i in ids]
+    found, spans = [], []
+    offset = tokenizer.code_offset("image")
+    for modality, start, end in tokenizer.spans(ids):
+        if modality != "image" or (after_bos and (start == 0 or ids[start - 1] != tokenizer.bos_id)):
+            continue
+        h, w = ids[start + 1] - offset, ids[start + 2] - offset
+        codes = np.asarray(ids[start + HEADER:end - 1]) - offset
+        if h < 1 or w < 1 or codes.size != h * w or codes.min() < 0 or codes.max() >= tokenizer.ranges["image"][1]:
+            continue  # a malformed span is read as its ids only
+        found.append(MediaPlacement(row, start + HEADER, "image", codes.reshape(h, w)))
+        spans.append((start, end))
+    return found, spans
+
+
 @dataclass(frozen=True)
 class EncoderKind:
     config: type
@@ -180,6 +277,12 @@ MEDIA_ENCODERS: dict[str, EncoderKind] = {
                                             "channels": tokenizer.codecs["image"].config.channels}),
     "audio": EncoderKind(AudioEncoderConfig, AudioFrameEncoder,
                          lambda tokenizer: {"codec": dataclasses.asdict(tokenizer.codecs["audio"].config)}),
+}
+
+
+READERS: dict[str, EncoderKind] = {
+    "image": EncoderKind(ImageReaderConfig, ImageCodeReader,
+                         lambda tokenizer: {"codec": dataclasses.asdict(tokenizer.codecs["image"].config)}),
 }
 
 

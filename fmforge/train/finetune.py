@@ -20,7 +20,8 @@ import torch
 from ..adapt.embedding import ContrastiveEmbedder, PairDataset
 from ..adapt.heads import SequenceClassifier, head_pooling
 from ..adapt.lora import LoRAConfig, inject_lora, load_adapter_weights, write_adapter
-from ..adapt.media import MEDIA_ENCODER_FILE, MediaEncoded, load_media_encoders_into, save_media_encoders
+from ..adapt.media import (MEDIA_ENCODER_FILE, MediaEncoded, base_readers, load_media_encoders_into,
+                           save_media_encoders)
 from ..config import TrainConfig, load_recipe
 from ..data import finetune as ft
 from ..data.loader import PretrainBatches, WindowDataset
@@ -139,7 +140,8 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
                         ft.classification_data(val_records, labels, tokenizer, length) if val_records else None,
                         labels)
 
-    keep_media = uses_media_encoder(spec, task, tokenizer)
+    keep_media = uses_media_encoder(spec, task, tokenizer, base_checkpoint) or bool(prompt_readers(task,
+                                                                                              base_checkpoint))
 
     def packed(records):
         return ft.PackedDataset(lm_examples(task, records, tokenizer, spec.train_on_all), length,
@@ -152,12 +154,21 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
     return data
 
 
-def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer) -> bool:
+def prompt_readers(task: Task, base_checkpoint: Path) -> dict:
+    """The base's readers (`pretrain --image_reader true`) that a task's prompts feed: a base that learnt to read
+    images keeps reading them in every specialist whose prompt holds one."""
+    return base_readers(base_checkpoint) if task.name in IMAGE_PROMPT_TASKS else {}
+
+
+def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer, base_checkpoint: Path | None = None) -> bool:
     """Whether this run trains understanding encoders (--media-encoder on); ConfigError where it cannot."""
     if spec.media_encoder not in ("on", "off"):
         raise ConfigError(f"--media-encoder must be on or off, got {spec.media_encoder!r}")
     if spec.media_encoder == "off":
         return False
+    if base_checkpoint is not None and base_readers(base_checkpoint):
+        raise ConfigError(f"--media-encoder on: {base_checkpoint} reads images itself (pretrained with "
+                          "train.image_reader); its specialists use that reader")
     if not any(has_modality(tokenizer, name) for name in MEDIA_ENCODERS) or task.name not in MEDIA_PROMPT_TASKS:
         raise ConfigError(f"--media-encoder on needs a task whose prompts hold media "
                           f"({', '.join(MEDIA_PROMPT_TASKS)}; not {task.name}) and a base with an image or audio "
@@ -165,9 +176,10 @@ def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer) -> bool:
     return True
 
 
-def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=None):
+def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=None, readers: dict | None = None):
     """The model that trains: the base (LM head) or the base under a new classifier head, with LoRA injected or
-    every weight trainable; with understanding encoders (trained in full) when the data carries media."""
+    every weight trainable; with understanding encoders (trained in full) when the data carries media, or the
+    base's own readers (frozen) where it has them."""
     model = SequenceClassifier(base_model, data.labels, spec.pooling) if data.task.classifier else base_model
     if data.task.head == EMBEDDING_HEAD:
         model = ContrastiveEmbedder(base_model, spec.temperature)
@@ -179,7 +191,9 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=N
         for p in model.parameters():
             p.requires_grad_(True)
     kinds = data.train.media_modalities() if getattr(data.train, "keep_media", False) else []
-    if kinds:  # an encoder for each modality the prompts hold
+    if kinds and readers:
+        model = MediaEncoded(model, {name: readers[name] for name in kinds if name in readers})
+    elif kinds:  # an encoder for each modality the prompts hold
         rms = float(base_model.embed_tokens.weight.detach().float().pow(2).mean().sqrt())
         model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds, scale=rms))
     return model
@@ -211,7 +225,8 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     keep_freed_memory()  # before any timing: sizing measures steps as the run takes them
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
-    model = specialist_model(spec, data, base_model, tokenizer).train().to(device)
+    model = specialist_model(spec, data, base_model, tokenizer, prompt_readers(task, base_checkpoint))
+    model = model.train().to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     info = {"task": task.name, "method": spec.method, "base_checkpoint": str(base_checkpoint),

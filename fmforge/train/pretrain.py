@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from ..config import RunConfig
+from ..adapt.media import save_media_encoders
 from ..checkpoint import load_tokenizer
 from ..data.loader import MixtureDataset, PretrainBatches, WindowDataset, eval_windows
 from ..data.shards import load_split, read_manifest
@@ -19,6 +20,8 @@ from ..errors import ConfigError, TokenizerError
 from ..data.masking import mask_token_id, masked_batch, special_id_count
 from .evaluation import bits_per_byte, evaluate_masked_windows, evaluate_windows
 from ..model import Transformer
+from ..modalities.encoders import HEADER, code_placements, media_features, new_image_reader
+from ..modalities.stream import has_modality
 from ..tokenizer import Tokenizer
 from . import distributed, parallel
 from ..device import keep_freed_memory, resolve_device
@@ -113,6 +116,41 @@ def auto_size(run: RunConfig, resume: bool, device: torch.device, dist, quiet: b
     return sized, {"sizing": {**record, "seconds_spent": round(spent, 3)}}, spent
 
 
+def image_reader(run: RunConfig, tokenizer, tokenizer_dir: Path):
+    """train.image_reader: the base's reader of image codes (modalities/encoders.ImageCodeReader), or ConfigError
+    where it cannot be: a model without an image tokenizer, or an encoder (it has no captions to write)."""
+    if not has_modality(tokenizer, "image"):
+        raise ConfigError(f"train.image_reader needs data prepared with an image tokenizer; {tokenizer_dir}'s has "
+                          "none (fmforge tokenizer train --modality image, then fmforge prepare image:...)")
+    if not run.model.causal:
+        raise ConfigError("train.image_reader is for decoders (image -> caption documents); this model is an encoder")
+    if run.train.init_from:
+        from ..adapt.media import base_readers
+        from ..checkpoint import resolve_checkpoint
+        readers = base_readers(resolve_checkpoint(run.train.init_from))
+        if "image" in readers:
+            return readers["image"]
+    return new_image_reader(tokenizer, run.model.n_embd, seed=0)
+
+
+def reading_batches(get_batch, reader, tokenizer):
+    """get_batch with the reader's features of every image that opens a document (image -> caption) as
+    "added_embeds", and those images' codes taken out of the loss: the model reads them, it does not predict them."""
+    def get(step: int, micro: int) -> dict:
+        batch = get_batch(step, micro)
+        targets, items = batch["targets"].clone(), []
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            found, spans = code_placements(tokenizer, ids, row, after_bos=True)
+            items += found
+            for start, end in spans:  # targets[p] is the id at p + 1: the codes lie at start + HEADER .. end - 2
+                targets[row, start + HEADER - 1:end - 2] = -100
+        added = media_features({"image": reader}, items, tuple(batch["input_ids"].shape),
+                               reader.project.bias)
+        return {**batch, "targets": targets} if added is None else {**batch, "targets": targets,
+                                                                    "added_embeds": added}
+    return get
+
+
 def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train run.model on the shards in run.train.data_dir; checkpoints and logs go to run.train.out_dir."""
     cfg = run.train
@@ -151,6 +189,9 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
                   f"{cfg.batch_size * cfg.grad_accum * dist.world_size * T:,} tokens/step", flush=True)
 
         get_batch = batches.get
+        reader = image_reader(run, tokenizer, tokenizer_dir) if cfg.image_reader else None
+        if reader is not None:
+            get_batch = reading_batches(batches.get, reader, tokenizer)
         if not run.model.causal:  # an encoder: the same windows, masked (BERT's 80/10/10 at train.mask_rate)
             text = getattr(tokenizer, "text", tokenizer)
             masking = dict(mask_rate=cfg.mask_rate, mask_id=mask_token_id(tokenizer),
@@ -178,7 +219,8 @@ def pretrain(run: RunConfig, resume: bool = False, quiet: bool = False) -> Train
 
         trainer = Trainer(model, run, get_batch, evaluate if val_data is not None else None, Path(cfg.out_dir),
                           tokenizer_dir, dist, device, resume=resume, quiet=quiet, budget_spent=budget_spent,
-                          resolved=resolved)
+                          resolved=resolved, also_write=None if reader is None else
+                          (lambda directory: save_media_encoders(directory, {"image": reader})))
         return trainer.fit()
     finally:
         distributed.teardown(dist)

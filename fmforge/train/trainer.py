@@ -81,11 +81,12 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, run: RunConfig, get_batch: BatchFn, evaluate: EvalFn | None,
                  run_dir: Path, tokenizer_dir: Path | None, dist: distributed.DistInfo, device: torch.device,
                  resume: bool = False, quiet: bool = False, save_files=None, load_files=None, lr_scale=None,
-                 budget_spent: float = 0.0, resolved: dict | None = None):
+                 budget_spent: float = 0.0, resolved: dict | None = None, also_write=None):
         """save_files(directory) writes the model's files into a checkpoint directory and
         load_files(checkpoint) restores them on resume; both default to a plain Transformer checkpoint.
         lr_scale: {parameter: factor} for parameters that train at factor x the scheduled lr. budget_spent: seconds
-        of train.max_minutes already used before (choosing a size); resolved: more to record in run.yaml."""
+        of train.max_minutes already used before (choosing a size); resolved: more to record in run.yaml.
+        also_write(directory): more files for every checkpoint, in either layout (a pretrained base's reader)."""
         self.budget_spent, self.resolved = budget_spent, resolved or {}
         self.run, self.cfg = run, run.train
         self.model, self.get_batch, self.evaluate = model, get_batch, evaluate
@@ -98,6 +99,7 @@ class Trainer:
         if self.cfg.parallel == "fsdp" and save_files is not None:
             raise ConfigError("train.parallel fsdp is for pretraining; fine-tune with train.parallel ddp")
         self.save_files = save_files or (lambda directory: write_model_files(directory, model, tokenizer_dir))
+        self.also_write = also_write or (lambda directory: None)
         self.load_files = load_files or self._load_transformer
         # Parallelise before building the optimizer: FSDP2 replaces the parameters by their shards.
         self.sharded = parallel.is_sharded(self.cfg, dist)
@@ -393,7 +395,11 @@ class Trainer:
         if self.cfg.parallel == "fsdp":
             self._save_sharded(step, state)
         elif self.dist.is_main:
-            commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, write_files=self.save_files,
+            def write_files(directory: Path) -> None:
+                self.save_files(directory)
+                self.also_write(directory)
+
+            commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, write_files=write_files,
                                   train_state=state, optimizer=self.optimizer, run_yaml=self.run_yaml)
         distributed.barrier(self.dist)
 
@@ -408,8 +414,8 @@ class Trainer:
         if self.dist.is_main:
             commit_run_checkpoint(
                 self.run_dir, step, self.cfg.keep_checkpoints, train_state=state, run_yaml=self.run_yaml,
-                write_files=lambda directory: write_model_files(directory, self.model, self.tokenizer_dir,
-                                                                state=weights),
+                write_files=lambda directory: (write_model_files(directory, self.model, self.tokenizer_dir,
+                                                                 state=weights), self.also_write(directory)),
                 sharded_state=shards)
 
     def _plot(self) -> None:
