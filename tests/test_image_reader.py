@@ -114,17 +114,16 @@ def test_pretrain_saves_the_reader_and_specialists_inherit_it(reader_base, token
     ids = tok.encode_chat([{"role": "user", "content": [{"type": "image", "image": digits.images[0]}, "Which?"]}],
                           add_generation_prompt=True)
     wrapped = MediaEncoded(model, model.media_encoders).eval()
-    found = code_placements(tok, ids)[0]
-    with torch.no_grad():
-        expected, plain = [], []
-        for out_list, media in ((expected, found), (plain, [])):
-            for _ in range(4):
-                logits = wrapped(torch.tensor([ids + out_list]), media=media).logits
-                out_list.append(int(logits[0, -1].argmax()))
     engine = Engine(model, tok, speculate=0)
-    request = GenerationRequest(ids, SamplingParams(max_tokens=4, temperature=0), stop_ids=frozenset())
-    got = engine.complete([request])[0].token_ids
-    assert got == expected and expected != plain  # the features change what it says, in training and serving
+    events = []
+    engine.submit(ids, SamplingParams(max_tokens=1, temperature=0, logprobs=0), events.append, stop_ids=frozenset())
+    while engine.step():
+        pass
+    token, logprob = events[0].token_id, events[0].logprob.logprob
+    with torch.no_grad():
+        read, unread = [float(wrapped(torch.tensor([ids]), media=media).logits[0, -1].float().log_softmax(-1)[token])
+                        for media in (code_placements(tok, ids)[0], [])]
+    assert logprob == pytest.approx(read, abs=1e-4) and abs(read - unread) > 1e-3  # served as trained, and it matters
 
 
 def test_pretrain_refuses_a_reader_without_images(prepared, tmp_path, capsys):

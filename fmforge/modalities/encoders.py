@@ -183,19 +183,23 @@ class ImageReaderConfig:
     codec: dict = field(default_factory=dict)  # the image codec's config fields (its weights are copied in)
     n_embd: int = 256
     seed: int = 0
+    # times the map's output: a patch full of ink comes out at ~0.14 RMS, the size trained code embeddings reach
+    # (~0.15); background (pixels 0) at 0. At 4x that and with background at -1 plus a bias (RMS ~0.55, a large
+    # constant over every code) the reader hurt: benchmarks/RESULTS.md, "vision".
+    scale: float = 0.25
     reads: str = "codes"  # tells a reader's saved config from an encoder's (adapt/media.read_media_encoders)
 
     def __post_init__(self):
-        if self.reads != "codes" or self.n_embd < 1:
-            raise CheckpointError(f"an image reader reads codes and has a positive width, got reads={self.reads!r}, "
-                                  f"n_embd={self.n_embd}")
+        if self.reads != "codes" or self.n_embd < 1 or not self.scale > 0:
+            raise CheckpointError(f"an image reader reads codes and has a positive width and scale, got "
+                                  f"reads={self.reads!r}, n_embd={self.n_embd}, scale={self.scale}")
 
 
 class ImageCodeReader(nn.Module):
     """Code grids (N, h, w) -> features (N, h * w, n_embd): each code's f x f patch of the grid's decoding (by a
-    frozen copy of the image codec), through a fixed random linear map (nothing here trains). `encode_media`
-    takes code grids, or uint8 images, which it encodes first, so that a prompt image is read exactly as the
-    base read its codes in pretraining."""
+    frozen copy of the image codec; pixels in [0, 1]), through a fixed random linear map without bias, times
+    `scale` (nothing here trains). `encode_media` takes code grids, or uint8 images, which it encodes first, so
+    that a prompt image is read exactly as the base read its codes in pretraining."""
 
     reads_codes = True
 
@@ -205,12 +209,11 @@ class ImageCodeReader(nn.Module):
         self.codec = ImageCodec(ImageCodecConfig(**{**config.codec, "levels": tuple(config.codec.get(
             "levels", ImageCodecConfig.levels))}))
         c = self.codec.config
-        self.project = nn.Linear(c.downsample * c.downsample * c.channels, config.n_embd)
+        self.project = nn.Linear(c.downsample * c.downsample * c.channels, config.n_embd, bias=False)
         generator = torch.Generator().manual_seed(config.seed)
         bound = 1 / math.sqrt(self.project.in_features)  # nn.Linear's own initialisation, seeded
         with torch.no_grad():
             self.project.weight.uniform_(-bound, bound, generator=generator)
-            self.project.bias.uniform_(-bound, bound, generator=generator)
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -220,9 +223,9 @@ class ImageCodeReader(nn.Module):
         N, h, w = grids.shape
         dtype = self.project.weight.dtype
         quantized = self.codec.quantizer.from_codes(grids.to(self.project.weight.device)).permute(0, 3, 1, 2)
-        pixels = self.codec.decoder(quantized.to(dtype)).clamp(-1, 1)  # (N, C, h f, w f)
+        pixels = (self.codec.decoder(quantized.to(dtype)).clamp(-1, 1) + 1) / 2  # (N, C, h f, w f) in [0, 1]
         patches = pixels.reshape(N, c.channels, h, f, w, f).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, -1)
-        return self.project(patches)
+        return self.config.scale * self.project(patches)
 
     def encode_media(self, items: list[np.ndarray]) -> list[torch.Tensor]:
         """Code grids (h, w) or uint8 images (H, W, C) -> one (h * w, n_embd) tensor each, batched by grid size."""

@@ -157,7 +157,7 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
 def prompt_readers(task: Task, base_checkpoint: Path) -> dict:
     """The base's readers (`pretrain --image_reader true`) that a task's prompts feed: a base that learnt to read
     images keeps reading them in every specialist whose prompt holds one."""
-    return base_readers(base_checkpoint) if task.name in IMAGE_PROMPT_TASKS else {}
+    return base_readers(base_checkpoint) if task.name in IMAGE_PROMPT_TASKS + ("say",) else {}
 
 
 def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer, base_checkpoint: Path | None = None) -> bool:
@@ -191,7 +191,7 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=N
         for p in model.parameters():
             p.requires_grad_(True)
     kinds = data.train.media_modalities() if getattr(data.train, "keep_media", False) else []
-    if kinds and readers:
+    if kinds and readers:  # the base's own (images): a prompt's other media are read as their codes only
         model = MediaEncoded(model, {name: readers[name] for name in kinds if name in readers})
     elif kinds:  # an encoder for each modality the prompts hold
         rms = float(base_model.embed_tokens.weight.detach().float().pow(2).mean().sqrt())

@@ -145,7 +145,7 @@ def reading_batches(get_batch, reader, tokenizer):
             for start, end in spans:  # targets[p] is the id at p + 1: the codes lie at start + HEADER .. end - 2
                 targets[row, start + HEADER - 1:end - 2] = -100
         added = media_features({"image": reader}, items, tuple(batch["input_ids"].shape),
-                               reader.project.bias)
+                               reader.project.weight[:, 0])  # (n_embd,): the features' width, dtype, device
         return {**batch, "targets": targets} if added is None else {**batch, "targets": targets,
                                                                     "added_embeds": added}
     return get
