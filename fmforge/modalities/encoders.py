@@ -17,12 +17,12 @@ much of what tells real voices' words apart).
 
 A base may carry its own reader instead (`fmforge pretrain --image_reader true`, `ImageCodeReader`): a fixed random
 linear map of each code's patch of the image the span's codes decode to. It needs no pixels, so pretraining gives it
-the image -> caption documents' images, read from their codes; it is trained with the base (the base learns to read
-it), and specialists inherit it. On a from-scratch probe (the 4 x 256 model classifying MNIST's 4,000 train digits
-from codes, 300 steps of 64) code embeddings reached 0.57, the decoded patches through a fixed random map 0.71,
-plus the code embeddings 0.74 (a trained map 0.65; the real pixels 0.79): continuous patches are easier to learn
-from than ids, as Janus argues, and a frozen random patch projection trains steadier than a learned one (as MoCo v3
-found for ViTs). benchmarks/RESULTS.md ("vision") has the measurement on real bases.
+the image -> caption documents' images, read from their codes; nothing in it trains (the base learns to read it),
+and specialists inherit it. On a from-scratch probe (the 4 x 256 model classifying MNIST's 4,000 train digits from
+codes, 300 steps of 64) code embeddings reached 0.57, the decoded patches through a fixed random map 0.71, plus the
+code embeddings 0.74 (a trained map 0.65; the real pixels 0.79): continuous patches are easier to learn from than
+ids, as Janus argues, and a frozen random patch projection trains steadier than a learned one (as MoCo v3 found for
+ViTs). benchmarks/RESULTS.md ("vision") has the measurement on real bases.
 
 A placement (`MediaPlacement`) says where one array's features go: the batch row, the position of the span's first
 code, the modality and the array (for a reader also a code grid). `MEDIA_ENCODERS` is the registry: a modality
@@ -243,9 +243,8 @@ class ImageCodeReader(nn.Module):
 
 def new_image_reader(tokenizer, n_embd: int, seed: int = 0) -> ImageCodeReader:
     """A base's image reader for `tokenizer`'s image codec (its weights copied in)."""
-    codec = tokenizer.codecs["image"]
-    reader = ImageCodeReader(ImageReaderConfig(codec=dataclasses.asdict(codec.config), n_embd=n_embd, seed=seed))
-    reader.codec.load_state_dict(codec.state_dict())
+    reader = ImageCodeReader(ImageReaderConfig(**READERS["image"].defaults(tokenizer), n_embd=n_embd, seed=seed))
+    reader.codec.load_state_dict(tokenizer.codecs["image"].state_dict())
     return reader.requires_grad_(False)
 
 
