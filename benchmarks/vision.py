@@ -9,8 +9,9 @@ Stages (each cached in --work and skipped when its output exists, so an interrup
  2. tokenizers: BPE on the text file; the FSQ image tokenizer on MNIST + shapes + glyphs crops, extending it.
  3. data: the text (cut into 20 documents, 10% val) and image:mnist/shapes/glyphs (caption <-> image documents of
     their train and val splits; no test image is ever read before stage 6).
- 4. pretraining: the multimodal base on the mixture (text 1 : images 3), and a text-only model of the same shape
-    trained on the same number of text windows the base saw; both scored on the text's held-out split (bits/byte).
+ 4. pretraining: the multimodal base on the mixture (text 1 : images 3) with its image reader (`--image_reader
+    true`: chosen on val, RESULTS.md), and a text-only model of the same shape trained on the same number of text
+    windows the base saw; both scored on the text's held-out split (bits/byte).
  5. specialists: a LoRA adapter per task on the base, each with the same time budget.
  6. scores on the test splits (held-out font for read), the draw judge, edit against the programmatic result.
  7. the foundation claim: recognise and answer at N = 100 and 1,000 examples, base + LoRA vs the same architecture
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--draw-minutes", type=float, default=6.0, help="the draw specialist's budget: its loss is on "
                         "49 codes an example, and the condition is learned late (2 min: judge 0.13 unguided)")
     parser.add_argument("--claim-steps", type=int, default=80, help="steps of each foundation-claim run")
+    parser.add_argument("--image-reader", choices=["on", "off"], default="on", help="the base reads the images "
+                        "that open its image -> caption documents (pretrain --image_reader; on: chosen on val)")
     parser.add_argument("--no-results", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args()
     work = Path(args.work)
@@ -188,7 +191,8 @@ def main() -> None:
               "--log_interval", "50", "--checkpoint_interval", "500", "--schedule", "wsd"]
     if stage("multimodal pretraining", base_run / "latest"):
         cli("pretrain", *BASE_SHAPE, *common, "--mixture", f"{{{text_data}: 1, {image_data}: 3}}",
-            "--max_minutes", pre_minutes, "--out_dir", base_run)
+            "--max_minutes", pre_minutes, "--image_reader", str(args.image_reader == "on").lower(),
+            "--out_dir", base_run)
     base = latest(base_run)
     base_steps = json.loads((base / "train_state" / "state.json").read_text())["step"] \
         if (base / "train_state" / "state.json").exists() else None
@@ -331,6 +335,7 @@ def foundation_claim(base: Path, work: Path, steps: int, seeds, quick: bool) -> 
     steps, same data, scored on the same test records."""
     import torch
 
+    from fmforge.adapt.media import MEDIA_ENCODER_FILE
     from fmforge.checkpoint import load_model_and_tokenizer, write_checkpoint
     from fmforge.model import Transformer
 
@@ -339,6 +344,8 @@ def foundation_claim(base: Path, work: Path, steps: int, seeds, quick: bool) -> 
         model, _, _ = load_model_and_tokenizer(base)
         torch.manual_seed(0)
         write_checkpoint(scratch, Transformer(model.config), tokenizer_dir=base)
+        if (base / MEDIA_ENCODER_FILE).exists():  # the base's reader is fixed, part of the architecture: scratch too
+            shutil.copyfile(base / MEDIA_ENCODER_FILE, scratch / MEDIA_ENCODER_FILE)
     results = {}
     for dataset, limit in (("mnist-recognise", 60 if quick else 300), ("shapes-answer", 60 if quick else 500)):
         for n in (100, 1000):
@@ -423,7 +430,8 @@ def report(judge, codec, text_bpb, base_steps, results, claim, serving, minutes,
         "",
         f"- image tokenizer (FSQ 8x5x5x5 = 1000 codes, 4x4 px per code, trained on MNIST/shapes/glyphs crops): "
         f"held-out MSE {codec['mse']:.4f} (PSNR {codec['psnr']:.1f} dB), {codec['codes_used']} codes used",
-        f"- multimodal base: 4 layers x 256, context 352, {base_steps} steps on text 1 : images 3. Held-out text "
+        f"- multimodal base: 4 layers x 256, context 352, {base_steps} steps on text 1 : images 3, image reader "
+        f"{args.image_reader}. Held-out text "
         f"bits/byte {text_bpb['multimodal']:.3f} vs {text_bpb['text_only']:.3f} for the text-only model of the same "
         "shape trained on the same text windows",
         f"- judge: a CNN trained here on MNIST's train split, {judge['mnist_test_accuracy']:.3f} on its test split",

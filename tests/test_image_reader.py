@@ -4,17 +4,22 @@ reader saved with the base, inherited by its specialists and used by the engine 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fmforge.adapt.media import MediaEncoded, base_readers, read_media_encoders
 from fmforge.adapt.specialist import load_specialist
 from fmforge.checkpoint import load_tokenizer, resolve_checkpoint
 from fmforge.cli import main
 from fmforge.data.images import load_images
-from fmforge.infer.engine import Engine, GenerationRequest
+from fmforge.infer.engine import Engine
 from fmforge.infer.sampling import SamplingParams
+from fmforge.modalities import IMAGE_BEGIN_ID, IMAGE_END_ID
 from fmforge.modalities.encoders import HEADER, code_placements, new_image_reader
 from fmforge.train.pretrain import reading_batches
 
@@ -30,7 +35,7 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def reader_base(multimodal_base, tmp_path_factory) -> "Path":
+def reader_base(multimodal_base, tmp_path_factory) -> Path:
     """The tiny multimodal base's recipe and data, pretrained with the reader."""
     from conftest import tiny_overrides
 
@@ -140,3 +145,26 @@ def test_the_base_alone_reads_prompt_images(reader_base, digits):
     ids = tok.encode_chat([{"role": "user", "content": [{"type": "image", "image": digits.images[1]}]}],
                           add_generation_prompt=True)
     assert len(engine._media_placements(ids, 0, None)) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.tuples(st.integers(1, 3), st.integers(1, 3), st.booleans())),
+                max_size=8), st.data())
+def test_code_placements_take_exactly_the_well_formed_spans(tokenizer, pieces, data):
+    """Any mix of text ids and image spans, some of them broken (a wrong height): no error, and one placement per
+    well-formed span, at its first code, holding its grid."""
+    offset, size = tokenizer.code_offset("image"), tokenizer.ranges["image"][1]
+    ids, expected = [], []
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(piece)
+            continue
+        h, w, broken = piece
+        grid = np.array(data.draw(st.lists(st.integers(0, size - 1), min_size=h * w, max_size=h * w))).reshape(h, w)
+        span = [IMAGE_BEGIN_ID, offset + h + broken, offset + w, *(offset + grid.reshape(-1)).tolist(), IMAGE_END_ID]
+        if not broken:
+            expected.append((len(ids) + HEADER, grid))
+        ids += span
+    found, spans = code_placements(tokenizer, ids)
+    assert [(item.position, item.media.tolist()) for item in found] == [(p, g.tolist()) for p, g in expected]
+    assert all(ids[start] == IMAGE_BEGIN_ID and ids[end - 1] == IMAGE_END_ID for start, end in spans)

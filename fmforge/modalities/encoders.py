@@ -20,7 +20,7 @@ linear map of each code's patch of the image the span's codes decode to. It need
 the image -> caption documents' images, read from their codes; nothing in it trains (the base learns to read it),
 and specialists inherit it. On a from-scratch probe (the 4 x 256 model classifying MNIST's 4,000 train digits from
 codes, 300 steps of 64) code embeddings reached 0.57, the decoded patches through a fixed random map 0.71, plus the
-code embeddings 0.74 (a trained map 0.65; the real pixels 0.79): continuous patches are easier to learn from than
+code embeddings 0.77 (a trained map 0.66; the real pixels 0.79): continuous patches are easier to learn from than
 ids, as Janus argues, and a frozen random patch projection trains steadier than a learned one (as MoCo v3 found for
 ViTs). benchmarks/RESULTS.md ("vision") has the measurement on real bases.
 
