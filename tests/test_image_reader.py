@@ -93,8 +93,13 @@ def test_reading_batches_add_features_and_drop_the_read_codes_from_the_loss(toke
     codes = range(start + HEADER, end - 1)  # positions of the opening image's codes
     ignored = (batch["targets"][0] == -100).nonzero().flatten().tolist()
     assert ignored == [p - 1 for p in codes]  # exactly the predictions of those codes
-    touched = batch["added_embeds"][0].abs().sum(-1).nonzero().flatten().tolist()
-    assert touched == list(codes)  # features on the read codes only; the drawn image keeps its loss
+    added = batch["added_embeds"][0]
+    found = code_placements(tokenizer, ids, after_bos=True)[0][0]
+    torch.testing.assert_close(added[codes.start:codes.stop], reader.encode_media([found.media])[0])
+    assert added[codes.start:codes.stop].abs().sum() > 0  # a digit has ink (background patches add nothing)
+    outside = torch.ones(len(added), dtype=torch.bool)
+    outside[codes.start:codes.stop] = False
+    assert added[outside].abs().sum() == 0  # nothing elsewhere: the drawn image keeps its loss and no features
     text_only = {"input_ids": torch.tensor([[5, 6, 7]]), "targets": torch.tensor([[6, 7, 8]])}
     assert "added_embeds" not in reading_batches(lambda s, m: text_only, reader, tokenizer)(0, 0)
 
