@@ -410,7 +410,7 @@ class Engine:
         if media:
             found += [item for item in placements(self.tokenizer, prompt_ids, media)
                       if item.modality in encoders and not getattr(encoders[item.modality], "reads_codes", False)]
-        return [item for item in found if item.modality in encoders]
+        return found
 
     def _features(self, sequence: Sequence) -> list:
         """(position, (L, n_embd) features) of the sequence's media, encoded once (engine thread)."""

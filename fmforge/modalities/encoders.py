@@ -117,15 +117,20 @@ class ImagePatchEncoder(nn.Module):
     def encode_media(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """(H, W, C) uint8 arrays -> one (h * w, n_embd) tensor each; same-sized images in one forward."""
         device = self.out.project.weight.device
-        out: list = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for index, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(index)
-        for indices in by_shape.values():
-            batch = torch.from_numpy(np.stack([np.ascontiguousarray(images[i]) for i in indices])).to(device)
-            for i, features in zip(indices, self(batch)):
-                out[i] = features
-        return out
+        return batched_by_shape([torch.from_numpy(np.ascontiguousarray(image)) for image in images],
+                                lambda batch: self(batch.to(device)))
+
+
+def batched_by_shape(items: list[torch.Tensor], forward) -> list[torch.Tensor]:
+    """forward over the items stacked by shape (one call per shape), its outputs back in the items' order."""
+    out: list = [None] * len(items)
+    by_shape: dict[tuple, list[int]] = {}
+    for index, item in enumerate(items):
+        by_shape.setdefault(tuple(item.shape), []).append(index)
+    for indices in by_shape.values():
+        for i, features in zip(indices, forward(torch.stack([items[i] for i in indices]))):
+            out[i] = features
+    return out
 
 
 @dataclass
@@ -206,8 +211,7 @@ class ImageCodeReader(nn.Module):
     def __init__(self, config: ImageReaderConfig):
         super().__init__()
         self.config = config
-        self.codec = ImageCodec(ImageCodecConfig(**{**config.codec, "levels": tuple(config.codec.get(
-            "levels", ImageCodecConfig.levels))}))
+        self.codec = ImageCodec(ImageCodecConfig(**config.codec))
         c = self.codec.config
         self.project = nn.Linear(c.downsample * c.downsample * c.channels, config.n_embd, bias=False)
         generator = torch.Generator().manual_seed(config.seed)
@@ -231,14 +235,7 @@ class ImageCodeReader(nn.Module):
         """Code grids (h, w) or uint8 images (H, W, C) -> one (h * w, n_embd) tensor each, batched by grid size."""
         grids = [torch.as_tensor(np.asarray(item), dtype=torch.long) if np.asarray(item).ndim == 2
                  else self.codec.encode(torch.from_numpy(np.ascontiguousarray(item))[None])[0] for item in items]
-        out: list = [None] * len(grids)
-        by_shape: dict[tuple, list[int]] = {}
-        for index, grid in enumerate(grids):
-            by_shape.setdefault(tuple(grid.shape), []).append(index)
-        for indices in by_shape.values():
-            for i, features in zip(indices, self(torch.stack([grids[i] for i in indices]))):
-                out[i] = features
-        return out
+        return batched_by_shape(grids, self)
 
 
 def new_image_reader(tokenizer, n_embd: int, seed: int = 0) -> ImageCodeReader:

@@ -119,7 +119,7 @@ def load_task_records(spec: FinetuneSpec) -> tuple[Task, list, list]:
 
 
 def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length: int, seed: int,
-                   quiet: bool) -> TaskData:
+                   quiet: bool, readers: dict | None = None) -> TaskData:
     """The task's datasets: token windows of prepared shards (lm), labelled texts (a classifier head), or packed
     examples with loss masks (the other LM-head tasks)."""
     if spec.task == "lm" or (spec.task is None and Path(spec.data, "manifest.json").exists()):
@@ -140,8 +140,7 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
                         ft.classification_data(val_records, labels, tokenizer, length) if val_records else None,
                         labels)
 
-    keep_media = uses_media_encoder(spec, task, tokenizer, base_checkpoint) or bool(prompt_readers(task,
-                                                                                              base_checkpoint))
+    keep_media = uses_media_encoder(spec, task, tokenizer, readers) or bool(prompt_readers(task, readers))
 
     def packed(records):
         return ft.PackedDataset(lm_examples(task, records, tokenizer, spec.train_on_all), length,
@@ -154,21 +153,21 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
     return data
 
 
-def prompt_readers(task: Task, base_checkpoint: Path) -> dict:
-    """The base's readers (`pretrain --image_reader true`) that a task's prompts feed: a base that learnt to read
-    images keeps reading them in every specialist whose prompt holds one."""
-    return base_readers(base_checkpoint) if task.name in IMAGE_PROMPT_TASKS + ("say",) else {}
+def prompt_readers(task: Task, readers: dict | None) -> dict:
+    """The base's readers (adapt/media.base_readers) that a task's prompts feed: a base that learnt to read images
+    keeps reading them in every specialist whose prompt holds one."""
+    return (readers or {}) if task.name in IMAGE_PROMPT_TASKS + ("say",) else {}
 
 
-def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer, base_checkpoint: Path | None = None) -> bool:
+def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer, readers: dict | None = None) -> bool:
     """Whether this run trains understanding encoders (--media-encoder on); ConfigError where it cannot."""
     if spec.media_encoder not in ("on", "off"):
         raise ConfigError(f"--media-encoder must be on or off, got {spec.media_encoder!r}")
     if spec.media_encoder == "off":
         return False
-    if base_checkpoint is not None and base_readers(base_checkpoint):
-        raise ConfigError(f"--media-encoder on: {base_checkpoint} reads images itself (pretrained with "
-                          "train.image_reader); its specialists use that reader")
+    if readers:
+        raise ConfigError("--media-encoder on: this base reads images itself (pretrained with train.image_reader); "
+                          "its specialists use that reader")
     if not any(has_modality(tokenizer, name) for name in MEDIA_ENCODERS) or task.name not in MEDIA_PROMPT_TASKS:
         raise ConfigError(f"--media-encoder on needs a task whose prompts hold media "
                           f"({', '.join(MEDIA_PROMPT_TASKS)}; not {task.name}) and a base with an image or audio "
@@ -210,7 +209,9 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
                                                                "out_dir": spec.out}.items()] + (overrides or []))
     run.model, run.preset = base_model.config, None
     cfg: TrainConfig = run.train
-    data = load_task_data(spec, tokenizer, base_checkpoint, base_model.config.context_length, cfg.seed, quiet)
+    readers = base_readers(base_checkpoint)
+    data = load_task_data(spec, tokenizer, base_checkpoint, base_model.config.context_length, cfg.seed, quiet,
+                          readers)
     task = data.task
     if spec.lora.target_modules is None:
         spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, target_modules=default_lora_targets(task)))
@@ -225,7 +226,7 @@ def finetune(spec: FinetuneSpec, overrides: list[str] | None = None, resume: boo
     keep_freed_memory()  # before any timing: sizing measures steps as the run takes them
     dist = distributed.setup(device.type)
     torch.manual_seed(cfg.seed)
-    model = specialist_model(spec, data, base_model, tokenizer, prompt_readers(task, base_checkpoint))
+    model = specialist_model(spec, data, base_model, tokenizer, prompt_readers(task, readers))
     model = model.train().to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..adapt.media import save_media_encoders
-from ..checkpoint import load_tokenizer
+from ..adapt.media import base_readers, save_media_encoders
+from ..checkpoint import load_tokenizer, resolve_checkpoint
 from ..data.loader import MixtureDataset, PretrainBatches, WindowDataset, eval_windows
 from ..data.shards import load_split, read_manifest
 from ..errors import ConfigError, TokenizerError
@@ -69,7 +69,7 @@ def data_sources(cfg) -> list[tuple[Path, object, object, float]]:
 def model_from_checkpoint(run: RunConfig, tokenizer) -> Transformer:
     """train.init_from: the checkpoint's model with the recipe's set model fields applied over its config (e.g. a
     longer context_length and a rope_scaling), its weights loaded; its tokenizer must be the data's."""
-    from ..checkpoint import load_weights, read_model_config, resolve_checkpoint
+    from ..checkpoint import load_weights, read_model_config
 
     checkpoint = resolve_checkpoint(run.train.init_from)
     if load_tokenizer(checkpoint).fingerprint() != tokenizer.fingerprint():
@@ -125,8 +125,6 @@ def image_reader(run: RunConfig, tokenizer, tokenizer_dir: Path):
     if not run.model.causal:
         raise ConfigError("train.image_reader is for decoders (image -> caption documents); this model is an encoder")
     if run.train.init_from:
-        from ..adapt.media import base_readers
-        from ..checkpoint import resolve_checkpoint
         readers = base_readers(resolve_checkpoint(run.train.init_from))
         if "image" in readers:
             return readers["image"]

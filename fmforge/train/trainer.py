@@ -412,11 +412,12 @@ class Trainer:
         sharded_state.save_sharded(self.model, self.optimizer, shards)
         distributed.barrier(self.dist)
         if self.dist.is_main:
-            commit_run_checkpoint(
-                self.run_dir, step, self.cfg.keep_checkpoints, train_state=state, run_yaml=self.run_yaml,
-                write_files=lambda directory: (write_model_files(directory, self.model, self.tokenizer_dir,
-                                                                 state=weights), self.also_write(directory)),
-                sharded_state=shards)
+            def write_files(directory: Path) -> None:
+                write_model_files(directory, self.model, self.tokenizer_dir, state=weights)
+                self.also_write(directory)
+
+            commit_run_checkpoint(self.run_dir, step, self.cfg.keep_checkpoints, train_state=state,
+                                  run_yaml=self.run_yaml, write_files=write_files, sharded_state=shards)
 
     def _plot(self) -> None:
         try:
