@@ -193,11 +193,15 @@ def test_explicit_causal_attention_matches_sdpa_and_is_used_only_where_it_pays()
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    reference = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*reference, is_causal=True)
     got = explicit_causal_attention(q, k, v)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
-    got.float().sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    weights = torch.randn(expected.shape)
+    (got.float() * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for t, r in zip((q, k, v), reference):  # the mask and the scale reach the gradients too
+        torch.testing.assert_close(t.grad.float(), r.grad, rtol=5e-2, atol=5e-2)
     assert explicit_attention_pays(q) and not explicit_attention_pays(q.float())
     with torch.no_grad():
         assert not explicit_attention_pays(q)
