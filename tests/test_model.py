@@ -48,6 +48,23 @@ def test_rope_matches_complex_rotation_and_is_relative():
     assert not math.isclose(score(7, 3).item(), score(7, 1).item(), rel_tol=1e-3)
 
 
+def test_rope_in_training_has_the_rotations_value_and_exact_gradient():
+    """With a gradient wanted, apply_rope runs its own autograd function (the inverse rotation as backward); it
+    must give the plain expression's values and pass gradcheck in fp64."""
+    head_dim, T = 8, 5
+    cos, sin = (t.double() for t in rope_tables(head_dim, T, theta=100.0))
+    x = torch.randn(2, 3, T, head_dim, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        plain = apply_rope(x, cos, sin)
+    torch.testing.assert_close(apply_rope(x, cos, sin), plain, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: apply_rope(x, cos, sin), (x,))
+    q = torch.randn(2, 3, T, head_dim, dtype=torch.bfloat16, requires_grad=True)
+    rotated = apply_rope(q, cos.float().bfloat16(), sin.float().bfloat16())
+    assert rotated.dtype == torch.bfloat16
+    rotated.float().square().sum().backward()  # a rotation keeps lengths: d|Rq|^2/dq = 2q
+    torch.testing.assert_close(q.grad.float(), 2 * q.detach().float(), rtol=3e-2, atol=3e-2)
+
+
 def test_grouped_query_attention_equals_multi_head_with_shared_kv_heads():
     gqa = tiny(n_kv_head=2)
     mha = tiny(n_kv_head=4)
