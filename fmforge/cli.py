@@ -838,7 +838,7 @@ def cmd_serve(args) -> None:
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
         drain_timeout=args.drain_timeout, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, max_images=args.max_images, max_audio_bytes=args.max_audio_bytes,
-        max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios))
+        max_audio_seconds=args.max_audio_seconds, max_audios=args.max_audios, stream_interval=args.stream_interval))
 
 
 # ---- argument parsing --------------------------------------------------------------------------------------
@@ -1126,6 +1126,9 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-audio-seconds", type=float, default=30.0,
                    help="one audio clip's duration, read from its header before decoding; longer is a 400")
     p.add_argument("--max-audios", type=int, default=8, help="audio clips in one chat request; more is a 400")
+    p.add_argument("--stream-interval", type=float, default=20.0, metavar="MS",
+                   help="streamed tokens are written at most this often, those generated meanwhile together: fewer "
+                        "wake-ups of the server's event loop leave the CPU to decoding (0 = every step)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_serve)
 

@@ -32,7 +32,7 @@ from .middleware import BodyTimeout, BodyTooLarge, Guard, body_timed_out, error_
 from .protocol import (CLIENT_CLOSED, TRANSCRIPTION_FORMATS, APIError, ChatCompletionRequest, CompletionRequest,
                        EmbeddingRequest, ErrorResponse, ImageGenerationRequest, SpeechRequest, TranscriptionRequest,
                        check_unsupported, parse_form, parse_json_body, validation_error)
-from .serving import AudioLimits, ImageLimits, OpenAIServing, ServedModel
+from .serving import WAKE_INTERVAL, AudioLimits, ImageLimits, OpenAIServing, ServedModel
 
 ENGINE_WATCH_SECONDS = 0.5
 
@@ -40,17 +40,18 @@ ENGINE_WATCH_SECONDS = 0.5
 def create_app(engine: Engine, base_name: str = "base", adapter_names: list[str] | None = None, *,
                api_key: str | None = None, max_body_bytes: int = 4 << 20, body_timeout: float | None = None,
                base_info: dict | None = None, on_engine_death: Callable[[], None] | None = None,
-               image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None):
+               image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None,
+               stream_interval: float = WAKE_INTERVAL):
     """The ASGI app (FastAPI inside the Guard middleware); it starts the engine at startup and stops it, after
     the last response, at shutdown. A request body must arrive within `body_timeout` seconds (else 408). If the
     engine's loop dies, /health answers 503 and `on_engine_death` is called (`serve` then exits non-zero, so
     that a process manager restarts it). `image_limits` and `audio_limits` cap the images and audio a request may
-    send (multimodal models)."""
+    send (multimodal models). The event loop takes the engine's tokens at most every `stream_interval` seconds."""
     models = {base_name: ServedModel(base_name, 0, base_info or {})}
     for index, name in enumerate(adapter_names or [], start=1):
         models[name] = ServedModel(name, index, engine.adapters[index - 1].info)
     metrics = Metrics(engine)
-    serving = OpenAIServing(engine, models, metrics, image_limits, audio_limits)
+    serving = OpenAIServing(engine, models, metrics, image_limits, audio_limits, stream_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -52,6 +52,7 @@ class ServeOptions:
     max_audio_bytes: int = MAX_AUDIO_BYTES  # one clip's encoded bytes (chat input_audio, transcription upload)
     max_audio_seconds: float = MAX_AUDIO_SECONDS  # one clip's duration, read from its header before decoding
     max_audios: int = 8  # audio clips in one chat request
+    stream_interval: float = 20.0  # ms: the event loop takes the engine's tokens at most this often (serving.py)
 
 
 def parse_adapter_option(value: str) -> tuple[str, str]:
@@ -105,6 +106,8 @@ def build_engine(options: ServeOptions):
         raise ConfigError("--max-image-bytes and --max-image-pixels must be at least 1, --max-images at least 0")
     if options.max_audio_bytes < 1 or not options.max_audio_seconds > 0 or options.max_audios < 0:
         raise ConfigError("--max-audio-bytes must be at least 1, --max-audio-seconds > 0, --max-audios at least 0")
+    if not 0 <= options.stream_interval <= 1000:
+        raise ConfigError("--stream-interval must be between 0 and 1000 ms")
     from ..device import resolve_device, resolve_dtype
 
     device = resolve_device(options.device)
@@ -141,7 +144,8 @@ def serve(options: ServeOptions) -> None:
                      max_body_bytes=options.max_body_bytes, body_timeout=options.body_timeout, base_info=info,
                      on_engine_death=on_engine_death,
                      image_limits=ImageLimits(options.max_image_bytes, options.max_image_pixels, options.max_images),
-                     audio_limits=AudioLimits(options.max_audio_bytes, options.max_audio_seconds, options.max_audios))
+                     audio_limits=AudioLimits(options.max_audio_bytes, options.max_audio_seconds, options.max_audios),
+                     stream_interval=options.stream_interval / 1000)
     serving, metrics = app.app.state.serving, app.metrics
     models = ", ".join([options.model_name] + [name for name, _ in options.adapters])
     print(f"fmforge serve: {info['checkpoint']} on {info['device']} ({info['dtype']}), models: {models}; "

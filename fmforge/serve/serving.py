@@ -129,11 +129,13 @@ class DrainDeadline(Exception):
     """The server is shutting down and the drain deadline has passed."""
 
 
-# The loop takes the engine's events at most this often (seconds). 16 streams of 200 tokens through the server, the
-# bf16 compiled engine, two servers alternating wave by wave (2026-12-06, 2 threads): 5 ms 2,632 tokens/s against
-# 2,206 for a wake-up per decode step (every one of 8 waves faster); one stream 342 vs 329. A token waits at most
-# this long before it is written.
-WAKE_INTERVAL = 0.005
+# The loop takes the engine's events at most this often (seconds; `fmforge serve --stream-interval` in ms). A token
+# waits at most this long before it is written. 16 streams of 200 tokens through the server, the bf16 compiled
+# engine, servers alternating wave by wave, 8 waves each, 2 threads: on an AMD EPYC (2026-12-06) 5 ms 2,632
+# tokens/s against 2,206 for a wake-up per decode step; on an Intel Xeon with AMX, where the step is ~1.5 ms
+# (2026-12-07), 5 ms 5,537, 10 ms 6,270, 15 ms 6,378-6,524 (faster than 5 ms in 8 of 8 waves), 25 ms 6,871: each
+# wake-up of the loop (and of the clients it writes to) takes a core from the engine's two threads.
+WAKE_INTERVAL = 0.020
 
 
 class _Inbox:
@@ -194,9 +196,10 @@ async def off_loop(work, *args):
 _INBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its _Inbox
 
 
-def inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+def inbox(loop: asyncio.AbstractEventLoop, interval: float = WAKE_INTERVAL) -> _Inbox:
+    """The loop's inbox (made at the first call; `interval` is the wake interval it is made with)."""
     if loop not in _INBOXES:
-        _INBOXES[loop] = _Inbox(loop)
+        _INBOXES[loop] = _Inbox(loop, interval)
     return _INBOXES[loop]
 
 
@@ -288,8 +291,10 @@ def cancel_all(sequences: list[Sequence]) -> int:
 
 class OpenAIServing:
     def __init__(self, engine: Engine, models: dict[str, ServedModel], metrics: Metrics,
-                 image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None):
+                 image_limits: ImageLimits | None = None, audio_limits: AudioLimits | None = None,
+                 stream_interval: float = WAKE_INTERVAL):
         self.engine, self.models, self.metrics = engine, models, metrics
+        self.stream_interval = stream_interval  # seconds a token may wait to be written with those after it
         self.tokenizer = engine.tokenizer
         self.sees_images = has_modality(self.tokenizer, "image")
         self.hears_audio = has_modality(self.tokenizer, "audio")
@@ -539,7 +544,7 @@ class OpenAIServing:
             raise APIError(429, f"the server is at capacity ({engine.running} running, {engine.waiting} waiting; "
                            f"this request needs {total} places); retry later", type="rate_limit_error",
                            code="rate_limit_exceeded")
-        mail = inbox(asyncio.get_running_loop())
+        mail = inbox(asyncio.get_running_loop(), self.stream_interval)
         events: asyncio.Queue = asyncio.Queue()
         sequences: list[Sequence] = []
         try:
