@@ -229,8 +229,9 @@ class CompiledDecoder:
     """Decode steps of the first slots of `cache` for `model`: one graph for a sequence decoding alone, at widths 1
     and `1 + speculate` (static shapes, the whole cache row), and one for a batch of 2 or more, one token each
     (the batch size and the span of keys attended over, rounded up by `key_span`, are dynamic: one compiled graph
-    for all of them, plus one for the span that is the whole row). The linear weights are copied (transposed) when
-    it is made: a model whose weights change afterwards needs a new one."""
+    for all of them, plus one for the span that is the whole row). A batch's linear weights are copied (stacked) when
+    it is made, and every weight is frozen into the graphs when they compile (compile_options): a model whose
+    weights change afterwards needs a new one."""
 
     def __init__(self, model: Transformer, cache: SlotKVCache, speculate: int):
         self.cache = cache
