@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -142,6 +143,32 @@ def browser():
             yield launched
         finally:
             launched.close()
+
+
+@contextlib.contextmanager
+def app_server(app, timeout: float = 30):
+    """An ASGI app (serve.api.create_app) served by uvicorn on a free port of 127.0.0.1 in a thread of this process;
+    yields (url, the uvicorn.Server), and stops it on the way out."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 class ServerProcess:

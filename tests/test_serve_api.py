@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import ServerProcess, make_adapter
+from conftest import ServerProcess, app_server, make_adapter
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -405,10 +405,6 @@ def test_engine_events_reach_the_event_loop_in_order_with_one_wake_up_per_burst(
 def test_the_servers_stream_interval_holds_tokens_that_follow_a_flush(base):
     """create_app's stream_interval (serve --stream-interval) is the wake interval of the loop's inbox: a stream's
     first token is written at once, the tokens decoded right after it wait for the interval, then come together."""
-    import socket
-
-    import uvicorn
-
     from fmforge.checkpoint import load_model_and_tokenizer
     from fmforge.infer.engine import Engine
     from fmforge.serve.api import create_app
@@ -416,20 +412,11 @@ def test_the_servers_stream_interval_holds_tokens_that_follow_a_flush(base):
 
     model, tokenizer, _ = load_model_and_tokenizer(base)
     app = create_app(Engine(model, tokenizer, max_batch=2), stream_interval=0.4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with app_server(app) as (url, _):
         arrivals = []
         body = {"model": "base", "prompt": "def", "max_tokens": 6, "temperature": 0, "stream": True,
                 "logit_bias": {str(tokenizer.eos_id): -100}}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as response:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {") and json.loads(line[6:])["choices"]:
                     arrivals.append(time.monotonic())
@@ -437,9 +424,6 @@ def test_the_servers_stream_interval_holds_tokens_that_follow_a_flush(base):
         assert arrivals[-1] - arrivals[0] >= 0.35  # six tiny steps take milliseconds: the rest waited for the interval
         assert [mail.interval for mail in _INBOXES.values() if mail.loop is not None and not mail.loop.is_closed()] \
             == [0.4]
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_engine_events_wait_for_the_wake_interval_then_arrive_together():

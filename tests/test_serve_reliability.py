@@ -21,7 +21,7 @@ from signal import SIGTERM
 import httpx
 import pytest
 
-from conftest import ServerProcess, make_adapter, report
+from conftest import ServerProcess, app_server, make_adapter, report
 
 KEY = "reliable"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -321,8 +321,6 @@ def test_a_failing_sequence_fails_its_request_alone(server, tokenizer):
 # ---- 1c. a dead engine loop: /health 503, and the process exits non-zero --------------------------------------
 
 def test_dead_engine_loop_makes_health_503_in_process(base):
-    import uvicorn
-
     from fmforge.checkpoint import load_model_and_tokenizer
     from fmforge.infer.engine import Engine
     from fmforge.serve.api import create_app
@@ -339,15 +337,8 @@ def test_dead_engine_loop_makes_health_503_in_process(base):
     engine._retire = broken_retire
     died = threading.Event()
     app = create_app(engine, on_engine_death=died.set)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: server.started)
+    with app_server(app) as (url, server):
+        assert server.started
         assert httpx.get(url + "/health").status_code == 200
         assert completion(url, prompt="def", max_tokens=3).status_code == 200
         response = completion(url, prompt="def", max_tokens=3, seed=4242)
@@ -357,9 +348,6 @@ def test_dead_engine_loop_makes_health_503_in_process(base):
         assert health.status_code == 503 and "the engine loop broke" in health.json()["error"]
         response = completion(url, prompt="def", max_tokens=3)
         assert response.status_code == 503 and error_of(response)["code"] == "unavailable"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 DRIVER = """
