@@ -310,3 +310,17 @@ def test_each_request_decodes_with_its_own_logit_bias(engines):
     pair = [GenerationRequest([3, 4], SamplingParams(max_tokens=6 + i, temperature=0.0, logit_bias={20 + i: 100}))
             for i in range(2)]
     assert [c.token_ids for c in compiled.complete(pair)] == [[20] * 6, [21] * 7]
+
+
+def test_compile_options_freeze_weights_and_autotune_only_batches_on_a_cpu_with_amx(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(compiled_module, "has_amx", lambda: amx)
+        for batch in (True, False):
+            for device in (cpu, cuda):
+                options = compiled_module.compile_options(batch, device)
+                assert options["freezing"] and options["cpp_wrapper"]
+                assert options.get("max_autotune", False) == (amx and batch and device == cpu)
+                if options.get("max_autotune"):  # quiet: no tables of timings on the server's stderr
+                    assert options["autotune_num_choices_displayed"] == 0
+                    assert not options["max_autotune_report_choices_stats"]

@@ -206,20 +206,20 @@ def has_amx() -> bool:
     return bool(probe and probe())
 
 
-def compile_options(batch: bool) -> dict:
+def compile_options(batch: bool, device: torch.device) -> dict:
     """Inductor's options (torch._inductor.config) for compiling a decode step.
     - cpp_wrapper: the step's calls are made from C++, not from a generated Python function (-0.4 ms a step).
     - freezing: the weights become constants of the graph (the twins' are copies nobody updates), so inductor
       folds what depends on them alone and hands the library products weights packed once for its kernels, not
       on every call. Measured on an Intel Xeon with AMX, 2 threads, the quickstart's 6 x 256 model: a lone
       sequence's fp32 step 0.93 -> 0.86 ms; 16 bf16 rows over 200 keys 3.03 -> 2.71 ms.
-    - max_autotune, batches on a CPU with AMX: inductor times its own C++ GEMM templates (AMX micro-kernels)
+    - max_autotune, a batch's step on a CPU with AMX: inductor times its own C++ GEMM templates (AMX micro-kernels)
       against the library for each product and keeps the faster: the same 16 rows 2.71 -> 2.08 ms, and 2 rows
       1.66 -> 0.76 ms (the library's fixed cost per product was most of a small batch's step). Compiling the
       batch graphs takes about twice as long. On an AMD EPYC (AVX512, no AMX) the templates measured no faster
       than the library (2026-12-06), so they stay off there."""
     options = {"cpp_wrapper": True, "freezing": True}
-    if batch and has_amx():
+    if batch and device.type == "cpu" and has_amx():
         # Quiet: no timing tables or choice statistics on stderr.
         options.update(max_autotune=True, autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
     return options
@@ -242,7 +242,8 @@ class CompiledDecoder:
         self.vocab_size = model.config.vocab_size
         self._alone = torch.compile(self._forward, fullgraph=True, dynamic=False)
         self._batched = torch.compile(self._forward_batch, fullgraph=True, dynamic=None)
-        self._options = {self._alone: compile_options(batch=False), self._batched: compile_options(batch=True)}
+        device = cache.keys[0].device
+        self._options = {self._alone: compile_options(False, device), self._batched: compile_options(True, device)}
         self.enabled = True
         self.warm = False  # every graph compiled (warm_up): guards then only tell the graphs apart (_run)
 
