@@ -316,7 +316,8 @@ def main() -> None:
     stage("3. judges", work / "judges.json")
     judges = cached_json(work / "judges.json", lambda: {
         "image": vision_bench.train_digit_judge(work / "mnist-judge.safetensors"),
-        "audio": audio_bench.train_digit_judge(args.fsdd, work / "speech-judge.safetensors", 2 if args.quick else 5,
+        "audio": audio_bench.train_digit_judge(args.fsdd, work / "speech-judge.safetensors",
+                                               2 if args.quick else audio_bench.DIGIT_JUDGE_EPOCHS,
                                                120 if args.quick else None)})
     print(f"  judges: MNIST {judges['image']:.3f}, speech digits {judges['audio']}", flush=True)
     models = {"image": vision_bench.load_judge(work / "mnist-judge.safetensors"),
