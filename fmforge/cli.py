@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError, FmforgeError
+from .errors import ConfigError, FmforgeError, TrainingStopped
 
 SOURCES_HELP = ("text files, directories, globs, .jsonl, .parquet, or 'stdlib' "
                 "(the .py files of this Python's standard library)")
@@ -231,6 +231,7 @@ def cmd_pretrain(args, overrides: list[str]) -> None:
 
     run = load_recipe(builtin_recipe(args.config) if args.config else None, overrides)
     result = pretrain(run, resume=args.resume)
+    result.raise_if_stopped()
     if int(os.environ.get("RANK", "0")) == 0:
         summary = f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f}s"
         if "val_bpb" in result.final_eval:
@@ -417,6 +418,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                         pooling=args.pooling, head_lr_scale=args.head_lr_scale, temperature=args.temperature,
                         media_encoder=args.media_encoder, lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
+    result.raise_if_stopped()
     if int(os.environ.get("RANK", "0")) == 0:
         scores = " | ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float))
         print(f"done: {result.steps} steps in {result.seconds:.0f}s" + (f" | {scores}" if scores else ""))
@@ -573,6 +575,7 @@ def cmd_quickstart(args, overrides: list[str]) -> None:
     run = load_recipe(builtin_recipe("quickstart"),
                       ["--data_dir", str(data_dir), "--out_dir", str(model_dir)] + user)
     result = pretrain(run, resume=True)
+    result.raise_if_stopped()  # Ctrl-C: stop here, not go on to samples and specialists of a half-trained model
     bpb = result.final_eval.get("val_bpb")
 
     banner("4/6 samples")
@@ -620,13 +623,14 @@ def quickstart_specialists(args, model_dir: Path, out: Path) -> None:
         overrides = ["--max_steps", str(args.specialist_steps), "--eval_interval", str(args.specialist_steps),
                      "--checkpoint_interval", str(args.specialist_steps), "--lr", "2e-3"]
         try:
-            finetune(spec, overrides, resume=True)
+            result = finetune(spec, overrides, resume=True)
         except SettingsMismatchError as exc:  # made by an earlier fmforge with other settings: keep it, train anew
             kept = out / f"{task}.old-{time.strftime('%Y%m%d-%H%M%S')}"
             (out / task).rename(kept)
             print(f"{out / task} was trained with other settings ({exc}); moved to {kept}, training again",
                   flush=True)
-            finetune(spec, overrides, resume=True)
+            result = finetune(spec, overrides, resume=True)
+        result.raise_if_stopped()
 
     banner("6/6 base vs specialists (test split)")
     base, tokenizer, _, _ = load_specialist(model_dir)
@@ -1156,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
             args.handler(args, extra)
         else:
             args.handler(args)
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except FmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -34,5 +34,19 @@ class TrainingError(FmforgeError):
     """Training diverged (non-finite loss) or cannot continue."""
 
 
+class TrainingStopped(FmforgeError):
+    """Training was asked to stop by SIGINT or SIGTERM before its last step and saved a checkpoint first. The CLI
+    exits 128 + the signal's number (130, 143), as a process killed by it would, so that `fmforge pretrain && ...`
+    and the quickstart do not go on with a half-trained model; the same command with --resume continues."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        import signal
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        saved = f"checkpoint saved: {checkpoint}" if checkpoint is not None else "no checkpoint was saved"
+        super().__init__(f"stopped by {name} at step {step} ({saved}); run the same command with --resume to "
+                         "continue")
+
+
 class ServingError(FmforgeError):
     """The server cannot go on serving (its engine stopped)."""

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, report, tiny_overrides
-from fmforge.checkpoint import (load_model, read_adapter_tensors, read_train_state, resolve_adapter,
+from fmforge.checkpoint import (latest_in_run, load_model, read_adapter_tensors, read_train_state, resolve_adapter,
                                 resolve_checkpoint)
 from fmforge.cli import main
 from fmforge.data.shards import load_split, read_manifest
@@ -186,13 +186,43 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(prepared, pretrain_
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.005)
     process.send_signal(signal.SIGTERM)  # what `docker stop` and schedulers send
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr  # not 0: `pretrain && finetune` must not go on
     assert "SIGTERM: finishing this step, saving a checkpoint" in stderr
     step = len(losses(run))
     assert f"stopped at step {step}; continue with the same command plus --resume" in stderr
+    saved = run / "checkpoints" / f"step-{step:08d}"
+    assert stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step} (checkpoint saved: {saved}); "
+                                               "run the same command with --resume to continue")
+    assert "done:" not in stdout
     assert (run / "latest").read_text().strip() == f"step-{step:08d}"
     resume_and_compare(prepared, run, pretrain_reference)
+
+
+def test_ctrl_c_stops_finetune_with_exit_130_and_resume_finishes_it(checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `fmforge finetune`: the step ends, a checkpoint is saved, and the command exits 130 (a script or
+    the quickstart must not take the half-trained specialist for a finished one); --resume then completes it."""
+    import fmforge.train.trainer as trainer_module
+
+    original = trainer_module.Trainer._optimizer_step
+
+    def interrupted_at_step_2(self, step, *args, **kwargs):
+        if step == 1:  # the second step: Ctrl-C arrives while it runs
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", interrupted_at_step_2)
+    out = tmp_path / "ft"
+    args = ["finetune", "--checkpoint", str(checkpoint), "--data", "stdlib-docstring", "--limit", "16", "--val-limit",
+            "4", "--out", str(out), "--max_steps", "4", "--batch_size", "2", "--checkpoint_interval", "1000"]
+    assert main(args) == 128 + signal.SIGINT
+    captured = capsys.readouterr()
+    assert "SIGINT: finishing this step" in captured.err and "done:" not in captured.out
+    assert captured.err.strip().splitlines()[-1].startswith("stopped by SIGINT at step 2 (checkpoint saved: ")
+    assert read_train_state(latest_in_run(out))[0]["step"] == 2
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", original)
+    assert main(args + ["--resume"]) == 0
+    assert read_train_state(latest_in_run(out))[0]["step"] == 4 and "done: 4 steps" in capsys.readouterr().out
 
 
 def _fail_weights(monkeypatch):

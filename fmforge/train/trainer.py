@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..config import RunConfig
-from ..errors import CheckpointError, ConfigError, SettingsMismatchError, TrainingError
+from ..errors import CheckpointError, ConfigError, SettingsMismatchError, TrainingError, TrainingStopped
 from . import distributed, parallel, sharded_state
 from ..checkpoint import SHARDED_STATE, clean_stale_temporaries, commit_run_checkpoint, latest_in_run, \
     load_weights, read_model_config, read_train_state, write_model_files
@@ -73,6 +73,13 @@ class TrainResult:
     seconds: float
     final_loss: float | None
     final_eval: dict
+    stopped_by: int | None = None  # the signal (SIGINT, SIGTERM) that ended the run before max_steps, if one did
+
+    def raise_if_stopped(self) -> None:
+        """TrainingStopped where a signal ended the run early (its checkpoint is saved): what a caller that goes on
+        to use the model (the CLI, the quickstart) must not ignore."""
+        if self.stopped_by is not None:
+            raise TrainingStopped(self.stopped_by, self.steps, self.checkpoint)
 
 
 class Trainer:
@@ -239,10 +246,12 @@ class Trainer:
         if self.dist.is_main:
             self._plot()
         checkpoint = latest_in_run(self.run_dir) if self.dist.is_main and self._has_checkpoint() else None
+        stopped_by = None
         if step < cfg.max_steps:
             progress.message(f"stopped at step {step}; continue with the same command plus --resume")
+            stopped_by = stop_requested[0] if stop_requested else signal.SIGTERM  # another rank's signal
         return TrainResult(self.run_dir, checkpoint, step, (step - self.start_step) * tokens_per_step, seconds,
-                           loss_value, final_eval)
+                           loss_value, final_eval, stopped_by)
 
     def _rebudget_due(self, step: int) -> bool:
         """Every 5% of the planned steps, until the learning rate starts its final decay (wsd: the decay phase;
