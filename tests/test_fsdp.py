@@ -81,11 +81,18 @@ def test_two_fsdp_processes_follow_one_process_and_write_a_complete_checkpoint(r
     assert sorted(p.name for p in (state / "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (state / "optimizer.pt").exists()  # the optimizer lives only in the shards
     assert json.loads((state / "state.json").read_text())["world_size"] == 2
-    # Later stages read the whole model with no process group: gathered weights equal one process's weights.
+    # Later stages read the whole model with no process group: gathered weights equal one process's weights. The
+    # two runs sum a batch's gradients in another order (two halves reduce-scattered vs one pass), and AdamW divides
+    # each weight's update by its own gradient's RMS: where a gradient is near zero its rounding moves the update by
+    # a visible part of the lr (on the AMD EPYC one up_proj weight of 4,096 ended 1.6e-6 apart after 6 steps). So
+    # all but a few per mille must agree to 1e-6 and every weight to 1e-5.
     model, tokenizer, _ = load_model_and_tokenizer(runs["fsdp"])
     reference, _ = load_model(runs["single"])
     for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+        gathered = model.state_dict()[name]
+        torch.testing.assert_close(gathered, tensor, rtol=1e-4, atol=1e-5)
+        tight = (gathered - tensor).abs() <= 1e-6 + 1e-4 * tensor.abs()
+        assert tight.float().mean() >= 0.998, (name, int((~tight).sum()))
     assert tokenizer.vocab_size == model.config.vocab_size == 512
 
 
