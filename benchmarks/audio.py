@@ -468,9 +468,10 @@ def budgets(quick: bool) -> dict:
                     image_limit=300, audio_limit=150, pretrain_minutes=1.5, specialist=["--max_steps", 20],
                     loso=["--max_steps", 10], claim_steps=10, eval_limit=20, prompts=8, say_limit=20,
                     vocab_size=1024, espeak_limit=300)
-    return dict(limit=None, judge_epochs=DIGIT_JUDGE_EPOCHS, recogniser_minutes=3.5, codec_steps=1200, codec_limit=1500,
-                image_limit=3000, audio_limit=None, pretrain_minutes=10.0, specialist=["--max_minutes", 1.5],
-                loso=["--max_minutes", 0.8], claim_steps=60, eval_limit=None, prompts=50, say_limit=100,
+    return dict(limit=None, judge_epochs=DIGIT_JUDGE_EPOCHS, recogniser_minutes=3.5, codec_steps=1200,
+                codec_limit=1500, image_limit=3000, audio_limit=None, pretrain_minutes=10.0,
+                specialist=["--max_minutes", 1.5], loso=["--max_minutes", 0.8], claim_steps=60, eval_limit=None,
+                prompts=50, say_limit=100,
                 vocab_size=2048, espeak_limit=2500)  # espeak specialists: more utterances than 1.5 min of steps see
 
 

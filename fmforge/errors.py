@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints their message as one line and exits non-zero."""
 
+import signal
+
 
 class FmforgeError(Exception):
     """Base class: the message says what is wrong and what to do about it."""
@@ -40,7 +42,6 @@ class TrainingStopped(FmforgeError):
     and the quickstart do not go on with a half-trained model; the same command with --resume continues."""
 
     def __init__(self, signum: int, step: int, checkpoint):
-        import signal
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         saved = f"checkpoint saved: {checkpoint}" if checkpoint is not None else "no checkpoint was saved"
