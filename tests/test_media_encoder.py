@@ -263,3 +263,68 @@ def test_the_server_reads_an_adapters_encoder_through_the_openai_client(multimod
         assert answers["with"].usage.prompt_tokens == len(prompt)  # the token stream is the same either way
     finally:
         assert server.stop() == 0, server.output()
+
+
+def _bar_images(count: int, seed: int) -> tuple[np.ndarray, list[int]]:
+    """8 x 16 images, black but for one bright 4-pixel-wide bar in column block k; k is what the image 'says'."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, count)
+    images = rng.integers(0, 60, (count, 8, 16, 3), dtype=np.uint8)
+    for image, k in zip(images, labels):
+        image[:, 4 * k:4 * k + 4] = 255
+    return images, [int(k) for k in labels]
+
+
+def test_reading_loss_teaches_an_encoder_to_spell_what_it_sees():
+    from fmforge.modalities.encoders import MediaPlacement, ReadingLoss
+
+    torch.manual_seed(0)
+    encoder = ImagePatchEncoder(ImageEncoderConfig(downsample=4, width=16, n_embd=32, ctc_classes=12))
+    transcript = {k: (2 * k + 3,) for k in range(4)}  # the text ids each bar position reads as
+
+    def reading(images, labels):
+        items = [MediaPlacement(0, 0, "image", image, transcript[k]) for image, k in zip(images, labels)]
+        loss = ReadingLoss()
+        loss.add(encoder, items, encoder.encode_media(list(images), unit=True))
+        return loss
+
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-2)
+    first = None
+    for step in range(150):
+        loss = reading(*_bar_images(16, step)).loss() / 16
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first
+    images, labels = _bar_images(50, seed=1000)  # unseen images: greedy CTC decoding spells their transcripts
+    with torch.no_grad():
+        units = encoder.encode_media(list(images), unit=True)
+        read = []
+        for image, unit in zip(images, units):
+            best = encoder.out.ctc(encoder.reading_order(unit, image)).argmax(-1).tolist()
+            read.append(tuple(c - 1 for i, c in enumerate(best) if c and (i == 0 or c != best[i - 1])))
+    assert np.mean([r == transcript[k] for r, k in zip(read, labels)]) >= 0.9
+    assert torch.count_nonzero(encoder(torch.from_numpy(images))) == 0  # the gate is untouched: still closed
+
+
+def test_reading_tasks_give_their_media_a_transcript_and_the_training_loss_reads_it(multimodal_base, tokenizer,
+                                                                                    digits):
+    from fmforge.data.vision import vision_example
+
+    example = vision_example("recognise", {"image": digits.images[0], "label": "7"}, tokenizer, "t:1")
+    assert [item.transcript for item in example.media] == [tuple(tokenizer.encode("7"))]
+    question = vision_example("answer", {"image": digits.images[0], "question": "what digit?", "answer": "7"},
+                              tokenizer, "t:2")
+    assert [item.transcript for item in question.media] == [()]  # an answer depends on the question too
+    model, _, _ = load_model_and_tokenizer(multimodal_base)
+    wrapped = MediaEncoded(model, new_media_encoders(tokenizer, model.config.n_embd, ctc=True))
+    ids = torch.tensor([example.tokens[:-1]])
+    targets = torch.tensor([[t if m else -100 for t, m in zip(example.tokens[1:], example.loss_mask[1:])]])
+    train_loss = wrapped.train()(ids, media=example.media, targets=targets, reduction="sum").loss
+    with torch.no_grad():
+        eval_loss = wrapped.eval()(ids, media=example.media, targets=targets, reduction="sum").loss
+    assert train_loss.item() > eval_loss.item() + 1.0  # + the CTC of a fresh head (~log of the classes)
+    train_loss.backward()
+    assert wrapped.encoders["image"].out.ctc.weight.grad.abs().sum() > 0
+    assert wrapped.encoders["image"].body[0].weight.grad.abs().sum() > 0  # the encoder learns with a closed gate
