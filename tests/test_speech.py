@@ -165,3 +165,28 @@ def test_audio_on_a_text_only_checkpoint_is_one_clear_error(checkpoint, tmp_path
     assert main(["generate", "--checkpoint", str(checkpoint), "--audio", str(clip), "--prompt", "hi"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "audio tokenizer" in err[0]
+
+
+def test_speed_perturbation_adds_each_utterance_at_each_speed(tokenizer, speech_base, tmp_path, capsys):
+    from fmforge.data.speech import codec_rate
+    from fmforge.data.tasks import TASKS
+    from fmforge.train.finetune import perturbed_speech
+
+    rate = codec_rate(tokenizer)
+    tone = np.sin(2 * np.pi * 400 * np.arange(rate) / rate).astype(np.float32) * 0.5  # 1 s at 400 Hz
+    records = [("a:1", {"audio": tone, "text": "seven"})]
+    out = perturbed_speech(TASKS["transcribe"], records, (0.8, 1.0, 1.25), tokenizer)
+    assert [where for where, _ in out] == ["a:1", "a:1@speed0.8", "a:1@speed1.25"]  # 1.0 is the original
+    assert all(record["text"] == "seven" for _, record in out)
+    for (_, record), speed in zip(out[1:], (0.8, 1.25)):
+        wave = record["audio"]
+        assert abs(len(wave) - rate / speed) <= 2  # faster speech is shorter
+        spectrum = np.abs(np.fft.rfft(wave))
+        assert abs(np.argmax(spectrum) * rate / len(wave) - 400 * speed) < 5  # and higher
+    for bad in ("0.1", "fast", "1.1,nan"):
+        assert main(["finetune", "--checkpoint", str(speech_base), "--task", "transcribe", "--data",
+                     "espeak:digits:40", "--out", str(tmp_path / "x"), "--speed-perturb", bad]) != 0
+        assert "--speed-perturb" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(Exception, match="--speed-perturb is for transcribe"):
+        perturbed_speech(TASKS["speak"], records, (0.9,), tokenizer)

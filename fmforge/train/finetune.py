@@ -68,6 +68,7 @@ class FinetuneSpec:
     temperature: float = 0.05  # embed: InfoNCE's softmax temperature over cosine similarities
     media_encoder: str = "off"  # on: train understanding encoders (modalities/encoders.py) for the prompt's
     #   media (tasks of MEDIA_PROMPT_TASKS); off: the model reads their codes only
+    speed_perturb: tuple = ()  # transcribe: every training utterance also at these speeds (perturbed_speech)
     reading_loss: str = "on"  # with encoders, for tasks whose reply is what the media says (READING_TASKS): on
     #   trains a CTC head on the encoder's features too (encoders.ReadingLoss); off: only through the gate
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules=None))  # None: the task's default
@@ -134,6 +135,8 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
         return TaskData(TASKS["lm"], WindowDataset(load_split(spec.data, "train"), length),
                         WindowDataset(val_shards, length) if sum(len(s) for s in val_shards) > length else None)
     task, train_records, val_records = load_task_records(spec)
+    if spec.speed_perturb:
+        train_records = perturbed_speech(task, train_records, spec.speed_perturb, tokenizer)
     if task.head == EMBEDDING_HEAD:  # (query, positive) pairs; the rest of the batch is each query's negatives
         return TaskData(task, PairDataset(train_records, tokenizer, length),
                         PairDataset(val_records, tokenizer, length) if len(val_records) > 1 else None)
@@ -154,6 +157,27 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
         print(f"warning: {data.train.truncated} training examples are longer than the context ({length} tokens) "
               "and were truncated", file=sys.stderr)
     return data
+
+
+def perturbed_speech(task: Task, records: list, speeds, tokenizer) -> list:
+    """The records, then each again with its prompt's utterance at every speed of `speeds` (tempo and pitch
+    together, by resampling: Kaldi's 0.9 / 1.1 speed perturbation, Ko et al. 2015). More speakers' worth of
+    voices from the same recordings: what leave-one-speaker-out transcription lacks (RESULTS.md, "audio")."""
+    from ..data.audio import resample
+    from ..data.speech import codec_rate, record_audio
+
+    if task.name != "transcribe":
+        raise ConfigError(f"--speed-perturb is for transcribe (speech in the prompt), not {task.name}")
+    for speed in speeds:
+        if not 0.5 <= speed <= 2.0:
+            raise ConfigError(f"--speed-perturb speeds must lie in [0.5, 2], got {speed:g}")
+    rate = codec_rate(tokenizer)
+    out = list(records)
+    for where, record in records:
+        wave = record_audio(record, "audio", where, tokenizer)
+        out += [(f"{where}@speed{speed:g}", {**record, "audio": resample(wave, round(rate * speed), rate)})
+                for speed in speeds if speed != 1.0]
+    return out
 
 
 def prompt_readers(task: Task, readers: dict | None) -> dict:
