@@ -424,8 +424,8 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
                         val_limit=args.val_limit, train_on_all=args.train_on_all, pack=not args.no_packing,
                         pooling=args.pooling, head_lr_scale=args.head_lr_scale, temperature=args.temperature,
-                        media_encoder=args.media_encoder, reading_loss=args.reading_loss,
-                        speed_perturb=speeds(args.speed_perturb), lora=lora)
+                        media_encoder=args.media_encoder, speed_perturb=speeds(args.speed_perturb),
+                        lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     result.raise_if_stopped()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -1070,9 +1070,6 @@ def add_specialist_commands(sub) -> None:
                         "to their codes' embeddings (off by default: at small budgets it did not pay; RESULTS.md)")
     p.add_argument("--speed-perturb", default="", metavar="SPEEDS",
                    help="transcribe: also train on every utterance at these speeds, e.g. 0.9,1.1 (resampled)")
-    p.add_argument("--reading-loss", choices=["on", "off"], default="on",
-                   help="with --media-encoder on, for recognise, read, transcribe and say: also train the encoder to "
-                        "spell the reply from the media (a CTC head), so its features carry what the codes lose")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=cmd_finetune, takes_overrides=True)
 

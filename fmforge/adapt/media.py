@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..modalities.encoders import MEDIA_ENCODERS, READERS, ReadingLoss, media_features
+from ..modalities.encoders import MEDIA_ENCODERS, READERS, media_features
 from ..model import ModelOutput, Transformer
 
 MEDIA_ENCODER_FILE = "media_encoders.safetensors"
@@ -39,16 +39,8 @@ class MediaEncoded(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, media=None, **kwargs) -> ModelOutput:
         x = self.model.embed(input_ids)  # (B, T, n_embd)
-        reading = ReadingLoss() if self.training else None
-        added = media_features(self.encoders, media or [], tuple(input_ids.shape), x, reading)
-        out = self.model(inputs_embeds=x if added is None else x + added, **kwargs)
-        if reading and out.loss is not None:  # training: + what the encoders' CTC heads read (summed, like the
-            ctc = reading.loss()                # token losses under reduction "sum"; per target token otherwise)
-            targets = kwargs.get("targets")
-            if kwargs.get("reduction", "mean") != "sum" and targets is not None:
-                ctc = ctc / (targets != -100).sum().clamp(min=1)
-            out.loss = out.loss + ctc
-        return out
+        added = media_features(self.encoders, media or [], tuple(input_ids.shape), x)
+        return self.model(inputs_embeds=x if added is None else x + added, **kwargs)
 
 
 def save_media_encoders(directory: Path, encoders: dict[str, nn.Module]) -> None:

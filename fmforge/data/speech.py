@@ -174,13 +174,12 @@ def turns(task: str, record: dict, where: str, tokenizer, reply: bool = True) ->
 
 def audio_example(task: str, record: dict, tokenizer, where: str) -> Example:
     """The chat turns of a record; the loss is on the assistant's turn (its text and/or audio span, <|end|>)."""
-    from .vision import READING_TASKS, chat_turn_example
+    from .vision import chat_turn_example
 
     _require_audio(tokenizer, where)
     if task == "say" and not has_modality(tokenizer, "image"):
         raise DataError(f"{where}: task say needs a model with an image tokenizer too")
-    return chat_turn_example(*turns(task, record, where, tokenizer), tokenizer, where,
-                             reads=task in READING_TASKS)
+    return chat_turn_example(*turns(task, record, where, tokenizer), tokenizer, where)
 
 
 # ---- built-in: the chain ----------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ the conditional model at each token (`unconditional_prompt`; infer/engine.py's G
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -223,26 +222,19 @@ def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
     user, assistant = turns(task, record, where, tokenizer)
     if task == "draw" and trains_unconditional(where):
         user = [""]
-    return chat_turn_example(user, assistant, tokenizer, where, reads=task in READING_TASKS)
+    return chat_turn_example(user, assistant, tokenizer, where)
 
 
-READING_TASKS = ("recognise", "read", "transcribe", "say")  # the reply's text is what the prompt's media shows/says
-
-
-def chat_turn_example(user: list, assistant: list, tokenizer, where: str, reads: bool = False) -> Example:
+def chat_turn_example(user: list, assistant: list, tokenizer, where: str) -> Example:
     """One user turn and the assistant's reply (content parts: text and media) as an Example whose loss is on the
-    reply (its text and spans, and <|end|>). reads: the reply's text is what the user's one media item shows or
-    says (READING_TASKS): its placement carries that text's ids as its transcript (encoders/ReadingLoss)."""
+    reply (its text and spans, and <|end|>)."""
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     prompt = tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
     tokens = tokenizer.encode_chat(messages)
     if tokens[:len(prompt)] != prompt:
         raise DataError(f"{where}: the chat template is not prefix-stable")
-    found = placements(tokenizer, prompt, content_media(user))
-    text = " ".join(part.strip() for part in assistant if isinstance(part, str) and part.strip())
-    if reads and len(found) == 1 and text:
-        found = [dataclasses.replace(found[0], transcript=tuple(tokenizer.encode(text)))]
-    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)), found)
+    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)),
+                   placements(tokenizer, prompt, content_media(user)))
 
 
 # ---- built-in datasets ------------------------------------------------------------------------------------

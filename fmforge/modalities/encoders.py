@@ -54,8 +54,6 @@ class MediaPlacement:
     position: int          # where the span's first code sits in that row
     modality: str
     media: np.ndarray      # the array the span encodes (an image (H, W, C) uint8)
-    transcript: tuple = ()  # text ids of what the media says or shows, where the task's reply is that (transcribe,
-    #                         read, recognise, say): an encoder with a CTC head learns to read them (ReadingLoss)
 
 
 @dataclass
@@ -65,41 +63,30 @@ class ImageEncoderConfig:
     width: int = 64        # conv channels
     n_embd: int = 256      # the language model's width
     scale: float = 0.02    # the RMS of the features at a fully open gate: the base's token embeddings' RMS
-    ctc_classes: int = 0   # > 0: a CTC head over the features (text vocabulary + blank), trained by ReadingLoss
 
     def __post_init__(self):
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise CheckpointError(f"encoder downsample must be a power of two, got {self.downsample}")
-        if min(self.channels, self.width, self.n_embd) < 1 or not self.scale > 0 or self.ctc_classes < 0:
-            raise CheckpointError("encoder channels, width, n_embd and scale must be positive (ctc_classes >= 0)")
+        if min(self.channels, self.width, self.n_embd) < 1 or not self.scale > 0:
+            raise CheckpointError("encoder channels, width, n_embd and scale must be positive")
 
 
 class GatedFeatures(nn.Module):
     """(N, L, width) -> (N, L, n_embd): a linear map, RMS-normalised to `scale`, times tanh(gate) with the gate
     starting at 0 (Flamingo's gated cross-attention, Alayrac et al. 2022). The encoder starts adding nothing, and
     however its weights move, what it adds stays the size of a token embedding: an ungated projection at the
-    specialist's lr outgrew the embeddings and the specialist collapsed to chance (MNIST 0.102 in a benchmark run).
+    specialist's lr outgrew the embeddings and the specialist collapsed to chance (MNIST 0.102 in a benchmark run)."""
 
-    With `ctc_classes`, a linear CTC head reads the unit-RMS features (before the gate): ReadingLoss trains the
-    encoder to spell what its media says, so that its features are worth opening the gate for (a fresh encoder
-    alone is noise, and the specialist turned its gate down rather than learn from it: RESULTS.md, "audio")."""
-
-    def __init__(self, width: int, n_embd: int, scale: float, ctc_classes: int = 0):
+    def __init__(self, width: int, n_embd: int, scale: float):
         super().__init__()
         self.project = nn.Linear(width, n_embd)
         self.gate = nn.Parameter(torch.zeros(()))
         self.scale = scale
-        self.ctc = nn.Linear(n_embd, ctc_classes) if ctc_classes else None
-
-    def unit(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.project(h)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-    def gated(self, unit: torch.Tensor) -> torch.Tensor:
-        return unit * (self.scale * torch.tanh(self.gate))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.gated(self.unit(h))
+        x = self.project(h)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x * (self.scale * torch.tanh(self.gate))
 
 
 class ImagePatchEncoder(nn.Module):
@@ -117,28 +104,21 @@ class ImagePatchEncoder(nn.Module):
             layers += [nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GELU(),
                        nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
         self.body = nn.Sequential(*layers)
-        self.out = GatedFeatures(width, config.n_embd, config.scale, config.ctc_classes)
+        self.out = GatedFeatures(width, config.n_embd, config.scale)
 
-    def forward(self, images: torch.Tensor, unit: bool = False) -> torch.Tensor:
-        """(N, H, W, C) uint8 -> (N, h * w, n_embd) gated features (unit: before the gate, RMS 1)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != self.config.channels:
             raise DataError(f"images must be uint8 (N, H, W, {self.config.channels}), got {images.dtype} "
                             f"{tuple(images.shape)}")
         pixels = images.permute(0, 3, 1, 2).to(self.out.project.weight.dtype) / 127.5 - 1
-        hidden = self.body(pixels).flatten(2).transpose(1, 2)  # (N, h * w, width)
-        return self.out.unit(hidden) if unit else self.out(hidden)
+        hidden = self.body(pixels)  # (N, width, h, w)
+        return self.out(hidden.flatten(2).transpose(1, 2))  # (N, h * w, n_embd)
 
-    def encode_media(self, images: list[np.ndarray], unit: bool = False) -> list[torch.Tensor]:
+    def encode_media(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """(H, W, C) uint8 arrays -> one (h * w, n_embd) tensor each; same-sized images in one forward."""
         device = self.out.project.weight.device
         return batched_by_shape([torch.from_numpy(np.ascontiguousarray(image)) for image in images],
-                                lambda batch: self(batch.to(device), unit))
-
-    def reading_order(self, features: torch.Tensor, image: np.ndarray) -> torch.Tensor:
-        """(h * w, d) features of `image` -> (w, d): each column's mean, left to right (how a line of text, or a
-        digit, is read: CRNN's column sequence, Shi et al. 2015)."""
-        f = self.config.downsample
-        return features.reshape(image.shape[0] // f, image.shape[1] // f, -1).mean(0)
+                                lambda batch: self(batch.to(device)))
 
 
 def batched_by_shape(items: list[torch.Tensor], forward) -> list[torch.Tensor]:
@@ -159,11 +139,10 @@ class AudioEncoderConfig:
     width: int = 128
     n_embd: int = 256
     scale: float = 0.02  # as ImageEncoderConfig's
-    ctc_classes: int = 0  # as ImageEncoderConfig's
 
     def __post_init__(self):
-        if min(self.width, self.n_embd) < 1 or not self.scale > 0 or self.ctc_classes < 0:
-            raise CheckpointError("encoder width, n_embd and scale must be positive (ctc_classes >= 0)")
+        if min(self.width, self.n_embd) < 1 or not self.scale > 0:
+            raise CheckpointError("encoder width, n_embd and scale must be positive")
 
 
 class AudioFrameEncoder(nn.Module):
@@ -181,19 +160,13 @@ class AudioFrameEncoder(nn.Module):
             layers += [nn.Conv1d(width, width, 4, stride=2, padding=1), nn.GELU(),
                        nn.Conv1d(width, width, 3, padding=1), nn.GELU()]
         self.body = nn.Sequential(*layers)
-        self.out = GatedFeatures(width, config.n_embd, config.scale, config.ctc_classes)
+        self.out = GatedFeatures(width, config.n_embd, config.scale)
 
-    def forward(self, mels: torch.Tensor, unit: bool = False) -> torch.Tensor:
-        """normalised log-mels (N, n_mels, T), T a multiple of downsample -> (N, T / downsample, n_embd) gated
-        features (unit: before the gate, RMS 1)."""
-        hidden = self.body(mels.to(self.out.project.weight.dtype)).transpose(1, 2)
-        return self.out.unit(hidden) if unit else self.out(hidden)
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        """normalised log-mels (N, n_mels, T), T a multiple of downsample -> (N, T / downsample, n_embd)."""
+        return self.out(self.body(mels.to(self.out.project.weight.dtype)).transpose(1, 2))
 
-    def reading_order(self, features: torch.Tensor, wave: np.ndarray) -> torch.Tensor:
-        """Audio features are already in time order."""
-        return features
-
-    def encode_media(self, waves: list[np.ndarray], unit: bool = False) -> list[torch.Tensor]:
+    def encode_media(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
         """1-D float waveforms at the codec's rate -> one (codes, n_embd) tensor each, batched by grid size."""
         c = self.codec_config
         per_row = c.row_length * c.downsample
@@ -205,7 +178,7 @@ class AudioFrameEncoder(nn.Module):
             by_frames.setdefault(max(1, -(-mel.shape[-1] // per_row)) * per_row, []).append(index)
         for frames, indices in by_frames.items():
             batch = torch.stack([F.pad(mels[i], (0, frames - mels[i].shape[-1]), value=-1.0) for i in indices])
-            for i, features in zip(indices, self(batch, unit)):
+            for i, features in zip(indices, self(batch)):
                 out[i] = features
         return out
 
@@ -312,16 +285,12 @@ READERS: dict[str, EncoderKind] = {
 }
 
 
-def new_media_encoders(tokenizer, n_embd: int, modalities=None, scale: float = 0.02,
-                       ctc: bool = False) -> dict[str, nn.Module]:
+def new_media_encoders(tokenizer, n_embd: int, modalities=None, scale: float = 0.02) -> dict[str, nn.Module]:
     """A fresh encoder for each modality of `tokenizer` that has one in the registry (or those named); `scale`:
-    the RMS of their features at a fully open gate (pass the model's token embeddings' RMS); ctc: with a CTC head
-    over the text vocabulary (ReadingLoss)."""
+    the RMS of their features at a fully open gate (pass the model's token embeddings' RMS)."""
     names = [m for m in (modalities or tokenizer.modalities) if m in MEDIA_ENCODERS and tokenizer.has(m)]
-    classes = tokenizer.text_vocab_size + 1 if ctc else 0  # + the blank, class 0
     return {name: MEDIA_ENCODERS[name].module(MEDIA_ENCODERS[name].config(
-        **MEDIA_ENCODERS[name].defaults(tokenizer), n_embd=n_embd, scale=scale, ctc_classes=classes))
-        for name in names}
+        **MEDIA_ENCODERS[name].defaults(tokenizer), n_embd=n_embd, scale=scale)) for name in names}
 
 
 def placements(tokenizer, ids, media, row: int = 0) -> list[MediaPlacement]:
@@ -348,11 +317,10 @@ def placements(tokenizer, ids, media, row: int = 0) -> list[MediaPlacement]:
 
 
 def media_features(encoders, items: list[MediaPlacement], shape: tuple[int, int],
-                   like: torch.Tensor, reading: "ReadingLoss | None" = None) -> torch.Tensor | None:
+                   like: torch.Tensor) -> torch.Tensor | None:
     """(B, T, n_embd) features to add to the input embeddings of a (B, T) window, zeros where no media lies;
     `items` positions are relative to the window (features falling outside it are cut). None when nothing lands.
-    Each modality's arrays go through its encoder together (batched by size). `reading` (training) collects the
-    unit features of items with a transcript whose encoder has a CTC head."""
+    Each modality's arrays go through its encoder together (batched by size)."""
     items = [item for item in items if item.modality in encoders]
     if not items:
         return None
@@ -363,14 +331,7 @@ def media_features(encoders, items: list[MediaPlacement], shape: tuple[int, int]
         groups.setdefault(item.modality, []).append(item)
     landed = False
     for modality, group in groups.items():
-        encoder = encoders[modality]
-        head = getattr(getattr(encoder, "out", None), "ctc", None)
-        if reading is not None and head is not None and any(item.transcript for item in group):
-            units = encoder.encode_media([item.media for item in group], unit=True)
-            reading.add(encoder, group, units)
-            features = [encoder.out.gated(unit) for unit in units]
-        else:
-            features = encoder.encode_media([item.media for item in group])  # (L_i, n_embd) each
+        features = encoders[modality].encode_media([item.media for item in group])  # (L_i, n_embd) each
         for item, feature in zip(group, features):
             feature = feature.to(like.dtype)
             lo, hi = max(item.position, 0), min(item.position + feature.shape[0], T)
@@ -378,31 +339,3 @@ def media_features(encoders, items: list[MediaPlacement], shape: tuple[int, int]
                 out[item.row, lo:hi] += feature[lo - item.position:hi - item.position]
                 landed = True
     return out if landed else None
-
-
-class ReadingLoss:
-    """CTC (Graves et al. 2006) of what each media item says, read from its encoder's unit features in reading
-    order (time for audio, columns for images) by the encoder's CTC head: the auxiliary loss of hybrid CTC/attention
-    speech recognition (Watanabe et al. 2017), here training an understanding encoder whose gate the language model
-    would otherwise never open. Targets are the transcript's text ids + 1 (class 0 is the blank)."""
-
-    def __init__(self):
-        self.items: list[tuple[nn.Module, MediaPlacement, torch.Tensor]] = []
-
-    def add(self, encoder, group: list[MediaPlacement], units: list[torch.Tensor]) -> None:
-        self.items += [(encoder, item, unit) for item, unit in zip(group, units) if item.transcript]
-
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
-    def loss(self) -> torch.Tensor:
-        """The summed CTC loss of the items (per item: -log p(transcript | media), 0 where it cannot align)."""
-        total = None
-        for encoder, item, unit in self.items:
-            sequence = encoder.reading_order(unit, item.media)  # (L, n_embd)
-            log_probs = encoder.out.ctc(sequence).float().log_softmax(-1)  # (L, classes)
-            targets = torch.tensor(item.transcript, dtype=torch.long, device=log_probs.device) + 1
-            loss = F.ctc_loss(log_probs[:, None], targets[None], (sequence.shape[0],), (targets.numel(),),
-                              blank=0, reduction="sum", zero_infinity=True)
-            total = loss if total is None else total + loss
-        return total

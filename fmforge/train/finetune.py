@@ -33,7 +33,6 @@ from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_RECORD, HEAD
                           write_finetune_record, write_model_files)
 from ..device import keep_freed_memory, resolve_device
 from ..modalities.encoders import MEDIA_ENCODERS, new_media_encoders
-from ..data.vision import READING_TASKS
 from ..modalities.stream import has_modality
 from . import distributed
 from .trainer import Trainer, TrainResult, count_targets, to_device
@@ -69,8 +68,6 @@ class FinetuneSpec:
     media_encoder: str = "off"  # on: train understanding encoders (modalities/encoders.py) for the prompt's
     #   media (tasks of MEDIA_PROMPT_TASKS); off: the model reads their codes only
     speed_perturb: tuple = ()  # transcribe: every training utterance also at these speeds (perturbed_speech)
-    reading_loss: str = "on"  # with encoders, for tasks whose reply is what the media says (READING_TASKS): on
-    #   trains a CTC head on the encoder's features too (encoders.ReadingLoss); off: only through the gate
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(target_modules=None))  # None: the task's default
 
 
@@ -190,8 +187,6 @@ def uses_media_encoder(spec: FinetuneSpec, task: Task, tokenizer, readers: dict 
     """Whether this run trains understanding encoders (--media-encoder on); ConfigError where it cannot."""
     if spec.media_encoder not in ("on", "off"):
         raise ConfigError(f"--media-encoder must be on or off, got {spec.media_encoder!r}")
-    if spec.reading_loss not in ("on", "off"):
-        raise ConfigError(f"--reading-loss must be on or off, got {spec.reading_loss!r}")
     if spec.media_encoder == "off":
         return False
     if readers:
@@ -223,9 +218,7 @@ def specialist_model(spec: FinetuneSpec, data: TaskData, base_model, tokenizer=N
         model = MediaEncoded(model, {name: readers[name] for name in kinds if name in readers})
     elif kinds:  # an encoder for each modality the prompts hold
         rms = float(base_model.embed_tokens.weight.detach().float().pow(2).mean().sqrt())
-        ctc = spec.reading_loss == "on" and data.task.name in READING_TASKS
-        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds, scale=rms,
-                                                       ctc=ctc))
+        model = MediaEncoded(model, new_media_encoders(tokenizer, base_model.config.n_embd, kinds, scale=rms))
     return model
 
 
