@@ -15,7 +15,9 @@ Stages (each cached in --work and skipped when its output exists, so an interrup
  5. specialists: a LoRA adapter per task on the base, each with the same time budget.
  6. scores on the test splits (held-out font for read), the draw judge, edit against the programmatic result.
  7. the foundation claim: recognise and answer at N = 100 and 1,000 examples, base + LoRA vs the same architecture
-    trained from scratch (all weights) for the same steps, two seeds each.
+    trained from scratch (all weights) for the same steps, two seeds each. Recognise is scikit-learn's digits, which
+    the base never saw: MNIST's captions in pretraining are its labels ("a handwritten digit 7"), so an MNIST claim
+    would hand the base all 4,000 labelled training digits that the N are drawn from.
  8. one checkpoint: `fmforge serve` of the base with all adapters, asked through the official openai client.
 Results go to RESULTS.md (section "vision") with the plots (draw grid, edit grid, pretraining loss) beside it.
 """
@@ -348,7 +350,7 @@ def foundation_claim(base: Path, work: Path, steps: int, seeds, quick: bool) -> 
         if (base / MEDIA_ENCODER_FILE).exists():  # the base's reader is fixed, part of the architecture: scratch too
             shutil.copyfile(base / MEDIA_ENCODER_FILE, scratch / MEDIA_ENCODER_FILE)
     results = {}
-    for dataset, limit in (("mnist-recognise", 60 if quick else 300), ("shapes-answer", 60 if quick else 500)):
+    for dataset, limit in (("digits-recognise", 60 if quick else 300), ("shapes-answer", 60 if quick else 500)):
         for n in (100, 1000):
             for arm in ("base+lora", "scratch"):
                 values = []
@@ -461,12 +463,13 @@ def report(judge, codec, text_bpb, base_steps, results, claim, serving, minutes,
         "Edit by operation: " + ", ".join(f"{k[6:]} {v:.2f}" for k, v in r["edit"].items()
                                            if k.startswith("exact_") and k != "exact_edit"),
         "",
-        "Foundation claim (accuracy on the test split, mean ± std over seeds 0 and 1; same steps, same data):",
+        "Foundation claim (accuracy on the test split, mean ± std over seeds 0 and 1; same steps, same data; "
+        "recognise on scikit-learn's digits, which the base never saw):",
         "",
         "| task | N | base + LoRA | scratch |",
         "|---|---|---|---|",
     ]
-    for dataset in ("mnist-recognise", "shapes-answer"):
+    for dataset in ("digits-recognise", "shapes-answer"):
         for n in (100, 1000):
             lines.append(f"| {dataset} | {n} | {spread(claim[f'{dataset} N={n} base+lora'])} | "
                          f"{spread(claim[f'{dataset} N={n} scratch'])} |")
