@@ -158,8 +158,9 @@ def load_task_data(spec: FinetuneSpec, tokenizer, base_checkpoint: Path, length:
 
 def perturbed_speech(task: Task, records: list, speeds, tokenizer) -> list:
     """The records, then each again with its prompt's utterance at every speed of `speeds` (tempo and pitch
-    together, by resampling: Kaldi's 0.9 / 1.1 speed perturbation, Ko et al. 2015). More speakers' worth of
-    voices from the same recordings: what leave-one-speaker-out transcription lacks (RESULTS.md, "audio")."""
+    together, by resampling: Kaldi's 0.9 / 1.1 speed perturbation, Ko et al. 2015): more voices from the same
+    recordings. It needs steps to pay: at the audio benchmark's 0.8-minute leave-one-speaker-out budget it scored
+    0.465 against 0.500 without (RESULTS.md, "audio"), so nothing turns it on by default."""
     from ..data.audio import resample
     from ..data.speech import codec_rate, record_audio
 
