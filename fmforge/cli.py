@@ -404,7 +404,7 @@ def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
 
 # ---- specialise: finetune, merge, chat, eval, tasks ---------------------------------------------------------
 
-def speeds(text: str) -> tuple[float, ...]:
+def parse_speeds(text: str) -> tuple[float, ...]:
     """--speed-perturb's comma-separated speeds ('' for none); ConfigError in one line for anything else."""
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
@@ -424,7 +424,7 @@ def cmd_finetune(args, overrides: list[str]) -> None:
                         val_data=args.val_data, val_fraction=args.val_fraction, limit=args.limit,
                         val_limit=args.val_limit, train_on_all=args.train_on_all, pack=not args.no_packing,
                         pooling=args.pooling, head_lr_scale=args.head_lr_scale, temperature=args.temperature,
-                        media_encoder=args.media_encoder, speed_perturb=speeds(args.speed_perturb),
+                        media_encoder=args.media_encoder, speed_perturb=parse_speeds(args.speed_perturb),
                         lora=lora)
     result = finetune(spec, overrides, resume=args.resume)
     result.raise_if_stopped()
