@@ -142,6 +142,7 @@ def train_image_tokenizer(args) -> None:
           f"{report['untrained_psnr']:.1f} dB), "
           f"codes used {report['codes_used']}/{config.codebook_size} ({report['code_usage']:.0%}), "
           f"perplexity {report['perplexity']:.0f}")
+    warn_if_collapsed(report, config.codebook_size)
 
 
 def train_audio_tokenizer(args) -> None:
@@ -178,6 +179,16 @@ def train_audio_tokenizer(args) -> None:
     print(f"held-out ({report['held_out_waves']} utterances): log-mel MSE {report['mse']:.4f} (normalised; "
           f"untrained {report['untrained_mse']:.4f}), codes used {report['codes_used']}/{config.codebook_size} "
           f"({report['code_usage']:.0%}), perplexity {report['perplexity']:.0f}")
+    warn_if_collapsed(report, config.codebook_size)
+
+
+def warn_if_collapsed(report: dict, codebook_size: int) -> None:
+    """A codec whose held-out data lands on a handful of codes tells the model almost nothing: say so (the
+    tokenizer is still written; a model can be trained on it, to little use)."""
+    if report["codes_used"] <= max(2, codebook_size // 100):
+        print(f"warning: the codec uses {report['codes_used']} of its {codebook_size} codes on held-out data: it "
+              f"has collapsed, and a model reading its codes would see almost nothing; train again with more "
+              f"--steps, a lower --lr or another --seed", file=sys.stderr)
 
 
 def save_media_tokenizer(text_tokenizer, modality: str, codec, report: dict, out: Path) -> None:

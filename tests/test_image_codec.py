@@ -100,6 +100,45 @@ def test_save_load_round_trips_exactly(trained, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))  # the temporary directory was renamed away
 
 
+@pytest.mark.parametrize("seed", [1, 3])
+def test_a_mostly_black_dataset_does_not_collapse_to_one_code(seed):
+    """MNIST alone (~80% black pixels): without the latent norm a codec's latent could run into tanh's flat
+    tails within a few dozen steps and stay there, every patch one code (benchmarks/audio.py's image tokenizer:
+    1 code of 1,000; at this size, seed 3 gave 5 codes). With it every seed uses hundreds."""
+    from fmforge.data.images import load_images
+
+    torch.set_num_threads(1)
+    images = load_images("mnist", "train", 300).images
+    _, report = train_image_codec(images, ImageCodecConfig(width=16), steps=150, lr=2e-3, seed=seed)
+    assert report["codes_used"] > 200 and report["mse"] < report["untrained_mse"] / 4, report
+
+
+def test_an_image_encodes_the_same_whatever_else_is_in_the_batch(trained):
+    codec, _ = trained
+    codec.train()  # even in training mode: encoding reads the norm's running statistics, not the batch's
+    images = torch.from_numpy(digit_images()[400:410])
+    together = codec.encode(images)
+    alone = torch.cat([codec.encode(images[i:i + 1]) for i in range(len(images))])
+    codec.eval()
+    assert torch.equal(together, alone) and torch.equal(codec.encode(images), together)
+
+
+def test_a_codec_saved_before_the_latent_norm_still_loads(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    old = ImageCodec(ImageCodecConfig(image_size=16, width=8, latent_norm=False))
+    out = save_image_codec(old, tmp_path / "image_tokenizer")
+    saved = json.loads((out / "config.json").read_text())
+    del saved["latent_norm"]  # as written before the field existed
+    (out / "config.json").write_text(json.dumps(saved))
+    assert not any("latent_norm" in key for key in load_file(str(out / "codec.safetensors")))
+    loaded = load_image_codec(out)
+    assert loaded.config.latent_norm is False and loaded.latent_norm is None
+    images = torch.from_numpy(digit_images()[:4])
+    assert torch.equal(loaded.encode(images), old.encode(images))
+
+
 @pytest.mark.parametrize("grid", [(2, 3), (4, 4)])
 def test_image_span_round_trips(grid):
     codes = torch.arange(grid[0] * grid[1]).view(*grid) * 7 % 1000
@@ -135,6 +174,22 @@ def test_cli_trains_an_image_tokenizer_and_reports_error_and_code_usage(tmp_path
     assert report["steps"] == 60 and report["mse"] < report["untrained_mse"]
     codec = load_image_codec(out)
     assert codec.encode(torch.from_numpy(digit_images()[:2])).shape == (2, 4, 4)
+
+
+def test_a_collapsed_codec_is_reported(tmp_path, capsys):
+    from PIL import Image
+
+    from fmforge.cli import main
+
+    folder = tmp_path / "black" / "nothing"
+    folder.mkdir(parents=True)
+    for i in range(20):
+        Image.new("RGB", (16, 16)).save(folder / f"{i}.png")
+    assert main(["tokenizer", "train", "--modality", "image", str(tmp_path / "black"), "--steps", "5", "--width", "8",
+                 "--out", str(tmp_path / "codec")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the codec uses 1 of its 1000 codes on held-out data: it has collapsed" in err
+    assert (tmp_path / "codec" / "codec.safetensors").exists()  # written all the same
 
 
 @pytest.mark.parametrize("flags,message", [

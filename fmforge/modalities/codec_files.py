@@ -38,6 +38,13 @@ def save_codec(codec: torch.nn.Module, path: Path, modality: str, report: dict |
     return path
 
 
+def saved_config(config_class: type, saved: dict):
+    """A codec config from saved fields: a field added later (metadata "before": its value until then) takes
+    that value when missing; any other missing field is a KeyError."""
+    return config_class(**{field.name: saved[field.name] if field.name in saved or "before" not in field.metadata
+                           else field.metadata["before"] for field in fields(config_class)})
+
+
 def load_codec(path: Path, modality: str, config_class: type, codec_class: type,
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """The codec of a directory written by save_codec; TokenizerError (one line) for anything else."""
@@ -54,7 +61,7 @@ def load_codec(path: Path, modality: str, config_class: type, codec_class: type,
     if not isinstance(saved, dict) or saved.get("modality") != modality or saved.get("format") != FORMAT:
         raise TokenizerError(f"{path / CONFIG_FILE} is not an {modality} tokenizer of format {FORMAT}")
     try:
-        config = config_class(**{field.name: saved[field.name] for field in fields(config_class)})
+        config = saved_config(config_class, saved)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise TokenizerError(f"{path / CONFIG_FILE} has a bad or missing setting: {exc}") from None
     codec = codec_class(config)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, DataError
 from .audio import AudioCodecConfig, check_wave, log_mel_spectrogram, normalise
+from .codec_files import saved_config
 from .image import ImageCodec, ImageCodecConfig
 from .stream import media_kind
 
@@ -211,7 +212,7 @@ class ImageCodeReader(nn.Module):
     def __init__(self, config: ImageReaderConfig):
         super().__init__()
         self.config = config
-        self.codec = ImageCodec(ImageCodecConfig(**config.codec))
+        self.codec = ImageCodec(saved_config(ImageCodecConfig, config.codec))
         c = self.codec.config
         self.project = nn.Linear(c.downsample * c.downsample * c.channels, config.n_embd, bias=False)
         generator = torch.Generator().manual_seed(config.seed)
