@@ -467,8 +467,6 @@ class Transformer(nn.Module):
         return_logits: bool = True,
         return_hidden: bool = False,
         reduction: str = "mean",  # "sum": loss = summed cross-entropy only (the Trainer normalises, adds aux)
-        target_weights: torch.Tensor | None = None,  # (B, T) float: each target's weight in the loss (sum, or mean
-        #   over the weights' sum)
     ) -> ModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -495,7 +493,7 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.norm(x)
-        fused = targets is not None and target_weights is None and not return_logits and self.fuses_loss(x)
+        fused = targets is not None and not return_logits and self.fuses_loss(x)
         logits = self.lm_head(x) if (return_logits or (targets is not None and not fused)) else None
         out = ModelOutput(logits=logits if return_logits else None, hidden=x if return_hidden else None)
         if self.config.n_experts:
@@ -503,11 +501,6 @@ class Transformer(nn.Module):
         if targets is not None:
             if fused:
                 loss = linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
-            elif target_weights is not None:
-                each = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="none")
-                weights = target_weights.reshape(-1).to(each.dtype)
-                loss = (each * weights).sum() / (1 if reduction == "sum" else weights.sum())
             else:
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                                        ignore_index=IGNORE_INDEX, reduction=reduction)

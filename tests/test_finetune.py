@@ -96,50 +96,6 @@ def test_packing_keeps_attention_inside_each_example(checkpoint):
             position += n
 
 
-def test_a_targets_weight_counts_it_that_many_times(checkpoint):
-    """target_weights: weights of 1 are the plain loss; a target of weight 3 adds its cross-entropy twice more;
-    the mean divides by the weights' sum."""
-    import torch.nn.functional as F
-
-    model, _, _ = load_model_and_tokenizer(checkpoint)
-    torch.manual_seed(0)
-    ids, targets = torch.randint(3, 200, (2, 12)), torch.randint(3, 200, (2, 12))
-    targets[:, :3] = -100
-    ones = (targets != -100).float()
-    weights = ones.clone()
-    weights[1, 5] = 3.0
-    with torch.no_grad():
-        plain = model(ids, targets, reduction="sum", return_logits=False).loss
-        assert torch.allclose(model(ids, targets, reduction="sum", target_weights=ones).loss, plain, atol=1e-4)
-        one = F.cross_entropy(model(ids).logits[1, 5].float()[None], targets[1, 5][None])
-        weighted = model(ids, targets, reduction="sum", return_logits=False, target_weights=weights).loss
-        assert torch.allclose(weighted, plain + 2 * one, atol=1e-4)
-        mean = model(ids, targets, target_weights=weights).loss
-        assert torch.allclose(mean, weighted / weights.sum(), atol=1e-6)
-
-
-def test_balanced_weights_count_the_text_and_each_modality_alike():
-    from fmforge.data.finetune import Example, PackedDataset, balanced_weights
-    from fmforge.train.trainer import count_targets
-
-    # a prompt of 4, then a reply: 2 text tokens, an audio span of 10, one text token (<|end|>)
-    mask = [False] * 4 + [True] * 13
-    weights = balanced_weights(mask, [("audio", 6, 16)])
-    assert weights[:4] == [0.0] * 4 and sum(weights) == pytest.approx(13)
-    text = weights[4] + weights[5] + weights[16]
-    assert text == pytest.approx(sum(weights[6:16])) == pytest.approx(6.5) and weights[4] == pytest.approx(13 / 6)
-    assert balanced_weights([True] * 5, []) == [1.0] * 5  # one part: every target counts once
-
-    mixed = Example(list(range(17)), mask, loss_weights=weights)
-    plain = Example(list(range(30, 40)), [False] * 5 + [True] * 5)
-    batch = PackedDataset([mixed, plain], length=32, pad_id=0, pack=False).batch([0, 1])
-    trained = batch["targets"] != -100
-    assert torch.equal(batch["target_weights"] > 0, trained)  # weights only where a target trains
-    assert sorted(batch["target_weights"][trained].unique().tolist()) == pytest.approx([0.65, 1.0, 13 / 6])
-    assert count_targets(batch) == pytest.approx(13 + 5)  # the weights sum to the trained targets
-    assert "target_weights" not in PackedDataset([plain], length=32, pad_id=0).batch([0])
-
-
 def test_periodic_validation_reads_about_eval_tokens():
     from fmforge.data.finetune import ClassificationDataset, Example, PackedDataset
     from fmforge.train.finetune import eval_rows

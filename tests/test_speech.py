@@ -138,21 +138,6 @@ def test_mnist_say_records_pair_a_digit_with_its_spoken_name():
         assert all(np.array_equal(waves[0], wave) for wave in waves)
 
 
-def test_a_say_reply_counts_its_written_name_as_much_as_its_speech(tokenizer):
-    from fmforge.data.speech import audio_example
-    from fmforge.data.tasks import task_records
-
-    (_, record), = task_records("mnist-say", "val", 1)
-    example = audio_example("say", record, tokenizer, "t")
-    (start, end), = [(start, end) for kind, start, end in tokenizer.spans(example.tokens) if kind == "audio"]
-    weights = example.loss_weights
-    speech, text = sum(weights[start:end]), sum(weights) - sum(weights[start:end])
-    assert speech == pytest.approx(text) and sum(weights) == pytest.approx(sum(example.loss_mask))
-    assert min(w for w in weights[:start] if w) > 3 * weights[start]  # the name's few tokens outweigh each code
-    spoken_digit = {"audio": record["audio"], "text": record["text"]}
-    assert audio_example("transcribe", spoken_digit, tokenizer, "t").loss_weights is None  # one part: unweighted
-
-
 def test_generate_reads_and_writes_audio(speech_base, tmp_path, capsys):
     clip = tmp_path / "seven.wav"
     soundfile.write(clip, np.stack([spoken("seven")] * 2, axis=1), 16000)  # stereo: downmixed

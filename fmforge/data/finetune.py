@@ -33,22 +33,6 @@ class Example:
     tokens: list[int]
     loss_mask: list[bool]  # loss_mask[i]: the prediction of tokens[i] (from tokens[:i]) is trained
     media: list = field(default_factory=list)  # MediaPlacement of the prompt's media (row 0, positions in tokens)
-    loss_weights: list[float] | None = None  # per token, when trained tokens do not all count alike (balanced_weights)
-
-
-def balanced_weights(mask: list[bool], spans: list[tuple[str, int, int]]) -> list[float]:
-    """Per-token loss weights under which each part of the trained tokens -- the text, and the spans of each
-    modality -- counts alike, and which sum to the number of trained tokens (so the example weighs what it did).
-
-    A reply that writes a digit's name and then speaks it is ~3 text tokens and ~30 audio codes: unweighted, the
-    name -- what the chain must get right -- is a tenth of the loss, and a specialist learns to speak long before it
-    learns to read (benchmarks/RESULTS.md, "audio")."""
-    part = ["text"] * len(mask)
-    for modality, start, end in spans:
-        part[start:end] = [modality] * (end - start)
-    trained = [name for name, m in zip(part, mask) if m]
-    sizes = {name: trained.count(name) for name in set(trained)}
-    return [len(trained) / (len(sizes) * sizes[name]) if m else 0.0 for name, m in zip(part, mask)]
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
@@ -169,15 +153,14 @@ class PackedDataset:
         self.length, self.pad_id, self.keep_media = length, pad_id, keep_media
         self.truncated = 0
         order = np.random.default_rng(seed).permutation(len(examples)) if pack else np.arange(len(examples))
-        rows: list[list[tuple]] = []  # per row, its examples' (inputs, targets, media, target weights or None)
-        current: list[tuple] = []
+        rows: list[list[tuple[list[int], list[int], list]]] = []
+        current: list[tuple[list[int], list[int], list]] = []
         used = 0
         for index in order:
             example = examples[int(index)]
-            tokens, mask, weights = example.tokens, example.loss_mask, example.loss_weights
+            tokens, mask = example.tokens, example.loss_mask
             if len(tokens) > length + 1:
                 tokens, mask = tokens[:length + 1], mask[:length + 1]
-                weights = weights and weights[:length + 1]
                 self.truncated += 1
             inputs = tokens[:-1]
             targets = [t if m else -100 for t, m in zip(tokens[1:], mask[1:])]
@@ -187,7 +170,7 @@ class PackedDataset:
                 rows.append(current)
                 current, used = [], 0
             media = [item for item in example.media if item.position < len(inputs)] if keep_media else []
-            current.append((inputs, targets, media, weights and weights[1:]))
+            current.append((inputs, targets, media))
             used += len(inputs)
         if current:
             rows.append(current)
@@ -201,30 +184,23 @@ class PackedDataset:
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """{"input_ids", "targets", "attn_mask"}: (B, T), (B, T), (B, 1, T, T) bool (True = may attend), T the
         longest of these rows (padding past every row's end would be computed and thrown away). When every row holds
-        one example there is no "attn_mask": plain causal attention computes the same (padding only follows).
-        When an example has loss weights, "target_weights" (B, T) float holds every target's (1 where unweighted)."""
+        one example there is no "attn_mask": plain causal attention computes the same (padding only follows)."""
         B = len(indices)
         T = max(sum(len(inputs) for inputs, *_ in self.rows[int(index)]) for index in indices)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
         targets = torch.full((B, T), -100, dtype=torch.long)
         segment = torch.zeros((B, T), dtype=torch.long)  # example number within the row; padding = 0
-        placed, weighted = [], any(weights for i in indices for *_, weights in self.rows[int(i)])
-        target_weights = torch.zeros((B, T)) if weighted else None
+        placed = []
         for b, index in enumerate(indices):
             position = 0
-            for number, (inputs, row_targets, media, weights) in enumerate(self.rows[int(index)], start=1):
+            for number, (inputs, row_targets, media) in enumerate(self.rows[int(index)], start=1):
                 n = len(inputs)
                 input_ids[b, position:position + n] = torch.tensor(inputs)
                 targets[b, position:position + n] = torch.tensor(row_targets)
-                if weighted:
-                    target_weights[b, position:position + n] = (
-                        torch.tensor(weights) if weights else (targets[b, position:position + n] != -100).float())
                 segment[b, position:position + n] = number
                 placed += [dataclasses.replace(item, row=b, position=position + item.position) for item in media]
                 position += n
         batch = {"input_ids": input_ids, "targets": targets}
-        if weighted:
-            batch["target_weights"] = target_weights
         if self.keep_media:
             batch["media"] = placed
         if all(len(self.rows[int(index)]) == 1 for index in indices):
@@ -235,7 +211,7 @@ class PackedDataset:
 
     def media_modalities(self) -> list[str]:
         """The modalities of the media the batches carry (keep_media), sorted."""
-        return sorted({item.modality for row in self.rows for _, _, media, _ in row for item in media})
+        return sorted({item.modality for row in self.rows for *_, media in row for item in media})
 
     def target_tokens(self) -> int:
         return sum(sum(t != -100 for t in targets) for row in self.rows for _, targets, _ in row)

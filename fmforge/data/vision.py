@@ -36,7 +36,7 @@ from ..errors import ConfigError, DataError
 from ..modalities.encoders import placements
 from ..modalities.stream import content_media, has_modality
 from . import images as image_data
-from .finetune import Example, balanced_weights
+from .finetune import Example
 
 IMAGE_PREFIX = "image:"
 PROMPTS = {"recognise": "What is in this image?", "describe": "Describe the image.",
@@ -227,18 +227,14 @@ def vision_example(task: str, record: dict, tokenizer, where: str) -> Example:
 
 def chat_turn_example(user: list, assistant: list, tokenizer, where: str) -> Example:
     """One user turn and the assistant's reply (content parts: text and media) as an Example whose loss is on the
-    reply (its text and spans, and <|end|>). A reply that both writes and shows or speaks (say's name, then its
-    speech) has its text and each modality's spans count alike (finetune.balanced_weights)."""
+    reply (its text and spans, and <|end|>)."""
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     prompt = tokenizer.encode_chat(messages[:1], add_generation_prompt=True)
     tokens = tokenizer.encode_chat(messages)
     if tokens[:len(prompt)] != prompt:
         raise DataError(f"{where}: the chat template is not prefix-stable")
-    mask = [False] * len(prompt) + [True] * (len(tokens) - len(prompt))
-    writes = any(isinstance(part, str) and part.strip() for part in assistant)
-    mixed = writes and len(content_media(assistant)) > 0
-    return Example(tokens, mask, placements(tokenizer, prompt, content_media(user)),
-                   balanced_weights(mask, tokenizer.spans(tokens)) if mixed else None)
+    return Example(tokens, [False] * len(prompt) + [True] * (len(tokens) - len(prompt)),
+                   placements(tokenizer, prompt, content_media(user)))
 
 
 # ---- built-in datasets ------------------------------------------------------------------------------------

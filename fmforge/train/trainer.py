@@ -33,10 +33,7 @@ BatchFn = Callable[[int, int], dict[str, torch.Tensor]]
 BUDGET_SHARE = 0.95  # of train.max_minutes for training steps; the rest for the final eval and checkpoint
 
 
-def count_targets(batch: dict[str, torch.Tensor]) -> float:
-    """How many targets a batch's summed loss adds up: their weights' sum where it has weights."""
-    if "target_weights" in batch:
-        return float(batch["target_weights"].sum())
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["targets"] != -100).sum())
 
 
