@@ -608,8 +608,9 @@ def main() -> None:
     if not quick:
         shutil.copyfile(figure, HERE / "audio-spectrograms.png")
         shutil.copyfile(base / "loss.png", HERE / "audio-pretrain-loss.png")
-    body = report(judge_report, codec, base_steps, choice, method, scores, speakers, speak, say, claim, timings,
-                  load_at_start, args, b)
+    image_codec = json.loads((image_tok / "image_tokenizer" / "report.json").read_text())
+    body = report(judge_report, codec, image_codec, base_steps, choice, method, scores, speakers, speak, say, claim,
+                  timings, load_at_start, args, b)
     print(body)
     if not args.no_results and not quick:
         write_section("audio", body)
@@ -620,8 +621,8 @@ def met(value: float, target: float, higher: bool = True) -> str:
     return "yes" if ok else f"**no** ({value - target:+.3f})"
 
 
-def report(judges, codec, base_steps, choice, method, scores, speakers, speak, say, claim, timings, load, args,
-           b) -> str:
+def report(judges, codec, image_codec, base_steps, choice, method, scores, speakers, speak, say, claim, timings, load,
+           args, b) -> str:
     d, w = judges["digit"], judges["words"]
     fsdd_acc = scores["fsdd"]["exact_match"]
     lines = [
@@ -647,6 +648,11 @@ def report(judges, codec, base_steps, choice, method, scores, speakers, speak, s
         f"sentences train, {b['codec_limit']} utterances each, {codec['steps']} steps; FSQ {codec['codebook_size']} "
         f"codes, 25 codes/s): held-out log-mel MSE {codec['mse']:.4f} (untrained {codec['untrained_mse']:.4f}), "
         f"{codec['codes_used']} codes used ({codec['code_usage']:.0%}), perplexity {codec['perplexity']:.0f}.",
+        "",
+        f"**Image tokenizer** (`fmforge tokenizer train --modality image mnist`, {image_codec['train_images']} "
+        f"images, {image_codec['steps']} steps; what mnist-say's prompts are read through): held-out MSE "
+        f"{image_codec['mse']:.4f} (PSNR {image_codec['psnr']:.1f} dB), {image_codec['codes_used']} of "
+        f"{image_codec['codebook_size']} codes used, perplexity {image_codec['perplexity']:.0f}.",
         "",
         "| test audio | judge | original | codec round trip |",
         "|---|---|---|---|",

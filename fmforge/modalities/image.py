@@ -3,7 +3,9 @@
 An (H, W) uint8 RGB image becomes an (H/f, W/f) grid of integer codes in [0, prod(levels)) and back
 (f = `downsample`). FSQ (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple") bounds each
 latent channel to L levels and rounds it with a straight-through gradient: the codebook is the implicit grid
-of level combinations, so there is nothing to collapse and no auxiliary loss (commitment, entropy) to tune.
+of level combinations, so no codebook entries die and no auxiliary loss (commitment, entropy) is needed. The
+encoder can still collapse onto one code when its latent runs into the bound's flat tails; a BatchNorm on the
+latent (ImageCodecConfig.latent_norm) keeps it out of them.
 
 In the token stream an image is a span (`image_span`):
 
