@@ -123,6 +123,13 @@ def test_an_image_encodes_the_same_whatever_else_is_in_the_batch(trained):
     assert torch.equal(together, alone) and torch.equal(codec.encode(images), together)
 
 
+def test_training_on_batches_of_one_latent_runs():
+    """Two 4x4 images at downsample 4: one trains (a 1x1 grid, batches of one), one is held out."""
+    images = np.full((2, 4, 4, 3), 200, np.uint8)
+    _, report = train_image_codec(images, ImageCodecConfig(image_size=4, width=4), steps=3, batch_size=1)
+    assert report["grid"] == [1, 1] and report["steps"] == 3
+
+
 def test_a_codec_saved_before_the_latent_norm_still_loads(tmp_path):
     from safetensors.torch import load_file
 
