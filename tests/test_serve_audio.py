@@ -314,10 +314,11 @@ def test_bad_audio_is_400_and_the_server_serves_on(server, client, tmp_path):
         "model": "base", "voice": "alloy", "input": "seven", "response_format": "flac"}))["message"]
     # ... and the server goes on serving.
     assert httpx.get(server.url + "/health").status_code == 200
-    # greedy: sampled at temperature 1, an untrained model may end its turn within the 2 tokens
+    # a 40-step base may end its turn within the 2 tokens, greedy or not (it did once its image codes changed)
     good = client.chat.completions.create(model="base", max_tokens=2, temperature=0, messages=[
         {"role": "user", "content": [audio_part(wav), TRANSCRIBE_PART]}])
-    assert good.choices[0].finish_reason == "length"
+    assert good.choices[0].finish_reason in ("length", "stop") and 1 <= good.usage.completion_tokens <= 2
+    assert good.usage.prompt_tokens > 20  # the audio's codes were read
     assert "Traceback" not in server.output()
 
 
