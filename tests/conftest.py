@@ -45,6 +45,12 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO, input=input_text)
 
 
+def no_stop(tokenizer) -> dict[str, int]:
+    """A chat request's logit_bias that keeps a tiny base from ending its turn at once (what it says first
+    depends on its few training steps)."""
+    return {str(i): -100 for i in tokenizer.chat_stop_ids()}
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A directory of ~18 stdlib modules copied as text files."""
