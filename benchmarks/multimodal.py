@@ -249,8 +249,8 @@ def report(quickstart: dict, bpb: dict, judges: dict, served: dict, serve_comman
         f"{load[2]:.2f} (1 / 5 / 15 min).",
         "",
         f"The checkpoint: `{quickstart['command']}`"
-        + (" (tiny budgets)" if args.quick else " (its defaults: a 10-minute pretraining budget, 600 codec steps, "
-           "150 LoRA steps per skill)")
+        + (" (tiny budgets)" if args.quick else " (its defaults: one 20-minute budget for the whole run, "
+           "`--total-minutes 20`: 600 codec steps, then pretraining and each LoRA specialist timed from what is left)")
         + f", {bpb['steps']} pretraining steps on stdlib code + MNIST/shapes caption<->image + espeak "
         "transcript<->speech (1:1:1). Served as one process: "
         f"`{serve_command.split(' --port')[0]} --adapter ...` ({', '.join(served['models'])}). "
