@@ -10,7 +10,8 @@ run resumes where it stopped):
     and espeak:sentences train voices. Each reports its own accuracy / WER on test splits (held-out voices).
  2. tokenizers: BPE on stdlib text, the FSQ image codec on MNIST, the FSQ audio codec on FSDD + espeak train
     (`fmforge tokenizer train --modality audio`). Held-out log-mel MSE, codes used, and intelligibility: the judges
-    on codec round-tripped test audio (encode -> decode with Griffin-Lim) against the originals.
+    on codec round-tripped test audio (encode -> decode with Griffin-Lim) against the originals; and what the codes
+    keep: a small classifier over FSDD's codes (own split, and each speaker left out), not the model under test.
  3. data + pretraining: `fmforge prepare` of stdlib text, image:mnist and audio:espeak digits / numbers / sentences
     (train and val splits only), `fmforge pretrain` on the mixture. No FSDD: the base never hears a real speaker
     with a transcript, so that a speaker left out is left out entirely and the foundation claim's N utterances are
