@@ -311,6 +311,8 @@ def cmd_generate(args) -> None:
     from .infer.engine import GenerationRequest
 
     sampling_params(args)  # bad flags fail before the model loads
+    if args.beams != 1:
+        return generate_beams(args)
     if args.guidance is not None:
         from .infer.sampling import SamplingParams
         if not args.output_image:
@@ -330,6 +332,45 @@ def cmd_generate(args) -> None:
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+# Sampling flags that a beam search has no use for, with the value that leaves them off.
+BEAM_IDLE_FLAGS = {"top_k": None, "top_p": None, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "logit_bias": None, "stop": None, "seed": None, "guidance": None,
+                   "image": None, "audio": None, "output_image": None, "output_audio": None, "output_size": None,
+                   "compile": False}
+
+
+def generate_beams(args) -> None:
+    """`generate --beams N`: the prompt and the best hypothesis of a beam search (infer/beam.py), up to
+    --max-new-tokens or the end-of-text id (or a --stop-token-id); text prompts only."""
+    import math
+
+    from .infer.beam import beam_search, check_beams
+
+    try:
+        check_beams(args.beams)
+    except ValueError as exc:
+        raise ConfigError(f"--beams: {exc}") from None
+    if not math.isfinite(args.length_penalty):
+        raise ConfigError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    idle = ["--" + name.replace("_", "-") for name, off in BEAM_IDLE_FLAGS.items() if getattr(args, name) != off]
+    if idle:
+        raise ConfigError(f"--beams searches for the likeliest text deterministically: {', '.join(idle)} "
+                          f"{'does' if len(idle) == 1 else 'do'} not apply to it (--temperature is not read either)")
+    engine, tokenizer = load_for_generation(args)
+    prompt = sys.stdin.read() if args.prompt is None else args.prompt
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    limit = engine.model.config.context_length
+    if len(prompt_ids) >= limit:
+        raise ConfigError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {limit}, which leaves no "
+                          "room to generate")
+    stop = frozenset(args.stop_token_id or ()) | {tokenizer.eos_id}
+    best = beam_search(engine.model, prompt_ids, beams=args.beams, max_tokens=args.max_new_tokens, stop_ids=stop,
+                       length_penalty=args.length_penalty)[0]
+    print(prompt + tokenizer.decode(best.token_ids, skip_special_tokens=True))
+    print(f"(beam search, {args.beams} wide: {len(best.token_ids)} tokens, log-probability {best.logprob:.2f}, "
+          f"finished by {best.finish_reason})", file=sys.stderr)
 
 
 def generate_with_media(args, engine, tokenizer, params, prompt: str) -> None:
@@ -518,11 +559,12 @@ def cmd_chat(args) -> None:
 
 def cmd_eval(args) -> None:
     from .adapt.specialist import load_specialist
-    from .eval.tasks import markdown_report, run_tasks, write_report
+    from .eval.tasks import Decoding, markdown_report, run_tasks, write_report
 
+    decoding = Decoding(args.beams, args.length_penalty)  # bad values fail before the model loads
     model, tokenizer, base_checkpoint, info = load_specialist(args.checkpoint, args.adapter)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = run_tasks(model, tokenizer, tasks, data_dir=args.data, limit=args.limit)
+    results = run_tasks(model, tokenizer, tasks, data_dir=args.data, limit=args.limit, decoding=decoding)
     title = f"fmforge eval: {base_checkpoint}" + (f" + {args.adapter}" if args.adapter else "")
     print(markdown_report(results, title))
     if args.out:
@@ -1020,6 +1062,10 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--adapter", help="a LoRA specialist of this checkpoint (its directory or run)")
     p.add_argument("--prompt", help="prompt text (default: read standard input)")
     add_sampling_options(p)
+    p.add_argument("--beams", type=int, default=1, help="search for the likeliest continuation, this many "
+                   "hypotheses wide (beam search; deterministic, printed when done; 1 = sample as the flags say)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="with --beams: rank finished hypotheses by "
+                   "log-probability / length ** this (0: by the sum, which favours short outputs)")
     p.set_defaults(handler=cmd_generate)
 
 
@@ -1099,6 +1145,10 @@ def add_specialist_commands(sub) -> None:
                                                    f"{measured}FILE.jsonl")
     p.add_argument("--data", help="prepared shard directory for the perplexity task")
     p.add_argument("--limit", type=int, help="evaluate at most N examples per task")
+    p.add_argument("--beams", type=int, default=1, help="translate and chat tasks: decode by beam search this "
+                   "wide (1 = greedy, the default)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="with --beams: rank finished hypotheses by "
+                   "log-probability / length ** this (0: by the sum, which favours short outputs)")
     p.add_argument("--out", help="directory for report.json and report.md")
     p.set_defaults(handler=cmd_eval)
 

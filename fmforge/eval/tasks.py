@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +28,32 @@ from ..adapt.heads import SequenceClassifier
 from ..data import finetune as ft
 from ..data.tasks import BUILTIN, TASKS, Task, read_records, split_records
 from ..errors import ConfigError, DataError, GenerationError
+from ..infer.beam import beam_search, check_beams
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
 from .speech import EVALUATORS as SPEECH_EVALUATORS
 from .vision import EVALUATORS as VISION_EVALUATORS
 
 ZERO_SHOT_SUFFIX = "\n# module:"  # how a plain LM is asked which label fits a text (zero-shot classification)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the tasks that score generated text (translate, chat) decode: greedily (beams 1, the default) or by beam
+    search (`fmforge eval --beams N --length-penalty A`; infer/beam.py)."""
+    beams: int = 1
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        try:
+            check_beams(self.beams)
+        except ValueError as exc:
+            raise ConfigError(f"--beams: {exc}") from None
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"--length-penalty must be a finite number, got {self.length_penalty}")
+
+
+DECODED = ("translate", "chat")  # the evaluators that take a Decoding
 
 
 @torch.no_grad()
@@ -97,17 +118,24 @@ def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48, bat
             "examples": len(records)}
 
 
-def greedy_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], batch: int = 8) -> list[str]:
-    """The greedy chat reply to each prompt (ids ending in the assistant's generation prompt), up to its
-    `max_tokens`, generated on the engine `batch` at a time; decoded without special tokens and stripped."""
+def greedy_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], batch: int = 8,
+                   decoding: Decoding | None = None) -> list[str]:
+    """The chat reply to each prompt (ids ending in the assistant's generation prompt), up to its `max_tokens`:
+    greedy, generated on the engine `batch` at a time, or (`decoding.beams` > 1) the best hypothesis of a beam
+    search per prompt (infer/beam.py); decoded without special tokens and stripped."""
     stop = tokenizer.chat_stop_ids()
+    if decoding is not None and decoding.beams > 1:
+        return [tokenizer.decode(beam_search(model, prompt, beams=decoding.beams, max_tokens=n, stop_ids=stop,
+                                             length_penalty=decoding.length_penalty)[0].token_ids,
+                                 skip_special_tokens=True).strip() for prompt, n in zip(prompts, max_tokens)]
     requests = [GenerationRequest(prompt, SamplingParams(max_tokens=n, temperature=0), stop_ids=stop)
                 for prompt, n in zip(prompts, max_tokens)]
     return [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip()
             for c in Engine(model, tokenizer, max_batch=batch).complete(requests)]
 
 
-def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int = 8) -> dict:
+def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int = 8,
+                  decoding: Decoding | None = None) -> dict:
     """Each conversation's last message, the assistant's reply, scored after the turns before it (earlier replies
     are the reference ones, as in training), through the chat template as the server asks:
     - bits_per_byte of the reference reply and its end-of-turn token (counted as one byte);
@@ -142,7 +170,7 @@ def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int 
         references.append(messages[-1]["content"].strip())
         kinds.append(record.get("kind") if isinstance(record.get("kind"), str) else None)
     exact, similar = [], []
-    for reply, reference in zip(greedy_replies(model, tokenizer, prompts, budgets, batch), references):
+    for reply, reference in zip(greedy_replies(model, tokenizer, prompts, budgets, batch, decoding), references):
         exact.append(reply == reference)
         similar.append(difflib.SequenceMatcher(None, reply, reference, autojunk=False).ratio())
 
@@ -217,8 +245,11 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
     "classify": evaluate_classify,
     "mc": lambda model, tokenizer, records, labels: evaluate_multiple_choice(language_model(model), tokenizer,
                                                                              records),
-    "translate": lambda model, tokenizer, records, labels: evaluate_translate(model, tokenizer, records),
-    "chat": lambda model, tokenizer, records, labels: evaluate_chat(model, tokenizer, records),
+    "translate": lambda model, tokenizer, records, labels, decoding=None: evaluate_translate(model, tokenizer,
+                                                                                             records,
+                                                                                             decoding=decoding),
+    "chat": lambda model, tokenizer, records, labels, decoding=None: evaluate_chat(model, tokenizer, records,
+                                                                                   decoding=decoding),
     "retrieval": lambda model, tokenizer, records, labels: evaluate_retrieval(language_model(model), tokenizer,
                                                                               records),
     **VISION_EVALUATORS,  # recognise, answer, read, describe, draw, edit (eval/vision.py)
@@ -226,9 +257,10 @@ EVALUATORS = {  # the evaluator names of the task registry (data/tasks.py): (mod
 }
 
 
-def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batch: int = 8) -> dict:
-    """Corpus BLEU and chrF (sacrebleu's defaults, on detokenized text) of the greedy translations, asked for
-    through the chat template as the server asks."""
+def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batch: int = 8,
+                       decoding: Decoding | None = None) -> dict:
+    """Corpus BLEU and chrF (sacrebleu's defaults, on detokenized text) of the translations (greedy, or by
+    `decoding`'s beam search), asked for through the chat template as the server asks."""
     import sacrebleu
 
     from ..data.translation import translation_messages
@@ -243,7 +275,7 @@ def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batc
             budgets.append(min(max_new_tokens, limit - len(prompt)))
             fitting.append(index)
     hypotheses = [""] * len(records)
-    for index, text in zip(fitting, greedy_replies(model, tokenizer, prompts, budgets, batch)):
+    for index, text in zip(fitting, greedy_replies(model, tokenizer, prompts, budgets, batch, decoding)):
         hypotheses[index] = text.split("\n")[0].strip()
     references = [record["target"].strip() for _, record in records]
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
@@ -286,8 +318,15 @@ def resolve_eval_task(spec: str, limit: int | None) -> tuple[Task, list, list[st
                       f"or {'/'.join(n + ':' for n in measurable)}FILE.jsonl")
 
 
-def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, limit: int | None = None) -> dict:
-    """Evaluate each task spec; returns {task: metrics}."""
+def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, limit: int | None = None,
+              decoding: Decoding | None = None) -> dict:
+    """Evaluate each task spec; returns {task: metrics}. `decoding`: how translate and chat tasks decode (a beam
+    search is refused where no task decodes)."""
+    resolved = {spec: None if spec == "perplexity" else resolve_eval_task(spec, limit) for spec in tasks}
+    if decoding is not None and decoding.beams > 1 and not any(
+            r is not None and r[0].evaluator in DECODED for r in resolved.values()):
+        raise ConfigError(f"--beams applies to the tasks scored on generated text ({', '.join(DECODED)}); "
+                          f"none of {', '.join(tasks)} is one")
     results = {}
     for spec in tasks:
         if spec == "perplexity":
@@ -295,8 +334,9 @@ def run_tasks(model, tokenizer, tasks: list[str], data_dir: str | None = None, l
                 raise ConfigError("task perplexity needs --data PREPARED_DIR (from `fmforge prepare`)")
             results[spec] = evaluate_perplexity(language_model(model), data_dir)
             continue
-        task, records, labels = resolve_eval_task(spec, limit)
-        results[spec] = EVALUATORS[task.evaluator](model, tokenizer, records, labels)
+        task, records, labels = resolved[spec]
+        options = {"decoding": decoding} if task.evaluator in DECODED else {}
+        results[spec] = EVALUATORS[task.evaluator](model, tokenizer, records, labels, **options)
     return results
 
 
@@ -310,6 +350,8 @@ def markdown_report(results: dict, title: str) -> str:
 
 
 def write_report(results: dict, out_dir: Path, title: str, meta: dict) -> None:
+    from ..fileio import atomic_write_text
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_report(results, title))
+    atomic_write_text(out_dir / "report.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    atomic_write_text(out_dir / "report.md", markdown_report(results, title))
