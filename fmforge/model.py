@@ -259,12 +259,6 @@ class LockstepKVCache:
         """After the last layer: the T new positions are filled."""
         self.length += T
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep the rows `rows` (a 1-D index, repeats allowed) as the new batch, in that order: beam search's
-        reorder, where each surviving hypothesis continues the keys and values of the beam it extends."""
-        self.keys = [keys.index_select(0, rows) for keys in self.keys]
-        self.values = [values.index_select(0, rows) for values in self.values]
-
 
 EXPLICIT_ATTENTION_MAX_T = 512
 

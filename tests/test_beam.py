@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from fmforge.config import ModelConfig
-from fmforge.infer.beam import beam_search
+from fmforge.infer.beam import beam_search, beam_search_batch
 from fmforge.model import Transformer
 
 from conftest import run_cli
@@ -54,11 +54,13 @@ def test_one_beam_is_greedy_decoding(seed, prompt, max_tokens):
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 50), prompt=st.lists(st.integers(0, 10), min_size=1, max_size=20),
-       beams=st.integers(1, 6), max_tokens=st.integers(1, 12), penalty=st.sampled_from([0.0, 0.6, 1.0, 2.0]))
-def test_scores_are_the_models_own_log_probabilities(seed, prompt, beams, max_tokens, penalty):
+       beams=st.integers(1, 6), max_tokens=st.integers(1, 12), penalty=st.sampled_from([0.0, 0.6, 1.0, 2.0]),
+       window=st.sampled_from([None, 5]))
+def test_scores_are_the_models_own_log_probabilities(seed, prompt, beams, max_tokens, penalty, window):
     """Each hypothesis's logprob equals the model's, recomputed from scratch: the cache rows followed the right
-    beams at every reorder. At most `beams` come back, best first, distinct, none past the context."""
-    model = tiny_model(seed=seed)
+    beams at every reorder (a sliding-window model's ring too). At most `beams` come back, best first, distinct,
+    none past the context."""
+    model = tiny_model(seed=seed, sliding_window=window)
     found = beam_search(model, prompt, beams=beams, max_tokens=max_tokens, stop_ids={0, 5},
                         length_penalty=penalty)
     assert 1 <= len(found) <= beams
@@ -72,6 +74,28 @@ def test_scores_are_the_models_own_log_probabilities(seed, prompt, beams, max_to
         stops = [t for t in h.token_ids if t in (0, 5)]
         assert stops == ([h.token_ids[-1]] if h.finish_reason == "stop" else [])
         assert h.finish_reason == "stop" or len(h.token_ids) == room
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 50), prompts=st.lists(st.lists(st.integers(0, 10), min_size=1, max_size=23), min_size=1,
+                                                 max_size=5),
+       beams=st.integers(1, 5), limits=st.lists(st.integers(1, 10), min_size=5, max_size=5),
+       window=st.sampled_from([None, 6]))
+def test_searches_side_by_side_are_searches_one_at_a_time(seed, prompts, beams, limits, window):
+    """beam_search_batch (prompts of different lengths, each its own max_tokens, rows gathered across searches
+    that end at different steps) gives each prompt what beam_search alone gives it; a sliding-window model's ring
+    cache too."""
+    model = tiny_model(seed=seed, sliding_window=window)
+    limits = limits[:len(prompts)]
+    together = beam_search_batch(model, prompts, beams=beams, max_tokens=limits, stop_ids={0, 5})
+    assert len(together) == len(prompts)
+    for prompt, limit, found in zip(prompts, limits, together):
+        alone = beam_search(model, prompt, beams=beams, max_tokens=limit, stop_ids={0, 5})
+        assert [h.token_ids for h in found] == [h.token_ids for h in alone]
+        assert [h.finish_reason for h in found] == [h.finish_reason for h in alone]
+        for a, b in zip(found, alone):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert a.logprob == pytest.approx(sequence_logprob(model, prompt, a.token_ids), abs=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -126,6 +150,9 @@ def test_bad_arguments_are_clear_errors():
         beam_search(model, [1], beams=2, max_tokens=0)
     with pytest.raises(ValueError, match="length_penalty"):
         beam_search(model, [1], beams=2, max_tokens=3, length_penalty=math.nan)
+    with pytest.raises(ValueError, match="2 max_tokens for 1 prompts"):
+        beam_search_batch(model, [[1]], beams=2, max_tokens=[3, 4])
+    assert beam_search_batch(model, [], beams=2, max_tokens=3) == []
     (h,) = beam_search(model, [1] * 23, beams=3, max_tokens=10)[:1]  # one position left: one token
     assert len(h.token_ids) == 1 and h.finish_reason == "length"
 

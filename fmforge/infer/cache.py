@@ -194,3 +194,12 @@ class SlotKVCache:
 
     def clear(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep the slots `rows` (repeats allowed), in that order, as the cache's slots 0 .. len(rows)-1: beam
+        search's gather, where each surviving hypothesis continues the keys and values of the one it extends."""
+        index = torch.tensor(rows, device=self.keys[0].device)
+        self.keys = [keys.index_select(0, index) for keys in self.keys]
+        self.values = [values.index_select(0, index) for values in self.values]
+        self.lengths = [self.lengths[row] for row in rows]
+        self.slots = len(rows)
