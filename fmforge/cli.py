@@ -344,16 +344,10 @@ BEAM_IDLE_FLAGS = {"top_k": None, "top_p": None, "min_p": 0.0, "repetition_penal
 def generate_beams(args) -> None:
     """`generate --beams N`: the prompt and the best hypothesis of a beam search (infer/beam.py), up to
     --max-new-tokens or the end-of-text id (or a --stop-token-id); text prompts only."""
-    import math
+    from .eval.tasks import Decoding
+    from .infer.beam import beam_search
 
-    from .infer.beam import beam_search, check_beams
-
-    try:
-        check_beams(args.beams)
-    except ValueError as exc:
-        raise ConfigError(f"--beams: {exc}") from None
-    if not math.isfinite(args.length_penalty):
-        raise ConfigError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    decoding = Decoding(args.beams, args.length_penalty)  # ConfigError for bad values
     idle = ["--" + name.replace("_", "-") for name, off in BEAM_IDLE_FLAGS.items() if getattr(args, name) != off]
     if idle:
         raise ConfigError(f"--beams searches for the likeliest text deterministically: {', '.join(idle)} "
@@ -366,8 +360,8 @@ def generate_beams(args) -> None:
         raise ConfigError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {limit}, which leaves no "
                           "room to generate")
     stop = frozenset(args.stop_token_id or ()) | {tokenizer.eos_id}
-    best = beam_search(engine.model, prompt_ids, beams=args.beams, max_tokens=args.max_new_tokens, stop_ids=stop,
-                       length_penalty=args.length_penalty)[0]
+    best = beam_search(engine.model, prompt_ids, beams=decoding.beams, max_tokens=args.max_new_tokens, stop_ids=stop,
+                       length_penalty=decoding.length_penalty)[0]
     print(prompt + tokenizer.decode(best.token_ids, skip_special_tokens=True))
     print(f"(beam search, {args.beams} wide: {len(best.token_ids)} tokens, log-probability {best.logprob:.2f}, "
           f"finished by {best.finish_reason})", file=sys.stderr)
