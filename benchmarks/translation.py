@@ -150,13 +150,13 @@ def sample_translations(base: Path, run: Path, method: str, multi30k: Path, sour
     references."""
     from fmforge.adapt.specialist import load_specialist
     from fmforge.data.translation import read_parallel, translation_messages
-    from fmforge.eval.tasks import Decoding, greedy_replies
+    from fmforge.eval.tasks import Decoding, decoded_replies
 
     model, tokenizer, _, _ = load_specialist(str(base), str(run)) if method == "lora" else \
         load_specialist(str(latest(run)), None)
     records = read_parallel(parallel(multi30k, "test_2016_flickr", source, target))[:count]
     prompts = [tokenizer.encode_chat(translation_messages(r, w)[:1], add_generation_prompt=True) for w, r in records]
-    replies = greedy_replies(model, tokenizer, prompts, [64] * len(prompts), decoding=Decoding(*decoding))
+    replies = decoded_replies(model, tokenizer, prompts, [64] * len(prompts), decoding=Decoding(*decoding))
     return [{"source": r["source"], "reference": r["target"], "model": reply.split("\n")[0].strip()}
             for (_, r), reply in zip(records, replies)]
 

@@ -552,6 +552,8 @@ def cmd_chat(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    import dataclasses
+
     from .adapt.specialist import load_specialist
     from .eval.tasks import Decoding, markdown_report, run_tasks, write_report
 
@@ -560,10 +562,12 @@ def cmd_eval(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_tasks(model, tokenizer, tasks, data_dir=args.data, limit=args.limit, decoding=decoding)
     title = f"fmforge eval: {base_checkpoint}" + (f" + {args.adapter}" if args.adapter else "")
+    if decoding.beams > 1:
+        title += f" (beam search {decoding.beams} wide, length penalty {decoding.length_penalty:g})"
     print(markdown_report(results, title))
     if args.out:
         write_report(results, Path(args.out), title, {"checkpoint": str(base_checkpoint), "adapter": args.adapter,
-                                                      "specialist": info})
+                                                      "specialist": info, "decoding": dataclasses.asdict(decoding)})
         print(f"report: {Path(args.out) / 'report.json'}, {Path(args.out) / 'report.md'}")
 
 

@@ -188,7 +188,9 @@ def test_cli_generate_and_eval_take_beams(checkpoint, tmp_path):
     ok = run_cli("eval", "--checkpoint", str(checkpoint), "--tasks", f"translate:{path}", "--beams", "3",
                  "--length-penalty", "0.6", "--out", str(report))
     assert ok.returncode == 0, ok.stderr
-    (metrics,) = json.loads((report / "report.json").read_text())["results"].values()
+    saved = json.loads((report / "report.json").read_text())
+    assert saved["meta"]["decoding"] == {"beams": 3, "length_penalty": 0.6}
+    (metrics,) = saved["results"].values()
     written = []  # what the evaluator should have decoded: each pair's best hypothesis, its first line
     for i, pair in enumerate(pairs):
         ids = tokenizer.encode_chat(translation_messages(pair, f"r{i}")[:1], add_generation_prompt=True)

@@ -118,7 +118,7 @@ def evaluate_completion(model, tokenizer, records, max_new_tokens: int = 48, bat
             "examples": len(records)}
 
 
-def greedy_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], batch: int = 8,
+def decoded_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], batch: int = 8,
                    decoding: Decoding | None = None) -> list[str]:
     """The chat reply to each prompt (ids ending in the assistant's generation prompt), up to its `max_tokens`:
     greedy, generated on the engine `batch` at a time, or (`decoding.beams` > 1) the best hypothesis of a beam
@@ -174,7 +174,7 @@ def evaluate_chat(model, tokenizer, records, extra_tokens: int = 16, batch: int 
         references.append(messages[-1]["content"].strip())
         kinds.append(record.get("kind") if isinstance(record.get("kind"), str) else None)
     exact, similar = [], []
-    for reply, reference in zip(greedy_replies(model, tokenizer, prompts, budgets, batch, decoding), references):
+    for reply, reference in zip(decoded_replies(model, tokenizer, prompts, budgets, batch, decoding), references):
         exact.append(reply == reference)
         similar.append(difflib.SequenceMatcher(None, reply, reference, autojunk=False).ratio())
 
@@ -279,7 +279,7 @@ def evaluate_translate(model, tokenizer, records, max_new_tokens: int = 96, batc
             budgets.append(min(max_new_tokens, limit - len(prompt)))
             fitting.append(index)
     hypotheses = [""] * len(records)
-    for index, text in zip(fitting, greedy_replies(model, tokenizer, prompts, budgets, batch, decoding)):
+    for index, text in zip(fitting, decoded_replies(model, tokenizer, prompts, budgets, batch, decoding)):
         hypotheses[index] = text.split("\n")[0].strip()
     references = [record["target"].strip() for _, record in records]
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
