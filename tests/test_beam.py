@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from fmforge.config import ModelConfig
+from fmforge.errors import ConfigError
 from fmforge.infer.beam import beam_search, beam_search_batch
 from fmforge.model import Transformer
 
@@ -153,6 +154,8 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="2 max_tokens for 1 prompts"):
         beam_search_batch(model, [[1]], beams=2, max_tokens=[3, 4])
     assert beam_search_batch(model, [], beams=2, max_tokens=3) == []
+    with pytest.raises(ConfigError, match="would hold .* GiB of keys and values.*use fewer beams"):
+        beam_search(model, [1], beams=10 ** 9, max_tokens=4)  # refused before any memory is taken
     (h,) = beam_search(model, [1] * 23, beams=3, max_tokens=10)[:1]  # one position left: one token
     assert len(h.token_ids) == 1 and h.finish_reason == "length"
 
@@ -172,7 +175,8 @@ def test_cli_generate_and_eval_take_beams(checkpoint, tmp_path):
 
     for args, message in ((["--beams", "0"], "--beams"), (["--beams", "2", "--top-k", "5"], "--top-k"),
                           (["--beams", "2", "--stop", "x"], "--stop"),
-                          (["--beams", "2", "--length-penalty", "nan"], "--length-penalty")):
+                          (["--beams", "2", "--length-penalty", "nan"], "--length-penalty"),
+                          (["--beams", str(10 ** 9)], "use fewer beams")):
         bad = run_cli("generate", "--checkpoint", str(checkpoint), "--prompt", "x", *args)
         assert bad.returncode != 0 and message in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -28,7 +28,7 @@ from ..adapt.heads import SequenceClassifier
 from ..data import finetune as ft
 from ..data.tasks import BUILTIN, TASKS, Task, read_records, split_records
 from ..errors import ConfigError, DataError, GenerationError
-from ..infer.beam import beam_search_batch, check_beams
+from ..infer.beam import beam_search_batch, check_beams, searches_at_once
 from ..infer.engine import Engine, GenerationRequest
 from ..infer.sampling import SamplingParams
 from .speech import EVALUATORS as SPEECH_EVALUATORS
@@ -122,15 +122,15 @@ def decoded_replies(model, tokenizer, prompts: list[list[int]], max_tokens: list
                    decoding: Decoding | None = None) -> list[str]:
     """The chat reply to each prompt (ids ending in the assistant's generation prompt), up to its `max_tokens`:
     greedy, generated on the engine `batch` at a time, or (`decoding.beams` > 1) the best hypothesis of a beam
-    search per prompt, `batch` searches side by side (infer/beam.py); decoded without special tokens and
-    stripped."""
+    search per prompt, up to `batch` searches side by side (infer/beam.searches_at_once); decoded without special
+    tokens and stripped."""
     stop = tokenizer.chat_stop_ids()
     if decoding is not None and decoding.beams > 1:
-        best = []
-        for first in range(0, len(prompts), batch):
+        best, together = [], searches_at_once(decoding.beams, batch)
+        for first in range(0, len(prompts), together):
             best += [found[0] for found in beam_search_batch(
-                model, prompts[first:first + batch], beams=decoding.beams, max_tokens=max_tokens[first:first + batch],
-                stop_ids=stop, length_penalty=decoding.length_penalty)]
+                model, prompts[first:first + together], beams=decoding.beams,
+                max_tokens=max_tokens[first:first + together], stop_ids=stop, length_penalty=decoding.length_penalty)]
         return [tokenizer.decode(h.token_ids, skip_special_tokens=True).strip() for h in best]
     requests = [GenerationRequest(prompt, SamplingParams(max_tokens=n, temperature=0), stop_ids=stop)
                 for prompt, n in zip(prompts, max_tokens)]

@@ -16,12 +16,17 @@ searches (the server samples).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .cache import SlotKVCache
+from ..errors import ConfigError
+from .cache import SlotKVCache, kv_cache_bytes_per_token
+
+# Rows (hypotheses) a forward of side-by-side searches aims at: beams x the searches run together (searches_at_once).
+ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,23 @@ def check_beams(beams: int) -> int:
     if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
         raise ValueError(f"beams must be a whole number >= 1, got {beams!r}")
     return beams
+
+
+def searches_at_once(beams: int, most: int = 8) -> int:
+    """How many prompts' searches to run side by side at `beams` (at most `most`): ROWS hypotheses a forward, or
+    one search however wide."""
+    return max(1, min(most, ROWS // beams))
+
+
+def memory_for_cache(device: torch.device) -> int | None:
+    """Bytes a beam search's cache may take: half the machine's memory (CPU) or the device's free memory (CUDA);
+    None where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def length_normalised(logprob: float, length: int, length_penalty: float) -> float:
@@ -129,8 +151,15 @@ def beam_search_batch(model, prompts: list[list[int]], *, beams: int, max_tokens
     param = model.embed_tokens.weight
     device = param.device
     searches = [_Search(min(limit, context - len(prompt_ids))) for prompt_ids, limit in zip(prompts, limits)]
-    cache = SlotKVCache(model.config, len(prompts), max(len(p) + s.limit for p, s in zip(prompts, searches)),
-                        device, param.dtype)
+    length = max(len(p) + s.limit for p, s in zip(prompts, searches))
+    # The cache grows to beams rows a search (select_rows): refuse what could not fit rather than die trying.
+    needed = len(prompts) * beams * length * kv_cache_bytes_per_token(model.config, param.dtype)
+    available = memory_for_cache(device)
+    if available is not None and needed > available:
+        raise ConfigError(f"a beam search {beams} wide over {len(prompts)} prompt(s) of up to {length} tokens would "
+                         f"hold {needed / 2 ** 30:,.1f} GiB of keys and values; this machine has room for "
+                         f"{available / 2 ** 30:,.1f} GiB: use fewer beams")
+    cache = SlotKVCache(model.config, len(prompts), length, device, param.dtype)
     # Prefill: the prompts right-padded in one forward (keys written past a row's length are masked until a later
     # token overwrites them), then each prompt's logits at its last token.
     widths = [len(prompt_ids) for prompt_ids in prompts]
