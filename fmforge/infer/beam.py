@@ -151,15 +151,15 @@ def beam_search_batch(model, prompts: list[list[int]], *, beams: int, max_tokens
     param = model.embed_tokens.weight
     device = param.device
     searches = [_Search(min(limit, context - len(prompt_ids))) for prompt_ids, limit in zip(prompts, limits)]
-    length = max(len(p) + s.limit for p, s in zip(prompts, searches))
+    positions = max(len(p) + s.limit for p, s in zip(prompts, searches))
     # The cache grows to beams rows a search (select_rows): refuse what could not fit rather than die trying.
-    needed = len(prompts) * beams * length * kv_cache_bytes_per_token(model.config, param.dtype)
+    needed = len(prompts) * beams * positions * kv_cache_bytes_per_token(model.config, param.dtype)
     available = memory_for_cache(device)
     if available is not None and needed > available:
-        raise ConfigError(f"a beam search {beams} wide over {len(prompts)} prompt(s) of up to {length} tokens would "
-                         f"hold {needed / 2 ** 30:,.1f} GiB of keys and values; this machine has room for "
-                         f"{available / 2 ** 30:,.1f} GiB: use fewer beams")
-    cache = SlotKVCache(model.config, len(prompts), length, device, param.dtype)
+        raise ConfigError(f"a beam search {beams} wide over {len(prompts)} prompt(s) of up to {positions} tokens "
+                          f"would hold {needed / 2 ** 30:,.1f} GiB of keys and values; this machine has room for "
+                          f"{available / 2 ** 30:,.1f} GiB: use fewer beams")
+    cache = SlotKVCache(model.config, len(prompts), positions, device, param.dtype)
     # Prefill: the prompts right-padded in one forward (keys written past a row's length are masked until a later
     # token overwrites them), then each prompt's logits at its last token.
     widths = [len(prompt_ids) for prompt_ids in prompts]
