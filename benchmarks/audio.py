@@ -293,9 +293,14 @@ def codes_probe(tokenizer_dir: Path, fsdd: str, speakers: list[str], epochs: int
     from fmforge.checkpoint import load_tokenizer
     from fmforge.data.audio import load_audio
     codec = load_tokenizer(tokenizer_dir).codecs["audio"]
+    encoded = {}  # recording path -> its FSQ values: each recording is encoded once, whichever folds read it
 
     def features(audio_set):
-        values = [codec.quantizer.from_codes(grid.reshape(1, -1))[0] for grid in codec.encode_batch(audio_set.waves)]
+        paths = [r["path"] for r in audio_set.records]
+        new = [i for i, path in enumerate(paths) if path not in encoded]
+        for i, grid in zip(new, codec.encode_batch([audio_set.waves[i] for i in new])):
+            encoded[paths[i]] = codec.quantizer.from_codes(grid.reshape(1, -1))[0]
+        values = [encoded[path] for path in paths]
         x = torch.zeros(len(values), DIGIT_FRAMES // codec.config.downsample, values[0].shape[1])
         for i, v in enumerate(values):
             x[i, :min(len(v), x.shape[1])] = v[:x.shape[1]]
