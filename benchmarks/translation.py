@@ -311,9 +311,9 @@ def main() -> None:
         base_checkpoint, runs["-".join(CLAIM_DIRECTION)], method, val_spec,
         work / "decoding" / decoding_label(d).replace(" ", "-"), b["probe_limit"], d) for d in tried})
     decoding = max(tried, key=lambda d: searched[decoding_label(d)]["chrf"])
-    print("decoding: " + ", ".join(f"{k} val chrF {v['chrf']:.1f}" for k, v in searched.items())
-          + f" -> {decoding_label(decoding)}", flush=True)
     chosen = decoding_label(decoding)
+    print("decoding: " + ", ".join(f"{k} val chrF {v['chrf']:.1f}" for k, v in searched.items()) + f" -> {chosen}",
+          flush=True)
     for name, run in runs.items():
         src, tgt = name.split("-")
         if decoding[0] > 1:
@@ -436,9 +436,8 @@ def where_it_lands(base_model: dict, directions: dict, timings: dict, threads: i
     minutes = sum(v for k, v in timings.items() if k.startswith("pretrain") or k == "finetune en-de")
     return (
         f"Where this lands and why: en→de reaches {en_de['chosen']['bleu']:.1f} BLEU ({chosen}) against the issue's "
-        "30; published "
-        "text-only NMT baselines on this test set sit in the mid-to-high 30s. Those are encoder-decoder models, "
-        "typically of tens of millions of parameters, trained on a GPU for many epochs of the 29,000 pairs and "
+        "30; published text-only NMT baselines on this test set sit in the mid-to-high 30s. Those are encoder-decoder "
+        "models, typically of tens of millions of parameters, trained on a GPU for many epochs of the 29,000 pairs and "
         f"decoded with beam search. This is a {base_model['parameters'] / 1e6:.1f}M-parameter decoder-only model "
         f"whose en→de specialist had {minutes:.0f} minutes of training in all on {threads} CPU "
         f"thread{'s' * (threads > 1)}: {base_model['steps']} pretraining steps on the unpaired sentences, then "

@@ -85,7 +85,6 @@ class _Search:
         self.running: list[list[int]] = [[]]
         self.sums: list[float] = [0.0]
         self.finished: list[Hypothesis] = []
-        self.done = False
 
     def extend(self, logprobs: torch.Tensor, length: int, beams: int, stop_ids: frozenset[int],
                length_penalty: float) -> list[tuple[int, int]]:
@@ -111,16 +110,15 @@ class _Search:
             if len(kept) == beams:
                 break
         self.running, self.sums = running, sums
-        if length == self.limit or not running:
+        ended = length == self.limit or not running
+        if ended:
             self.finished += [Hypothesis(ids, value, length_normalised(value, length, length_penalty), "length")
                               for ids, value in zip(running, sums)]
-            self.done = True
         self.finished.sort(key=lambda h: h.score, reverse=True)
         del self.finished[beams:]
-        if (not self.done and len(self.finished) == beams
-                and length_normalised(sums[0], length, length_penalty) <= self.finished[-1].score):
-            self.done = True
-        return [] if self.done else kept
+        if not ended and len(self.finished) == beams:
+            ended = length_normalised(sums[0], length, length_penalty) <= self.finished[-1].score
+        return [] if ended else kept
 
 
 @torch.no_grad()
