@@ -10,7 +10,8 @@ Stages, each cached in --work (a training run cut short resumes from its last ch
  1. monolingual text: the train split's en, de and fr sentences, unpaired and shuffled together, one JSONL
     document a sentence (the pairs are never seen side by side).
  2. data: `fmforge prepare --vocab-size 4096` trains one byte-level BPE on those sentences and shards them (1% val).
- 3. base: `fmforge pretrain`, a 4-layer x 256 causal decoder (context 128) on the monolingual shards.
+ 3. base: `fmforge pretrain --optimizer muon`, a 4-layer x 256 causal decoder (context 128) on the monolingual
+    shards (Muon beat AdamW here as on Tiny Shakespeare: RESULTS.md's translation reading of 2026-12-08).
  4. method: full fine-tuning and LoRA (rank 32), each for --probe-minutes on en->de, scored by chrF on the first
     --probe-limit pairs of the val split; the better one trains every direction (--method full|lora skips this).
  5. directions: `fmforge finetune --task translate --data parallel:train.SRC.gz:train.TGT.gz` on all 29,000 pairs
@@ -50,6 +51,7 @@ CLAIM_DIRECTION = ("en", "de")
 NAMES = {"en": "English", "de": "German", "fr": "French"}
 TARGET_BLEU = {("en", "de"): 30.0}  # the bar; it sets none for the other two directions
 PRETRAIN_LR = 3e-3
+PRETRAIN_OPTIMIZER = "muon"  # the scratch arm of the claim and the specialists keep finetune's AdamW
 FINETUNE_LR = {"full": 1e-3, "lora": 3e-3}
 LORA_RANK = 32
 BATCH_SIZE = 16  # packed rows of 128 tokens: ~29 sentence pairs a step (29,000 pairs pack into ~16,000 rows)
@@ -266,7 +268,8 @@ def main() -> None:
     # 3. the base
     base = timed("pretrain", lambda: train(
         "pretrain", work / "base", *b["shape"], "--batch_size", 32, "--lr", PRETRAIN_LR, "--warmup_steps", 50,
-        "--schedule", "wsd", "--eval_interval", 500, "--log_interval", 50, "--checkpoint_interval", 200,
+        "--schedule", "wsd", "--optimizer", PRETRAIN_OPTIMIZER, "--eval_interval", 500, "--log_interval", 50,
+        "--checkpoint_interval", 200,
         "--max_minutes", b["pretrain_minutes"], "--data_dir", data, "--out_dir", work / "base"))
     base_checkpoint = latest(base)
     base_model = {"steps": run_steps(base)[0], "shape": ", ".join(f"{k.strip('-')} {v}" for k, v in
@@ -369,7 +372,8 @@ def report(b, args, manifest, base_model, choice, method, directions, claim, tim
         "",
         f"Model: {base_model['parameters'] / 1e6:.1f}M parameters ({base_model['shape']}), BPE 4,096 trained on the "
         f"train split's en/de/fr sentences. Budgets: pretraining {b['pretrain_minutes']:g} min ({base_model['steps']} "
-        f"steps of 32 x 128 tokens over {manifest['splits']['train']['tokens']:,} tokens of the unpaired, shuffled "
+        f"steps of 32 x 128 tokens, {PRETRAIN_OPTIMIZER.title()}, over {manifest['splits']['train']['tokens']:,} "
+        f"tokens of the unpaired, shuffled "
         f"sentences), each direction {b['direction_minutes']:g} min of `fmforge finetune --method {method}` on all "
         f"29,000 train pairs, the claim {b['claim_steps']} steps a run. Up to 96 new tokens, greedy or by "
         f"`fmforge eval --beams` as chosen below; sacrebleu's default BLEU (13a tokenization) and chrF on "
