@@ -24,11 +24,11 @@ Stages, each cached in --work (a training run cut short resumes from its last ch
  7. the foundation claim: the first 1,000 en->de training pairs; the base + the chosen method vs the same
     architecture from random weights (full fine-tuning, the pretraining lr), the same steps and batches, seeds 0
     and 1, both scored on the first --claim-test-limit pairs of the test set.
-Writes RESULTS.md's "translation" section (not with --quick). The full run's plan on 2 idle cores, ~55 min: data
-< 1, pretraining 12, method 2 x 1.5 + val scoring, directions 3 x 9, test scoring 0.5-2 each (greedy; a model
-that rambles to the 96-token cap is the slow case), decoding ~1, beam-search test scoring ~2 each, claim 4 runs
-of 120 steps (~1.5 min each) + scoring. The minute budgets hold on a busier machine (fewer steps); the claim's
-fixed step counts and the scoring stretch.
+Writes RESULTS.md's "translation" section (not with --quick). The full run's plan on 2 idle cores, ~50 min (48
+measured on 2026-12-08): data < 1, pretraining 12, method 2 x 1.5 + val scoring, directions 3 x 9, test scoring
+0.3-2 each (greedy; a model that rambles to the 96-token cap is the slow case), decoding ~1, beam-search test
+scoring ~0.7 each, claim 4 runs of 120 steps (~0.7 min each) + scoring. The minute budgets hold on a busier
+machine (fewer steps); the claim's fixed step counts and the scoring stretch.
 """
 
 from __future__ import annotations
@@ -269,8 +269,8 @@ def main() -> None:
     base = timed("pretrain", lambda: train(
         "pretrain", work / "base", *b["shape"], "--batch_size", 32, "--lr", PRETRAIN_LR, "--warmup_steps", 50,
         "--schedule", "wsd", "--optimizer", PRETRAIN_OPTIMIZER, "--eval_interval", 500, "--log_interval", 50,
-        "--checkpoint_interval", 200,
-        "--max_minutes", b["pretrain_minutes"], "--data_dir", data, "--out_dir", work / "base"))
+        "--checkpoint_interval", 200, "--max_minutes", b["pretrain_minutes"], "--data_dir", data,
+        "--out_dir", work / "base"))
     base_checkpoint = latest(base)
     base_model = {"steps": run_steps(base)[0], "shape": ", ".join(f"{k.strip('-')} {v}" for k, v in
                                                                   zip(b["shape"][::2], b["shape"][1::2])),
@@ -373,11 +373,10 @@ def report(b, args, manifest, base_model, choice, method, directions, claim, tim
         f"Model: {base_model['parameters'] / 1e6:.1f}M parameters ({base_model['shape']}), BPE 4,096 trained on the "
         f"train split's en/de/fr sentences. Budgets: pretraining {b['pretrain_minutes']:g} min ({base_model['steps']} "
         f"steps of 32 x 128 tokens, {PRETRAIN_OPTIMIZER.title()}, over {manifest['splits']['train']['tokens']:,} "
-        f"tokens of the unpaired, shuffled "
-        f"sentences), each direction {b['direction_minutes']:g} min of `fmforge finetune --method {method}` on all "
-        f"29,000 train pairs, the claim {b['claim_steps']} steps a run. Up to 96 new tokens, greedy or by "
-        f"`fmforge eval --beams` as chosen below; sacrebleu's default BLEU (13a tokenization) and chrF on "
-        f"detokenized text; test_2016_flickr, {tested} pairs a direction.",
+        f"tokens of the unpaired, shuffled sentences), each direction {b['direction_minutes']:g} min of "
+        f"`fmforge finetune --method {method}` on all 29,000 train pairs, the claim {b['claim_steps']} steps a "
+        f"run. Up to 96 new tokens, greedy or by `fmforge eval --beams` as chosen below; sacrebleu's default BLEU "
+        f"(13a tokenization) and chrF on detokenized text; test_2016_flickr, {tested} pairs a direction.",
     ]
     if choice:
         lines += ["", f"Method, chosen on en→de val (its first {b['probe_limit']} pairs) after "
